@@ -1,0 +1,335 @@
+"""BERT in Flax NNX: config, modules, and the embed / encode / heads stages.
+
+Shapes use suffixes: b batch, t tokens, d hidden, h heads, k head size, v vocabulary.
+Parameters live in `param_dtype`; matmuls run in `dtype`; softmax, LayerNorm statistics
+and returned logits are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+TASKS = ("base", "masked-lm", "pretraining", "sequence-classification")
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # erf GELU, as HF "gelu"
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+# HF config keys that we read; everything else in a config.json is ignored.
+_HF_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+    "type_vocab_size", "layer_norm_eps", "pad_token_id", "initializer_range", "classifier_dropout",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Architecture of a BERT encoder and its heads. Field names follow Hugging Face's `BertConfig`."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    labels: tuple[str, ...] = ()  # id -> label name; empty means LABEL_i
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"BertConfig.{name}={value!r}: must be a positive integer.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}: pick sizes with hidden_size % heads == 0.")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"BertConfig.hidden_act={self.hidden_act!r} is not supported; use one of "
+                             f"{sorted(_ACTIVATIONS)}.")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            if value not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"BertConfig.{name}={value!r}: use 'float32', 'bfloat16' or 'float16'.")
+        if self.labels and len(self.labels) != self.num_labels:
+            raise ValueError(f"BertConfig.labels has {len(self.labels)} names but num_labels={self.num_labels}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.labels or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+
+    def replace(self, **changes: Any) -> BertConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def tiny(cls, **changes: Any) -> BertConfig:
+        return cls(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+                   max_position_embeddings=128).replace(**changes)
+
+    @classmethod
+    def base(cls, **changes: Any) -> BertConfig:
+        return cls().replace(**changes)
+
+    @classmethod
+    def large(cls, **changes: Any) -> BertConfig:
+        return cls(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                   intermediate_size=4096).replace(**changes)
+
+    @classmethod
+    def from_hf_config(cls, hf: Any, **changes: Any) -> BertConfig:
+        """From a `transformers.BertConfig` or the dict of a config.json."""
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        if d.get("model_type", "bert") != "bert":
+            raise ValueError(f"config model_type={d.get('model_type')!r}: jaxopt_llm loads BERT checkpoints "
+                             "(model_type 'bert') only.")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"position_embedding_type={d['position_embedding_type']!r} is not supported; "
+                             "only 'absolute' position embeddings are.")
+        kwargs = {k: d[k] for k in _HF_FIELDS if k in d and (d[k] is not None or k == "classifier_dropout")}
+        id2label = d.get("id2label") or {}
+        names = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+        if "num_labels" in changes:
+            kwargs["num_labels"] = changes["num_labels"]
+        elif names:
+            kwargs["num_labels"] = len(names)
+        if names and len(names) == kwargs.get("num_labels") and not all(n.startswith("LABEL_") for n in names):
+            kwargs["labels"] = names
+        kwargs.update(changes)
+        return cls(**kwargs)
+
+    def to_hf_config(self, architectures: tuple[str, ...] = ()) -> Any:
+        """As a `transformers.BertConfig`."""
+        import transformers
+
+        fields = {k: getattr(self, k) for k in _HF_FIELDS}
+        names = self.label_names
+        return transformers.BertConfig(
+            **fields,
+            architectures=list(architectures) or None,
+            id2label={i: n for i, n in enumerate(names)},
+            label2id={n: i for i, n in enumerate(names)},
+            problem_type="regression" if self.num_labels == 1 else None,
+        )
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: bool) -> jax.Array:
+    """Inverted dropout with an explicit key; identity when `deterministic` or `rate == 0`."""
+    if deterministic or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class _Factory:
+    """Builds layers with BERT's initialisation and the config's dtypes."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.cfg, self.rngs = cfg, rngs
+        self.init = nnx.initializers.normal(cfg.initializer_range)
+
+    def linear(self, n_in: int, n_out: int) -> nnx.Linear:
+        return nnx.Linear(n_in, n_out, kernel_init=self.init, dtype=self.cfg.dtype,
+                          param_dtype=self.cfg.param_dtype, rngs=self.rngs)
+
+    def norm(self) -> nnx.LayerNorm:
+        return nnx.LayerNorm(self.cfg.hidden_size, epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype,
+                             param_dtype=self.cfg.param_dtype, use_fast_variance=False, rngs=self.rngs)
+
+    def embed(self, n: int) -> nnx.Embed:
+        return nnx.Embed(n, self.cfg.hidden_size, embedding_init=self.init, dtype=self.cfg.dtype,
+                         param_dtype=self.cfg.param_dtype, rngs=self.rngs)
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, make: _Factory):
+        self.word = make.embed(cfg.vocab_size)
+        self.position = make.embed(cfg.max_position_embeddings)
+        self.token_type = make.embed(cfg.type_vocab_size)
+        self.norm = make.norm()
+
+
+class Attention(nnx.Module):
+    """Self-attention with fused QKV: qkv kernel is (d, 3d), columns [query | key | value]."""
+
+    def __init__(self, cfg: BertConfig, make: _Factory):
+        self.cfg = cfg
+        self.qkv = make.linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.out = make.linear(cfg.hidden_size, cfg.hidden_size)
+
+    def __call__(self, x_btd, bias_b11t, deterministic, key):
+        cfg = self.cfg
+        b, t, _ = x_btd.shape
+        qkv = self.qkv(x_btd).reshape(b, t, 3, cfg.num_attention_heads, cfg.head_dim)
+        q_bthk, k_bthk, v_bthk = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores = jnp.einsum("bqhk,bshk->bhqs", q_bthk, k_bthk, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim) + bias_b11t
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_bthk.dtype)
+        probs = dropout(probs, cfg.attention_probs_dropout_prob, key, deterministic)
+        ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v_bthk).reshape(b, t, cfg.hidden_size)
+        return self.out(ctx)
+
+
+class Layer(nnx.Module):
+    def __init__(self, cfg: BertConfig, make: _Factory):
+        self.cfg = cfg
+        self.attention = Attention(cfg, make)
+        self.attention_norm = make.norm()
+        self.intermediate = make.linear(cfg.hidden_size, cfg.intermediate_size)
+        self.output = make.linear(cfg.intermediate_size, cfg.hidden_size)
+        self.output_norm = make.norm()
+
+    def __call__(self, x_btd, bias_b11t, deterministic, key):
+        k_attn, k_attn_out, k_out = _keys(key, 3)
+        rate = self.cfg.hidden_dropout_prob
+        a = self.attention(x_btd, bias_b11t, deterministic, k_attn)
+        x_btd = self.attention_norm(x_btd + dropout(a, rate, k_attn_out, deterministic))
+        h = _ACTIVATIONS[self.cfg.hidden_act](self.intermediate(x_btd))
+        return self.output_norm(x_btd + dropout(self.output(h), rate, k_out, deterministic))
+
+
+class MaskedLMHead(nnx.Module):
+    """transform -> activation -> LayerNorm -> decoder tied to the word embeddings (+ bias)."""
+
+    def __init__(self, cfg: BertConfig, make: _Factory):
+        self.cfg = cfg
+        self.transform = make.linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = make.norm()
+        self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.param_dtype))
+
+    def __call__(self, x_bd, word_embedding_vd):
+        h = self.norm(_ACTIVATIONS[self.cfg.hidden_act](self.transform(x_bd)))
+        w_vd = word_embedding_vd.astype(h.dtype)
+        logits = jnp.einsum("...d,vd->...v", h, w_vd, preferred_element_type=jnp.float32)
+        return logits + self.bias[...].astype(jnp.float32)
+
+
+class Bert(nnx.Module):
+    """A BERT encoder with the heads of one task.
+
+    task: "base" (returns the last hidden state), "masked-lm" (MLM logits), "pretraining"
+    ((MLM logits, NSP logits)) or "sequence-classification" (class logits).
+
+    Stages, for callers that perturb embeddings between them:
+      `embed(input_ids)` -> word embeddings (b, t, d);
+      `encode(word_embeddings, attention_mask, token_type_ids)` -> last hidden state (b, t, d);
+      `heads(hidden)` -> the task's output.
+    """
+
+    def __init__(self, config: BertConfig, task: str = "base", *, rngs: nnx.Rngs):
+        if task not in TASKS:
+            raise ValueError(f"task={task!r} is not one of {TASKS}.")
+        self.config, self.task = config, task
+        make = _Factory(config, rngs)
+        self.embeddings = Embeddings(config, make)
+        self.layers = nnx.List([Layer(config, make) for _ in range(config.num_hidden_layers)])
+        has_pooler = task in ("base", "pretraining", "sequence-classification")
+        self.pooler = make.linear(config.hidden_size, config.hidden_size) if has_pooler else None
+        self.mlm = MaskedLMHead(config, make) if task in ("masked-lm", "pretraining") else None
+        self.nsp = make.linear(config.hidden_size, 2) if task == "pretraining" else None
+        self.classifier = (make.linear(config.hidden_size, config.num_labels)
+                           if task == "sequence-classification" else None)
+
+    def embed(self, input_ids_bt: jax.Array) -> jax.Array:
+        """Word embeddings (b, t, d): the point where an adversarial perturbation is added."""
+        return self.embeddings.word(input_ids_bt)
+
+    def encode(self, word_embeddings_btd: jax.Array, attention_mask_bt: jax.Array | None = None,
+               token_type_ids_bt: jax.Array | None = None, position_ids_bt: jax.Array | None = None, *,
+               deterministic: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Position and token-type embeddings, LayerNorm, then the encoder layers -> (b, t, d)."""
+        cfg = self.config
+        _check_dropout_key(deterministic, dropout_key)
+        b, t, _ = word_embeddings_btd.shape
+        if t > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
+                             f"{cfg.max_position_embeddings}: truncate inputs to at most that many tokens.")
+        if position_ids_bt is None:
+            position_ids_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if token_type_ids_bt is None:
+            token_type_ids_bt = jnp.zeros((b, t), jnp.int32)
+        if attention_mask_bt is None:
+            attention_mask_bt = jnp.ones((b, t), jnp.int32)
+        emb = self.embeddings
+        x = word_embeddings_btd + emb.position(position_ids_bt) + emb.token_type(token_type_ids_bt)
+        keys = _keys(dropout_key, cfg.num_hidden_layers + 1)
+        x = dropout(emb.norm(x), cfg.hidden_dropout_prob, keys[0], deterministic)
+        bias_b11t = jnp.where(attention_mask_bt[:, None, None, :] > 0, 0.0,
+                              jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        for layer, key in zip(self.layers, keys[1:]):
+            x = layer(x, bias_b11t, deterministic, key)
+        return x
+
+    def pool(self, hidden_btd: jax.Array) -> jax.Array:
+        """tanh(dense(hidden[:, 0])) -> (b, d)."""
+        return jnp.tanh(self.pooler(hidden_btd[:, 0]))
+
+    def mlm_logits(self, hidden_btd: jax.Array) -> jax.Array:
+        """Vocabulary logits (..., v) in float32 for any leading shape of hidden states."""
+        return self.mlm(hidden_btd, self.embeddings.word.embedding[...])
+
+    def nsp_logits(self, hidden_btd: jax.Array) -> jax.Array:
+        return self.nsp(self.pool(hidden_btd)).astype(jnp.float32)
+
+    def classify_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
+                        dropout_key: jax.Array | None = None) -> jax.Array:
+        _check_dropout_key(deterministic, dropout_key)
+        cfg = self.config
+        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        pooled = dropout(self.pool(hidden_btd), rate, dropout_key, deterministic)
+        return self.classifier(pooled).astype(jnp.float32)
+
+    def heads(self, hidden_btd: jax.Array, *, deterministic: bool = True,
+              dropout_key: jax.Array | None = None) -> Any:
+        if self.task == "base":
+            return hidden_btd
+        if self.task == "masked-lm":
+            return self.mlm_logits(hidden_btd)
+        if self.task == "pretraining":
+            return self.mlm_logits(hidden_btd), self.nsp_logits(hidden_btd)
+        return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
+
+    def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None,
+                 token_type_ids_bt: jax.Array | None = None, *, deterministic: bool = True,
+                 dropout_key: jax.Array | None = None) -> Any:
+        """The task's output for token ids (b, t); see the class docstring."""
+        k_encode, k_head = _keys(dropout_key, 2)
+        hidden = self.encode(self.embed(input_ids_bt), attention_mask_bt, token_type_ids_bt,
+                             deterministic=deterministic, dropout_key=k_encode)
+        return self.heads(hidden, deterministic=deterministic, dropout_key=k_head)
+
+
+def _check_dropout_key(deterministic: bool, key: jax.Array | None) -> None:
+    if not deterministic and key is None:
+        raise ValueError("deterministic=False needs dropout_key=jax.random.key(...): dropout keys are explicit.")

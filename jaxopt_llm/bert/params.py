@@ -1,0 +1,301 @@
+"""Hugging Face BERT checkpoints <-> our NNX parameters, both directions.
+
+Every Hugging Face key name lives in `_TABLE` below and nowhere else in the package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxopt_llm.bert.modeling import TASKS, Bert, BertConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model; the message says what to change."""
+
+
+class CheckpointWarning(UserWarning):
+    """Keys were missing (freshly initialised heads) or unused when loading a checkpoint."""
+
+
+# (HF key without the "bert." prefix, our parameter path, transpose). {i}: layer; {part}: one third of qkv.
+_TABLE = [
+    ("embeddings.word_embeddings.weight", "embeddings.word.embedding", False),
+    ("embeddings.position_embeddings.weight", "embeddings.position.embedding", False),
+    ("embeddings.token_type_embeddings.weight", "embeddings.token_type.embedding", False),
+    ("embeddings.LayerNorm.weight", "embeddings.norm.scale", False),
+    ("embeddings.LayerNorm.bias", "embeddings.norm.bias", False),
+    ("encoder.layer.{i}.attention.self.{part}.weight", "layers.{i}.attention.qkv.kernel", True),
+    ("encoder.layer.{i}.attention.self.{part}.bias", "layers.{i}.attention.qkv.bias", False),
+    ("encoder.layer.{i}.attention.output.dense.weight", "layers.{i}.attention.out.kernel", True),
+    ("encoder.layer.{i}.attention.output.dense.bias", "layers.{i}.attention.out.bias", False),
+    ("encoder.layer.{i}.attention.output.LayerNorm.weight", "layers.{i}.attention_norm.scale", False),
+    ("encoder.layer.{i}.attention.output.LayerNorm.bias", "layers.{i}.attention_norm.bias", False),
+    ("encoder.layer.{i}.intermediate.dense.weight", "layers.{i}.intermediate.kernel", True),
+    ("encoder.layer.{i}.intermediate.dense.bias", "layers.{i}.intermediate.bias", False),
+    ("encoder.layer.{i}.output.dense.weight", "layers.{i}.output.kernel", True),
+    ("encoder.layer.{i}.output.dense.bias", "layers.{i}.output.bias", False),
+    ("encoder.layer.{i}.output.LayerNorm.weight", "layers.{i}.output_norm.scale", False),
+    ("encoder.layer.{i}.output.LayerNorm.bias", "layers.{i}.output_norm.bias", False),
+    ("pooler.dense.weight", "pooler.kernel", True),
+    ("pooler.dense.bias", "pooler.bias", False),
+    ("cls.predictions.transform.dense.weight", "mlm.transform.kernel", True),
+    ("cls.predictions.transform.dense.bias", "mlm.transform.bias", False),
+    ("cls.predictions.transform.LayerNorm.weight", "mlm.norm.scale", False),
+    ("cls.predictions.transform.LayerNorm.bias", "mlm.norm.bias", False),
+    ("cls.predictions.bias", "mlm.bias", False),
+    ("cls.seq_relationship.weight", "nsp.kernel", True),
+    ("cls.seq_relationship.bias", "nsp.bias", False),
+    ("classifier.weight", "classifier.kernel", True),
+    ("classifier.bias", "classifier.bias", False),
+]
+_PARTS = ("query", "key", "value")
+_PREFIX = "bert."
+_HEAD_KEYS = ("cls.", "classifier.")  # HF keys that never carry the "bert." prefix
+_HEADS = ("pooler", "mlm", "nsp", "classifier")  # our top-level modules a checkpoint may lack
+# Keys HF writes that carry no parameters of their own: buffers and the decoder tied to the embeddings.
+_DERIVED = ("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+_ARCHITECTURES = {"base": "BertModel", "masked-lm": "BertForMaskedLM", "pretraining": "BertForPreTraining",
+                  "sequence-classification": "BertForSequenceClassification"}
+_ALLOW = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.txt", "tokenizer*.json",
+          "special_tokens_map.json"]
+
+
+def _pattern(template: str) -> re.Pattern:
+    regex = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{part\}", r"(?P<part>query|key|value)")
+    return re.compile(f"^{regex}$")
+
+
+_RULES = [(_pattern(hf), ours, transpose) for hf, ours, transpose in _TABLE]
+
+
+def _normalise(key: str) -> str:
+    key = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+    return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is, or a hub id downloaded through the Hugging Face cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{str(name_or_path)!r} is a file; pass the folder that holds config.json and "
+                              "model.safetensors.")
+    text = str(name_or_path)
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) or text.startswith((".", "~")):
+        raise CheckpointError(f"folder {text!r} does not exist; pass an existing folder with config.json and "
+                              "model.safetensors, or a Hugging Face hub id such as 'bert-base-uncased'.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=text, allow_patterns=_ALLOW))
+    except Exception as err:  # offline, unknown id, no cached copy: one message with the fix
+        raise CheckpointError(
+            f"could not get {text!r} from the Hugging Face hub or its local cache ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). If this machine is offline, download the model "
+            "where the hub is reachable and pass its local folder instead, e.g. "
+            "from_pretrained('/path/to/folder') with config.json and model.safetensors inside.") from None
+
+
+def read_config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"no config.json in {str(folder)!r}: a Hugging Face BERT folder needs one "
+                              "(write it with transformers' save_pretrained or jaxopt_llm.bert.save_pretrained).")
+    return json.loads(file.read_text())
+
+
+def read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint folder as numpy arrays (safetensors, sharded or not; or pytorch_model.bin)."""
+    from safetensors.flax import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (folder / "pytorch_model.bin").is_file():
+        return _read_torch(folder / "pytorch_model.bin")
+    else:
+        raise CheckpointError(f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in "
+                              f"{str(folder)!r} (it holds {sorted(p.name for p in folder.iterdir())}).")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise CheckpointError(f"the shard index names {name!r}, which is missing from {str(folder)!r}.")
+        tensors.update({k: np.asarray(v) for k, v in load_file(folder / name).items()})
+    return tensors
+
+
+def _read_torch(file: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{str(file)!r} is a PyTorch pickle; install torch to read it, or convert the "
+                              "checkpoint to model.safetensors.") from None
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _flat(state: nnx.State) -> dict[str, Any]:
+    return {".".join(map(str, path)): leaf for path, leaf in nnx.to_flat_state(state)}
+
+
+def _slot(ours: str, part: str | None, width: int) -> tuple[str, Any]:
+    if part is None:
+        return ours, ...
+    j = _PARTS.index(part)
+    return ours, (..., slice(j * width, (j + 1) * width))
+
+
+def convert(tensors: dict[str, np.ndarray], config: BertConfig, task: str,
+            template: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    """HF tensors -> {our path: array} for the paths in `template` (path -> abstract array).
+
+    Returns (params, missing our-paths, unused HF keys). Raises CheckpointError listing every shape mismatch.
+    """
+    width = config.hidden_size
+    params = {path: np.zeros(leaf.shape, np.float32) for path, leaf in template.items()}
+    filled: set[tuple[str, Any]] = set()
+    unused, mismatches = [], []
+    for key, tensor in tensors.items():
+        name = _normalise(key)
+        hit = next(((rule, m) for rule in _RULES if (m := rule[0].match(name))), None)
+        if hit is None:
+            if name not in _DERIVED:
+                unused.append(key)
+            continue
+        (_, ours, transpose), m = hit
+        groups = m.groupdict()
+        path = ours.replace("{i}", groups.get("i") or "")
+        if path not in params:
+            unused.append(key)
+            continue
+        value = tensor.T if transpose else tensor
+        slot = _slot(path, groups.get("part"), width)
+        target = params[path][slot[1]]
+        if value.shape != target.shape:
+            expect = target.shape[::-1] if transpose else target.shape
+            mismatches.append(f"  {key}: checkpoint {tuple(tensor.shape)}, model expects {tuple(expect)}")
+            continue
+        params[path][slot[1]] = value
+        filled.add((path, str(slot[1])))
+    if mismatches:
+        raise CheckpointError(
+            f"{len(mismatches)} tensor(s) do not fit the model config (vocab_size={config.vocab_size}, "
+            f"hidden_size={config.hidden_size}, num_labels={config.num_labels}, ...):\n" + "\n".join(mismatches)
+            + "\nUse the config.json that belongs to these weights, or pass the num_labels the head was trained with.")
+    missing = []
+    for path, leaf in template.items():
+        parts = _PARTS if path.endswith(("qkv.kernel", "qkv.bias")) else (None,)
+        if any((path, str(_slot(path, p, width)[1])) not in filled for p in parts):
+            missing.append(path)
+    return params, missing, unused
+
+
+def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_labels: int | None = None,
+                    dtype: str = "float32", param_dtype: str = "float32", seed: int = 0) -> Bert:
+    """Load a Hugging Face BERT checkpoint (local folder or hub id) as a `Bert` for `task`.
+
+    task: "base" | "masked-lm" | "pretraining" | "sequence-classification". Heads absent from the checkpoint
+    are initialised from `seed` and named in one `CheckpointWarning`; unused tensors are named in another.
+    Raises `CheckpointError` for a missing folder or file, an encoder tensor missing, or shape mismatches.
+    """
+    if task not in TASKS:
+        raise CheckpointError(f"task={task!r} is not one of {TASKS}.")
+    folder = resolve(name_or_path)
+    changes = {"dtype": dtype, "param_dtype": param_dtype}
+    if num_labels is not None:
+        changes["num_labels"] = num_labels
+    config = BertConfig.from_hf_config(read_config(folder), **changes)
+    tensors = read_weights(folder)
+
+    abstract = nnx.eval_shape(lambda: Bert(config, task, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    params, missing, unused = convert(tensors, config, task, _flat(state))
+    encoder_missing = [p for p in missing if p.split(".")[0] not in _HEADS]
+    if encoder_missing:
+        raise CheckpointError(f"{str(folder)!r} lacks {len(encoder_missing)} encoder tensor(s) the config "
+                              f"needs, e.g. {encoder_missing[:5]}: the weights do not match config.json "
+                              f"(num_hidden_layers={config.num_hidden_layers}).")
+    fresh = {}
+    if missing:
+        warnings.warn(f"{str(name_or_path)!r} has no weights for {sorted(missing)}; they are freshly "
+                      f"initialised (seed={seed}). Train them before use.", CheckpointWarning, stacklevel=2)
+        fresh = _flat(nnx.state(Bert(config, task, rngs=nnx.Rngs(seed))))
+    if unused:
+        warnings.warn(f"{len(unused)} tensor(s) in {str(name_or_path)!r} are not used by task={task!r}: "
+                      f"{sorted(unused)}", CheckpointWarning, stacklevel=2)
+    leaves = {path: (fresh[path] if path in missing else jnp.asarray(params[path], dtype=param_dtype))
+              for path in params}
+    state = nnx.from_flat_state({tuple(_key(p) for p in path.split(".")): v for path, v in leaves.items()})
+    return nnx.merge(graphdef, state)
+
+
+def _key(part: str) -> str | int:
+    return int(part) if part.isdigit() else part
+
+
+# ------------------------------------------------------------------------------------------- saving
+
+
+def to_hf_tensors(model: Bert) -> dict[str, np.ndarray]:
+    """Our parameters under Hugging Face key names, as the class for `model.task` expects them."""
+    config, task = model.config, model.task
+    flat = _flat(nnx.state(model, nnx.Param))
+    width = config.hidden_size
+    out = {}
+    for hf, ours, transpose in _TABLE:
+        for i in range(config.num_hidden_layers) if "{i}" in hf else [None]:
+            for part in _PARTS if "{part}" in hf else [None]:
+                path = ours.replace("{i}", str(i))
+                if path not in flat:
+                    continue
+                value = np.asarray(flat[path][...])[_slot(path, part, width)[1]]
+                key = hf.replace("{i}", str(i)).replace("{part}", part or "")
+                if task != "base" and not key.startswith(_HEAD_KEYS):
+                    key = _PREFIX + key
+                out[key] = np.ascontiguousarray(value.T if transpose else value)
+    return out
+
+
+def save_pretrained(model: Bert, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write config.json + model.safetensors (+ the tokenizer's files) loadable by transformers.
+
+    Each file is written to a temporary name and renamed, so a crash leaves no half-written file.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.astype(np.float32) if v.dtype not in (np.float32, np.float16) else v
+               for k, v in to_hf_tensors(model).items()}
+    hf_config = model.config.to_hf_config(architectures=(_ARCHITECTURES[model.task],))
+    config_text = hf_config.to_json_string(use_diff=False)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        Path(tmp, "config.json").write_text(config_text)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), out / name)
+    return out
+
