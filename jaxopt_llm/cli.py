@@ -1,0 +1,99 @@
+"""The `jaxopt-llm` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_SENTENCES = (
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The new movie is awesome.",
+    "The new movie is so great.",
+    "A cheetah is running behind its prey.",
+)
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    texts = list(args.texts)
+    if args.file:
+        file = Path(args.file)
+        if not file.is_file():
+            raise SystemExit(f"error: --file {args.file!r} does not exist; pass a text file with one text per line.")
+        texts += [line.rstrip("\n") for line in file.read_text(encoding="utf-8", errors="replace").splitlines()
+                  if line.strip()]
+    if not texts:
+        raise SystemExit("error: no texts: give them as arguments or with --file FILE (one per line).")
+    return texts
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from jaxopt_llm.predict import Predictor
+
+    texts = _texts(args)
+    task = "masked-lm" if args.kind == "fill-mask" else "sequence-classification"
+    predictor = Predictor.from_pretrained(args.model, task, batch_size=args.batch_size)
+    if args.kind == "fill-mask":
+        outputs = [{"text": t, "predictions": p} for t, p in zip(texts, predictor.fill_mask(texts, args.top_k))]
+    else:
+        outputs = [{"text": t, **r} for t, r in zip(texts, predictor.classify(texts))]
+    for row in outputs:
+        print(json.dumps(row, ensure_ascii=False))
+
+
+def _similarity(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from jaxopt_llm.assets import minilm_path
+    from jaxopt_llm.predict import Predictor
+
+    texts = list(args.texts) or list(DEFAULT_SENTENCES)
+    model = args.model or minilm_path()
+    vectors = Predictor.from_pretrained(model, "base").embed(texts)
+    sims = vectors @ vectors.T
+    print(f"cosine similarity of mean-pooled embeddings from {model}")
+    width = max(len(t) for t in texts)
+    for i, t in enumerate(texts):
+        print(f"{i}  {t:<{width}}  " + " ".join(f"{s:5.2f}" for s in sims[i]))
+    closest = int(np.argsort(sims[0])[-2])
+    print(f"closest to sentence 0: sentence {closest} ({sims[0, closest]:.3f})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    predict = sub.add_parser("predict", help="fill-mask or classify texts, printing JSON lines")
+    kinds = predict.add_subparsers(dest="kind", required=True)
+    for kind in ("fill-mask", "classify"):
+        p = kinds.add_parser(kind)
+        p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
+        p.add_argument("--file", help="text file, one text per line")
+        p.add_argument("--batch-size", type=int, default=32)
+        if kind == "fill-mask":
+            p.add_argument("--top-k", type=int, default=5)
+        p.add_argument("texts", nargs="*")
+        p.set_defaults(run=_predict)
+
+    sim = sub.add_parser("similarity", help="cosine similarity of sentence embeddings (default: MiniLM)")
+    sim.add_argument("--model", help="checkpoint folder or hub id (default: the packaged all-MiniLM-L6-v2)")
+    sim.add_argument("texts", nargs="*")
+    sim.set_defaults(run=_similarity, file=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jaxopt_llm.bert.params import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Prediction with fixed padded shapes: fill-mask, classify, sentence embeddings.
+
+Inputs are padded to a length bucket and a power-of-two batch, so new texts reuse the compiled
+programs: at most one compile per (bucket, batch size) pair, never one per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxopt_llm.bert.modeling import Bert
+from jaxopt_llm.bert.params import from_pretrained, resolve
+
+LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "top_k"))
+def _fill_mask(graphdef, state, ids_bt, mask_bt, types_bt, positions_bp, top_k):
+    model = nnx.merge(graphdef, state)
+    hidden_btd = model.encode(model.embed(ids_bt), mask_bt, types_bt)
+    hidden_bpd = jnp.take_along_axis(hidden_btd, positions_bp[..., None], axis=1)
+    probs_bpv = jax.nn.softmax(model.mlm_logits(hidden_bpd), axis=-1)  # vocabulary only at [MASK] positions
+    return jax.lax.top_k(probs_bpv, top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _classify(graphdef, state, ids_bt, mask_bt, types_bt):
+    model = nnx.merge(graphdef, state)
+    logits = model.classify_logits(model.encode(model.embed(ids_bt), mask_bt, types_bt))
+    return logits if model.config.num_labels == 1 else jax.nn.softmax(logits, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "normalize"))
+def _embed(graphdef, state, ids_bt, mask_bt, types_bt, normalize):
+    model = nnx.merge(graphdef, state)
+    hidden_btd = model.encode(model.embed(ids_bt), mask_bt, types_bt).astype(jnp.float32)
+    weights_bt1 = mask_bt[..., None].astype(jnp.float32)
+    mean_bd = (hidden_btd * weights_bt1).sum(1) / jnp.maximum(weights_bt1.sum(1), 1e-9)
+    if normalize:
+        mean_bd = mean_bd / jnp.maximum(jnp.linalg.norm(mean_bd, axis=-1, keepdims=True), 1e-12)
+    return mean_bd
+
+
+def compile_count() -> int:
+    """Programs compiled so far by this module's jitted functions (for tests and logs)."""
+    return sum(f._cache_size() for f in (_fill_mask, _classify, _embed))
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    return next((b for b in buckets if b >= n), buckets[-1])
+
+
+class Predictor:
+    """A `Bert` and its tokenizer, predicting in fixed-shape batches.
+
+    >>> p = Predictor.from_pretrained("bert-base-uncased", task="masked-lm")
+    >>> p.fill_mask(["The [MASK] runs through the park."], top_k=5)
+    """
+
+    def __init__(self, model: Bert, tokenizer: Any, *, batch_size: int = 32,
+                 length_buckets: Sequence[int] = LENGTH_BUCKETS):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be at least 1.")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        max_len = model.config.max_position_embeddings
+        self.length_buckets = tuple(b for b in sorted(length_buckets) if b < max_len) + (max_len,)
+        self.graphdef, self.state = nnx.split(model)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, task: str = "base", **kwargs: Any) -> Predictor:
+        from transformers import AutoTokenizer
+
+        folder = resolve(name_or_path)
+        model = from_pretrained(folder, task)
+        return cls(model, AutoTokenizer.from_pretrained(folder), **kwargs)
+
+    def _batches(self, texts: Sequence[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(number of real rows, padded arrays) for consecutive chunks of `texts`."""
+        if isinstance(texts, str):
+            raise TypeError("pass a list of texts, not one string.")
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start:start + self.batch_size])
+            enc = tok(chunk, truncation=True, max_length=self.length_buckets[-1])
+            t = _bucket(max(len(x) for x in enc["input_ids"]), self.length_buckets)
+            b = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+            arrays = {"ids": np.full((b, t), pad, np.int32), "mask": np.zeros((b, t), np.int32),
+                      "types": np.zeros((b, t), np.int32)}
+            for r, ids in enumerate(enc["input_ids"]):
+                arrays["ids"][r, :len(ids)] = ids
+                arrays["mask"][r, :len(ids)] = 1
+                if "token_type_ids" in enc:
+                    arrays["types"][r, :len(ids)] = enc["token_type_ids"][r]
+            yield len(chunk), arrays
+
+    def fill_mask(self, texts: Sequence[str], top_k: int = 5) -> list[list[dict] | list[list[dict]]]:
+        """Top-k tokens for each [MASK]: per text a list of {token, token_id, score}; a list of such
+        lists when the text has several masks."""
+        self._need("mlm", "masked-lm")
+        mask_id = self.tokenizer.mask_token_id
+        if top_k < 1 or top_k > self.model.config.vocab_size:
+            raise ValueError(f"top_k={top_k}: must be between 1 and vocab_size={self.model.config.vocab_size}.")
+        results = []
+        offset = 0
+        for n, a in self._batches(texts):
+            where = [np.flatnonzero(row == mask_id) for row in a["ids"][:n]]
+            for i, w in enumerate(where):
+                if not len(w):
+                    raise ValueError(f"text {texts[offset + i]!r} has no {self.tokenizer.mask_token} token "
+                                     "(or it was cut off at the maximum length): fill-mask needs one.")
+            p = _bucket(max(len(w) for w in where), (1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+            positions = np.zeros((a["ids"].shape[0], p), np.int32)
+            for i, w in enumerate(where):
+                positions[i, :len(w)] = w[:p]
+            scores, ids = jax.device_get(_fill_mask(self.graphdef, self.state, a["ids"], a["mask"],
+                                                    a["types"], positions, top_k))
+            for i, w in enumerate(where):
+                per_mask = [[{"token": self.tokenizer.convert_ids_to_tokens(int(t)), "token_id": int(t),
+                              "score": float(s)} for t, s in zip(ids[i, j], scores[i, j])]
+                            for j in range(len(w))]
+                results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
+            offset += n
+        return results
+
+    def classify(self, texts: Sequence[str]) -> list[dict]:
+        """Per text {label, scores}: softmax probabilities in label order (the raw value for regression)."""
+        self._need("classifier", "sequence-classification")
+        names = self.model.config.label_names
+        results = []
+        for n, a in self._batches(texts):
+            scores = np.asarray(_classify(self.graphdef, self.state, a["ids"], a["mask"], a["types"]))[:n]
+            for row in scores:
+                label = None if len(names) == 1 else names[int(row.argmax())]
+                results.append({"label": label, "scores": [float(s) for s in row]})
+        return results
+
+    def embed(self, texts: Sequence[str], normalize: bool = True) -> np.ndarray:
+        """Mean-pooled last hidden states (n, d), L2-normalised by default (sentence-transformers' recipe)."""
+        parts = [np.asarray(_embed(self.graphdef, self.state, a["ids"], a["mask"], a["types"], normalize))[:n]
+                 for n, a in self._batches(texts)]
+        return np.concatenate(parts, axis=0)
+
+    def _need(self, module: str, task: str) -> None:
+        if getattr(self.model, module) is None:
+            raise ValueError(f"this model was loaded with task={self.model.task!r}; load it with task={task!r}.")

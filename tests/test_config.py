@@ -1,0 +1,76 @@
+"""BertConfig presets and validation; full-size shapes through jax.eval_shape (nothing allocated)."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxopt_llm.bert import Bert, BertConfig
+
+
+@pytest.mark.parametrize("preset", ["base", "large"])
+def test_full_size_shapes_without_allocating(preset):
+    config = getattr(BertConfig, preset)()
+    abstract = nnx.eval_shape(lambda: Bert(config, "pretraining", rngs=nnx.Rngs(0)))
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    with torch.device("meta"):  # the reference, also without memory
+        ref = transformers.BertForPreTraining(config.to_hf_config())
+    # the tied decoder weight is the same tensor as the word embeddings in both
+    assert ours == sum(p.numel() for p in ref.parameters())
+    graphdef, state = nnx.split(abstract)
+    out = jax.eval_shape(lambda s, ids: nnx.merge(graphdef, s)(ids), state,
+                         jax.ShapeDtypeStruct((2, 128), np.int32))
+    assert out[0].shape == (2, 128, 30522) and out[1].shape == (2, 2)
+    hidden = jax.eval_shape(lambda s, ids: nnx.merge(graphdef, s).encode(nnx.merge(graphdef, s).embed(ids)),
+                            state, jax.ShapeDtypeStruct((2, 128), np.int32))
+    assert hidden.shape == (2, 128, config.hidden_size)
+
+
+def test_hf_config_round_trip():
+    hf = transformers.BertConfig(hidden_size=48, num_attention_heads=4, num_hidden_layers=3, intermediate_size=96,
+                                 num_labels=2, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+    config = BertConfig.from_hf_config(hf)
+    assert (config.hidden_size, config.num_attention_heads, config.labels) == (48, 4, ("neg", "pos"))
+    back = config.to_hf_config()
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+                "layer_norm_eps", "hidden_act"):
+        assert getattr(back, key) == getattr(hf, key)
+    assert back.id2label == {0: "neg", 1: "pos"}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(hidden_size=100, num_attention_heads=3), "not divisible"),
+    (dict(hidden_act="gelu_fast"), "hidden_act='gelu_fast'"),
+    (dict(num_labels=0), "num_labels=0"),
+    (dict(dtype="int8"), "dtype='int8'"),
+])
+def test_config_errors_name_the_value(changes, message):
+    with pytest.raises(ValueError, match=message):
+        BertConfig.tiny(**changes)
+
+
+def test_non_bert_config_rejected():
+    with pytest.raises(ValueError, match="model_type='roberta'"):
+        BertConfig.from_hf_config({"model_type": "roberta"})
+
+
+def test_dropout_needs_explicit_key_and_is_reproducible():
+    model = Bert(BertConfig.tiny(vocab_size=50), "base", rngs=nnx.Rngs(0))
+    ids = np.arange(12, dtype=np.int32).reshape(2, 6)
+    with pytest.raises(ValueError, match="dropout_key"):
+        model(ids, deterministic=False)
+    key = jax.random.key(3)
+    a = np.asarray(model(ids, deterministic=False, dropout_key=key))
+    b = np.asarray(model(ids, deterministic=False, dropout_key=key))
+    c = np.asarray(model(ids, deterministic=False, dropout_key=jax.random.key(4)))
+    clean = np.asarray(model(ids))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c) and not np.allclose(a, clean)
+
+
+def test_too_long_input_is_a_clear_error():
+    model = Bert(BertConfig.tiny(vocab_size=50, max_position_embeddings=8), "base", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=8"):
+        model(np.zeros((1, 9), np.int32))

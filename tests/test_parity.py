@@ -1,0 +1,56 @@
+"""Our BERT against the PyTorch transformers reference: random tiny models and real MiniLM weights."""
+
+import numpy as np
+import pytest
+from conftest import HF_CLASSES, hf_model, torch_output
+
+from jaxopt_llm import bert
+from jaxopt_llm.assets import minilm_path
+
+
+@pytest.mark.parametrize("task", list(HF_CLASSES))
+def test_tiny_random_parity(task, hf_dirs, batch):
+    ids, mask, types = batch
+    ref = torch_output(hf_model(task), task, ids, mask, types)
+    ours = bert.from_pretrained(hf_dirs[task], task)(ids, mask, types)
+    if task == "pretraining":
+        assert np.abs(np.asarray(ours[0]) - ref[0]).max() <= 1e-5
+        assert np.abs(np.asarray(ours[1]) - ref[1]).max() <= 1e-5
+        assert np.asarray(ours[0]).shape == (3, 11, 101) and np.asarray(ours[1]).shape == (3, 2)
+    else:
+        assert np.asarray(ours).shape == ref.shape
+        assert np.abs(np.asarray(ours) - ref).max() <= 1e-5
+        assert np.abs(ref).max() > 0.1  # the comparison is not between two near-zero arrays
+
+
+def test_regression_head_parity(tmp_path, batch):
+    ids, mask, types = batch
+    model = hf_model("sequence-classification", num_labels=1)
+    model.save_pretrained(tmp_path)
+    ours = bert.from_pretrained(tmp_path, "sequence-classification")
+    assert ours.config.num_labels == 1
+    np.testing.assert_allclose(np.asarray(ours(ids, mask, types)), torch_output(model, "x", ids, mask, types),
+                               atol=1e-5, rtol=0)
+
+
+SENTENCES = [
+    "A man is eating food.",
+    "The new movie is awesome, I loved every minute of it!",
+    "Self-driving cars will never be trusted on busy city streets.",
+    "ok",
+]
+
+
+def test_minilm_real_weights_parity():
+    import torch
+    import transformers
+
+    folder = minilm_path()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    enc = tok(SENTENCES, padding=True, return_tensors="np")
+    ref_model = transformers.BertModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        ref = ref_model(**{k: torch.tensor(v) for k, v in enc.items()}).last_hidden_state.numpy()
+    ours = np.asarray(bert.from_pretrained(folder)(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
+    assert ours.shape == (4, enc["input_ids"].shape[1], 384)
+    assert np.abs(ours - ref).max() <= 1e-4
