@@ -61,6 +61,18 @@ def _similarity(args: argparse.Namespace) -> None:
     print(f"closest to sentence 0: sentence {closest} ({sims[0, closest]:.3f})")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from jaxopt_llm import config as config_lib
+    from jaxopt_llm.train import train
+
+    config = config_lib.load(args.config, args.overrides)
+    wanted = {"pretrain": "pretrain", "finetune": "finetune"}[args.command]
+    if config.task != wanted:
+        config = config_lib.override(config, [f"task={wanted}"])
+    metrics = train(config, args.workdir)
+    print(json.dumps({"workdir": str(args.workdir), "eval": metrics}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("texts", nargs="*")
         p.set_defaults(run=_predict)
 
+    for name, text in (("pretrain", "masked-LM (+ next-sentence) pretraining"),
+                       ("finetune", "sequence-classification fine-tuning")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", help="Python config file defining get_config()")
+        p.add_argument("--workdir", required=True, help="run folder; the same folder resumes the run")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
+        p.set_defaults(run=_train)
+
     sim = sub.add_parser("similarity", help="cosine similarity of sentence embeddings (default: MiniLM)")
     sim.add_argument("--model", help="checkpoint folder or hub id (default: the packaged all-MiniLM-L6-v2)")
     sim.add_argument("texts", nargs="*")
@@ -90,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

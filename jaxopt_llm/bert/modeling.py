@@ -188,17 +188,30 @@ class Attention(nnx.Module):
         self.qkv = make.linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.out = make.linear(cfg.hidden_size, cfg.hidden_size)
 
-    def __call__(self, x_btd, bias_b11t, deterministic, key):
+    def __call__(self, x_btd, bias_b11t, deterministic, key, positions_bp=None):
+        """Queries at `positions_bp` (all tokens when None); keys and values always from all tokens."""
         cfg = self.cfg
-        b, t, _ = x_btd.shape
-        qkv = self.qkv(x_btd).reshape(b, t, 3, cfg.num_attention_heads, cfg.head_dim)
-        q_bthk, k_bthk, v_bthk = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        scores = jnp.einsum("bqhk,bshk->bhqs", q_bthk, k_bthk, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim) + bias_b11t
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_bthk.dtype)
+        b, t, d = x_btd.shape
+        n, k = cfg.num_attention_heads, cfg.head_dim
+        kernel, bias = self.qkv.kernel[...], self.qkv.bias[...]
+        if positions_bp is None:
+            qkv = self.qkv(x_btd).reshape(b, t, 3, n, k)
+            q_bqhk, k_bshk, v_bshk = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:  # one matmul for keys and values, a small one for the gathered queries
+            x_bqd = jnp.take_along_axis(x_btd, positions_bp[..., None], axis=1)
+            q_bqhk = _dense(x_bqd, kernel[:, :d], bias[:d], cfg.dtype).reshape(b, -1, n, k)
+            kv = _dense(x_btd, kernel[:, d:], bias[d:], cfg.dtype).reshape(b, t, 2, n, k)
+            k_bshk, v_bshk = kv[:, :, 0], kv[:, :, 1]
+        scores = jnp.einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(k) + bias_b11t
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_bshk.dtype)
         probs = dropout(probs, cfg.attention_probs_dropout_prob, key, deterministic)
-        ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v_bthk).reshape(b, t, cfg.hidden_size)
-        return self.out(ctx)
+        ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v_bshk)
+        return self.out(ctx.reshape(b, ctx.shape[1], d))
+
+
+def _dense(x, kernel, bias, dtype):
+    return jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
 
 
 class Layer(nnx.Module):
@@ -210,10 +223,13 @@ class Layer(nnx.Module):
         self.output = make.linear(cfg.intermediate_size, cfg.hidden_size)
         self.output_norm = make.norm()
 
-    def __call__(self, x_btd, bias_b11t, deterministic, key):
+    def __call__(self, x_btd, bias_b11t, deterministic, key, positions_bp=None):
+        """-> (b, t, d), or (b, p, d) at `positions_bp` only."""
         k_attn, k_attn_out, k_out = _keys(key, 3)
         rate = self.cfg.hidden_dropout_prob
-        a = self.attention(x_btd, bias_b11t, deterministic, k_attn)
+        a = self.attention(x_btd, bias_b11t, deterministic, k_attn, positions_bp)
+        if positions_bp is not None:
+            x_btd = jnp.take_along_axis(x_btd, positions_bp[..., None], axis=1)
         x_btd = self.attention_norm(x_btd + dropout(a, rate, k_attn_out, deterministic))
         h = _ACTIVATIONS[self.cfg.hidden_act](self.intermediate(x_btd))
         return self.output_norm(x_btd + dropout(self.output(h), rate, k_out, deterministic))
@@ -267,8 +283,14 @@ class Bert(nnx.Module):
 
     def encode(self, word_embeddings_btd: jax.Array, attention_mask_bt: jax.Array | None = None,
                token_type_ids_bt: jax.Array | None = None, position_ids_bt: jax.Array | None = None, *,
-               deterministic: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
-        """Position and token-type embeddings, LayerNorm, then the encoder layers -> (b, t, d)."""
+               deterministic: bool = True, dropout_key: jax.Array | None = None,
+               output_positions_bp: jax.Array | None = None) -> jax.Array:
+        """Position and token-type embeddings, LayerNorm, then the encoder layers -> (b, t, d).
+
+        With `output_positions_bp` (b, p) the last layer runs only at those positions (its keys and values
+        still come from all tokens) and the result is (b, p, d): the same numbers as gathering the full
+        output, for less work when only a few positions are read ([CLS], masked tokens).
+        """
         cfg = self.config
         _check_dropout_key(deterministic, dropout_key)
         b, t, _ = word_embeddings_btd.shape
@@ -287,8 +309,9 @@ class Bert(nnx.Module):
         x = dropout(emb.norm(x), cfg.hidden_dropout_prob, keys[0], deterministic)
         bias_b11t = jnp.where(attention_mask_bt[:, None, None, :] > 0, 0.0,
                               jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        for layer, key in zip(self.layers, keys[1:]):
-            x = layer(x, bias_b11t, deterministic, key)
+        last = cfg.num_hidden_layers - 1
+        for i, (layer, key) in enumerate(zip(self.layers, keys[1:])):
+            x = layer(x, bias_b11t, deterministic, key, output_positions_bp if i == last else None)
         return x
 
     def pool(self, hidden_btd: jax.Array) -> jax.Array:

@@ -212,17 +212,19 @@ def convert(tensors: dict[str, np.ndarray], config: BertConfig, task: str,
 
 
 def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_labels: int | None = None,
-                    dtype: str = "float32", param_dtype: str = "float32", seed: int = 0) -> Bert:
+                    dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
+                    **config_changes: Any) -> Bert:
     """Load a Hugging Face BERT checkpoint (local folder or hub id) as a `Bert` for `task`.
 
     task: "base" | "masked-lm" | "pretraining" | "sequence-classification". Heads absent from the checkpoint
     are initialised from `seed` and named in one `CheckpointWarning`; unused tensors are named in another.
     Raises `CheckpointError` for a missing folder or file, an encoder tensor missing, or shape mismatches.
+    `config_changes` override `BertConfig` fields of the checkpoint's config (dropout rates, labels).
     """
     if task not in TASKS:
         raise CheckpointError(f"task={task!r} is not one of {TASKS}.")
     folder = resolve(name_or_path)
-    changes = {"dtype": dtype, "param_dtype": param_dtype}
+    changes = {"dtype": dtype, "param_dtype": param_dtype, **config_changes}
     if num_labels is not None:
         changes["num_labels"] = num_labels
     config = BertConfig.from_hf_config(read_config(folder), **changes)

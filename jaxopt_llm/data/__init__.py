@@ -1,0 +1,73 @@
+"""Training and eval data: rows from files or HF datasets -> tokenised fixed-shape arrays -> batches."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jaxopt_llm.config import Config
+from jaxopt_llm.data.batches import Batches, eval_batches, label_ids, split_off, take, tokenize
+from jaxopt_llm.data.sources import DataError, LoadReport, read_rows
+
+__all__ = ["Batches", "DataError", "Data", "LoadReport", "eval_batches", "load"]
+
+
+@dataclasses.dataclass
+class Data:
+    train: dict[str, np.ndarray]
+    eval: dict[str, np.ndarray]
+    label_names: tuple[str, ...] | None
+    reports: list[LoadReport]
+
+
+def _next_sentence_pairs(lines: list[str], seed: int) -> tuple[list[str], list[str], np.ndarray]:
+    """Sentence A = line i; B = line i + 1 (label 0, "is next") or a random other line (label 1), 50/50."""
+    rng = np.random.default_rng([seed, 7])
+    a, b, labels = [], [], []
+    for i in range(len(lines) - 1):
+        a.append(lines[i])
+        if rng.random() < 0.5:
+            b.append(lines[i + 1])
+            labels.append(0)
+        else:
+            j = int(rng.integers(len(lines) - 1))
+            b.append(lines[j + 1 if j + 1 != i + 1 else 0])
+            labels.append(1)
+    return a, b, np.asarray(labels, np.int32)
+
+
+def load(config: Config, tokenizer: Any, names: tuple[str, ...] | None = None) -> Data:
+    """Read, clean, tokenise; hold out eval rows when no eval data is named. `names`: label names of a
+    resumed run, so that ids mean the same thing as before."""
+    d = config.data
+    pretrain = config.task == "pretrain"
+    label_column = None if pretrain else d.label_column
+    arrays, reports, label_names = {}, [], names
+    for which in ("train", "eval"):
+        rows = read_rows(d, which, label_column)
+        if rows is None:
+            continue
+        texts, pairs, labels, report = rows
+        reports.append(report)
+        nsp_labels = None
+        if pretrain and d.next_sentence:
+            texts, pairs, nsp_labels = _next_sentence_pairs(texts, config.train.seed)
+        limit = d.max_train_examples if which == "train" else d.max_eval_examples
+        if limit is not None and len(texts) > limit:  # a fixed random subset (files are often sorted by label)
+            keep = np.arange(limit) if pretrain else np.sort(np.random.default_rng(1234).permutation(len(texts))[:limit])
+            texts = [texts[i] for i in keep]
+            pairs = [pairs[i] for i in keep] if pairs is not None else None
+            labels = [labels[i] for i in keep] if labels is not None else None
+            nsp_labels = nsp_labels[keep] if nsp_labels is not None else None
+        out = tokenize(tokenizer, texts, pairs, d.max_length, word_ids=pretrain and d.whole_word_masking)
+        if nsp_labels is not None:
+            out["next_sentence_label"] = nsp_labels
+        if labels is not None:
+            out["labels"], label_names = label_ids(labels, config.model.num_labels, label_names)
+        arrays[which] = out
+    if "eval" not in arrays:
+        arrays["train"], arrays["eval"] = split_off(arrays["train"], d.eval_fraction)
+        arrays["eval"] = take(arrays["eval"], d.max_eval_examples)
+    return Data(arrays["train"], arrays["eval"], label_names, reports)

@@ -1,0 +1,123 @@
+"""Data parallelism: `jit` with NamedSharding over a Mesh (the main path, optional FSDP) or `pmap`.
+
+Both wrap the same pure steps. Under jit the step sees the global batch; under pmap it sees one
+device's rows and sums gradients and metrics with `psum` over the axis "data".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxopt_llm.config import ParallelConfig
+
+AXIS = "data"
+_compiles = [0]
+
+
+def _count_compile(event: str, *_args, **_kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compiles[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_count() -> int:
+    """XLA compilations in this process so far (a test asserts a step compiles once)."""
+    return _compiles[0]
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize` when launched on several processes.
+
+    TPU pods are detected by JAX itself (set JAXOPT_DISTRIBUTED=1); elsewhere set JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+    elif os.environ.get("JAXOPT_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
+class Parallel:
+    """Placement of states and batches, and compilation of steps, for one backend."""
+
+    def __init__(self, cfg: ParallelConfig, devices: list | None = None):
+        self.cfg = cfg
+        self.devices = list(devices) if devices is not None else jax.devices()
+        self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
+        self.local_count = len([d for d in self.devices if d.process_index == jax.process_index()])
+        self.pmap = cfg.backend == "pmap"
+
+    @property
+    def axis_name(self) -> str | None:
+        return AXIS if self.pmap else None
+
+    def check_batch_size(self, batch_size: int, name: str = "train.batch_size") -> None:
+        n = len(self.devices)
+        if batch_size % n:
+            raise ValueError(f"{name}={batch_size} is not divisible by the {n} devices: use a multiple of {n}.")
+
+    # ---- placement -----------------------------------------------------------------------------
+    def _leaf_sharding(self, x) -> NamedSharding:
+        if not self.cfg.fsdp or not getattr(x, "ndim", 0):
+            return NamedSharding(self.mesh, PartitionSpec())
+        n = len(self.devices)
+        axes = [a for a in np.argsort(x.shape)[::-1] if x.shape[a] % n == 0 and x.shape[a] >= n]
+        if not axes:
+            return NamedSharding(self.mesh, PartitionSpec())
+        spec = [None] * x.ndim
+        spec[axes[0]] = AXIS
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+    def state_shardings(self, state) -> Any:
+        return jax.tree.map(self._leaf_sharding, state)
+
+    def put_state(self, state):
+        """Host or device state -> replicated (or FSDP-sharded) state on the devices."""
+        if self.pmap:
+            n = self.local_count
+            return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), jax.device_get(state))
+        return jax.device_put(state, self.state_shardings(state))
+
+    def host_state(self, state):
+        """One copy of the state, as checkpoints and exports want it."""
+        return jax.tree.map(lambda x: x[0], state) if self.pmap else state
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict:
+        """This process's rows of a global batch -> device arrays (global arrays under jit)."""
+        if self.pmap:
+            n = self.local_count
+            return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+        sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+    def put_key(self, key_data):
+        if self.pmap:
+            return np.broadcast_to(np.asarray(key_data), (self.local_count, *np.shape(key_data)))
+        return jax.device_put(key_data, NamedSharding(self.mesh, PartitionSpec()))
+
+    # ---- compilation ---------------------------------------------------------------------------
+    def compile_train(self, train_step: Callable, state) -> Callable:
+        """`step(state, batch, key_data) -> (state, metrics)`; the state argument is donated."""
+        if self.pmap:
+            return jax.pmap(train_step, axis_name=AXIS, donate_argnums=0)
+        shardings = self.state_shardings(state)
+        return jax.jit(train_step, in_shardings=(shardings, None, None), out_shardings=(shardings, None),
+                       donate_argnums=0)
+
+    def compile_eval(self, eval_step: Callable) -> Callable:
+        """`eval(params, batch) -> metrics`."""
+        if self.pmap:
+            return jax.pmap(eval_step, axis_name=AXIS)
+        return jax.jit(eval_step)
