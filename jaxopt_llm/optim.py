@@ -28,8 +28,10 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
 
 def decay_mask(params):
     """True for leaves that get weight decay: every parameter but biases and LayerNorm scales."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: str(getattr(path[-1], "key", getattr(path[-1], "name", ""))) not in _NO_DECAY, params)
+    def name(path) -> str:  # the last dict key: nnx.Param adds an attribute key ("value") after it
+        return next((str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), "")
+
+    return jax.tree_util.tree_map_with_path(lambda path, _: name(path) not in _NO_DECAY, params)
 
 
 def make(cfg: TrainConfig) -> optax.GradientTransformation:

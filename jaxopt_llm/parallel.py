@@ -85,9 +85,12 @@ class Parallel:
 
     def put_state(self, state):
         """Host or device state -> replicated (or FSDP-sharded) state on the devices."""
-        if self.pmap:
+        if self.pmap:  # stacked copies, laid out as the pmapped step returns them (so it compiles once)
             n = self.local_count
-            return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), jax.device_get(state))
+            local = Mesh(np.asarray([d for d in self.devices if d.process_index == jax.process_index()]), (AXIS,))
+            sharding = NamedSharding(local, PartitionSpec(AXIS))
+            return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (n, *np.shape(x))), sharding),
+                                jax.device_get(state))
         return jax.device_put(state, self.state_shardings(state))
 
     def host_state(self, state):

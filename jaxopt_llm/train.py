@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxopt_llm import checkpoint, optim
 from jaxopt_llm import data as data_lib
 from jaxopt_llm import state as state_lib
 from jaxopt_llm.bert.params import from_pretrained, resolve, save_pretrained
 from jaxopt_llm.config import PACKAGED_MINILM, Config
-from jaxopt_llm.parallel import Parallel, initialize_distributed
+from jaxopt_llm.parallel import Parallel, compile_count, initialize_distributed
 from jaxopt_llm.steps import classify, mlm
 from jaxopt_llm.steps.common import mean_metrics
 
@@ -216,9 +217,12 @@ def train(config: Config, workdir: str | Path, *, make_steps: Callable | None = 
                dynamic_ncols=True, file=sys.stderr)
     interval, interval_start, interval_steps = None, time.perf_counter(), 0
     eval_metrics: dict[str, float] = {}
+    step_compiles = 0
     while micro < total_micro:
         batch = parallel.put_batch(batches[position])
+        before = compile_count()
         state, metrics = train_fn(state, batch, key)
+        step_compiles += compile_count() - before
         micro, position = micro + 1, position + 1
         interval = metrics if interval is None else jax.tree.map(jnp.add, interval, metrics)
         interval_steps += 1
@@ -247,8 +251,10 @@ def train(config: Config, workdir: str | Path, *, make_steps: Callable | None = 
     ckpts.wait()
     ckpts.close()
     log.close()
+    params = multihost_utils.process_allgather(parallel.host_state(state).params, tiled=True)
     if main:
-        final = parallel.host_state(state)
-        export = nnx.merge(graphdef, jax.device_get(final.params))
-        save_pretrained(export, workdir / "model", tokenizer=tokenizer)
+        save_pretrained(nnx.merge(graphdef, params), workdir / "model", tokenizer=tokenizer)
+        record = json.loads((workdir / "run.json").read_text())
+        record["train_step_compiles"] = step_compiles  # 1 when the step compiled once (0 if nothing ran)
+        (workdir / "run.json").write_text(json.dumps(record, indent=2, default=str))
     return eval_metrics

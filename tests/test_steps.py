@@ -1,0 +1,190 @@
+"""Pure steps: MLM masking, losses against PyTorch, positions-only last layer, and
+single-device == jit-sharded == pmap (8 fake CPU devices), compiled once."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from conftest import hf_model
+from flax import nnx
+
+from jaxopt_llm import bert
+from jaxopt_llm import state as state_lib
+from jaxopt_llm.config import ParallelConfig
+from jaxopt_llm.parallel import Parallel, compile_count
+from jaxopt_llm.steps import classify, mlm
+from jaxopt_llm.steps.common import mean_metrics
+
+MASK_ID, VOCAB, B, T = 3, 101, 16, 12
+
+
+def make_batch(seed=0, b=B):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(5, VOCAB, (b, T)).astype(np.int32)
+    lengths = rng.randint(6, T + 1, b)
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    ids[:, 0] = 1  # [CLS]
+    ids[np.arange(b), lengths - 1] = 2  # [SEP]
+    ids[mask == 0] = 0
+    special = ((ids <= 2) | (mask == 0)).astype(np.int32)
+    types = np.zeros_like(ids)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "special_tokens_mask": special,
+            "labels": rng.randint(0, 3, b).astype(np.int32), "index": np.arange(b, dtype=np.int32) + 100 * seed,
+            "weight": np.ones(b, np.float32), "next_sentence_label": rng.randint(0, 2, b).astype(np.int32)}
+
+
+MASKING = mlm.Masking(mask_token_id=MASK_ID, vocab_size=VOCAB, rate=0.15, max_predictions=4)
+
+
+def test_masking_counts_and_never_special():
+    batch = make_batch()
+    masked, positions, labels, weights = mlm.mask_batch(jax.random.key(0), batch, MASKING)
+    masked, positions, labels, weights = map(np.asarray, (masked, positions, labels, weights))
+    for r in range(B):
+        n = int((batch["special_tokens_mask"][r] == 0).sum())
+        expected = min(4, max(1, int(np.round(n * 0.15))))
+        chosen = positions[r][weights[r] > 0]
+        assert len(chosen) == expected == len(set(chosen.tolist()))
+        assert (batch["special_tokens_mask"][r][chosen] == 0).all()
+        np.testing.assert_array_equal(labels[r][weights[r] > 0], batch["input_ids"][r][chosen])
+        untouched = np.setdiff1d(np.arange(T), chosen)
+        np.testing.assert_array_equal(masked[r][untouched], batch["input_ids"][r][untouched])
+
+
+def test_masking_80_10_10():
+    m = mlm.Masking(mask_token_id=MASK_ID, vocab_size=10_000, rate=0.5, max_predictions=T)
+    ids = np.tile(np.arange(1000, 1000 + T, dtype=np.int32), (4000, 1))
+    batch = {"input_ids": ids, "special_tokens_mask": np.zeros_like(ids), "index": np.arange(4000, dtype=np.int32)}
+    masked, positions, labels, weights = map(np.asarray, mlm.mask_batch(jax.random.key(1), batch, m))
+    new = np.take_along_axis(masked, positions, 1)[weights > 0]
+    old = labels[weights > 0]
+    frac_mask, frac_kept = np.mean(new == MASK_ID), np.mean(new == old)
+    assert abs(frac_mask - 0.8) < 0.01 and abs(frac_kept - 0.1) < 0.01  # 24k draws: 3 sigma < 0.6 %
+
+
+def test_whole_word_masking_takes_whole_words():
+    m = mlm.Masking(mask_token_id=MASK_ID, vocab_size=VOCAB, rate=0.3, max_predictions=T)
+    batch = make_batch()
+    words = np.where(batch["special_tokens_mask"] == 0, (np.arange(T)[None] - 1) // 2, -1).astype(np.int32)
+    batch["word_ids"] = words  # two tokens per word
+    _, positions, _, weights = map(np.asarray, mlm.mask_batch(jax.random.key(2), batch, dataclass_replace(m)))
+    for r in range(B):
+        chosen = set(positions[r][weights[r] > 0].tolist())
+        for w in set(words[r][list(chosen)].tolist()):
+            members = set(np.flatnonzero(words[r] == w).tolist())
+            # every chosen word is whole, except possibly the last one cut by the count
+            assert members <= chosen or len(members - chosen) == 1
+
+
+def dataclass_replace(m):
+    import dataclasses
+
+    return dataclasses.replace(m, whole_word=True)
+
+
+def test_masks_change_with_the_key_and_repeat_with_it():
+    batch = make_batch()
+    a = np.asarray(mlm.mask_batch(jax.random.key(5), batch, MASKING)[1])
+    b = np.asarray(mlm.mask_batch(jax.random.key(5), batch, MASKING)[1])
+    c = np.asarray(mlm.mask_batch(jax.random.key(6), batch, MASKING)[1])
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    out = {}
+    for task in ("masked-lm", "pretraining", "sequence-classification"):
+        d = tmp_path_factory.mktemp(task)
+        hf_model(task, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(d)
+        out[task] = d
+    return out
+
+
+def test_positions_only_last_layer_equals_gathering(tiny_dirs):
+    model = bert.from_pretrained(tiny_dirs["masked-lm"], "masked-lm")
+    batch = make_batch()
+    positions = np.random.RandomState(3).randint(0, T, (B, 5)).astype(np.int32)
+    emb = model.embed(batch["input_ids"])
+    full = model.encode(emb, batch["attention_mask"])
+    part = model.encode(emb, batch["attention_mask"], output_positions_bp=positions)
+    np.testing.assert_allclose(np.asarray(part), np.take_along_axis(np.asarray(full), positions[..., None], 1),
+                               atol=2e-6)
+
+
+def test_mlm_eval_loss_matches_torch(tiny_dirs):
+    model = bert.from_pretrained(tiny_dirs["pretraining"], "pretraining")
+    graphdef, params = nnx.split(model)
+    batch = make_batch()
+    metrics = mlm.make_eval_step(graphdef, MASKING, seed=0)(params, batch)
+    masked, positions, labels, weights = map(np.asarray, mlm.mask_batch(jax.random.key(0), batch, MASKING))
+    hf_labels = np.full((B, T), -100)
+    for r in range(B):
+        hf_labels[r, positions[r][weights[r] > 0]] = labels[r][weights[r] > 0]
+    ref = hf_model("pretraining", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor(masked), attention_mask=torch.tensor(batch["attention_mask"]),
+                  token_type_ids=torch.tensor(batch["token_type_ids"]), labels=torch.tensor(hf_labels),
+                  next_sentence_label=torch.tensor(batch["next_sentence_label"].astype(np.int64)))
+    means = mean_metrics(metrics)
+    assert means["loss"] == pytest.approx(float(out.loss), abs=1e-5)  # HF: MLM mean + NSP mean
+    logits = out.prediction_logits.numpy()
+    picked = logits[hf_labels != -100].argmax(-1) == hf_labels[hf_labels != -100]
+    assert means["mlm_accuracy"] == pytest.approx(picked.mean(), abs=1e-6)
+
+
+def test_classify_eval_matches_torch(tiny_dirs):
+    model = bert.from_pretrained(tiny_dirs["sequence-classification"], "sequence-classification")
+    graphdef, params = nnx.split(model)
+    batch = make_batch()
+    batch["weight"][-3:] = 0  # padding rows of a last eval batch count for nothing
+    metrics = classify.make_eval_step(graphdef)(params, batch)
+    ref = hf_model("sequence-classification", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    with torch.no_grad():
+        logits = ref(input_ids=torch.tensor(batch["input_ids"][:-3]),
+                     attention_mask=torch.tensor(batch["attention_mask"][:-3])).logits
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(batch["labels"][:-3].astype(np.int64)))
+    means = mean_metrics({k: v for k, v in metrics.items() if k != "confusion"})
+    assert means["loss"] == pytest.approx(float(loss), abs=1e-5)
+    assert means["accuracy"] == pytest.approx(float((logits.argmax(-1).numpy() == batch["labels"][:-3]).mean()))
+    confusion = np.asarray(metrics["confusion"][0])
+    assert confusion.sum() == B - 3
+    assert np.trace(confusion) == int((logits.argmax(-1).numpy() == batch["labels"][:-3]).sum())
+
+
+def run_steps(folder, task, backend, n_devices, fsdp=False, steps=3):
+    model = bert.from_pretrained(folder, task)
+    graphdef, params = nnx.split(model)
+    # SGD: sharding must give the same gradients. Adam would turn rounding noise in exactly-zero gradients
+    # (the key bias has none: softmax ignores a constant) into lr-sized steps, hiding what is compared.
+    tx = optax.sgd(0.5)
+    parallel = Parallel(ParallelConfig(backend=backend, fsdp=fsdp), jax.devices()[:n_devices])
+    if task == "sequence-classification":
+        step = classify.make_train_step(graphdef, tx, parallel.axis_name)
+    else:
+        step = mlm.make_train_step(graphdef, tx, MASKING, parallel.axis_name)
+    state = parallel.put_state(state_lib.create(params, tx, seed=0))
+    train = parallel.compile_train(step, state)
+    key = parallel.put_key(jax.random.key_data(jax.random.key(0)))
+    losses, compiles = [], []
+    for i in range(steps):
+        before = compile_count()
+        state, metrics = train(state, parallel.put_batch(make_batch(i)), key)
+        compiles.append(compile_count() - before)
+        losses.append(mean_metrics(metrics)["loss"])
+    return losses, jax.device_get(parallel.host_state(state).params), compiles
+
+
+@pytest.mark.parametrize("task", ["pretraining", "sequence-classification"])
+def test_single_device_jit_sharded_pmap_agree(tiny_dirs, task):
+    assert jax.device_count() == 8
+    ref_losses, ref_params, compiles = run_steps(tiny_dirs[task], task, "jit", 1)
+    assert compiles == [1, 0, 0]  # one compile per run
+    for backend, fsdp in (("jit", False), ("jit", True), ("pmap", False)):
+        losses, params, compiles = run_steps(tiny_dirs[task], task, backend, 8, fsdp)
+        assert compiles[1:] == [0, 0], backend
+        np.testing.assert_allclose(losses, ref_losses, atol=1e-6, rtol=0)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
