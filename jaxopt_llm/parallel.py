@@ -40,8 +40,8 @@ def initialize_distributed() -> None:
     JAX_NUM_PROCESSES and JAX_PROCESS_ID.
     """
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # CPU collectives across processes need gloo; the setting does not touch GPU / TPU backends
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                                    num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                                    process_id=int(os.environ["JAX_PROCESS_ID"]))

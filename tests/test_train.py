@@ -1,0 +1,163 @@
+"""The training loop: logs, run record, one compile, clear errors before compiling, SIGKILL resume
+bit-identical to an uninterrupted run, and two jax.distributed processes == one process."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import transformers
+from conftest import TINY
+
+from jaxopt_llm import bert
+from jaxopt_llm import config as config_lib
+from jaxopt_llm.assets import minilm_path, tweets_csv_path
+from jaxopt_llm.parallel import compile_count
+from jaxopt_llm.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny random BERT with the MiniLM vocabulary, and 96 real tweets as clean UTF-8 CSV."""
+    root = tmp_path_factory.mktemp("train")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    config = transformers.BertConfig(**{**TINY, "vocab_size": tok.vocab_size, "max_position_embeddings": 64})
+    transformers.BertModel(config).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
+    picked = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))[:96]]
+    with (root / "tweets.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["sentiment", "text"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(picked)
+    (root / "lines.txt").write_text("\n".join(r["text"] for r in picked))
+    return root
+
+
+def overrides(setup, **extra):
+    items = {"model.name_or_path": setup / "model", "data.train_file": setup / "tweets.csv",
+             "data.label_column": "sentiment", "data.max_length": 32, "data.eval_fraction": 0.25,
+             "train.batch_size": 8, "train.learning_rate": 1e-3, "train.warmup_steps": 0, "train.progress": False,
+             "train.steps": 6, "train.log_every": 2, "train.eval_every": 3, "train.checkpoint_every": 3, **extra}
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def records(workdir, split):
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_finetune_logs_records_compiles_once_and_exports(setup, tmp_path):
+    config = config_lib.load(None, overrides(setup))
+    metrics = train(config, tmp_path)
+    assert set(metrics) == {"loss", "accuracy", "f1"} and 0 <= metrics["f1"] <= 1
+    assert [r["step"] for r in records(tmp_path, "train")] == [2, 4, 6]
+    assert [r["step"] for r in records(tmp_path, "eval")] == [3, 6]
+    assert records(tmp_path, "eval")[-1]["accuracy"] == metrics["accuracy"]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["train_step_compiles"] == 1
+    assert run["device_count"] == 8 and run["config"]["train"]["batch_size"] == 8
+    assert set(run["versions"]) >= {"jax", "flax", "optax", "transformers"} and "device_kind" in run
+    assert run["label_names"] == ["negative", "neutral", "positive"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    exported = bert.from_pretrained(tmp_path / "model", "sequence-classification")
+    assert exported.config.labels == ("negative", "neutral", "positive")
+
+
+def test_pretrain_mlm_with_nsp_and_whole_words(setup, tmp_path):
+    config = config_lib.load(None, overrides(setup, **{"task": "pretrain", "data.train_file": setup / "lines.txt",
+                                                       "data.next_sentence": True, "data.whole_word_masking": True,
+                                                       "train.steps": 4}))
+    metrics = train(config, tmp_path)
+    assert {"loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"} <= set(metrics)
+    assert np.isfinite(metrics["loss"]) and json.loads((tmp_path / "run.json").read_text())["train_step_compiles"] == 1
+    # the MLM loss starts near log(vocab) for a random model
+    assert abs(records(tmp_path, "train")[0]["mlm_loss"] - np.log(30522)) < 1.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"train.batch_size": 12}, "train.batch_size=12 is not divisible by the 8 devices"),
+    ({"data.label_column": "label"}, "no column 'label'"),
+    ({"model.num_labels": 2}, "the data has 3 labels"),
+    ({"data.train_file": "EMPTY"}, "has no rows"),
+])
+def test_bad_input_stops_before_compiling(setup, tmp_path, extra, message):
+    if extra.get("data.train_file") == "EMPTY":
+        (tmp_path / "empty.csv").write_text("sentiment,text\n")
+        extra = {"data.train_file": tmp_path / "empty.csv"}
+    config = config_lib.load(None, overrides(setup, **extra))
+    before = compile_count()
+    with pytest.raises(ValueError, match=message):
+        train(config, tmp_path / "run")
+    assert compile_count() == before
+
+
+def test_unknown_config_key_lists_valid_keys():
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'train.stepz'.*train\.steps"):
+        config_lib.load(None, ["train.stepz=3", "data.dataset=x"])
+
+
+def cli(workdir, items, env=None):
+    command = [sys.executable, "-m", "jaxopt_llm.cli", "finetune", "--workdir", str(workdir), *items]
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    return out
+
+
+def test_sigkill_resume_is_bit_identical(setup, tmp_path):
+    items = overrides(setup, **{"train.steps": 240, "train.log_every": 1, "train.eval_every": 80,
+                                "train.checkpoint_every": 20, "train.learning_rate": 1e-4})
+    finish(cli(tmp_path / "straight", items))
+    killed = cli(tmp_path / "killed", items)
+    ckpt_dir = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and killed.poll() is None:
+        done = [p for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
+        if done:
+            break
+        time.sleep(0.02)
+    assert killed.poll() is None, "the run ended before it could be killed"
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    logged_before = len(records(tmp_path / "killed", "train"))
+    assert logged_before < 240
+    finish(cli(tmp_path / "killed", items))
+    run = json.loads((tmp_path / "killed" / "run.json").read_text())
+    assert run["resumed_from"] is not None and run["resumed_from"] >= 20
+    straight, resumed = records(tmp_path / "straight", "train"), records(tmp_path / "killed", "train")
+    assert [r["step"] for r in resumed] == list(range(1, 241))
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == b["loss"] and a["accuracy"] == b["accuracy"], a["step"]  # bit-identical
+    assert records(tmp_path / "straight", "eval") == records(tmp_path / "killed", "eval")
+
+
+def test_two_processes_equal_one(setup, tmp_path):
+    items = overrides(setup, **{"train.steps": 3, "train.log_every": 1, "train.checkpoint_every": 3})
+    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{20000 + os.getpid() % 20000}", "JAX_NUM_PROCESSES": "2"}
+    single = cli(tmp_path / "one", items, four)
+    procs = [cli(tmp_path / "two", items, {**two, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    finish(single)
+    for p in procs:
+        finish(p)
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["process_count"] == 2 and run["device_count"] == 4
+    one, both = records(tmp_path / "one", "train"), records(tmp_path / "two", "train")
+    assert len(one) == len(both) == 3
+    np.testing.assert_allclose([r["loss"] for r in both], [r["loss"] for r in one], atol=1e-6, rtol=0)
+    e1, e2 = records(tmp_path / "one", "eval")[-1], records(tmp_path / "two", "eval")[-1]
+    assert e1["accuracy"] == e2["accuracy"] and abs(e1["loss"] - e2["loss"]) < 1e-6
