@@ -22,7 +22,7 @@ $(VENV)/.test: $(VENV)/.core
 	touch $@
 
 run: setup
-	$(BIN)/jaxopt-llm similarity
+	$(BIN)/jaxopt-llm finetune --config experiments/configs/tweets_tiny.py --workdir runs/tweets_tiny
 
 test: setup-test
 	$(BIN)/python -m pytest -q

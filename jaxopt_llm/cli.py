@@ -73,6 +73,19 @@ def _train(args: argparse.Namespace) -> None:
     print(json.dumps({"workdir": str(args.workdir), "eval": metrics}))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    from jaxopt_llm import bench
+
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("error: bench compares against PyTorch: install the CPU wheel with "
+                         "`pip install torch==2.13.0` (a plain `torch` brings a CUDA build).")
+    c = bench.BenchConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn, batch=args.batch,
+                          seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=args.dtype)
+    bench.print_table(c, bench.run(c, tuple(args.tasks.split(","))))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workdir", required=True, help="run folder; the same folder resumes the run")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
         p.set_defaults(run=_train)
+
+    b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
+    b.add_argument("--tasks", default="classify,mlm", help="comma-separated: classify, mlm")
+    for name, default in (("layers", 4), ("hidden", 256), ("heads", 4), ("ffn", 1024), ("batch", 32), ("seq", 128),
+                          ("steps", 10), ("warmup", 2)):
+        b.add_argument(f"--{name}", type=int, default=default)
+    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    b.set_defaults(run=_bench)
 
     sim = sub.add_parser("similarity", help="cosine similarity of sentence embeddings (default: MiniLM)")
     sim.add_argument("--model", help="checkpoint folder or hub id (default: the packaged all-MiniLM-L6-v2)")

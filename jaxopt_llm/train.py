@@ -127,6 +127,12 @@ def build_steps(config: Config, graphdef, tx, tokenizer, axis_name) -> tuple[Cal
             mlm.make_eval_step(graphdef, masking, config.train.seed, axis_name))
 
 
+def majority_baseline(data: data_lib.Data) -> float:
+    """Eval accuracy of always predicting the most frequent training label: the number to beat."""
+    majority = np.bincount(data.train["labels"]).argmax()
+    return float(np.mean(data.eval["labels"] == majority))
+
+
 def evaluate(eval_fn: Callable, params, arrays: dict, parallel: Parallel, batch_size: int,
              limit: int | None) -> dict[str, float]:
     total = None
@@ -202,9 +208,13 @@ def train(config: Config, workdir: str | Path, *, make_steps: Callable | None = 
     batches = data_lib.Batches(data.train, t.batch_size, t.seed, process_index=jax.process_index(),
                                process_count=jax.process_count())
     log = MetricsLog(workdir, None if resume_step is None else resume_step // t.grad_accum, main)
+    baseline = majority_baseline(data) if config.task == "finetune" and config.model.num_labels != 1 else None
     if main:
         write_run_record(workdir, config, {"label_names": data.label_names, "resumed_from": resume_step,
-                                           "data": [str(r) for r in data.reports]})
+                                           "data": [str(r) for r in data.reports],
+                                           "majority_class_eval_accuracy": baseline})
+        if baseline is not None:
+            print(f"data: majority-class accuracy on the eval split: {baseline:.4f}", file=sys.stderr)
 
     accum = t.grad_accum
     micro = int(jax.device_get(parallel.host_state(state).step))

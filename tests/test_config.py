@@ -74,3 +74,19 @@ def test_too_long_input_is_a_clear_error():
     model = Bert(BertConfig.tiny(vocab_size=50, max_position_embeddings=8), "base", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="exceeds max_position_embeddings=8"):
         model(np.zeros((1, 9), np.int32))
+
+
+def test_experiment_configs_load_and_start_with_their_command():
+    import ast
+    from pathlib import Path
+
+    from jaxopt_llm import config as config_lib
+
+    files = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.py"))
+    assert {f.stem for f in files} >= {"tweets_tiny", "sst2_base", "imdb_base", "mlm_tiny", "mlm_base"}
+    for file in files:
+        doc = ast.get_docstring(ast.parse(file.read_text()))
+        command = next(line.strip() for line in doc.splitlines() if line.strip().startswith("jaxopt-llm"))
+        assert f"--config experiments/configs/{file.name}" in command, file
+        config = config_lib.load(file)
+        assert command.split()[1] == config.task, file

@@ -188,3 +188,40 @@ def test_single_device_jit_sharded_pmap_agree(tiny_dirs, task):
         np.testing.assert_allclose(losses, ref_losses, atol=1e-6, rtol=0)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_bf16_compute_keeps_fp32_params_and_loss(tiny_dirs):
+    batch = make_batch()
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        model = bert.from_pretrained(tiny_dirs["sequence-classification"], "sequence-classification", dtype=dtype)
+        graphdef, params = nnx.split(model)
+        state = state_lib.create(params, optax.sgd(0.1), seed=0)
+        new, metrics = jax.jit(classify.make_train_step(graphdef, optax.sgd(0.1)))(state, batch, jax.random.key(0))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+        out[dtype] = mean_metrics(metrics)["loss"]
+    assert out["bfloat16"] == pytest.approx(out["float32"], abs=0.05)
+
+
+def test_regression_eval_matches_torch_mse(tmp_path):
+    ref = hf_model("sequence-classification", num_labels=1)
+    ref.save_pretrained(tmp_path)
+    model = bert.from_pretrained(tmp_path, "sequence-classification")
+    graphdef, params = nnx.split(model)
+    batch = make_batch()
+    batch["labels"] = np.linspace(-1, 1, B).astype(np.float32)
+    metrics = classify.make_eval_step(graphdef)(params, batch)
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
+                  labels=torch.tensor(batch["labels"]))
+    assert mean_metrics(metrics)["loss"] == pytest.approx(float(out.loss), abs=1e-5)
+
+
+def test_bench_runs_both_sides_on_a_tiny_config():
+    from jaxopt_llm import bench
+
+    c = bench.BenchConfig(layers=1, hidden=32, heads=2, ffn=64, vocab=500, batch=4, seq=16, steps=1, warmup=1,
+                          max_predictions=3)
+    rows = bench.run(c)
+    assert [r["task"] for r in rows] == ["classify", "mlm"]
+    assert all(r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] == r["torch_ms"] / r["ours_ms"] for r in rows)

@@ -67,6 +67,7 @@ def test_finetune_logs_records_compiles_once_and_exports(setup, tmp_path):
     assert run["device_count"] == 8 and run["config"]["train"]["batch_size"] == 8
     assert set(run["versions"]) >= {"jax", "flax", "optax", "transformers"} and "device_kind" in run
     assert run["label_names"] == ["negative", "neutral", "positive"]
+    assert 0 < run["majority_class_eval_accuracy"] < 1
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     exported = bert.from_pretrained(tmp_path / "model", "sequence-classification")
     assert exported.config.labels == ("negative", "neutral", "positive")
@@ -161,3 +162,13 @@ def test_two_processes_equal_one(setup, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in both], [r["loss"] for r in one], atol=1e-6, rtol=0)
     e1, e2 = records(tmp_path / "one", "eval")[-1], records(tmp_path / "two", "eval")[-1]
     assert e1["accuracy"] == e2["accuracy"] and abs(e1["loss"] - e2["loss"]) < 1e-6
+
+
+
+def test_majority_baseline_closed_form():
+    from jaxopt_llm.data import Data
+    from jaxopt_llm.train import majority_baseline
+
+    data = Data(train={"labels": np.array([0, 1, 1, 2])}, eval={"labels": np.array([1, 0, 1, 1])},
+                label_names=("a", "b", "c"), reports=[])
+    assert majority_baseline(data) == 0.75

@@ -1,0 +1,166 @@
+"""`jaxopt-llm bench`: our train steps against transformers' PyTorch BERT + torch.optim.AdamW, same config,
+same batch, same process. Prints ms/step, sequences/s, model FLOP/s and the speed ratios.
+
+Model FLOPs are the matmul FLOPs of a standard full train step (forward + backward = 3 x forward, every
+layer and, for MLM, the vocabulary projection at every position): the work a reference implementation
+does, so FLOP/s compares like with like even though our steps skip part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    layers: int = 4
+    hidden: int = 256
+    heads: int = 4
+    ffn: int = 1024
+    vocab: int = 30522
+    batch: int = 32
+    seq: int = 128
+    steps: int = 10
+    warmup: int = 2
+    mlm_rate: float = 0.15
+    max_predictions: int = 20
+    dtype: str = "float32"
+
+
+def model_flops(c: BenchConfig, task: str) -> float:
+    tokens = c.batch * c.seq
+    per_layer = 2 * tokens * (4 * c.hidden * c.hidden + 2 * c.hidden * c.ffn) + 2 * 2 * c.batch * c.seq * c.seq * c.hidden
+    forward = c.layers * per_layer
+    if task == "mlm":
+        forward += 2 * tokens * (c.hidden * c.hidden + c.hidden * c.vocab)
+    else:
+        forward += 2 * c.batch * (c.hidden * c.hidden + c.hidden * 3)
+    return 3.0 * forward
+
+
+def _time(fn: Callable[[], None], steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _batch(c: BenchConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(104, c.vocab, (c.batch, c.seq)).astype(np.int32)  # above [CLS] 101, [SEP] 102, [MASK] 103
+    ids[:, 0], ids[:, -1] = 101, 102
+    special = np.zeros_like(ids)
+    special[:, 0] = special[:, -1] = 1
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
+            "special_tokens_mask": special, "labels": rng.randint(0, 2, c.batch).astype(np.int32),
+            "index": np.arange(c.batch, dtype=np.int32), "weight": np.ones(c.batch, np.float32)}
+
+
+def _hf_config(c: BenchConfig):
+    import transformers
+
+    return transformers.BertConfig(vocab_size=c.vocab, hidden_size=c.hidden, num_hidden_layers=c.layers,
+                                   num_attention_heads=c.heads, intermediate_size=c.ffn,
+                                   max_position_embeddings=max(512, c.seq), num_labels=2)
+
+
+def torch_step(c: BenchConfig, task: str) -> Callable[[], None]:
+    """transformers BertForSequenceClassification / BertForMaskedLM + torch.optim.AdamW, one step."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    cls = transformers.BertForSequenceClassification if task == "classify" else transformers.BertForMaskedLM
+    model = cls(_hf_config(c)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b = _batch(c)
+    ids = torch.tensor(b["input_ids"], dtype=torch.long)
+    inputs = {"input_ids": ids, "attention_mask": torch.tensor(b["attention_mask"]),
+              "token_type_ids": torch.tensor(b["token_type_ids"])}
+    if task == "classify":
+        labels = torch.tensor(b["labels"], dtype=torch.long)
+    else:
+        rng = np.random.RandomState(0)
+        labels = torch.full_like(ids, -100)
+        for r in range(c.batch):
+            pos = rng.choice(np.arange(1, c.seq - 1), c.max_predictions, replace=False)
+            labels[r, pos] = ids[r, pos]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(**inputs, labels=labels).loss.backward()
+        opt.step()
+
+    return step
+
+
+def jax_step(c: BenchConfig, task: str) -> Callable[[], None]:
+    """One jitted train step of ours (classification or MLM) on one device, state donated."""
+    from flax import nnx
+
+    from jaxopt_llm import optim
+    from jaxopt_llm import state as state_lib
+    from jaxopt_llm.bert import Bert, BertConfig
+    from jaxopt_llm.config import TrainConfig
+    from jaxopt_llm.steps import classify, mlm
+
+    model_task = "sequence-classification" if task == "classify" else "masked-lm"
+    config = BertConfig(vocab_size=c.vocab, hidden_size=c.hidden, num_hidden_layers=c.layers,
+                        num_attention_heads=c.heads, intermediate_size=c.ffn,
+                        max_position_embeddings=max(512, c.seq), num_labels=2, dtype=c.dtype)
+    graphdef, params = nnx.split(Bert(config, model_task, rngs=nnx.Rngs(0)))
+    tx = optim.make(TrainConfig(learning_rate=1e-4, warmup_steps=0, steps=1000, weight_decay=0.0))
+    if task == "classify":
+        fn = classify.make_train_step(graphdef, tx)
+    else:
+        masking = mlm.Masking(mask_token_id=103, vocab_size=c.vocab, rate=c.mlm_rate,
+                              max_predictions=c.max_predictions)
+        fn = mlm.make_train_step(graphdef, tx, masking)
+    step_fn = jax.jit(fn, donate_argnums=0)
+    holder = {"state": state_lib.create(params, tx, seed=0)}
+    batch = jax.device_put(_batch(c))
+    key = jax.random.key_data(jax.random.key(0))
+
+    def step():
+        holder["state"], metrics = step_fn(holder["state"], batch, key)
+        jax.block_until_ready(metrics)
+
+    return step
+
+
+def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm")) -> list[dict]:
+    """Time each task (ours, then PyTorch), print one table row per task, return the rows."""
+    rows = []
+    for task in tasks:
+        ours = _time(jax_step(c, task), c.steps, c.warmup)
+        theirs = _time(torch_step(c, task), c.steps, c.warmup)
+        flops = model_flops(c, task)
+        row = {"task": task, "ours_ms": ours * 1e3, "torch_ms": theirs * 1e3, "speedup": theirs / ours,
+               "ours_seq_per_s": c.batch / ours, "torch_seq_per_s": c.batch / theirs,
+               "ours_model_gflop_per_s": flops / ours / 1e9, "torch_model_gflop_per_s": flops / theirs / 1e9}
+        rows.append(row)
+    return rows
+
+
+def print_table(c: BenchConfig, rows: list[dict]) -> None:
+    print(f"config: L={c.layers} H={c.hidden} heads={c.heads} FFN={c.ffn} vocab={c.vocab} batch={c.batch}x{c.seq} "
+          f"{c.dtype}; {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads={os.cpu_count()}")
+    print(f"{'step':<10}{'ours ms':>10}{'torch ms':>10}{'speed-up':>10}{'ours seq/s':>12}{'torch seq/s':>12}"
+          f"{'ours GFLOP/s':>14}")
+    for r in rows:
+        print(f"{r['task']:<10}{r['ours_ms']:>10.1f}{r['torch_ms']:>10.1f}{r['speedup']:>9.2f}x"
+              f"{r['ours_seq_per_s']:>12.1f}{r['torch_seq_per_s']:>12.1f}{r['ours_model_gflop_per_s']:>14.1f}")
+    print(json.dumps({"config": dataclasses.asdict(c), "rows": rows}))
