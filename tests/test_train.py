@@ -172,3 +172,19 @@ def test_majority_baseline_closed_form():
     data = Data(train={"labels": np.array([0, 1, 1, 2])}, eval={"labels": np.array([1, 0, 1, 1])},
                 label_names=("a", "b", "c"), reports=[])
     assert majority_baseline(data) == 0.75
+
+
+def test_pmap_resume_from_an_earlier_checkpoint_is_exact(setup, tmp_path):
+    import shutil
+
+    config = config_lib.load(None, overrides(setup, **{"parallel.backend": "pmap", "train.steps": 4,
+                                                       "train.log_every": 1, "train.checkpoint_every": 2,
+                                                       "train.eval_every": 4}))
+    train(config, tmp_path / "straight")
+    train(config, tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")  # as if the process died before step 4 was saved
+    train(config, tmp_path / "resumed")
+    run = json.loads((tmp_path / "resumed" / "run.json").read_text())
+    assert run["resumed_from"] == 2 and run["train_step_compiles"] == 1
+    assert records(tmp_path / "resumed", "train") == records(tmp_path / "straight", "train")
+    assert records(tmp_path / "resumed", "eval") == records(tmp_path / "straight", "eval")
