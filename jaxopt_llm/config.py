@@ -76,12 +76,26 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdversarialConfig:
+    enabled: bool = False  # `jaxopt-llm adversarial` sets it
+    method: str = "pgd"  # pgd | freelb | smart
+    norm: str = "linf"  # l2 (per example) | linf (per element)
+    epsilon: float = 0.01
+    inner_steps: int = 2
+    inner_lr: float | None = None  # None: 2.5 * epsilon / inner_steps
+    init: str = "zero"  # zero | uniform
+    clean_weight: float = 0.0  # pgd: (1 - w) adversarial + w clean; freelb: + w clean
+    smart_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     task: str = "finetune"  # finetune | pretrain
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
+    adversarial: AdversarialConfig = AdversarialConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,5 +194,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.mlm_probability={d.mlm_probability}: must be in (0, 1).")
     if d.max_length < 8:
         raise ConfigError(f"data.max_length={d.max_length}: must be at least 8.")
+    a = config.adversarial
+    if a.enabled:
+        from jaxopt_llm.steps.adversarial import Adversary
+
+        try:
+            Adversary(a.method, a.norm, a.epsilon, a.inner_steps, a.inner_lr, a.init, a.clean_weight, a.smart_weight)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={config.model.dtype!r}: use float32 or bfloat16.")

@@ -27,7 +27,7 @@ from jaxopt_llm import state as state_lib
 from jaxopt_llm.bert.params import from_pretrained, resolve, save_pretrained
 from jaxopt_llm.config import PACKAGED_MINILM, Config
 from jaxopt_llm.parallel import Parallel, compile_count, initialize_distributed
-from jaxopt_llm.steps import classify, mlm
+from jaxopt_llm.steps import adversarial, classify, mlm
 from jaxopt_llm.steps.common import mean_metrics
 
 
@@ -118,13 +118,22 @@ def write_run_record(workdir: Path, config: Config, extra: dict) -> None:
 
 
 def build_steps(config: Config, graphdef, tx, tokenizer, axis_name) -> tuple[Callable, Callable]:
-    if config.task == "finetune":
-        return (classify.make_train_step(graphdef, tx, axis_name), classify.make_eval_step(graphdef, axis_name))
-    d = config.data
+    """(train_step, eval_step) for the config: clean or adversarial training; evaluation is always clean."""
+    d, a = config.data, config.adversarial
     masking = mlm.Masking(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), rate=d.mlm_probability,
                           max_predictions=d.max_predictions_per_seq, whole_word=d.whole_word_masking)
-    return (mlm.make_train_step(graphdef, tx, masking, axis_name),
-            mlm.make_eval_step(graphdef, masking, config.train.seed, axis_name))
+    if config.task == "finetune":
+        train_step = classify.make_train_step(graphdef, tx, axis_name)
+        eval_step = classify.make_eval_step(graphdef, axis_name)
+    else:
+        train_step = mlm.make_train_step(graphdef, tx, masking, axis_name)
+        eval_step = mlm.make_eval_step(graphdef, masking, config.train.seed, axis_name)
+    if a.enabled:
+        adv = adversarial.Adversary(a.method, a.norm, a.epsilon, a.inner_steps, a.inner_lr, a.init,
+                                    a.clean_weight, a.smart_weight)
+        task = adversarial.classification_task() if config.task == "finetune" else adversarial.mlm_task(masking)
+        train_step = adversarial.make_train_step(graphdef, tx, adv, task, axis_name)
+    return train_step, eval_step
 
 
 def majority_baseline(data: data_lib.Data) -> float:

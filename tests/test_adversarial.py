@@ -1,0 +1,182 @@
+"""Adversarial training: the inner loop stays in the ball, ascends, leaves params alone; the outer update is
+the gradient at embeddings + stop_gradient(delta); K = 0 is the clean step; the vmapped epsilon sweep equals
+a loop; jit == pmap on 8 fake devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import hf_model
+from flax import nnx
+from test_steps import MASKING, make_batch
+
+from jaxopt_llm import bert, robustness
+from jaxopt_llm import state as state_lib
+from jaxopt_llm.config import ParallelConfig
+from jaxopt_llm.parallel import Parallel, compile_count
+from jaxopt_llm.steps import adversarial as A
+from jaxopt_llm.steps import classify, mlm
+from jaxopt_llm.steps.common import mean_metrics
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    out = {}
+    for task, drop in (("sequence-classification", 0.1), ("masked-lm", 0.1), ("nodrop", 0.0)):
+        d = tmp_path_factory.mktemp(task)
+        hf_model("masked-lm" if task == "masked-lm" else "sequence-classification", hidden_dropout_prob=drop,
+                 attention_probs_dropout_prob=drop).save_pretrained(d)
+        out[task] = d
+    return out
+
+
+def loss_objective(graphdef, batch):
+    def objective(p, delta):
+        model = nnx.merge(graphdef, p)
+        logits = classify.logits_from_embeddings(model, model.embed(batch["input_ids"]) + delta, batch)
+        return classify.loss_and_metrics(logits, batch)[0]
+    return objective
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("init", ["zero", "uniform"])
+def test_inner_loop_stays_in_ball_zero_on_padding_and_ascends(dirs, norm, init):
+    graphdef, params = nnx.split(bert.from_pretrained(dirs["nodrop"], "sequence-classification"))
+    batch = make_batch()
+    eps = 0.3
+    adv = A.Adversary(norm=norm, epsilon=eps, inner_steps=4, init=init)
+    objective = loss_objective(graphdef, batch)
+    found = jax.jit(lambda p: A.attack(objective, p, (16, 12, 24), batch["attention_mask"], adv,
+                                       jax.random.key(0)))(params)
+    norms = np.asarray(found.norms)
+    assert norms.shape == (4, 16) and (norms <= eps * (1 + 1e-5)).all()  # after every inner step
+    assert (norms[-1] > 0.5 * eps).all()  # and it does move
+    delta = np.asarray(found.delta)
+    assert (delta[batch["attention_mask"] == 0] == 0).all()
+    clean = float(objective(params, jnp.zeros_like(found.delta)))
+    assert float(objective(params, found.delta)) > clean + 0.05
+
+
+def test_inner_loop_sends_no_gradient_to_params(dirs):
+    graphdef, params = nnx.split(bert.from_pretrained(dirs["nodrop"], "sequence-classification"))
+    batch = make_batch()
+    adv = A.Adversary(norm="l2", epsilon=0.3, inner_steps=2)
+    objective = loss_objective(graphdef, batch)
+    grads = jax.grad(lambda p: jnp.sum(A.attack(objective, p, (16, 12, 24), batch["attention_mask"], adv,
+                                                jax.random.key(0)).delta ** 2))(params)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_outer_update_is_the_gradient_at_the_found_perturbation(dirs):
+    graphdef, params = nnx.split(bert.from_pretrained(dirs["nodrop"], "sequence-classification"))
+    batch = make_batch()
+    adv = A.Adversary(norm="l2", epsilon=0.3, inner_steps=3)
+    tx = optax.sgd(0.5)
+    step = A.make_train_step(graphdef, tx, adv, A.classification_task())
+    state = state_lib.create(params, tx, seed=0)
+    key = jax.random.key(7)
+    new, metrics = jax.jit(step)(state, batch, key)
+    # the reference: find delta with the same key stream, then plain SGD on L(embed + delta) with delta fixed
+    sk = jax.random.fold_in(key, 0)
+    found = A.attack(loss_objective(graphdef, batch), params, (16, 12, 24), batch["attention_mask"], adv,
+                     jax.random.fold_in(sk, 1))
+    grads = jax.grad(loss_objective(graphdef, batch))(params, found.delta)
+    expected = optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    means = mean_metrics(metrics)
+    assert means["adv_loss"] > means["clean_loss"] and means["delta_norm"] == pytest.approx(0.3, rel=1e-4)
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "masked-lm"])
+def test_zero_steps_is_exactly_the_clean_step(dirs, task):
+    graphdef, params = nnx.split(bert.from_pretrained(dirs[task], task))  # dropout on: keys must line up
+    tx = optax.adam(1e-3)
+    batch = make_batch()
+    key = jax.random.key(3)
+    if task == "masked-lm":
+        clean = mlm.make_train_step(graphdef, tx, MASKING)
+        adv_task = A.mlm_task(MASKING)
+    else:
+        clean = classify.make_train_step(graphdef, tx)
+        adv_task = A.classification_task()
+    adv = A.make_train_step(graphdef, tx, A.Adversary(epsilon=0.1, inner_steps=0), adv_task)
+    a, ma = jax.jit(clean)(state_lib.create(params, tx, 0), batch, key)
+    b, mb = jax.jit(adv)(state_lib.create(params, tx, 0), batch, key)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(x, y)
+    assert mean_metrics(ma)["loss"] == pytest.approx(mean_metrics(mb)["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["freelb", "smart"])
+def test_freelb_and_smart_run_and_report(dirs, method):
+    graphdef, params = nnx.split(bert.from_pretrained(dirs["sequence-classification"], "sequence-classification"))
+    tx = optax.sgd(0.1)
+    adv = A.Adversary(method=method, norm="l2", epsilon=0.3, inner_steps=2, init="uniform", clean_weight=0.5)
+    new, metrics = jax.jit(A.make_train_step(graphdef, tx, adv, A.classification_task()))(
+        state_lib.create(params, tx, 0), make_batch(), jax.random.key(0))
+    means = mean_metrics(metrics)
+    assert {"loss", "clean_loss", "adv_loss", "delta_norm", "adv_accuracy"} <= set(means)
+    assert all(np.isfinite(v) for v in means.values())
+    if method == "smart":
+        assert means["smart_kl"] > 0
+        assert means["loss"] == pytest.approx(means["clean_loss"] + means["smart_kl"], rel=1e-5)
+    changed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(new.params), jax.tree.leaves(params))]
+    assert any(changed)
+
+
+def test_smart_with_zero_start_is_refused():
+    with pytest.raises(ValueError, match="init=uniform"):
+        A.Adversary(method="smart", init="zero")
+
+
+def test_vmapped_epsilon_sweep_equals_a_loop(dirs):
+    model = bert.from_pretrained(dirs["nodrop"], "sequence-classification")
+    graphdef, params = nnx.split(model)
+    batch = make_batch()
+    adv = A.Adversary(norm="linf", epsilon=0.0, inner_steps=3)
+    eps = [0.0, 0.05, 0.2, 1.0]
+    eps_e = jnp.asarray(eps, jnp.float32)
+    batch = jax.device_put(batch)
+    before = compile_count()
+    correct, count = jax.device_get(robustness.sweep_batch(graphdef, params, batch, eps_e, adv))
+    assert compile_count() - before == 1  # the whole grid is one program
+    one = jax.jit(lambda p, e: robustness._correct_under_attack(graphdef, p, batch, e, adv))
+    looped = [float(one(params, jnp.float32(e))[0]) for e in eps]
+    np.testing.assert_array_equal(correct, looped)
+    assert count.tolist() == [16.0] * 4 and correct[0] >= correct[-1]
+    rows = robustness.robust_accuracy(model, {k: np.asarray(v) for k, v in batch.items() if k not in ("index", "weight")},
+                                      eps, steps=3, batch_size=8)
+    assert [r["accuracy"] for r in rows] == pytest.approx([c / 16 for c in correct])
+
+
+def run_adv(folder, backend, n, steps=2):
+    graphdef, params = nnx.split(bert.from_pretrained(folder, "sequence-classification"))
+    tx = optax.sgd(0.5)
+    parallel = Parallel(ParallelConfig(backend=backend), jax.devices()[:n])
+    adv = A.Adversary(method="pgd", norm="l2", epsilon=0.3, inner_steps=2, clean_weight=0.5)
+    step = A.make_train_step(graphdef, tx, adv, A.classification_task(), parallel.axis_name)
+    state = parallel.put_state(state_lib.create(params, tx, 0))
+    train = parallel.compile_train(step, state)
+    key = parallel.put_key(jax.random.key_data(jax.random.key(0)))
+    out, compiles = [], []
+    for i in range(steps):
+        before = compile_count()
+        state, metrics = train(state, parallel.put_batch(make_batch(i)), key)
+        compiles.append(compile_count() - before)
+        out.append(mean_metrics(metrics))
+    return out, jax.device_get(parallel.host_state(state).params), compiles
+
+
+def test_jit_sharded_and_pmap_equal_single_device(dirs):
+    ref, ref_params, compiles = run_adv(dirs["nodrop"], "jit", 1)
+    assert compiles == [1, 0]
+    for backend in ("jit", "pmap"):
+        got, params, compiles = run_adv(dirs["nodrop"], backend, 8)
+        assert compiles[1:] == [0]
+        for a, b in zip(got, ref):
+            for k in b:
+                assert a[k] == pytest.approx(b[k], abs=1e-5), (backend, k)
+        for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+            np.testing.assert_allclose(x, y, atol=1e-6)
