@@ -66,11 +66,54 @@ def _train(args: argparse.Namespace) -> None:
     from jaxopt_llm.train import train
 
     config = config_lib.load(args.config, args.overrides)
-    wanted = {"pretrain": "pretrain", "finetune": "finetune"}[args.command]
-    if config.task != wanted:
-        config = config_lib.override(config, [f"task={wanted}"])
+    if args.command == "adversarial":
+        config = config_lib.override(config, ["adversarial.enabled=true"])
+        config_lib.validate(config)
+    elif config.task != args.command:
+        config = config_lib.override(config, [f"task={args.command}"])
     metrics = train(config, args.workdir)
     print(json.dumps({"workdir": str(args.workdir), "eval": metrics}))
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from jaxopt_llm import config as config_lib
+    from jaxopt_llm import data as data_lib
+    from jaxopt_llm import robustness
+    from jaxopt_llm.bert.params import from_pretrained
+    from jaxopt_llm.train import model_folder
+
+    eps = [item.split("=", 1)[1] for item in args.grid if item.startswith(("eps=", "epsilon="))]
+    if len(eps) != 1:
+        raise SystemExit("error: give the grid as eps=0,0.01,0.05,0.1")
+    try:
+        epsilons = [float(x) for x in eps[0].split(",")]
+    except ValueError:
+        raise SystemExit(f"error: eps={eps[0]!r} is not a comma-separated list of numbers.") from None
+    if (args.config is None) == (args.data is None):
+        raise SystemExit("error: pass --config FILE (its eval split) or --data FILE (csv/json with text and label).")
+    tables = {}
+    for name in args.model:
+        folder = Path(name) / "model" if (Path(name) / "model" / "config.json").is_file() else Path(name)
+        folder = model_folder(str(folder))
+        model = from_pretrained(folder, "sequence-classification")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if args.config:
+            config = config_lib.load(args.config, args.overrides)
+        else:
+            config = config_lib.load(None, [f"data.train_file={args.data}", f"data.eval_file={args.data}",
+                                            *args.overrides])
+        data = data_lib.load(config, tokenizer, model.config.labels or None)
+        tables[name] = robustness.robust_accuracy(model, data.eval, epsilons, steps=args.steps, norm=args.norm,
+                                                  batch_size=args.batch_size)
+    print(f"PGD on word embeddings: {args.norm} ball, {args.steps} steps of 2.5 * eps / steps, "
+          f"{tables[args.model[0]][0]['n']} examples")
+    print("epsilon  " + "  ".join(f"{name[-28:]:>28}" for name in tables))
+    for i, e in enumerate(epsilons):
+        print(f"{e:<9g}" + "  ".join(f"{rows[i]['accuracy']:>28.4f}" for rows in tables.values()))
+    robustness.plot(tables, args.plot, args.norm)
+    print(json.dumps({"norm": args.norm, "steps": args.steps, "tables": tables, "plot": args.plot}))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -82,8 +125,14 @@ def _bench(args: argparse.Namespace) -> None:
         raise SystemExit("error: bench compares against PyTorch: install the CPU wheel with "
                          "`pip install torch==2.13.0` (a plain `torch` brings a CUDA build).")
     c = bench.BenchConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn, batch=args.batch,
-                          seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=args.dtype)
+                          seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
+                          adversarial_steps=args.adversarial_steps)
     bench.print_table(c, bench.run(c, tuple(args.tasks.split(","))))
+
+
+def _split_grid(args: argparse.Namespace) -> argparse.Namespace:
+    args.overrides = [g for g in args.grid if not g.startswith(("eps=", "epsilon="))]
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,15 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=_predict)
 
     for name, text in (("pretrain", "masked-LM (+ next-sentence) pretraining"),
-                       ("finetune", "sequence-classification fine-tuning")):
+                       ("finetune", "sequence-classification fine-tuning"),
+                       ("adversarial", "adversarial training (pgd | freelb | smart) of the config's task")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="Python config file defining get_config()")
         p.add_argument("--workdir", required=True, help="run folder; the same folder resumes the run")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
         p.set_defaults(run=_train)
 
+    sweep = sub.add_parser("sweep", help="evaluation sweeps")
+    kinds = sweep.add_subparsers(dest="kind", required=True)
+    r = kinds.add_parser("robustness", help="accuracy under PGD on the word embeddings for a grid of epsilons")
+    r.add_argument("--model", action="append", required=True,
+                   help="run folder (its model/) or HF folder; repeat to compare models")
+    r.add_argument("--config", help="config file whose eval split is attacked")
+    r.add_argument("--data", help="csv / json / jsonl file with text and label columns")
+    r.add_argument("--steps", type=int, default=10)
+    r.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--plot", default="robustness.png", help="PNG of accuracy vs epsilon")
+    r.add_argument("grid", nargs="+", help="eps=0,0.01,0.05,0.1 then optional key=value config overrides")
+    r.set_defaults(run=lambda a: _sweep(_split_grid(a)))
+
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
-    b.add_argument("--tasks", default="classify,mlm", help="comma-separated: classify, mlm")
+    b.add_argument("--tasks", default="classify,mlm,adversarial", help="comma-separated: classify, mlm, adversarial")
+    b.add_argument("--adversarial-steps", type=int, default=1, help="K of the adversarial step")
     for name, default in (("layers", 4), ("hidden", 256), ("heads", 4), ("ffn", 1024), ("batch", 32), ("seq", 128),
                           ("steps", 10), ("warmup", 2)):
         b.add_argument(f"--{name}", type=int, default=default)

@@ -222,6 +222,7 @@ def test_bench_runs_both_sides_on_a_tiny_config():
 
     c = bench.BenchConfig(layers=1, hidden=32, heads=2, ffn=64, vocab=500, batch=4, seq=16, steps=1, warmup=1,
                           max_predictions=3)
-    rows = bench.run(c)
-    assert [r["task"] for r in rows] == ["classify", "mlm"]
-    assert all(r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] == r["torch_ms"] / r["ours_ms"] for r in rows)
+    rows = bench.run(c, ("classify", "mlm", "adversarial"))
+    assert [r["task"] for r in rows] == ["classify", "mlm", "adv K=1"]
+    assert all(r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] == r["torch_ms"] / r["ours_ms"] for r in rows[:2])
+    assert rows[2]["vs_k_plus_1_clean"] == rows[2]["ours_ms"] / (2 * rows[0]["ours_ms"])

@@ -188,3 +188,26 @@ def test_pmap_resume_from_an_earlier_checkpoint_is_exact(setup, tmp_path):
     assert run["resumed_from"] == 2 and run["train_step_compiles"] == 1
     assert records(tmp_path / "resumed", "train") == records(tmp_path / "straight", "train")
     assert records(tmp_path / "resumed", "eval") == records(tmp_path / "straight", "eval")
+
+
+def test_adversarial_run_compiles_once_then_sweep_cli(setup, tmp_path, capsys):
+    from jaxopt_llm import cli
+
+    config = config_lib.load(None, overrides(setup, **{"adversarial.enabled": True, "adversarial.method": "pgd",
+                                                       "adversarial.norm": "l2", "adversarial.epsilon": 0.5,
+                                                       "adversarial.inner_steps": 2, "train.steps": 4}))
+    train(config, tmp_path / "run")
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["train_step_compiles"] == 1 and run["config"]["adversarial"]["enabled"] is True
+    logged = records(tmp_path / "run", "train")[-1]
+    assert {"clean_loss", "adv_loss", "delta_norm", "adv_accuracy"} <= set(logged)
+    assert logged["delta_norm"] == pytest.approx(0.5, rel=1e-3)
+    plot = tmp_path / "robustness.png"
+    cli.main(["sweep", "robustness", "--model", str(tmp_path / "run"), "--data", str(setup / "tweets.csv"),
+              "--steps", "2", "--plot", str(plot), "eps=0,0.5,5", "data.label_column=sentiment",
+              "data.max_length=32", "data.max_eval_examples=24"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = result["tables"][str(tmp_path / "run")]
+    assert [r["epsilon"] for r in rows] == [0.0, 0.5, 5.0] and all(r["n"] == 24 for r in rows)
+    assert rows[0]["accuracy"] >= rows[-1]["accuracy"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
