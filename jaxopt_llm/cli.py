@@ -66,8 +66,8 @@ def _train(args: argparse.Namespace) -> None:
     from jaxopt_llm.train import train
 
     config = config_lib.load(args.config, args.overrides)
-    if args.command == "adversarial":
-        config = config_lib.override(config, ["adversarial.enabled=true"])
+    if args.command in ("adversarial", "distill"):
+        config = config_lib.override(config, [f"{args.command}.enabled=true"])
         config_lib.validate(config)
     elif config.task != args.command:
         config = config_lib.override(config, [f"task={args.command}"])
@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("pretrain", "masked-LM (+ next-sentence) pretraining"),
                        ("finetune", "sequence-classification fine-tuning"),
-                       ("adversarial", "adversarial training (pgd | freelb | smart) of the config's task")):
+                       ("adversarial", "adversarial training (pgd | freelb | smart) of the config's task"),
+                       ("distill", "knowledge distillation from distill.teacher into a smaller student")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="Python config file defining get_config()")
         p.add_argument("--workdir", required=True, help="run folder; the same folder resumes the run")

@@ -89,6 +89,18 @@ class AdversarialConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    enabled: bool = False  # `jaxopt-llm distill` sets it
+    teacher: str | None = None  # a run folder written by finetune, or an HF folder / hub id
+    student_layers: int = 2
+    init: str = "teacher-layers"  # teacher-layers (every k-th layer, DistilBERT) | random
+    alpha: float = 0.5  # weight of T^2 * KL(teacher || student); 1 - alpha on the labels' cross-entropy
+    temperature: float = 2.0
+    hidden_weight: float = 0.0  # TinyBERT-style hidden-state MSE (learned projection when widths differ)
+    attention_weight: float = 0.0  # attention-map MSE (same number of heads)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     task: str = "finetune"  # finetune | pretrain
     model: ModelConfig = ModelConfig()
@@ -96,6 +108,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
     adversarial: AdversarialConfig = AdversarialConfig()
+    distill: DistillConfig = DistillConfig()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -202,5 +215,17 @@ def validate(config: Config) -> None:
             Adversary(a.method, a.norm, a.epsilon, a.inner_steps, a.inner_lr, a.init, a.clean_weight, a.smart_weight)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    k = config.distill
+    if k.enabled:
+        if not k.teacher:
+            raise ConfigError("distillation needs distill.teacher: a run folder written by finetune, or an HF "
+                              "folder / hub id.")
+        if k.init not in ("teacher-layers", "random"):
+            raise ConfigError(f"distill.init={k.init!r}: use teacher-layers or random.")
+        if k.student_layers < 1 or not 0 <= k.alpha <= 1 or k.temperature <= 0:
+            raise ConfigError(f"distill.student_layers={k.student_layers}, alpha={k.alpha}, temperature="
+                              f"{k.temperature}: need layers >= 1, alpha in [0, 1], temperature > 0.")
+        if a.enabled:
+            raise ConfigError("adversarial.enabled and distill.enabled cannot be combined (yet).")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={config.model.dtype!r}: use float32 or bfloat16.")

@@ -42,3 +42,18 @@ def masked_sum(values: jax.Array, where: jax.Array | None = None) -> tuple[jax.A
     """(sum of values where `where`, number of such entries) as float32 scalars."""
     where = jnp.ones(values.shape, bool) if where is None else jnp.broadcast_to(where, values.shape)
     return jnp.sum(jnp.where(where, values, 0.0), dtype=jnp.float32), jnp.sum(where, dtype=jnp.float32)
+
+
+def distillation(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, alpha: float,
+                 temperature: float, where: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Knowledge distillation (Hinton et al., 2015), per example:
+
+        L = (1 - alpha) * CE(softmax(z_s), y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+
+    The T^2 keeps the soft term's gradient scale independent of T. logits (..., c), labels (...) ->
+    (total, ce, kl) each (...) float32, 0 where `where` is False. The teacher's logits carry no gradient.
+    """
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    ce = cross_entropy(student_logits, labels, where)
+    kl = kl_divergence(teacher_logits, student_logits, temperature, where)
+    return (1.0 - alpha) * ce + alpha * temperature**2 * kl, ce, kl

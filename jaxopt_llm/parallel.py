@@ -111,13 +111,15 @@ class Parallel:
         return jax.device_put(key_data, NamedSharding(self.mesh, PartitionSpec()))
 
     # ---- compilation ---------------------------------------------------------------------------
-    def compile_train(self, train_step: Callable, state) -> Callable:
-        """`step(state, batch, key_data) -> (state, metrics)`; the state argument is donated."""
+    def compile_train(self, train_step: Callable, state, extras: tuple = ()) -> Callable:
+        """`step(state, batch, key_data, *extras) -> (state, metrics)`; the state argument is donated.
+        `extras` (a teacher's params) are placed like the state and never donated."""
         if self.pmap:
             return jax.pmap(train_step, axis_name=AXIS, donate_argnums=0)
         shardings = self.state_shardings(state)
-        return jax.jit(train_step, in_shardings=(shardings, None, None), out_shardings=(shardings, None),
-                       donate_argnums=0)
+        extra_shardings = tuple(self.state_shardings(x) for x in extras)
+        return jax.jit(train_step, in_shardings=(shardings, None, None, *extra_shardings),
+                       out_shardings=(shardings, None), donate_argnums=0)
 
     def compile_eval(self, eval_step: Callable) -> Callable:
         """`eval(params, batch) -> metrics`."""

@@ -24,10 +24,11 @@ from jax.experimental import multihost_utils
 from jaxopt_llm import checkpoint, optim
 from jaxopt_llm import data as data_lib
 from jaxopt_llm import state as state_lib
-from jaxopt_llm.bert.params import from_pretrained, resolve, save_pretrained
+from jaxopt_llm.bert.modeling import BertConfig
+from jaxopt_llm.bert.params import from_pretrained, read_config, resolve, save_pretrained
 from jaxopt_llm.config import PACKAGED_MINILM, Config
 from jaxopt_llm.parallel import Parallel, compile_count, initialize_distributed
-from jaxopt_llm.steps import adversarial, classify, mlm
+from jaxopt_llm.steps import adversarial, classify, distill, mlm
 from jaxopt_llm.steps.common import mean_metrics
 
 
@@ -37,6 +38,12 @@ def model_folder(name_or_path: str) -> Path:
 
         return minilm_path()
     return resolve(name_or_path)
+
+
+def teacher_folder(name_or_path: str) -> str:
+    """A run folder written by `finetune` stands for its exported model/ folder."""
+    path = Path(name_or_path)
+    return str(path / "model") if (path / "model" / "config.json").is_file() else name_or_path
 
 
 def model_task(config: Config) -> str:
@@ -119,9 +126,8 @@ def write_run_record(workdir: Path, config: Config, extra: dict) -> None:
 
 def build_steps(config: Config, graphdef, tx, tokenizer, axis_name) -> tuple[Callable, Callable]:
     """(train_step, eval_step) for the config: clean or adversarial training; evaluation is always clean."""
-    d, a = config.data, config.adversarial
-    masking = mlm.Masking(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), rate=d.mlm_probability,
-                          max_predictions=d.max_predictions_per_seq, whole_word=d.whole_word_masking)
+    a = config.adversarial
+    masking = _masking(config, tokenizer)
     if config.task == "finetune":
         train_step = classify.make_train_step(graphdef, tx, axis_name)
         eval_step = classify.make_eval_step(graphdef, axis_name)
@@ -152,12 +158,42 @@ def evaluate(eval_fn: Callable, params, arrays: dict, parallel: Parallel, batch_
     return summarize(total)
 
 
-def train(config: Config, workdir: str | Path, *, make_steps: Callable | None = None) -> dict[str, float]:
-    """Run (or resume) the configured training in `workdir`; returns the final eval metrics.
+def build(config: Config, folder: Path, tokenizer, num_labels: int | None, changes: dict, tx, axis_name):
+    """(graphdef, params, train_step, eval_step, extra step arguments, unwrap) for the config.
 
-    `make_steps(config, graphdef, tx, tokenizer, axis_name) -> (train_step, eval_step)` replaces the
-    default steps (the adversarial and distillation trainers pass theirs).
+    The train step is called as `train_step(state, batch, key, *extras)`; `unwrap(model)` is the BERT to
+    export. Distillation trains a `Student` (BERT + projection) and passes the frozen teacher's params.
     """
+    t = config.train
+    if not config.distill.enabled:
+        model = from_pretrained(folder, model_task(config), num_labels=num_labels, dtype=config.model.dtype,
+                                seed=t.seed, **changes)
+        graphdef, params = nnx.split(model)
+        return (graphdef, params, *build_steps(config, graphdef, tx, tokenizer, axis_name), (), lambda m: m)
+    k = config.distill
+    teacher = from_pretrained(folder, model_task(config), num_labels=num_labels, dtype=config.model.dtype,
+                              seed=t.seed, **{c: v for c, v in changes.items() if c == "labels"})
+    student_cfg = distill.student_config(teacher.config, k.student_layers,
+                                         **{c: v for c, v in changes.items() if c != "labels"})
+    bert = distill.init_student(teacher, student_cfg, k.init, t.seed)
+    kd = distill.Distillation(k.alpha, k.temperature, k.hidden_weight, k.attention_weight)
+    student = distill.Student(bert, teacher.config.hidden_size, k.hidden_weight > 0, rngs=nnx.Rngs(t.seed + 1))
+    graphdef, params = nnx.split(student)
+    teacher_graphdef, teacher_params = nnx.split(teacher)
+    masking = None if config.task == "finetune" else _masking(config, tokenizer)
+    train_step = distill.make_train_step(graphdef, teacher_graphdef, tx, kd, masking, axis_name)
+    eval_step = distill.make_eval_step(graphdef, masking, t.seed, axis_name)
+    return graphdef, params, train_step, eval_step, (teacher_params,), lambda m: m.bert
+
+
+def _masking(config: Config, tokenizer) -> mlm.Masking:
+    d = config.data
+    return mlm.Masking(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), rate=d.mlm_probability,
+                       max_predictions=d.max_predictions_per_seq, whole_word=d.whole_word_masking)
+
+
+def train(config: Config, workdir: str | Path) -> dict[str, float]:
+    """Run (or resume) the configured training in `workdir`; returns the final eval metrics."""
     from transformers import AutoTokenizer
 
     initialize_distributed()
@@ -167,13 +203,16 @@ def train(config: Config, workdir: str | Path, *, make_steps: Callable | None = 
     t = config.train
     parallel = Parallel(config.parallel)
     parallel.check_batch_size(t.batch_size)
-    folder = model_folder(config.model.name_or_path)
+    folder = model_folder(teacher_folder(config.distill.teacher) if config.distill.enabled
+                          else config.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(folder)
 
     ckpts = checkpoint.Checkpoints(workdir / "checkpoints", keep=t.keep_checkpoints)
     resume_step = ckpts.latest()
     labels_file = workdir / "labels.json"
     names = tuple(json.loads(labels_file.read_text())) if resume_step is not None and labels_file.exists() else None
+    if config.distill.enabled and config.task == "finetune":  # label ids must mean what they meant to the teacher
+        names = BertConfig.from_hf_config(read_config(folder)).labels or names
     data = data_lib.load(config, tokenizer, names)
     if main:
         for report in data.reports:
@@ -193,11 +232,9 @@ def train(config: Config, workdir: str | Path, *, make_steps: Callable | None = 
         changes["hidden_dropout_prob"] = config.model.hidden_dropout
     if config.model.attention_dropout is not None:
         changes["attention_probs_dropout_prob"] = config.model.attention_dropout
-    model = from_pretrained(folder, model_task(config), num_labels=num_labels, dtype=config.model.dtype,
-                            seed=t.seed, **changes)
-    graphdef, params = nnx.split(model)
     tx = optim.make(t)
-    train_step, eval_step = (make_steps or build_steps)(config, graphdef, tx, tokenizer, parallel.axis_name)
+    graphdef, params, train_step, eval_step, extras, unwrap = build(config, folder, tokenizer, num_labels, changes,
+                                                                    tx, parallel.axis_name)
 
     if resume_step is None:
         host_state = state_lib.create(params, tx, t.seed)
@@ -208,11 +245,12 @@ def train(config: Config, workdir: str | Path, *, make_steps: Callable | None = 
         host_state, _, _ = ckpts.restore(abstract, resume_step)
         if main:
             print(f"resuming from step {resume_step} in {workdir}", file=sys.stderr)
-    del model, params
+    del params
     key = parallel.put_key(jax.device_get(host_state.rng))
     state = parallel.put_state(host_state)
+    extras = tuple(parallel.put_state(x) for x in extras)
     del host_state
-    train_fn = parallel.compile_train(train_step, state)
+    train_fn = parallel.compile_train(train_step, state, extras)
     eval_fn = parallel.compile_eval(eval_step)
     batches = data_lib.Batches(data.train, t.batch_size, t.seed, process_index=jax.process_index(),
                                process_count=jax.process_count())
@@ -240,7 +278,7 @@ def train(config: Config, workdir: str | Path, *, make_steps: Callable | None = 
     while micro < total_micro:
         batch = parallel.put_batch(batches[position])
         before = compile_count()
-        state, metrics = train_fn(state, batch, key)
+        state, metrics = train_fn(state, batch, key, *extras)
         step_compiles += compile_count() - before
         micro, position = micro + 1, position + 1
         interval = metrics if interval is None else jax.tree.map(jnp.add, interval, metrics)
@@ -272,7 +310,7 @@ def train(config: Config, workdir: str | Path, *, make_steps: Callable | None = 
     log.close()
     params = multihost_utils.process_allgather(parallel.host_state(state).params, tiled=True)
     if main:
-        save_pretrained(nnx.merge(graphdef, params), workdir / "model", tokenizer=tokenizer)
+        save_pretrained(unwrap(nnx.merge(graphdef, params)), workdir / "model", tokenizer=tokenizer)
         record = json.loads((workdir / "run.json").read_text())
         record["train_step_compiles"] = step_compiles  # 1 when the step compiled once (0 if nothing ran)
         (workdir / "run.json").write_text(json.dumps(record, indent=2, default=str))

@@ -211,3 +211,22 @@ def test_adversarial_run_compiles_once_then_sweep_cli(setup, tmp_path, capsys):
     assert [r["epsilon"] for r in rows] == [0.0, 0.5, 5.0] and all(r["n"] == 24 for r in rows)
     assert rows[0]["accuracy"] >= rows[-1]["accuracy"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_distill_run_from_a_finetune_run(setup, tmp_path):
+    train(config_lib.load(None, overrides(setup, **{"train.steps": 2})), tmp_path / "teacher")
+    config = config_lib.load(None, overrides(setup, **{"distill.enabled": True, "distill.teacher": tmp_path / "teacher",
+                                                       "distill.student_layers": 1, "distill.hidden_weight": 0.1,
+                                                       "train.steps": 3, "train.log_every": 1}))
+    metrics = train(config, tmp_path / "student")
+    run = json.loads((tmp_path / "student" / "run.json").read_text())
+    assert run["train_step_compiles"] == 1
+    assert {"loss", "ce", "kl", "accuracy", "agreement", "hidden_mse"} <= set(records(tmp_path / "student", "train")[0])
+    assert {"loss", "accuracy", "f1"} <= set(metrics)
+    student = bert.from_pretrained(tmp_path / "student" / "model", "sequence-classification")
+    assert student.config.num_hidden_layers == 1 and student.config.labels == ("negative", "neutral", "positive")
+    # the checkpoint holds the student (1 layer + projection) and nothing of the teacher's 2 layers
+    meta = json.loads(next((tmp_path / "student" / "checkpoints").glob("*/state/_METADATA")).read_text())
+    param_paths = [k for k in meta["tree_metadata"] if k.startswith("('params'")]
+    assert any("'projection'" in k for k in param_paths) and not any("'layers', '1'" in k for k in param_paths)
+    assert all(k.startswith(("('params', 'bert'", "('params', 'projection'")) for k in param_paths)

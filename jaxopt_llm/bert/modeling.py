@@ -188,8 +188,9 @@ class Attention(nnx.Module):
         self.qkv = make.linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.out = make.linear(cfg.hidden_size, cfg.hidden_size)
 
-    def __call__(self, x_btd, bias_b11t, deterministic, key, positions_bp=None):
-        """Queries at `positions_bp` (all tokens when None); keys and values always from all tokens."""
+    def __call__(self, x_btd, bias_b11t, deterministic, key, positions_bp=None, collect=None):
+        """Queries at `positions_bp` (all tokens when None); keys and values always from all tokens.
+        `collect`: a list that receives the attention probabilities (b, h, q, s) before dropout."""
         cfg = self.cfg
         b, t, d = x_btd.shape
         n, k = cfg.num_attention_heads, cfg.head_dim
@@ -205,6 +206,8 @@ class Attention(nnx.Module):
         scores = jnp.einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(k) + bias_b11t
         probs = jax.nn.softmax(scores, axis=-1).astype(v_bshk.dtype)
+        if collect is not None:
+            collect.append(probs)
         probs = dropout(probs, cfg.attention_probs_dropout_prob, key, deterministic)
         ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v_bshk)
         return self.out(ctx.reshape(b, ctx.shape[1], d))
@@ -223,11 +226,11 @@ class Layer(nnx.Module):
         self.output = make.linear(cfg.intermediate_size, cfg.hidden_size)
         self.output_norm = make.norm()
 
-    def __call__(self, x_btd, bias_b11t, deterministic, key, positions_bp=None):
+    def __call__(self, x_btd, bias_b11t, deterministic, key, positions_bp=None, collect=None):
         """-> (b, t, d), or (b, p, d) at `positions_bp` only."""
         k_attn, k_attn_out, k_out = _keys(key, 3)
         rate = self.cfg.hidden_dropout_prob
-        a = self.attention(x_btd, bias_b11t, deterministic, k_attn, positions_bp)
+        a = self.attention(x_btd, bias_b11t, deterministic, k_attn, positions_bp, collect)
         if positions_bp is not None:
             x_btd = jnp.take_along_axis(x_btd, positions_bp[..., None], axis=1)
         x_btd = self.attention_norm(x_btd + dropout(a, rate, k_attn_out, deterministic))
@@ -284,12 +287,14 @@ class Bert(nnx.Module):
     def encode(self, word_embeddings_btd: jax.Array, attention_mask_bt: jax.Array | None = None,
                token_type_ids_bt: jax.Array | None = None, position_ids_bt: jax.Array | None = None, *,
                deterministic: bool = True, dropout_key: jax.Array | None = None,
-               output_positions_bp: jax.Array | None = None) -> jax.Array:
+               output_positions_bp: jax.Array | None = None, collect: dict | None = None) -> jax.Array:
         """Position and token-type embeddings, LayerNorm, then the encoder layers -> (b, t, d).
 
         With `output_positions_bp` (b, p) the last layer runs only at those positions (its keys and values
         still come from all tokens) and the result is (b, p, d): the same numbers as gathering the full
         output, for less work when only a few positions are read ([CLS], masked tokens).
+        `collect`, a dict, receives "hidden": [embeddings, layer 1, ..., layer L] (b, t, d) and "attention":
+        [layer 1, ..., layer L] probabilities (b, h, t, t), for distillation.
         """
         cfg = self.config
         _check_dropout_key(deterministic, dropout_key)
@@ -310,8 +315,12 @@ class Bert(nnx.Module):
         bias_b11t = jnp.where(attention_mask_bt[:, None, None, :] > 0, 0.0,
                               jnp.finfo(jnp.float32).min).astype(jnp.float32)
         last = cfg.num_hidden_layers - 1
+        hidden, attention = [x], [] if collect is not None else None
         for i, (layer, key) in enumerate(zip(self.layers, keys[1:])):
-            x = layer(x, bias_b11t, deterministic, key, output_positions_bp if i == last else None)
+            x = layer(x, bias_b11t, deterministic, key, output_positions_bp if i == last else None, attention)
+            hidden.append(x)
+        if collect is not None:
+            collect["hidden"], collect["attention"] = hidden, attention
         return x
 
     def pool(self, hidden_btd: jax.Array) -> jax.Array:
