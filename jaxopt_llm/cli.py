@@ -126,7 +126,7 @@ def _bench(args: argparse.Namespace) -> None:
                          "`pip install torch==2.13.0` (a plain `torch` brings a CUDA build).")
     c = bench.BenchConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn, batch=args.batch,
                           seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
-                          adversarial_steps=args.adversarial_steps)
+                          adversarial_steps=args.adversarial_steps, student_layers=args.student_layers)
     bench.print_table(c, bench.run(c, tuple(args.tasks.split(","))))
 
 
@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(run=lambda a: _sweep(_split_grid(a)))
 
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
-    b.add_argument("--tasks", default="classify,mlm,adversarial", help="comma-separated: classify, mlm, adversarial")
+    b.add_argument("--tasks", default="classify,mlm,adversarial,distill",
+                   help="comma-separated: classify, mlm, adversarial, distill")
+    b.add_argument("--student-layers", type=int, default=2, help="depth of the distillation row's student")
     b.add_argument("--adversarial-steps", type=int, default=1, help="K of the adversarial step")
     for name, default in (("layers", 4), ("hidden", 256), ("heads", 4), ("ffn", 1024), ("batch", 32), ("seq", 128),
                           ("steps", 10), ("warmup", 2)):

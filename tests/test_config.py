@@ -84,10 +84,12 @@ def test_experiment_configs_load_and_start_with_their_command():
 
     files = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.py"))
     assert {f.stem for f in files} >= {"tweets_tiny", "sst2_base", "imdb_base", "mlm_tiny", "mlm_base",
-                                       "tweets_adversarial_tiny"}
+                                       "tweets_adversarial_tiny", "tweets_distill_tiny"}
     for file in files:
         doc = ast.get_docstring(ast.parse(file.read_text()))
         command = next(line.strip() for line in doc.splitlines() if line.strip().startswith("jaxopt-llm"))
         assert f"--config experiments/configs/{file.name}" in command, file
         config = config_lib.load(file)
-        assert command.split()[1] == ("adversarial" if config.adversarial.enabled else config.task), file
+        expected = ("adversarial" if config.adversarial.enabled else "distill" if config.distill.enabled
+                    else config.task)
+        assert command.split()[1] == expected, file

@@ -220,9 +220,11 @@ def test_regression_eval_matches_torch_mse(tmp_path):
 def test_bench_runs_both_sides_on_a_tiny_config():
     from jaxopt_llm import bench
 
-    c = bench.BenchConfig(layers=1, hidden=32, heads=2, ffn=64, vocab=500, batch=4, seq=16, steps=1, warmup=1,
-                          max_predictions=3)
-    rows = bench.run(c, ("classify", "mlm", "adversarial"))
-    assert [r["task"] for r in rows] == ["classify", "mlm", "adv K=1"]
+    c = bench.BenchConfig(layers=2, hidden=32, heads=2, ffn=64, vocab=500, batch=4, seq=16, steps=1, warmup=1,
+                          max_predictions=3, student_layers=1)
+    rows = bench.run(c, ("classify", "mlm", "adversarial", "distill"))
+    assert [r["task"] for r in rows] == ["classify", "mlm", "adv K=1", "KD 2->1"]
+    kd = rows[3]
+    assert kd["vs_budget"] == kd["ours_ms"] / (kd["student_ms"] + 1.1 * kd["teacher_forward_ms"])
     assert all(r["ours_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] == r["torch_ms"] / r["ours_ms"] for r in rows[:2])
     assert rows[2]["vs_k_plus_1_clean"] == rows[2]["ours_ms"] / (2 * rows[0]["ours_ms"])
