@@ -33,7 +33,7 @@ class BenchConfig:
     mlm_rate: float = 0.15
     max_predictions: int = 20
     dtype: str = "float32"
-    adversarial_steps: int = 1  # K of the adversarial step (PGD, L-inf, clean + adversarial loss)
+    adversarial_steps: int = 1  # K of the adversarial step (Madry PGD, L-inf, adversarial loss only)
     student_layers: int = 2  # the distillation row: a student of this depth, the bench model as teacher
 
 
@@ -179,8 +179,7 @@ def jax_step(c: BenchConfig, task: str) -> Callable[[], None]:
     elif task == "adversarial":
         from jaxopt_llm.steps import adversarial
 
-        adv = adversarial.Adversary(method="pgd", norm="linf", epsilon=0.01, inner_steps=c.adversarial_steps,
-                                    clean_weight=0.5)
+        adv = adversarial.Adversary(method="pgd", norm="linf", epsilon=0.01, inner_steps=c.adversarial_steps)
         fn = adversarial.make_train_step(graphdef, tx, adv, adversarial.classification_task())
     else:
         masking = mlm.Masking(mask_token_id=103, vocab_size=c.vocab, rate=c.mlm_rate,
