@@ -9,12 +9,11 @@ import optax
 import pytest
 from conftest import hf_model
 from flax import nnx
-from test_steps import MASKING, make_batch
+from test_steps import MASKING, make_batch, run_backend
 
 from jaxopt_llm import bert, robustness
 from jaxopt_llm import state as state_lib
-from jaxopt_llm.config import ParallelConfig
-from jaxopt_llm.parallel import Parallel, compile_count
+from jaxopt_llm.parallel import compile_count
 from jaxopt_llm.steps import adversarial as A
 from jaxopt_llm.steps import classify, mlm
 from jaxopt_llm.steps.common import mean_metrics
@@ -153,20 +152,9 @@ def test_vmapped_epsilon_sweep_equals_a_loop(dirs):
 
 def run_adv(folder, backend, n, steps=2):
     graphdef, params = nnx.split(bert.from_pretrained(folder, "sequence-classification"))
-    tx = optax.sgd(0.5)
-    parallel = Parallel(ParallelConfig(backend=backend), jax.devices()[:n])
     adv = A.Adversary(method="pgd", norm="l2", epsilon=0.3, inner_steps=2, clean_weight=0.5)
-    step = A.make_train_step(graphdef, tx, adv, A.classification_task(), parallel.axis_name)
-    state = parallel.put_state(state_lib.create(params, tx, 0))
-    train = parallel.compile_train(step, state)
-    key = parallel.put_key(jax.random.key_data(jax.random.key(0)))
-    out, compiles = [], []
-    for i in range(steps):
-        before = compile_count()
-        state, metrics = train(state, parallel.put_batch(make_batch(i)), key)
-        compiles.append(compile_count() - before)
-        out.append(mean_metrics(metrics))
-    return out, jax.device_get(parallel.host_state(state).params), compiles
+    return run_backend(lambda tx, axis: A.make_train_step(graphdef, tx, adv, A.classification_task(), axis),
+                       params, backend, n, steps)
 
 
 def test_jit_sharded_and_pmap_equal_single_device(dirs):

@@ -1,7 +1,6 @@
 """Distillation: losses against closed forms, alpha = 0 is the classification step, the teacher is frozen and
 gets no gradient, student construction, jit == pmap, and a full run through the loop."""
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +9,11 @@ import optax
 import pytest
 from conftest import hf_model
 from flax import nnx
-from test_steps import MASKING, make_batch
+from test_steps import MASKING, make_batch, run_backend
 
 from jaxopt_llm import bert, losses
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import state as state_lib
-from jaxopt_llm.config import ParallelConfig
-from jaxopt_llm.parallel import Parallel, compile_count
 from jaxopt_llm.steps import classify
 from jaxopt_llm.steps import distill as D
 from jaxopt_llm.steps.common import mean_metrics
@@ -131,21 +128,11 @@ def run_kd(teacher_dir, backend, n, steps=2):
     teacher = bert.from_pretrained(teacher_dir, "sequence-classification")
     s_graphdef, s_params = nnx.split(student_of(teacher))
     t_graphdef, t_params = nnx.split(teacher)
-    tx = optax.sgd(0.5)
-    parallel = Parallel(ParallelConfig(backend=backend), jax.devices()[:n])
-    step = D.make_train_step(s_graphdef, t_graphdef, tx, D.Distillation(alpha=0.5, temperature=2.0),
-                             axis_name=parallel.axis_name)
-    state = parallel.put_state(state_lib.create(s_params, tx, 0))
-    extras = (parallel.put_state(t_params),)
-    train = parallel.compile_train(step, state, extras)
-    key = parallel.put_key(jax.random.key_data(jax.random.key(0)))
-    out, compiles = [], []
-    for i in range(steps):
-        before = compile_count()
-        state, metrics = train(state, parallel.put_batch(make_batch(i)), key, *extras)
-        compiles.append(compile_count() - before)
-        out.append(mean_metrics(metrics)["loss"])
-    return out, jax.device_get(parallel.host_state(state).params), compiles
+    kd = D.Distillation(alpha=0.5, temperature=2.0)
+    means, params, compiles = run_backend(
+        lambda tx, axis: D.make_train_step(s_graphdef, t_graphdef, tx, kd, axis_name=axis), s_params, backend, n,
+        steps, extras=(t_params,))
+    return [m["loss"] for m in means], params, compiles
 
 
 def test_jit_sharded_and_pmap_equal_single_device(teacher_dir):

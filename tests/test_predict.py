@@ -8,7 +8,7 @@ import torch
 import transformers
 from conftest import TINY
 
-from jaxopt_llm import bert, cli
+from jaxopt_llm import cli
 from jaxopt_llm.assets import minilm_path
 from jaxopt_llm.predict import Predictor, compile_count
 

@@ -154,27 +154,37 @@ def test_classify_eval_matches_torch(tiny_dirs):
     assert np.trace(confusion) == int((logits.argmax(-1).numpy() == batch["labels"][:-3]).sum())
 
 
-def run_steps(folder, task, backend, n_devices, fsdp=False, steps=3):
-    model = bert.from_pretrained(folder, task)
-    graphdef, params = nnx.split(model)
-    # SGD: sharding must give the same gradients. Adam would turn rounding noise in exactly-zero gradients
-    # (the key bias has none: softmax ignores a constant) into lr-sized steps, hiding what is compared.
+def run_backend(make_step, params, backend, n_devices, steps, fsdp=False, extras=()):
+    """`steps` SGD steps of `make_step(tx, axis_name)` on batches make_batch(0..) under one backend ->
+    (metric means per step, final params, compiles per step).
+
+    SGD: sharding must give the same gradients. Adam would turn rounding noise in exactly-zero gradients
+    (the key bias has none: softmax ignores a constant) into lr-sized steps, hiding what is compared."""
     tx = optax.sgd(0.5)
     parallel = Parallel(ParallelConfig(backend=backend, fsdp=fsdp), jax.devices()[:n_devices])
-    if task == "sequence-classification":
-        step = classify.make_train_step(graphdef, tx, parallel.axis_name)
-    else:
-        step = mlm.make_train_step(graphdef, tx, MASKING, parallel.axis_name)
     state = parallel.put_state(state_lib.create(params, tx, seed=0))
-    train = parallel.compile_train(step, state)
+    extras = tuple(parallel.put_state(x) for x in extras)
+    train = parallel.compile_train(make_step(tx, parallel.axis_name), state, extras)
     key = parallel.put_key(jax.random.key_data(jax.random.key(0)))
-    losses, compiles = [], []
+    means, compiles = [], []
     for i in range(steps):
         before = compile_count()
-        state, metrics = train(state, parallel.put_batch(make_batch(i)), key)
+        state, metrics = train(state, parallel.put_batch(make_batch(i)), key, *extras)
         compiles.append(compile_count() - before)
-        losses.append(mean_metrics(metrics)["loss"])
-    return losses, jax.device_get(parallel.host_state(state).params), compiles
+        means.append(mean_metrics(metrics))
+    return means, jax.device_get(parallel.host_state(state).params), compiles
+
+
+def run_steps(folder, task, backend, n_devices, fsdp=False, steps=3):
+    graphdef, params = nnx.split(bert.from_pretrained(folder, task))
+    if task == "sequence-classification":
+        def make_step(tx, axis):
+            return classify.make_train_step(graphdef, tx, axis)
+    else:
+        def make_step(tx, axis):
+            return mlm.make_train_step(graphdef, tx, MASKING, axis)
+    means, params, compiles = run_backend(make_step, params, backend, n_devices, steps, fsdp)
+    return [m["loss"] for m in means], params, compiles
 
 
 @pytest.mark.parametrize("task", ["pretraining", "sequence-classification"])
