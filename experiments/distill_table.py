@@ -44,9 +44,8 @@ def main(runs: list[str]) -> None:
     for run in map(Path, runs):
         model = bert.from_pretrained(run / "model", "sequence-classification")
         params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        config = json.loads((run / "run.json").read_text())["config"]
-        kind = ("teacher" if not config["distill"]["enabled"] else
-                f"{config['distill']['init']}, alpha={config['distill']['alpha']}")
+        kd = json.loads((run / "run.json").read_text())["config"].get("distill", {})
+        kind = f"{kd['init']}, alpha={kd['alpha']}" if kd.get("enabled") else "teacher"
         rows.append((run.name, model.config.num_hidden_layers, params, kind, last_eval(run), forward_ms(model)))
     teacher = rows[0]
     print("| run | layers | parameters | init, loss | accuracy | macro-F1 | % of teacher accuracy | prediction speed-up |")
