@@ -148,7 +148,7 @@ def kd_parts(c: BenchConfig) -> dict[str, Callable[[], None]]:
               "student": state_lib.create(jax.tree.map(lambda x: x.copy(), b_params), tx, 0)}
 
     def kd():
-        holder["kd"], m = kd_fn(holder["kd"], batch, key, t_params)
+        holder["kd"], m = kd_fn(holder["kd"], t_params, batch, key)
         jax.block_until_ready(m)
 
     def student():

@@ -181,7 +181,11 @@ def build(config: Config, folder: Path, tokenizer, num_labels: int | None, chang
     graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_params = nnx.split(teacher)
     masking = None if config.task == "finetune" else _masking(config, tokenizer)
-    train_step = distill.make_train_step(graphdef, teacher_graphdef, tx, kd, masking, axis_name)
+    kd_step = distill.make_train_step(graphdef, teacher_graphdef, tx, kd, masking, axis_name)
+
+    def train_step(state, batch, key, teacher):  # the loop's argument order: extras last
+        return kd_step(state, teacher, batch, key)
+
     eval_step = distill.make_eval_step(graphdef, masking, t.seed, axis_name)
     return graphdef, params, train_step, eval_step, (teacher_params,), lambda m: m.bert
 

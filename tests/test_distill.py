@@ -76,7 +76,7 @@ def test_alpha_zero_is_exactly_the_classification_step(teacher_dir):
     tx = optax.adam(1e-3)
     batch, key = make_batch(), jax.random.key(2)
     kd_step = D.make_train_step(s_graphdef, t_graphdef, tx, D.Distillation(alpha=0.0))
-    new, _ = jax.jit(kd_step)(state_lib.create(s_params, tx, 0), batch, key, t_params)
+    new, _ = jax.jit(kd_step)(state_lib.create(s_params, tx, 0), t_params, batch, key)
     ref, _ = jax.jit(classify.make_train_step(b_graphdef, tx))(state_lib.create(b_params, tx, 0), batch, key)
     for a, b in zip(jax.tree.leaves(new.params["bert"]), jax.tree.leaves(ref.params)):
         np.testing.assert_array_equal(a, b)
@@ -91,7 +91,7 @@ def test_teacher_frozen_and_gradients_reach_only_the_student(teacher_dir):
     kd = D.Distillation(alpha=0.5, temperature=2.0, hidden_weight=1.0, attention_weight=1.0)
     step = D.make_train_step(s_graphdef, t_graphdef, tx, kd)
     state = state_lib.create(jax.tree.map(jnp.copy, s_params), tx, 0)
-    new, metrics = jax.jit(step, donate_argnums=0)(state, make_batch(), jax.random.key(0), t_params)
+    new, metrics = jax.jit(step, donate_argnums=0)(state, t_params, make_batch(), jax.random.key(0))
     for a, b in zip(jax.tree.leaves(t_params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)  # bit-identical after the step
     means = mean_metrics(metrics)
@@ -99,7 +99,7 @@ def test_teacher_frozen_and_gradients_reach_only_the_student(teacher_dir):
     assert means["hidden_mse"] > 0 and means["attention_mse"] > 0
 
     def total(tp):
-        _, m = step(state_lib.create(s_params, tx, 0), make_batch(), jax.random.key(0), tp)
+        _, m = step(state_lib.create(s_params, tx, 0), tp, make_batch(), jax.random.key(0))
         return m["loss"][0]
     grads = jax.grad(total)(t_params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
@@ -118,7 +118,7 @@ def test_different_width_student_with_projection_and_mlm(tmp_path):
     state = state_lib.create(s_params, tx, 0)
     losses_seen = []
     for _ in range(5):
-        state, metrics = step(state, make_batch(), jax.random.key(0), t_params)
+        state, metrics = step(state, t_params, make_batch(), jax.random.key(0))
         losses_seen.append(mean_metrics(metrics)["loss"])
     assert student.projection.kernel[...].shape == (12, 24)
     assert losses_seen[-1] < losses_seen[0]  # same batch: the student moves towards the teacher
@@ -129,9 +129,11 @@ def run_kd(teacher_dir, backend, n, steps=2):
     s_graphdef, s_params = nnx.split(student_of(teacher))
     t_graphdef, t_params = nnx.split(teacher)
     kd = D.Distillation(alpha=0.5, temperature=2.0)
-    means, params, compiles = run_backend(
-        lambda tx, axis: D.make_train_step(s_graphdef, t_graphdef, tx, kd, axis_name=axis), s_params, backend, n,
-        steps, extras=(t_params,))
+    def make_step(tx, axis):  # run_backend passes extras last
+        step = D.make_train_step(s_graphdef, t_graphdef, tx, kd, axis_name=axis)
+        return lambda state, batch, key, teacher: step(state, teacher, batch, key)
+
+    means, params, compiles = run_backend(make_step, s_params, backend, n, steps, extras=(t_params,))
     return [m["loss"] for m in means], params, compiles
 
 

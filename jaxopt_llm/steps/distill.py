@@ -1,7 +1,7 @@
 """Knowledge distillation: a student learns from a teacher's softened predictions (and, optionally, its
 hidden states and attention maps, TinyBERT-style) in one jitted step.
 
-`train_step(state, batch, key, teacher_params) -> (state, metrics)`: the teacher's parameters are an
+`train_step(state, teacher_params, batch, key) -> (state, metrics)`: the teacher's parameters are an
 argument (never closed over, so they are not baked into the program, and never checkpointed with the
 student), run in eval mode and wrapped in stop_gradient. Teacher and student may differ in depth and
 width (same vocabulary); widths are bridged by a learned projection of the student's hidden states.
@@ -87,7 +87,7 @@ def init_student(teacher: Bert, config: BertConfig, init: str, seed: int) -> Ber
 def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, kd: Distillation, masking: mlm.Masking | None = None,
                     axis_name: str | None = None) -> Callable:
-    """`train_step(state, batch, key, teacher_params) -> (state, metrics)`; state.params is a `Student`'s.
+    """`train_step(state, teacher_params, batch, key) -> (state, metrics)`; state.params is a `Student`'s.
 
     Classification when `masking` is None, else masked LM (the teacher's MLM distribution at the masked
     positions). Metrics: loss, ce, kl, accuracy (student), agreement (student argmax == teacher argmax),
@@ -111,7 +111,7 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
                               dropout_key=key, collect=collect)
         return model.mlm_logits(jnp.take_along_axis(hidden, positions[..., None], axis=1))
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array, teacher_params) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, teacher_params, batch: dict, key: jax.Array) -> tuple[TrainState, Metrics]:
         sk = step_key(key, state.step)
         if masking is None:
             ids, extra, labels, where, dropout_key = batch["input_ids"], None, batch["labels"], batch["weight"] > 0, sk
