@@ -212,7 +212,7 @@ def validate(config: Config) -> None:
         from jaxopt_llm.steps.adversarial import Adversary
 
         try:
-            Adversary(a.method, a.norm, a.epsilon, a.inner_steps, a.inner_lr, a.init, a.clean_weight, a.smart_weight)
+            Adversary.from_config(a)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     k = config.distill
@@ -222,9 +222,14 @@ def validate(config: Config) -> None:
                               "folder / hub id.")
         if k.init not in ("teacher-layers", "random"):
             raise ConfigError(f"distill.init={k.init!r}: use teacher-layers or random.")
-        if k.student_layers < 1 or not 0 <= k.alpha <= 1 or k.temperature <= 0:
-            raise ConfigError(f"distill.student_layers={k.student_layers}, alpha={k.alpha}, temperature="
-                              f"{k.temperature}: need layers >= 1, alpha in [0, 1], temperature > 0.")
+        if k.student_layers < 1:
+            raise ConfigError(f"distill.student_layers={k.student_layers}: must be at least 1.")
+        from jaxopt_llm.steps.distill import Distillation
+
+        try:
+            Distillation.from_config(k)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if a.enabled:
             raise ConfigError("adversarial.enabled and distill.enabled cannot be combined (yet).")
     if config.model.dtype not in ("float32", "bfloat16"):

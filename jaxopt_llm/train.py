@@ -135,8 +135,7 @@ def build_steps(config: Config, graphdef, tx, tokenizer, axis_name) -> tuple[Cal
         train_step = mlm.make_train_step(graphdef, tx, masking, axis_name)
         eval_step = mlm.make_eval_step(graphdef, masking, config.train.seed, axis_name)
     if a.enabled:
-        adv = adversarial.Adversary(a.method, a.norm, a.epsilon, a.inner_steps, a.inner_lr, a.init,
-                                    a.clean_weight, a.smart_weight)
+        adv = adversarial.Adversary.from_config(a)
         task = adversarial.classification_task() if config.task == "finetune" else adversarial.mlm_task(masking)
         train_step = adversarial.make_train_step(graphdef, tx, adv, task, axis_name)
     return train_step, eval_step
@@ -176,7 +175,7 @@ def build(config: Config, folder: Path, tokenizer, num_labels: int | None, chang
     student_cfg = distill.student_config(teacher.config, k.student_layers,
                                          **{c: v for c, v in changes.items() if c != "labels"})
     bert = distill.init_student(teacher, student_cfg, k.init, t.seed)
-    kd = distill.Distillation(k.alpha, k.temperature, k.hidden_weight, k.attention_weight)
+    kd = distill.Distillation.from_config(k)
     student = distill.Student(bert, teacher.config.hidden_size, k.hidden_weight > 0, rngs=nnx.Rngs(t.seed + 1))
     graphdef, params = nnx.split(student)
     teacher_graphdef, teacher_params = nnx.split(teacher)

@@ -47,6 +47,11 @@ class Adversary:
     smart_weight: float = 1.0
     inner_tx: optax.GradientTransformation | None = None  # replaces the default ascent transform
 
+    @classmethod
+    def from_config(cls, cfg) -> Adversary:
+        """From an `AdversarialConfig` (same field names, less `enabled`)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"adversarial.method={self.method!r}: use one of {METHODS}.")

@@ -32,6 +32,11 @@ class Distillation:
     hidden_weight: float = 0.0  # MSE between (projected) student and teacher hidden states
     attention_weight: float = 0.0  # MSE between attention probabilities
 
+    @classmethod
+    def from_config(cls, cfg) -> Distillation:
+        """From a `DistillConfig` (same field names for the loss weights)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"distill.alpha={self.alpha}: must be in [0, 1].")
