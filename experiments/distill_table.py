@@ -44,8 +44,9 @@ def main(runs: list[str]) -> None:
     for run in map(Path, runs):
         model = bert.from_pretrained(run / "model", "sequence-classification")
         params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        kd = json.loads((run / "run.json").read_text())["config"].get("distill", {})
-        kind = f"{kd['init']}, alpha={kd['alpha']}" if kd.get("enabled") else "teacher"
+        record = json.loads((run / "run.json").read_text())
+        kd = record["config"].get("distill", {})
+        kind = f"{kd['init']}, alpha={kd['alpha']}" if record.get("method") == "distill" else "teacher"
         rows.append((run.name, model.config.num_hidden_layers, params, kind, last_eval(run), forward_ms(model)))
     teacher = rows[0]
     print("| run | layers | parameters | init, loss | accuracy | macro-F1 | % of teacher accuracy | prediction speed-up |")

@@ -1,7 +1,33 @@
-"""jaxopt_llm: BERT-style encoders in JAX / Flax NNX, from Hugging Face checkpoints to deployment."""
+"""jaxopt_llm: BERT-style encoders in JAX / Flax NNX, from Hugging Face checkpoints to deployment.
 
-from jaxopt_llm import bert
-from jaxopt_llm.bert import Bert, BertConfig, from_pretrained, save_pretrained
+The table of contents: the model and its checkpoints, run configs, training (`train` assembles a run from
+a config, `fit` runs any recipe), prediction, and the registry of tasks and methods. Names load on first
+use, so that light modules (an exported artifact's loader) import without flax or transformers.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["Bert", "BertConfig", "bert", "from_pretrained", "save_pretrained"]
+
+_EXPORTS = {
+    "Bert": "jaxopt_llm.bert", "BertConfig": "jaxopt_llm.bert", "CheckpointError": "jaxopt_llm.bert",
+    "from_pretrained": "jaxopt_llm.bert", "save_pretrained": "jaxopt_llm.bert",
+    "Config": "jaxopt_llm.config", "ConfigError": "jaxopt_llm.config", "load_config": "jaxopt_llm.config:load",
+    "train": "jaxopt_llm.train", "fit": "jaxopt_llm.train",
+    "Predictor": "jaxopt_llm.predict",
+    "Recipe": "jaxopt_llm.recipes", "Context": "jaxopt_llm.recipes", "Method": "jaxopt_llm.recipes",
+    "register": "jaxopt_llm.recipes", "register_task": "jaxopt_llm.recipes",
+    "RunFolder": "jaxopt_llm.runs",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxopt_llm' has no attribute {name!r}")
+    module, _, attr = _EXPORTS[name].partition(":")
+    return getattr(importlib.import_module(module), attr or name)
+
+
+def __dir__():
+    return __all__

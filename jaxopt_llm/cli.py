@@ -63,14 +63,12 @@ def _similarity(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from jaxopt_llm import config as config_lib
+    from jaxopt_llm import recipes
     from jaxopt_llm.train import train
 
-    config = config_lib.load(args.config, args.overrides)
-    if args.command in ("adversarial", "distill"):
-        config = config_lib.override(config, [f"{args.command}.enabled=true"])
-        config_lib.validate(config)
-    elif config.task != args.command:
-        config = config_lib.override(config, [f"task={args.command}"])
+    method, task = recipes.commands()[args.command]
+    implied = [f"method={method.name}"] + ([f"task={task}"] if task else [])
+    config = config_lib.load(args.config, implied + list(args.overrides))
     metrics = train(config, args.workdir)
     print(json.dumps({"workdir": str(args.workdir), "eval": metrics}))
 
@@ -81,8 +79,8 @@ def _sweep(args: argparse.Namespace) -> None:
     from jaxopt_llm import config as config_lib
     from jaxopt_llm import data as data_lib
     from jaxopt_llm import robustness
-    from jaxopt_llm.bert.params import from_pretrained
-    from jaxopt_llm.train import model_folder
+    from jaxopt_llm.bert.params import from_pretrained, resolve
+    from jaxopt_llm.steps.task import DataNeeds
 
     eps = [item.split("=", 1)[1] for item in args.grid if item.startswith(("eps=", "epsilon="))]
     if len(eps) != 1:
@@ -95,8 +93,7 @@ def _sweep(args: argparse.Namespace) -> None:
         raise SystemExit("error: pass --config FILE (its eval split) or --data FILE (csv/json with text and label).")
     tables = {}
     for name in args.model:
-        folder = Path(name) / "model" if (Path(name) / "model" / "config.json").is_file() else Path(name)
-        folder = model_folder(str(folder))
+        folder = resolve(name)
         model = from_pretrained(folder, "sequence-classification")
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if args.config:
@@ -104,7 +101,8 @@ def _sweep(args: argparse.Namespace) -> None:
         else:
             config = config_lib.load(None, [f"data.train_file={args.data}", f"data.eval_file={args.data}",
                                             *args.overrides])
-        data = data_lib.load(config, tokenizer, model.config.labels or None)
+        data = data_lib.load(config.data, tokenizer, DataNeeds(labels=True), num_labels=config.model.num_labels,
+                             names=model.config.labels or None)
         tables[name] = robustness.robust_accuracy(model, data.eval, epsilons, steps=args.steps, norm=args.norm,
                                                   batch_size=args.batch_size)
     print(f"PGD on word embeddings: {args.norm} ball, {args.steps} steps of 2.5 * eps / steps, "
@@ -143,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = predict.add_subparsers(dest="kind", required=True)
     for kind in ("fill-mask", "classify"):
         p = kinds.add_parser(kind)
-        p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
+        p.add_argument("--model", required=True, help="run folder, HF folder or Hugging Face hub id")
         p.add_argument("--file", help="text file, one text per line")
         p.add_argument("--batch-size", type=int, default=32)
         if kind == "fill-mask":
@@ -151,11 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("texts", nargs="*")
         p.set_defaults(run=_predict)
 
-    for name, text in (("pretrain", "masked-LM (+ next-sentence) pretraining"),
-                       ("finetune", "sequence-classification fine-tuning"),
-                       ("adversarial", "adversarial training (pgd | freelb | smart) of the config's task"),
-                       ("distill", "knowledge distillation from distill.teacher into a smaller student")):
-        p = sub.add_parser(name, help=text)
+    from jaxopt_llm import recipes
+
+    for name, (method, task) in recipes.commands().items():
+        p = sub.add_parser(name, help=f"{method.help} ({task or 'the config' + chr(39) + 's task'})")
         p.add_argument("--config", help="Python config file defining get_config()")
         p.add_argument("--workdir", required=True, help="run folder; the same folder resumes the run")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
@@ -165,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = sweep.add_subparsers(dest="kind", required=True)
     r = kinds.add_parser("robustness", help="accuracy under PGD on the word embeddings for a grid of epsilons")
     r.add_argument("--model", action="append", required=True,
-                   help="run folder (its model/) or HF folder; repeat to compare models")
+                   help="run folder, HF folder or hub id; repeat to compare models")
     r.add_argument("--config", help="config file whose eval split is attacked")
     r.add_argument("--data", help="csv / json / jsonl file with text and label columns")
     r.add_argument("--steps", type=int, default=10)
@@ -187,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(run=_bench)
 
     sim = sub.add_parser("similarity", help="cosine similarity of sentence embeddings (default: MiniLM)")
-    sim.add_argument("--model", help="checkpoint folder or hub id (default: the packaged all-MiniLM-L6-v2)")
+    sim.add_argument("--model", help="run folder, HF folder or hub id (default: the packaged all-MiniLM-L6-v2)")
     sim.add_argument("texts", nargs="*")
     sim.set_defaults(run=_similarity, file=None)
     return parser

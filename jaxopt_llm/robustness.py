@@ -13,8 +13,10 @@ from flax import nnx
 
 from jaxopt_llm import losses
 from jaxopt_llm.data import eval_batches
-from jaxopt_llm.steps import classify
 from jaxopt_llm.steps.adversarial import Adversary, attack
+from jaxopt_llm.steps.classify import ClassificationTask
+
+_TASK = ClassificationTask()
 
 
 def _correct_under_attack(graphdef, params, batch, epsilon, adv: Adversary):
@@ -24,11 +26,11 @@ def _correct_under_attack(graphdef, params, batch, epsilon, adv: Adversary):
     valid = batch["weight"] > 0
 
     def objective(p, delta):
-        logits = classify.logits_from_embeddings(nnx.merge(graphdef, p), emb + delta, batch)
+        logits = _TASK.forward(nnx.merge(graphdef, p), emb + delta, batch, None)
         return jnp.sum(losses.cross_entropy(logits, batch["labels"], valid))
 
     found = attack(objective, params, emb.shape, batch["attention_mask"], adv, jax.random.key(0), epsilon)
-    logits = classify.logits_from_embeddings(model, emb + found.delta, batch)
+    logits = _TASK.forward(model, emb + found.delta, batch, None)
     correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
     return losses.masked_sum(correct, valid)
 

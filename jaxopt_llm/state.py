@@ -1,4 +1,8 @@
-"""The train state: one pytree of arrays, exactly what a checkpoint holds."""
+"""The train state: one pytree of arrays, exactly what a checkpoint holds.
+
+The run's base key is `jax.random.key(train.seed)` and the data position is `step` (one global batch per
+step): neither is stored twice.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +16,15 @@ from flax import nnx, struct
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # int32: train_step calls (batches) so far
-    params: nnx.State  # nnx.Param leaves of the model; the graphdef stays outside, static
+    step: jax.Array  # int32: train_step calls so far = global batches consumed
+    params: nnx.State  # trainable parameters; the graphdef stays outside, static
     opt_state: optax.OptState
-    rng: jax.Array  # uint32 key data of the run's base key; steps use fold_in(key, step)
-    data_position: jax.Array  # int32: global batches consumed from the training data
-
-    @property
-    def key(self) -> jax.Array:
-        return jax.random.wrap_key_data(self.rng)
 
 
-def create(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)), data_position=jnp.zeros((), jnp.int32))
+def create(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def abstract(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> Any:
+def abstract(params: Any, tx: optax.GradientTransformation) -> Any:
     """Shapes and dtypes of the state, allocated nowhere (the target of a checkpoint restore)."""
-    return jax.eval_shape(lambda p: create(p, tx, seed), params)
+    return jax.eval_shape(lambda p: create(p, tx), params)

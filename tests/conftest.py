@@ -73,3 +73,68 @@ def hf_dirs(tmp_path_factory):
         hf_model(task).save_pretrained(d)
         dirs[task] = d
     return dirs
+
+
+# ---- steps: a batch of token ids, the tasks, and running a step under one backend -------------------
+
+MASK_ID, VOCAB, B, T = 3, 101, 16, 12
+
+
+def make_batch(seed=0, b=B):
+    """b x 12 tokens with [CLS] = 1, [SEP] = 2, padding, 3 class labels and next-sentence labels."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(5, VOCAB, (b, T)).astype(np.int32)
+    lengths = rng.randint(6, T + 1, b)
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    ids[:, 0] = 1  # [CLS]
+    ids[np.arange(b), lengths - 1] = 2  # [SEP]
+    ids[mask == 0] = 0
+    special = ((ids <= 2) | (mask == 0)).astype(np.int32)
+    types = np.zeros_like(ids)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "special_tokens_mask": special,
+            "labels": rng.randint(0, 3, b).astype(np.int32), "index": np.arange(b, dtype=np.int32) + 100 * seed,
+            "weight": np.ones(b, np.float32), "next_sentence_label": rng.randint(0, 2, b).astype(np.int32)}
+
+
+def masking():
+    from jaxopt_llm.steps.mlm import Masking
+
+    return Masking(mask_token_id=MASK_ID, vocab_size=VOCAB, rate=0.15, max_predictions=4)
+
+
+def task_for(head):
+    """The task whose step trains a model with `head`."""
+    from jaxopt_llm.steps.classify import ClassificationTask
+    from jaxopt_llm.steps.mlm import MaskedLMTask
+
+    if head == "sequence-classification":
+        return ClassificationTask()
+    return MaskedLMTask(masking(), next_sentence=head == "pretraining")
+
+
+def run_backend(make_step, params, backend, n_devices, steps, fsdp=False, aux=None):
+    """`steps` SGD steps of `make_step(tx)` on batches make_batch(0..) under one backend ->
+    (metric means per step, final params, compiles per step).
+
+    SGD: sharding must give the same gradients. Adam would turn rounding noise in exactly-zero gradients
+    (the key bias has none: softmax ignores a constant) into lr-sized steps, hiding what is compared."""
+    import optax
+
+    from jaxopt_llm import state as state_lib
+    from jaxopt_llm.config import ParallelConfig
+    from jaxopt_llm.parallel import Parallel, compile_count
+    from jaxopt_llm.steps.common import mean_metrics
+
+    tx = optax.sgd(0.5)
+    parallel = Parallel(ParallelConfig(backend=backend, fsdp=fsdp), jax.devices()[:n_devices])
+    state = parallel.put_state(state_lib.create(params, tx))
+    aux = parallel.put_state(aux)
+    train = parallel.compile_train(make_step(tx), state, aux)
+    key = parallel.put_key(jax.random.key_data(jax.random.key(0)))
+    means, compiles = [], []
+    for i in range(steps):
+        before = compile_count()
+        state, metrics = train(state, parallel.put_batch(make_batch(i)), key, aux)
+        compiles.append(compile_count() - before)
+        means.append(mean_metrics(metrics))
+    return means, jax.device_get(parallel.host_state(state).params), compiles

@@ -7,16 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import hf_model
+from conftest import hf_model, make_batch, run_backend, task_for
 from flax import nnx
-from test_steps import MASKING, make_batch, run_backend
 
 from jaxopt_llm import bert, robustness
 from jaxopt_llm import state as state_lib
 from jaxopt_llm.parallel import compile_count
 from jaxopt_llm.steps import adversarial as A
-from jaxopt_llm.steps import classify, mlm
+from jaxopt_llm.steps import clean
 from jaxopt_llm.steps.common import mean_metrics
+
+CLS = task_for("sequence-classification")
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,8 @@ def dirs(tmp_path_factory):
 def loss_objective(graphdef, batch):
     def objective(p, delta):
         model = nnx.merge(graphdef, p)
-        logits = classify.logits_from_embeddings(model, model.embed(batch["input_ids"]) + delta, batch)
-        return classify.loss_and_metrics(logits, batch)[0]
+        logits = CLS.forward(model, model.embed(batch["input_ids"]) + delta, batch, None)
+        return CLS.loss(logits, batch, None)[0]
     return objective
 
 
@@ -72,8 +73,8 @@ def test_outer_update_is_the_gradient_at_the_found_perturbation(dirs):
     batch = make_batch()
     adv = A.Adversary(norm="l2", epsilon=0.3, inner_steps=3)
     tx = optax.sgd(0.5)
-    step = A.make_train_step(graphdef, tx, adv, A.classification_task())
-    state = state_lib.create(params, tx, seed=0)
+    step = A.make_train_step(graphdef, tx, adv, CLS)
+    state = state_lib.create(params, tx)
     key = jax.random.key(7)
     new, metrics = jax.jit(step)(state, batch, key)
     # the reference: find delta with the same key stream, then plain SGD on L(embed + delta) with delta fixed
@@ -94,35 +95,93 @@ def test_zero_steps_is_exactly_the_clean_step(dirs, task):
     tx = optax.adam(1e-3)
     batch = make_batch()
     key = jax.random.key(3)
-    if task == "masked-lm":
-        clean = mlm.make_train_step(graphdef, tx, MASKING)
-        adv_task = A.mlm_task(MASKING)
-    else:
-        clean = classify.make_train_step(graphdef, tx)
-        adv_task = A.classification_task()
-    adv = A.make_train_step(graphdef, tx, A.Adversary(epsilon=0.1, inner_steps=0), adv_task)
-    a, ma = jax.jit(clean)(state_lib.create(params, tx, 0), batch, key)
-    b, mb = jax.jit(adv)(state_lib.create(params, tx, 0), batch, key)
+    step_clean = clean.make_train_step(graphdef, tx, task_for(task))
+    adv = A.make_train_step(graphdef, tx, A.Adversary(epsilon=0.1, inner_steps=0), task_for(task))
+    a, ma = jax.jit(step_clean)(state_lib.create(params, tx), batch, key)
+    b, mb = jax.jit(adv)(state_lib.create(params, tx), batch, key)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(x, y)
     assert mean_metrics(ma)["loss"] == pytest.approx(mean_metrics(mb)["loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("method", ["freelb", "smart"])
-def test_freelb_and_smart_run_and_report(dirs, method):
-    graphdef, params = nnx.split(bert.from_pretrained(dirs["sequence-classification"], "sequence-classification"))
-    tx = optax.sgd(0.1)
-    adv = A.Adversary(method=method, norm="l2", epsilon=0.3, inner_steps=2, init="uniform", clean_weight=0.5)
-    new, metrics = jax.jit(A.make_train_step(graphdef, tx, adv, A.classification_task()))(
-        state_lib.create(params, tx, 0), make_batch(), jax.random.key(0))
-    means = mean_metrics(metrics)
-    assert {"loss", "clean_loss", "adv_loss", "delta_norm", "adv_accuracy"} <= set(means)
-    assert all(np.isfinite(v) for v in means.values())
-    if method == "smart":
-        assert means["smart_kl"] > 0
-        assert means["loss"] == pytest.approx(means["clean_loss"] + means["smart_kl"], rel=1e-5)
-    changed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(new.params), jax.tree.leaves(params))]
-    assert any(changed)
+# ---- FreeLB and SMART against references written from scratch: a plain loop of jax.grad calls -------
+
+
+def reference_logits(graphdef, params, batch, delta):
+    """Class logits at embeddings + delta, through the full encoder (not the step's [CLS]-only last layer)."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.encode(model.embed(batch["input_ids"]) + delta, batch["attention_mask"], batch["token_type_ids"])
+    return model.classify_logits(hidden)
+
+
+def reference_ce(logits, labels):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+
+def reference_sym_kl(a, b):
+    la, lb = jax.nn.log_softmax(a), jax.nn.log_softmax(b)
+    return jnp.sum(jnp.exp(la) * (la - lb) + jnp.exp(lb) * (lb - la), axis=-1)
+
+
+def linf_step(delta, g, lr, eps, mask):
+    return jnp.clip((delta + lr * jnp.sign(g)) * mask[..., None], -eps, eps)
+
+
+def test_freelb_equals_a_hand_written_loop(dirs):
+    graphdef, params = nnx.split(bert.from_pretrained(dirs["nodrop"], "sequence-classification"))
+    batch = jax.device_put(make_batch())
+    eps, k, w, lr = 0.05, 3, 0.5, 0.5
+    adv = A.Adversary(method="freelb", norm="linf", epsilon=eps, inner_steps=k, init="zero", clean_weight=w)
+    tx = optax.sgd(lr)
+    new, metrics = jax.jit(A.make_train_step(graphdef, tx, adv, CLS))(state_lib.create(params, tx), batch,
+                                                                      jax.random.key(0))
+
+    def loss(p, delta):
+        return reference_ce(reference_logits(graphdef, p, batch, delta), batch["labels"])
+
+    delta = jnp.zeros((16, 12, 24))
+    grads = jax.tree.map(lambda g: w * g, jax.grad(loss)(params, delta))
+    values = []
+    for _ in range(k):  # FreeLB: parameter gradients of every ascent step, averaged
+        value, (g_params, g_delta) = jax.value_and_grad(loss, argnums=(0, 1))(params, delta)
+        grads = jax.tree.map(lambda a, g: a + g / k, grads, g_params)
+        values.append(float(value))
+        delta = linf_step(delta, g_delta, 2.5 * eps / k, eps, batch["attention_mask"])
+    expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    clean_loss = float(loss(params, jnp.zeros((16, 12, 24))))
+    assert mean_metrics(metrics)["loss"] == pytest.approx(w * clean_loss + np.mean(values), rel=1e-5)
+
+
+def test_smart_equals_a_hand_written_loop(dirs):
+    graphdef, params = nnx.split(bert.from_pretrained(dirs["nodrop"], "sequence-classification"))
+    batch = jax.device_put(make_batch())
+    eps, k, lam, lr = 0.05, 2, 2.0, 0.5
+    adv = A.Adversary(method="smart", norm="linf", epsilon=eps, inner_steps=k, init="uniform", smart_weight=lam)
+    tx = optax.sgd(lr)
+    key = jax.random.key(4)
+    new, metrics = jax.jit(A.make_train_step(graphdef, tx, adv, CLS))(state_lib.create(params, tx), batch, key)
+
+    # delta starts uniform in the L-inf ball on real tokens, from fold_in(step key, 1); step 0
+    start_key = jax.random.fold_in(jax.random.fold_in(key, 0), 1)
+    delta = jax.random.uniform(start_key, (16, 12, 24), minval=-1.0, maxval=1.0) * eps
+    delta = delta * batch["attention_mask"][..., None]
+    clean = jax.lax.stop_gradient(reference_logits(graphdef, params, batch, 0.0))
+    for _ in range(k):  # ascend the symmetric KL to the clean prediction, parameters fixed
+        g = jax.grad(lambda d: jnp.sum(reference_sym_kl(clean, reference_logits(graphdef, params, batch, d))))(delta)
+        delta = linf_step(delta, g, 2.5 * eps / k, eps, batch["attention_mask"])
+
+    def loss(p):
+        c = reference_logits(graphdef, p, batch, 0.0)
+        a = reference_logits(graphdef, p, batch, delta)
+        return reference_ce(c, batch["labels"]) + lam * jnp.mean(reference_sym_kl(c, a))
+
+    value, grads = jax.value_and_grad(loss)(params)
+    expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    assert mean_metrics(metrics)["loss"] == pytest.approx(float(value), rel=1e-5)
 
 
 def test_smart_with_zero_start_is_refused():
@@ -153,8 +212,7 @@ def test_vmapped_epsilon_sweep_equals_a_loop(dirs):
 def run_adv(folder, backend, n, steps=2):
     graphdef, params = nnx.split(bert.from_pretrained(folder, "sequence-classification"))
     adv = A.Adversary(method="pgd", norm="l2", epsilon=0.3, inner_steps=2, clean_weight=0.5)
-    return run_backend(lambda tx, axis: A.make_train_step(graphdef, tx, adv, A.classification_task(), axis),
-                       params, backend, n, steps)
+    return run_backend(lambda tx: A.make_train_step(graphdef, tx, adv, CLS), params, backend, n, steps)
 
 
 def test_jit_sharded_and_pmap_equal_single_device(dirs):

@@ -81,6 +81,7 @@ def test_experiment_configs_load_and_start_with_their_command():
     from pathlib import Path
 
     from jaxopt_llm import config as config_lib
+    from jaxopt_llm import recipes
 
     files = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.py"))
     assert {f.stem for f in files} >= {"tweets_tiny", "sst2_base", "imdb_base", "mlm_tiny", "mlm_base",
@@ -90,6 +91,32 @@ def test_experiment_configs_load_and_start_with_their_command():
         command = next(line.strip() for line in doc.splitlines() if line.strip().startswith("jaxopt-llm"))
         assert f"--config experiments/configs/{file.name}" in command, file
         config = config_lib.load(file)
-        expected = ("adversarial" if config.adversarial.enabled else "distill" if config.distill.enabled
-                    else config.task)
-        assert command.split()[1] == expected, file
+        method, task = recipes.commands()[command.split()[1]]
+        assert method.name == config.method and task in (None, config.task), file
+
+
+@pytest.mark.parametrize("items, message", [
+    (["adversarial.enabled=true"], "method=adversarial"),
+    (["adversarial.epsilon=0.1"], r"belong to method=adversarial.*set method=adversarial first"),
+    (["method=adversarial", "adversarial.epsilon=-1"], "adversarial.epsilon=-1"),
+    (["method=nope"], "method='nope' is not registered"),
+    (["task=token-classification"], "task='token-classification'"),
+    (["method=adversarial", "adversarial.stepz=3"], r"unknown config key 'adversarial.stepz'.*adversarial\.epsilon"),
+])
+def test_method_options_and_old_keys_get_one_clear_error(items, message):
+    from jaxopt_llm import config as config_lib
+
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.load(None, ["data.train_file=x.csv", *items])
+
+
+def test_old_task_names_and_switching_methods():
+    from jaxopt_llm import config as config_lib
+    from jaxopt_llm.steps.adversarial import Adversary
+
+    config = config_lib.load(None, ["data.train_file=x.csv", "task=pretrain", "method=adversarial",
+                                    "adversarial.epsilon=0.5"])
+    assert config.task == "masked-lm" and config.options == Adversary(epsilon=0.5)
+    assert config.to_dict()["adversarial"]["epsilon"] == 0.5
+    assert config_lib.override(config, ["method=adversarial"]).options.epsilon == 0.5  # same method: kept
+    assert config_lib.override(config, ["method=clean"]).options.__class__.__name__ == "Clean"

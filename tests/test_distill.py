@@ -7,16 +7,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import hf_model
+from conftest import hf_model, make_batch, run_backend, task_for
 from flax import nnx
-from test_steps import MASKING, make_batch, run_backend
 
 from jaxopt_llm import bert, losses
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import state as state_lib
-from jaxopt_llm.steps import classify
+from jaxopt_llm.steps import clean
 from jaxopt_llm.steps import distill as D
 from jaxopt_llm.steps.common import mean_metrics
+
+CLS = task_for("sequence-classification")
+
+
+def kd_step(student_graphdef, teacher_graphdef, tx, kd, task=CLS):
+    return D.make_train_step(student_graphdef, {"t": teacher_graphdef}, tx, kd, task)
+
+
+def teachers(params):
+    return {"teachers": {"t": params}}
 
 
 def test_kl_zero_when_student_equals_teacher_and_alpha_zero_is_ce():
@@ -75,9 +84,9 @@ def test_alpha_zero_is_exactly_the_classification_step(teacher_dir):
     b_graphdef, b_params = nnx.split(student.bert)
     tx = optax.adam(1e-3)
     batch, key = make_batch(), jax.random.key(2)
-    kd_step = D.make_train_step(s_graphdef, t_graphdef, tx, D.Distillation(alpha=0.0))
-    new, _ = jax.jit(kd_step)(state_lib.create(s_params, tx, 0), t_params, batch, key)
-    ref, _ = jax.jit(classify.make_train_step(b_graphdef, tx))(state_lib.create(b_params, tx, 0), batch, key)
+    step = kd_step(s_graphdef, t_graphdef, tx, D.Distillation(alpha=0.0))
+    new, _ = jax.jit(step)(state_lib.create(s_params, tx), batch, key, teachers(t_params))
+    ref, _ = jax.jit(clean.make_train_step(b_graphdef, tx, CLS))(state_lib.create(b_params, tx), batch, key)
     for a, b in zip(jax.tree.leaves(new.params["bert"]), jax.tree.leaves(ref.params)):
         np.testing.assert_array_equal(a, b)
 
@@ -89,9 +98,9 @@ def test_teacher_frozen_and_gradients_reach_only_the_student(teacher_dir):
     before = jax.tree.map(np.array, t_params)
     tx = optax.sgd(0.1)
     kd = D.Distillation(alpha=0.5, temperature=2.0, hidden_weight=1.0, attention_weight=1.0)
-    step = D.make_train_step(s_graphdef, t_graphdef, tx, kd)
-    state = state_lib.create(jax.tree.map(jnp.copy, s_params), tx, 0)
-    new, metrics = jax.jit(step, donate_argnums=0)(state, t_params, make_batch(), jax.random.key(0))
+    step = kd_step(s_graphdef, t_graphdef, tx, kd)
+    state = state_lib.create(jax.tree.map(jnp.copy, s_params), tx)
+    new, metrics = jax.jit(step, donate_argnums=0)(state, make_batch(), jax.random.key(0), teachers(t_params))
     for a, b in zip(jax.tree.leaves(t_params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)  # bit-identical after the step
     means = mean_metrics(metrics)
@@ -99,7 +108,7 @@ def test_teacher_frozen_and_gradients_reach_only_the_student(teacher_dir):
     assert means["hidden_mse"] > 0 and means["attention_mse"] > 0
 
     def total(tp):
-        _, m = step(state_lib.create(s_params, tx, 0), tp, make_batch(), jax.random.key(0))
+        _, m = step(state_lib.create(s_params, tx), make_batch(), jax.random.key(0), teachers(tp))
         return m["loss"][0]
     grads = jax.grad(total)(t_params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
@@ -114,11 +123,11 @@ def test_different_width_student_with_projection_and_mlm(tmp_path):
     t_graphdef, t_params = nnx.split(teacher)
     tx = optax.adam(1e-3)
     kd = D.Distillation(alpha=0.5, temperature=1.0, hidden_weight=0.5, attention_weight=0.5)
-    step = jax.jit(D.make_train_step(s_graphdef, t_graphdef, tx, kd, MASKING))
-    state = state_lib.create(s_params, tx, 0)
+    step = jax.jit(kd_step(s_graphdef, t_graphdef, tx, kd, task_for("masked-lm")))
+    state = state_lib.create(s_params, tx)
     losses_seen = []
     for _ in range(5):
-        state, metrics = step(state, t_params, make_batch(), jax.random.key(0))
+        state, metrics = step(state, make_batch(), jax.random.key(0), teachers(t_params))
         losses_seen.append(mean_metrics(metrics)["loss"])
     assert student.projection.kernel[...].shape == (12, 24)
     assert losses_seen[-1] < losses_seen[0]  # same batch: the student moves towards the teacher
@@ -129,11 +138,8 @@ def run_kd(teacher_dir, backend, n, steps=2):
     s_graphdef, s_params = nnx.split(student_of(teacher))
     t_graphdef, t_params = nnx.split(teacher)
     kd = D.Distillation(alpha=0.5, temperature=2.0)
-    def make_step(tx, axis):  # run_backend passes extras last
-        step = D.make_train_step(s_graphdef, t_graphdef, tx, kd, axis_name=axis)
-        return lambda state, batch, key, teacher: step(state, teacher, batch, key)
-
-    means, params, compiles = run_backend(make_step, s_params, backend, n, steps, extras=(t_params,))
+    means, params, compiles = run_backend(lambda tx: kd_step(s_graphdef, t_graphdef, tx, kd), s_params, backend, n,
+                                          steps, aux=teachers(t_params))
     return [m["loss"] for m in means], params, compiles
 
 
@@ -148,6 +154,20 @@ def test_jit_sharded_and_pmap_equal_single_device(teacher_dir):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_two_teachers_are_averaged_in_probability():
+    a = jnp.array([[2.0, 0.0, -1.0]])
+    b = jnp.array([[0.0, 1.0, 3.0]])
+    combined = D.teacher_logits([a, b], temperature=2.0)
+    expected = (jax.nn.softmax(a / 2.0) + jax.nn.softmax(b / 2.0)) / 2
+    np.testing.assert_allclose(jax.nn.softmax(combined / 2.0), expected, atol=1e-6)
+    np.testing.assert_array_equal(D.teacher_logits([a], 2.0), a)
+
+
+def test_old_enabled_flag_names_the_new_key():
+    with pytest.raises(config_lib.ConfigError, match="method=distill"):
+        config_lib.load(None, ["data.train_file=x.csv", "distill.enabled=true"])
+
+
 def test_distill_needs_a_teacher():
     with pytest.raises(config_lib.ConfigError, match="distill.teacher"):
-        config_lib.load(None, ["data.train_file=x.csv", "distill.enabled=true"])
+        config_lib.load(None, ["data.train_file=x.csv", "method=distill"])

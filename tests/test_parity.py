@@ -12,7 +12,7 @@ from jaxopt_llm.assets import minilm_path
 def test_tiny_random_parity(task, hf_dirs, batch):
     ids, mask, types = batch
     ref = torch_output(hf_model(task), task, ids, mask, types)
-    ours = bert.from_pretrained(hf_dirs[task], task)(ids, mask, types)
+    ours = bert.from_pretrained(hf_dirs[task], task)(ids, attention_mask=mask, token_type_ids=types)  # HF keywords
     if task == "pretraining":
         assert np.abs(np.asarray(ours[0]) - ref[0]).max() <= 1e-5
         assert np.abs(np.asarray(ours[1]) - ref[1]).max() <= 1e-5

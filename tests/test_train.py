@@ -2,6 +2,7 @@
 bit-identical to an uninterrupted run, and two jax.distributed processes == one process."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -67,14 +68,15 @@ def test_finetune_logs_records_compiles_once_and_exports(setup, tmp_path):
     assert run["device_count"] == 8 and run["config"]["train"]["batch_size"] == 8
     assert set(run["versions"]) >= {"jax", "flax", "optax", "transformers"} and "device_kind" in run
     assert run["label_names"] == ["negative", "neutral", "positive"]
-    assert 0 < run["majority_class_eval_accuracy"] < 1
+    assert run["task"] == "classification" and run["method"] == "clean"
+    assert 0 < run["baseline"]["majority_class_accuracy"] < 1
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     exported = bert.from_pretrained(tmp_path / "model", "sequence-classification")
     assert exported.config.labels == ("negative", "neutral", "positive")
 
 
 def test_pretrain_mlm_with_nsp_and_whole_words(setup, tmp_path):
-    config = config_lib.load(None, overrides(setup, **{"task": "pretrain", "data.train_file": setup / "lines.txt",
+    config = config_lib.load(None, overrides(setup, **{"task": "masked-lm", "data.train_file": setup / "lines.txt",
                                                        "data.next_sentence": True, "data.whole_word_masking": True,
                                                        "train.steps": 4}))
     metrics = train(config, tmp_path)
@@ -166,12 +168,10 @@ def test_two_processes_equal_one(setup, tmp_path):
 
 
 def test_majority_baseline_closed_form():
-    from jaxopt_llm.data import Data
-    from jaxopt_llm.train import majority_baseline
+    from jaxopt_llm.steps.classify import ClassificationTask
 
-    data = Data(train={"labels": np.array([0, 1, 1, 2])}, eval={"labels": np.array([1, 0, 1, 1])},
-                label_names=("a", "b", "c"), reports=[])
-    assert majority_baseline(data) == 0.75
+    got = ClassificationTask().baseline({"labels": np.array([0, 1, 1, 2])}, {"labels": np.array([1, 0, 1, 1])})
+    assert got == {"majority_class_accuracy": 0.75}
 
 
 def test_pmap_resume_from_an_earlier_checkpoint_is_exact(setup, tmp_path):
@@ -193,12 +193,13 @@ def test_pmap_resume_from_an_earlier_checkpoint_is_exact(setup, tmp_path):
 def test_adversarial_run_compiles_once_then_sweep_cli(setup, tmp_path, capsys):
     from jaxopt_llm import cli
 
-    config = config_lib.load(None, overrides(setup, **{"adversarial.enabled": True, "adversarial.method": "pgd",
+    config = config_lib.load(None, overrides(setup, **{"method": "adversarial", "adversarial.method": "pgd",
                                                        "adversarial.norm": "l2", "adversarial.epsilon": 0.5,
                                                        "adversarial.inner_steps": 2, "train.steps": 4}))
     train(config, tmp_path / "run")
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["train_step_compiles"] == 1 and run["config"]["adversarial"]["enabled"] is True
+    assert run["train_step_compiles"] == 1 and run["method"] == "adversarial"
+    assert run["config"]["adversarial"]["epsilon"] == 0.5
     logged = records(tmp_path / "run", "train")[-1]
     assert {"clean_loss", "adv_loss", "delta_norm", "adv_accuracy"} <= set(logged)
     assert logged["delta_norm"] == pytest.approx(0.5, rel=1e-3)
@@ -215,7 +216,7 @@ def test_adversarial_run_compiles_once_then_sweep_cli(setup, tmp_path, capsys):
 
 def test_distill_run_from_a_finetune_run(setup, tmp_path):
     train(config_lib.load(None, overrides(setup, **{"train.steps": 2})), tmp_path / "teacher")
-    config = config_lib.load(None, overrides(setup, **{"distill.enabled": True, "distill.teacher": tmp_path / "teacher",
+    config = config_lib.load(None, overrides(setup, **{"method": "distill", "distill.teacher": tmp_path / "teacher",
                                                        "distill.student_layers": 1, "distill.hidden_weight": 0.1,
                                                        "train.steps": 3, "train.log_every": 1}))
     metrics = train(config, tmp_path / "student")
@@ -230,3 +231,87 @@ def test_distill_run_from_a_finetune_run(setup, tmp_path):
     param_paths = [k for k in meta["tree_metadata"] if k.startswith("('params'")]
     assert any("'projection'" in k for k in param_paths) and not any("'layers', '1'" in k for k in param_paths)
     assert all(k.startswith(("('params', 'bert'", "('params', 'projection'")) for k in param_paths)
+
+
+# ---- a method registered from outside the package trains through the loop and the CLI ---------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSmoothing:
+    smoothing: float = 0.1
+
+
+def label_smoothing_build(ctx, options):
+    """Cross-entropy against (1 - s) one-hot + s uniform targets: a method written only against the seam."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from jaxopt_llm import Recipe
+    from jaxopt_llm.parallel import global_mean, global_sum
+    from jaxopt_llm.steps.clean import make_eval_step
+    from jaxopt_llm.steps.common import apply_gradients, step_key
+
+    graphdef, params = nnx.split(ctx.load(ctx.model))
+    task = ctx.task
+
+    def loss_fn(p, batch, prepared):
+        model = nnx.merge(graphdef, p)
+        out = task.forward(model, model.embed(prepared.input_ids), batch, prepared.extra, deterministic=False,
+                           dropout_key=prepared.dropout_key)
+        t = task.targets(out, batch, prepared.extra)
+        targets = optax.smooth_labels(jax.nn.one_hot(t.labels, t.logits.shape[-1]), options.smoothing)
+        per_example = jax.numpy.where(t.where, optax.softmax_cross_entropy(t.logits, targets), 0.0)
+        total, count = per_example.sum(), t.where.sum().astype("float32")
+        return global_mean(total, count), {"loss": (total, count)}
+
+    def train_step(state, batch, key, aux):
+        prepared = task.prepare(batch, step_key(key, state.step))
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, prepared)
+        return apply_gradients(state, global_sum(grads), ctx.tx), global_sum(metrics)
+
+    return Recipe(task=task, tx=ctx.tx, graphdef=graphdef, params=params, train_step=train_step,
+                  eval_step=make_eval_step(graphdef, task), export=lambda p: nnx.merge(graphdef, p))
+
+
+def test_a_toy_method_registered_in_a_test_trains_through_loop_and_cli(setup, tmp_path, capsys):
+    import jaxopt_llm as jl
+    from jaxopt_llm import cli
+
+    jl.register(jl.Method("label-smoothing", LabelSmoothing, label_smoothing_build, help="label smoothing"))
+    # smoothing 0 is plain cross-entropy: the logged losses must be the clean fine-tune's
+    items = overrides(setup, **{"train.log_every": 1, "train.steps": 4})
+    cli.main(["label-smoothing", "--workdir", str(tmp_path / "toy"), *items, "label-smoothing.smoothing=0"])
+    cli.main(["finetune", "--workdir", str(tmp_path / "clean"), *items])
+    toy, ref = records(tmp_path / "toy", "train"), records(tmp_path / "clean", "train")
+    assert [r["step"] for r in toy] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in toy], [r["loss"] for r in ref], rtol=1e-6)
+    run = json.loads((tmp_path / "toy" / "run.json").read_text())
+    assert run["method"] == "label-smoothing" and run["train_step_compiles"] == 1
+    assert run["config"]["label-smoothing"] == {"smoothing": 0.0}
+    # a real smoothing trains too, and the exported model classifies through a run folder reference
+    config = config_lib.load(None, ["method=label-smoothing", *items, "label-smoothing.smoothing=0.2"])
+    train(config, tmp_path / "toy2")
+    capsys.readouterr()
+    cli.main(["predict", "classify", "--model", str(tmp_path / "toy2"), "a tweet"])
+    assert json.loads(capsys.readouterr().out)["label"] in ("negative", "neutral", "positive")
+
+
+def test_a_run_folder_is_accepted_wherever_a_model_is(setup, tmp_path, capsys):
+    from jaxopt_llm import cli
+    from jaxopt_llm.predict import Predictor
+
+    train(config_lib.load(None, overrides(setup, **{"train.steps": 2})), tmp_path / "first")
+    # as the starting model of another run: its head and label ids are kept
+    train(config_lib.load(None, overrides(setup, **{"train.steps": 2, "model.name_or_path": tmp_path / "first"})),
+          tmp_path / "second")
+    assert json.loads((tmp_path / "second" / "labels.json").read_text()) == ["negative", "neutral", "positive"]
+    first = bert.from_pretrained(tmp_path / "first", "sequence-classification")  # the Python API
+    ids = np.array([[101, 2204, 102]], np.int32)
+    np.testing.assert_array_equal(np.asarray(first(ids)),
+                                  np.asarray(bert.from_pretrained(tmp_path / "first" / "model",
+                                                                  "sequence-classification")(ids)))
+    predictor = Predictor.from_pretrained(tmp_path / "second")  # the head the run was trained for
+    assert predictor.model.task == "sequence-classification"
+    cli.main(["similarity", "--model", str(tmp_path / "second"), "one text", "another text"])
+    assert "closest to sentence 0" in capsys.readouterr().out

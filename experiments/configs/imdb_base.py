@@ -10,7 +10,7 @@ from jaxopt_llm.config import Config, DataConfig, ModelConfig, ParallelConfig, T
 
 def get_config() -> Config:
     return Config(
-        task="finetune",
+        task="classification",
         model=ModelConfig(name_or_path="bert-base-uncased", dtype="bfloat16"),
         data=DataConfig(dataset="imdb", text_column="text", label_column="label", eval_split="test", max_length=512),
         train=TrainConfig(batch_size=64, steps=4000, learning_rate=2e-5, warmup_steps=400, weight_decay=0.01,

@@ -11,7 +11,7 @@ from jaxopt_llm.config import Config, DataConfig, ModelConfig, ParallelConfig, T
 
 def get_config() -> Config:
     return Config(
-        task="pretrain",
+        task="masked-lm",
         model=ModelConfig(name_or_path="bert-base-uncased", dtype="bfloat16"),
         data=DataConfig(train_file="corpus.txt", max_length=128, max_predictions_per_seq=20,
                         whole_word_masking=True, next_sentence=True, eval_fraction=0.01),

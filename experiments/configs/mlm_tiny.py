@@ -10,7 +10,7 @@ from jaxopt_llm.config import PACKAGED_MINILM, PACKAGED_TWEETS, Config, DataConf
 
 def get_config() -> Config:
     return Config(
-        task="pretrain",
+        task="masked-lm",
         model=ModelConfig(name_or_path=PACKAGED_MINILM),
         data=DataConfig(dataset=PACKAGED_TWEETS, text_column="text", max_length=64, max_train_examples=4000,
                         mlm_probability=0.15, max_predictions_per_seq=10, whole_word_masking=True,

@@ -10,7 +10,7 @@ from jaxopt_llm.config import Config, DataConfig, ModelConfig, ParallelConfig, T
 
 def get_config() -> Config:
     return Config(
-        task="finetune",
+        task="classification",
         model=ModelConfig(name_or_path="bert-base-uncased", dtype="bfloat16"),
         data=DataConfig(dataset="glue/sst2", text_column="sentence", label_column="label", eval_split="validation",
                         max_length=128),

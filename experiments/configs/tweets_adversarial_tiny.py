@@ -11,12 +11,13 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from jaxopt_llm.config import AdversarialConfig, Config
+from jaxopt_llm.config import Config
+from jaxopt_llm.steps.adversarial import Adversary
 
 
 def get_config() -> Config:
     spec = importlib.util.spec_from_file_location("tweets_tiny", Path(__file__).with_name("tweets_tiny.py"))
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
-    return dataclasses.replace(base.get_config(), adversarial=AdversarialConfig(
-        enabled=True, method="pgd", norm="linf", epsilon=0.01, inner_steps=1, init="zero", clean_weight=0.5))
+    return dataclasses.replace(base.get_config(), method="adversarial", options=Adversary(
+        method="pgd", norm="linf", epsilon=0.01, inner_steps=1, init="zero", clean_weight=0.5))

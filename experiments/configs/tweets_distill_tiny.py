@@ -12,7 +12,8 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from jaxopt_llm.config import Config, DistillConfig
+from jaxopt_llm.config import Config
+from jaxopt_llm.steps.distill import Distillation
 
 
 def get_config() -> Config:
@@ -21,5 +22,5 @@ def get_config() -> Config:
     spec.loader.exec_module(base)
     config = base.get_config()
     return dataclasses.replace(config, train=dataclasses.replace(config.train, learning_rate=1e-4),
-                               distill=DistillConfig(enabled=True, teacher="runs/tweets_tiny", student_layers=2,
-                                                     init="teacher-layers", alpha=0.5, temperature=2.0))
+                               method="distill", options=Distillation(teacher="runs/tweets_tiny", student_layers=2,
+                                                                      init="teacher-layers", alpha=0.5, temperature=2.0))

@@ -10,7 +10,7 @@ from jaxopt_llm.config import PACKAGED_MINILM, PACKAGED_TWEETS, Config, DataConf
 
 def get_config() -> Config:
     return Config(
-        task="finetune",
+        task="classification",
         model=ModelConfig(name_or_path=PACKAGED_MINILM),
         data=DataConfig(dataset=PACKAGED_TWEETS, text_column="text", label_column="sentiment", max_length=64,
                         max_train_examples=4000, eval_fraction=0.1),

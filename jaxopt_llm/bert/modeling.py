@@ -262,7 +262,7 @@ class Bert(nnx.Module):
 
     Stages, for callers that perturb embeddings between them:
       `embed(input_ids)` -> word embeddings (b, t, d);
-      `encode(word_embeddings, attention_mask, token_type_ids)` -> last hidden state (b, t, d);
+      `encode(word_embeddings, attention_mask=, token_type_ids=)` -> last hidden state (b, t, d);
       `heads(hidden)` -> the task's output.
     """
 
@@ -280,17 +280,18 @@ class Bert(nnx.Module):
         self.classifier = (make.linear(config.hidden_size, config.num_labels)
                            if task == "sequence-classification" else None)
 
-    def embed(self, input_ids_bt: jax.Array) -> jax.Array:
-        """Word embeddings (b, t, d): the point where an adversarial perturbation is added."""
-        return self.embeddings.word(input_ids_bt)
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Word embeddings (b, t, d) of token ids (b, t): the point where a perturbation is added."""
+        return self.embeddings.word(input_ids)
 
-    def encode(self, word_embeddings_btd: jax.Array, attention_mask_bt: jax.Array | None = None,
-               token_type_ids_bt: jax.Array | None = None, position_ids_bt: jax.Array | None = None, *,
+    def encode(self, word_embeddings: jax.Array, attention_mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None, *,
                deterministic: bool = True, dropout_key: jax.Array | None = None,
-               output_positions_bp: jax.Array | None = None, collect: dict | None = None) -> jax.Array:
+               output_positions: jax.Array | None = None, collect: dict | None = None) -> jax.Array:
         """Position and token-type embeddings, LayerNorm, then the encoder layers -> (b, t, d).
 
-        With `output_positions_bp` (b, p) the last layer runs only at those positions (its keys and values
+        word_embeddings (b, t, d); attention_mask, token_type_ids, position_ids (b, t) int, each optional.
+        With `output_positions` (b, p) the last layer runs only at those positions (its keys and values
         still come from all tokens) and the result is (b, p, d): the same numbers as gathering the full
         output, for less work when only a few positions are read ([CLS], masked tokens).
         `collect`, a dict, receives "hidden": [embeddings, layer 1, ..., layer L] (b, t, d) and "attention":
@@ -298,6 +299,8 @@ class Bert(nnx.Module):
         """
         cfg = self.config
         _check_dropout_key(deterministic, dropout_key)
+        word_embeddings_btd, position_ids_bt = word_embeddings, position_ids
+        attention_mask_bt, token_type_ids_bt, output_positions_bp = attention_mask, token_type_ids, output_positions
         b, t, _ = word_embeddings_btd.shape
         if t > cfg.max_position_embeddings:
             raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
@@ -352,12 +355,13 @@ class Bert(nnx.Module):
             return self.mlm_logits(hidden_btd), self.nsp_logits(hidden_btd)
         return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
 
-    def __call__(self, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None = None,
-                 token_type_ids_bt: jax.Array | None = None, *, deterministic: bool = True,
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, *, deterministic: bool = True,
                  dropout_key: jax.Array | None = None) -> Any:
-        """The task's output for token ids (b, t); see the class docstring."""
+        """The task's output for token ids (b, t), with the keywords of Hugging Face models:
+        `model(input_ids, attention_mask=mask, token_type_ids=types)`; see the class docstring."""
         k_encode, k_head = _keys(dropout_key, 2)
-        hidden = self.encode(self.embed(input_ids_bt), attention_mask_bt, token_type_ids_bt,
+        hidden = self.encode(self.embed(input_ids), attention_mask, token_type_ids,
                              deterministic=deterministic, dropout_key=k_encode)
         return self.heads(hidden, deterministic=deterministic, dropout_key=k_head)
 

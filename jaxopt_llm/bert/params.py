@@ -88,9 +88,17 @@ def _normalise(key: str) -> str:
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is, or a hub id downloaded through the Hugging Face cache."""
+    """The Hugging Face folder that a model reference names: a run folder written by any training command
+    (its model/), an HF folder as is, the packaged MiniLM ("packaged:all-MiniLM-L6-v2"), or a hub id
+    downloaded through the Hugging Face cache."""
+    from jaxopt_llm.assets import PACKAGED_MINILM, minilm_path
+
+    if str(name_or_path) == PACKAGED_MINILM:
+        return minilm_path()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+            return path / "model"  # a run folder
         return path
     if path.exists():
         raise CheckpointError(f"{str(name_or_path)!r} is a file; pass the folder that holds config.json and "
@@ -117,6 +125,13 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"no config.json in {str(folder)!r}: a Hugging Face BERT folder needs one "
                               "(write it with transformers' save_pretrained or jaxopt_llm.bert.save_pretrained).")
     return json.loads(file.read_text())
+
+
+def task_of(folder: Path) -> str:
+    """The `Bert` task a checkpoint folder was saved for, from config.json's architectures ("base" if none)."""
+    names = read_config(folder).get("architectures") or []
+    by_class = {cls: task for task, cls in _ARCHITECTURES.items()}
+    return next((by_class[n] for n in names if n in by_class), "base")
 
 
 def read_weights(folder: Path) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxopt_llm.config import Config
+from jaxopt_llm.config import DataConfig
 from jaxopt_llm.data.batches import Batches, eval_batches, label_ids, split_off, take, tokenize
 from jaxopt_llm.data.sources import DataError, LoadReport, read_rows
 
@@ -38,36 +38,40 @@ def _next_sentence_pairs(lines: list[str], seed: int) -> tuple[list[str], list[s
     return a, b, np.asarray(labels, np.int32)
 
 
-def load(config: Config, tokenizer: Any, names: tuple[str, ...] | None = None) -> Data:
-    """Read, clean, tokenise; hold out eval rows when no eval data is named. `names`: label names of a
-    resumed run, so that ids mean the same thing as before."""
-    d = config.data
-    pretrain = config.task == "pretrain"
-    label_column = None if pretrain else d.label_column
+def load(cfg: DataConfig, tokenizer: Any, needs: Any, *, num_labels: int | None = None,
+         names: tuple[str, ...] | None = None, seed: int = 0) -> Data:
+    """Read, clean, tokenise; hold out eval rows when no eval data is named.
+
+    `needs` (a task's `DataNeeds`): whether rows carry labels, word ids (whole-word masking) and next-sentence
+    pairs. `names`: label names fixed in advance (a resumed run, a trained head), so that ids mean the same
+    thing as before; `num_labels`: model.num_labels (1: regression).
+    """
+    label_column = cfg.label_column if needs.labels else None
     arrays, reports, label_names = {}, [], names
     for which in ("train", "eval"):
-        rows = read_rows(d, which, label_column)
+        rows = read_rows(cfg, which, label_column)
         if rows is None:
             continue
         texts, pairs, labels, report = rows
         reports.append(report)
         nsp_labels = None
-        if pretrain and d.next_sentence:
-            texts, pairs, nsp_labels = _next_sentence_pairs(texts, config.train.seed)
-        limit = d.max_train_examples if which == "train" else d.max_eval_examples
+        if needs.next_sentence:
+            texts, pairs, nsp_labels = _next_sentence_pairs(texts, seed)
+        limit = cfg.max_train_examples if which == "train" else cfg.max_eval_examples
         if limit is not None and len(texts) > limit:  # a fixed random subset (files are often sorted by label)
-            keep = np.arange(limit) if pretrain else np.sort(np.random.default_rng(1234).permutation(len(texts))[:limit])
+            keep = (np.sort(np.random.default_rng(1234).permutation(len(texts))[:limit]) if needs.labels
+                    else np.arange(limit))
             texts = [texts[i] for i in keep]
             pairs = [pairs[i] for i in keep] if pairs is not None else None
             labels = [labels[i] for i in keep] if labels is not None else None
             nsp_labels = nsp_labels[keep] if nsp_labels is not None else None
-        out = tokenize(tokenizer, texts, pairs, d.max_length, word_ids=pretrain and d.whole_word_masking)
+        out = tokenize(tokenizer, texts, pairs, cfg.max_length, word_ids=needs.word_ids)
         if nsp_labels is not None:
             out["next_sentence_label"] = nsp_labels
         if labels is not None:
-            out["labels"], label_names = label_ids(labels, config.model.num_labels, label_names)
+            out["labels"], label_names = label_ids(labels, num_labels, label_names)
         arrays[which] = out
     if "eval" not in arrays:
-        arrays["train"], arrays["eval"] = split_off(arrays["train"], d.eval_fraction)
-        arrays["eval"] = take(arrays["eval"], d.max_eval_examples)
-    return Data(arrays["train"], arrays["eval"], label_names, reports)
+        arrays["train"], arrays["eval"] = split_off(arrays["train"], cfg.eval_fraction)
+        arrays["eval"] = take(arrays["eval"], cfg.max_eval_examples)
+    return Data(arrays["train"], arrays["eval"], label_names if needs.labels else None, reports)

@@ -25,9 +25,11 @@ import optax
 from flax import nnx
 
 from jaxopt_llm import losses
+from jaxopt_llm.parallel import global_mean, global_sum
+from jaxopt_llm.recipes import Context, Method, Recipe
 from jaxopt_llm.state import TrainState
-from jaxopt_llm.steps import classify, mlm
-from jaxopt_llm.steps.common import Metrics, apply_gradients, global_count, psum, step_key
+from jaxopt_llm.steps import clean
+from jaxopt_llm.steps.common import Metrics, apply_gradients, step_key
 
 METHODS = ("pgd", "freelb", "smart")
 NORMS = ("l2", "linf")
@@ -46,11 +48,6 @@ class Adversary:
     clean_weight: float = 0.0
     smart_weight: float = 1.0
     inner_tx: optax.GradientTransformation | None = None  # replaces the default ascent transform
-
-    @classmethod
-    def from_config(cls, cfg) -> Adversary:
-        """From an `AdversarialConfig` (same field names, less `enabled`)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -122,70 +119,6 @@ def initial_delta(key: jax.Array, shape, token_mask_bt, adv: Adversary, epsilon)
     return project(delta, token_mask_bt, adv.norm, epsilon)
 
 
-# ---- tasks: what the perturbed forward pass reads and how it is scored -----------------------------
-
-
-class Task(NamedTuple):
-    """prepare(batch, step_key) -> (ids, extra, dropout_key), drawing keys as the clean step does;
-    logits(model, emb, batch, extra, deterministic, key); loss(logits, batch, extra, axis_name) ->
-    (mean loss, metrics); per_example(logits, batch, extra) -> (loss (b,), correct (b,), valid (b,));
-    kl_where(extra) -> mask of the distributions SMART compares, or None."""
-
-    prepare: Callable
-    logits: Callable
-    loss: Callable
-    per_example: Callable
-    kl_where: Callable
-
-
-def classification_task() -> Task:
-    def prepare(batch, key):
-        return batch["input_ids"], None, key
-
-    def logits(model, emb, batch, extra, deterministic, key):
-        return classify.logits_from_embeddings(model, emb, batch, deterministic=deterministic, dropout_key=key)
-
-    def loss(out, batch, extra, axis_name):
-        return classify.loss_and_metrics(out, batch, axis_name)
-
-    def per_example(out, batch, extra):
-        valid = batch["weight"] > 0
-        if out.shape[-1] == 1:
-            return losses.squared_error(out[:, 0], batch["labels"], valid), jnp.zeros(out.shape[0]), valid
-        correct = (jnp.argmax(out, -1) == batch["labels"]).astype(jnp.float32)
-        return losses.cross_entropy(out, batch["labels"], valid), correct, valid
-
-    return Task(prepare, logits, loss, per_example, lambda extra: None)
-
-
-def mlm_task(masking: mlm.Masking) -> Task:
-    def prepare(batch, key):
-        mask_key, dropout_key = jax.random.split(key)
-        masked, positions, labels, weights = mlm.mask_batch(mask_key, batch, masking)
-        return masked, (positions, labels, weights), dropout_key
-
-    def logits(model, emb, batch, extra, deterministic, key):
-        return mlm.logits_from_embeddings(model, emb, batch, extra[0], deterministic=deterministic, dropout_key=key)
-
-    def loss(out, batch, extra, axis_name):
-        return mlm.loss_and_metrics(out[0], out[1], extra[1], extra[2], batch, axis_name)
-
-    def per_example(out, batch, extra):
-        _, labels, weights = extra
-        valid = (weights > 0) & (batch["weight"][:, None] > 0)
-        ce = losses.cross_entropy(out[0], labels, valid)
-        n = jnp.maximum(valid.sum(1), 1)
-        correct = ((jnp.argmax(out[0], -1) == labels) & valid).sum(1) / n
-        return ce.sum(1) / n, correct, batch["weight"] > 0
-
-    return Task(prepare, logits, loss, per_example, lambda extra: extra[2] > 0)
-
-
-def _distribution(out) -> jax.Array:
-    """The logits whose distributions SMART compares: class logits, or MLM logits at masked positions."""
-    return out[0] if isinstance(out, tuple) else out
-
-
 def symmetric_kl(a_logits, b_logits, where=None) -> jax.Array:
     """KL(p_a || p_b) + KL(p_b || p_a) per example (b,), summed over any positions axis."""
     kl = losses.kl_divergence(a_logits, b_logits) + losses.kl_divergence(b_logits, a_logits)
@@ -240,58 +173,64 @@ def attack(objective: Callable, params, shape, token_mask_bt, adv: Adversary, ke
 # ---- the train step --------------------------------------------------------------------------------
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, adv: Adversary, task: Task,
-                    axis_name: str | None = None) -> Callable:
-    """`train_step(state, batch, key) -> (state, metrics)` with the adversarial inner loop inside.
+def correct_sum(targets) -> tuple[jax.Array, jax.Array]:
+    """(correct predictions, scored items) of a task's targets; (0, n) for a one-output (regression) head."""
+    if targets.logits.shape[-1] == 1:
+        return jnp.zeros((), jnp.float32), jnp.sum(targets.where, dtype=jnp.float32)
+    return losses.masked_sum((jnp.argmax(targets.logits, -1) == targets.labels).astype(jnp.float32), targets.where)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, adv: Adversary, task) -> Callable:
+    """`train_step(state, batch, key, aux=None) -> (state, metrics)` with the adversarial inner loop inside.
 
     Keys: the step key feeds the task exactly as the clean step does (masks, dropout), so K = 0 with a
     zero start is the clean step; delta's start has its own stream, fold_in(step key, 1).
     """
 
-    def forward(params, delta, batch, ids, extra, dropout_key):
+    def forward(params, delta, batch, prepared):
         model = nnx.merge(graphdef, params)
-        emb = model.embed(ids)
-        return task.logits(model, emb if delta is None else emb + delta, batch, extra, False, dropout_key)
+        emb = model.embed(prepared.input_ids)
+        return task.forward(model, emb if delta is None else emb + delta, batch, prepared.extra,
+                            deterministic=False, dropout_key=prepared.dropout_key)
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: dict, key: jax.Array, aux=None) -> tuple[TrainState, Metrics]:
         sk = step_key(key, state.step)
-        ids, extra, k_dropout = task.prepare(batch, sk)
-        token_mask = batch["attention_mask"]
+        prepared = task.prepare(batch, sk)
+        extra = prepared.extra
         valid = batch["weight"] > 0
-        share = jnp.sum(valid, dtype=jnp.float32) / global_count(jnp.sum(valid, dtype=jnp.float32), axis_name)
+        n_valid = jnp.sum(valid, dtype=jnp.float32)
+        share = global_mean(n_valid, n_valid)  # this device's share of the global batch
         params = state.params
-        kl_where = task.kl_where(extra)
-        shape = (*ids.shape, nnx.merge(graphdef, params).config.hidden_size)
+        shape = (*prepared.input_ids.shape, nnx.merge(graphdef, params).config.hidden_size)
 
         if adv.method == "smart":
-            clean_ref = _distribution(jax.lax.stop_gradient(forward(params, None, batch, ids, extra, k_dropout)))
+            clean_ref = task.targets(jax.lax.stop_gradient(forward(params, None, batch, prepared)), batch, extra)
 
             def objective(p, d):
-                return jnp.sum(symmetric_kl(clean_ref, _distribution(forward(p, d, batch, ids, extra, k_dropout)),
-                                            kl_where))
+                t = task.targets(forward(p, d, batch, prepared), batch, extra)
+                return jnp.sum(symmetric_kl(clean_ref.logits, t.logits, clean_ref.where))
         else:
             def objective(p, d):
-                return task.loss(forward(p, d, batch, ids, extra, k_dropout), batch, extra, axis_name)[0]
+                return task.loss(forward(p, d, batch, prepared), batch, extra)[0]
 
-        found = attack(objective, params, shape, token_mask, adv, jax.random.fold_in(sk, 1),
+        found = attack(objective, params, shape, batch["attention_mask"], adv, jax.random.fold_in(sk, 1),
                        accumulate_params=adv.method == "freelb")
         delta = jax.lax.stop_gradient(found.delta)
 
         def outer(p):  # first argument is what is differentiated
-            adv_out = forward(p, delta, batch, ids, extra, k_dropout)
-            adv_loss, adv_metrics = task.loss(adv_out, batch, extra, axis_name)
-            _, correct, _ = task.per_example(adv_out, batch, extra)
-            metrics = {"adv_loss": adv_metrics["loss"], "adv_accuracy": losses.masked_sum(correct, valid)}
+            adv_out = forward(p, delta, batch, prepared)
+            adv_loss, adv_metrics = task.loss(adv_out, batch, extra)
+            metrics = {"adv_loss": adv_metrics["loss"], "adv_accuracy": correct_sum(task.targets(adv_out, batch, extra))}
             if adv.method == "pgd" and adv.clean_weight == 0.0:
                 return adv_loss, metrics
-            clean_out = forward(p, None, batch, ids, extra, k_dropout)
-            clean_loss, clean_metrics = task.loss(clean_out, batch, extra, axis_name)
+            clean_out = forward(p, None, batch, prepared)
+            clean_loss, clean_metrics = task.loss(clean_out, batch, extra)
             metrics["clean_loss"] = clean_metrics["loss"]
             if adv.method == "smart":
-                kl = symmetric_kl(_distribution(clean_out), _distribution(adv_out), kl_where)
-                kl_sum, count = losses.masked_sum(kl, valid)
+                c, a = task.targets(clean_out, batch, extra), task.targets(adv_out, batch, extra)
+                kl_sum, count = losses.masked_sum(symmetric_kl(c.logits, a.logits, c.where), valid)
                 metrics["smart_kl"] = (kl_sum, count)
-                return clean_loss + adv.smart_weight * kl_sum / global_count(count, axis_name), metrics
+                return clean_loss + adv.smart_weight * global_mean(kl_sum, count), metrics
             if adv.method == "freelb":  # the K ascent steps' parameter gradients are added below
                 return adv.clean_weight * clean_loss, metrics
             return (1.0 - adv.clean_weight) * adv_loss + adv.clean_weight * clean_loss, metrics
@@ -304,10 +243,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ad
             if adv.init == "zero" and adv.inner_steps:  # the inner loop's first value is the clean loss
                 metrics["clean_loss"] = (found.first_value, share)
             else:
-                out = forward(params, None, batch, ids, extra, k_dropout)
-                metrics["clean_loss"] = task.loss(out, batch, extra, axis_name)[1]["loss"]
+                metrics["clean_loss"] = task.loss(forward(params, None, batch, prepared), batch, extra)[1]["loss"]
         metrics["delta_norm"] = losses.masked_sum(delta_norm(found.delta, adv.norm), valid)
         metrics["loss"] = (total, share)  # this device's share of the global loss; shares add up to 1
-        return apply_gradients(state, psum(grads, axis_name), tx), psum(metrics, axis_name)
+        return apply_gradients(state, global_sum(grads), tx), global_sum(metrics)
 
     return train_step
+
+
+def build(ctx: Context, adv: Adversary) -> Recipe:
+    graphdef, params = nnx.split(ctx.load(ctx.model))
+    return Recipe(task=ctx.task, tx=ctx.tx, graphdef=graphdef, params=params,
+                  train_step=make_train_step(graphdef, ctx.tx, adv, ctx.task),
+                  eval_step=clean.make_eval_step(graphdef, ctx.task), export=lambda p: nnx.merge(graphdef, p))
+
+
+METHOD = Method("adversarial", Adversary, build,
+                help="adversarial training (pgd | freelb | smart) of the config's task; evaluation stays clean")

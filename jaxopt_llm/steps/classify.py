@@ -1,79 +1,96 @@
-"""Sequence classification (cross-entropy) and regression (num_labels == 1, squared error) steps.
+"""The classification task: cross-entropy on class logits ([CLS] -> pooler -> classifier), or squared
+error when the head has one output (regression). Reports loss, accuracy and macro-F1.
 
-batch: input_ids, attention_mask, token_type_ids (b, t) int32; labels (b,) int32 (float32 for regression);
-weight (b,) float32, 0 for padding rows of the last eval batch.
+batch: input_ids, attention_mask, token_type_ids (b, t); labels (b,) int32 (float32 for regression);
+weight (b,) float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
+import numpy as np
 
 from jaxopt_llm import losses
-from jaxopt_llm.bert.modeling import Bert
-from jaxopt_llm.state import TrainState
-from jaxopt_llm.steps.common import Metrics, apply_gradients, global_count, psum, step_key
+from jaxopt_llm.parallel import global_mean
+from jaxopt_llm.steps.common import Metrics, mean_metrics
+from jaxopt_llm.steps.task import DataNeeds, Prepared, Targets
 
 
-def logits_from_embeddings(model: Bert, embeddings_btd: jax.Array, batch: dict, *, deterministic: bool = True,
-                           dropout_key: jax.Array | None = None) -> jax.Array:
-    """Class logits (b, c) from word embeddings; the last layer runs at [CLS] only."""
-    k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    cls_b1 = jnp.zeros((embeddings_btd.shape[0], 1), jnp.int32)
-    hidden = model.encode(embeddings_btd, batch["attention_mask"], batch["token_type_ids"],
-                          deterministic=deterministic, dropout_key=k_encode, output_positions_bp=cls_b1)
-    return model.classify_logits(hidden, deterministic=deterministic, dropout_key=k_head)
+def macro_f1(confusion: np.ndarray) -> float:
+    """Mean F1 over the classes that occur (as label or prediction) in `confusion` [true, predicted]."""
+    c = np.asarray(confusion, np.float64)
+    tp, fp, fn = np.diag(c), c.sum(0) - np.diag(c), c.sum(1) - np.diag(c)
+    denominator = 2 * tp + fp + fn
+    present = denominator > 0
+    return float(np.mean(2 * tp[present] / denominator[present])) if present.any() else float("nan")
 
 
-def loss_and_metrics(logits_bc: jax.Array, batch: dict, axis_name: str | None = None) -> tuple[jax.Array, Metrics]:
-    """Mean loss over the global batch (for gradients) and (sum, count) metrics."""
-    valid = batch["weight"] > 0
-    if logits_bc.shape[-1] == 1:
-        per_example = losses.squared_error(logits_bc[:, 0], batch["labels"], valid)
-        metrics = {}
-    else:
-        per_example = losses.cross_entropy(logits_bc, batch["labels"], valid)
-        correct = (jnp.argmax(logits_bc, -1) == batch["labels"]).astype(jnp.float32)
-        metrics = {"accuracy": losses.masked_sum(correct, valid)}
-    total, count = losses.masked_sum(per_example, valid)
-    metrics["loss"] = (total, count)
-    return total / global_count(count, axis_name), metrics
+def confusion_matrix(logits_bc: jax.Array, labels_b: jax.Array, weight_b: jax.Array) -> jax.Array:
+    """(c, c) float32 counts [true label, predicted label], rows weighted by `weight_b`."""
+    c = logits_bc.shape[-1]
+    pairs = labels_b * c + jnp.argmax(logits_bc, -1)
+    return jnp.zeros(c * c, jnp.float32).at[pairs].add(weight_b).reshape(c, c)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    axis_name: str | None = None) -> Callable:
-    """`train_step(state, batch, key) -> (state, metrics)`; `axis_name` when run under pmap."""
+@dataclasses.dataclass(frozen=True)
+class ClassificationTask:
+    name: str = "classification"
+    head: str = "sequence-classification"
+    data: DataNeeds = DataNeeds(labels=True)
 
-    def loss_fn(params, batch, dropout_key):  # first argument is what is differentiated
-        model = nnx.merge(graphdef, params)
-        logits = logits_from_embeddings(model, model.embed(batch["input_ids"]), batch, deterministic=False,
-                                        dropout_key=dropout_key)
-        return loss_and_metrics(logits, batch, axis_name)
+    def prepare(self, batch, key):
+        return Prepared(batch["input_ids"], None, key)
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, Metrics]:
-        dropout_key = step_key(key, state.step)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, dropout_key)
-        return apply_gradients(state, psum(grads, axis_name), tx), psum(metrics, axis_name)
+    def forward(self, model, embeddings, batch, extra, *, deterministic=True, dropout_key=None, collect=None):
+        """Class logits (b, c) float32; the last layer runs at [CLS] only (everywhere when collecting)."""
+        k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        cls_b1 = None if collect is not None else jnp.zeros((embeddings.shape[0], 1), jnp.int32)
+        hidden = model.encode(embeddings, batch["attention_mask"], batch["token_type_ids"],
+                              deterministic=deterministic, dropout_key=k_encode, output_positions=cls_b1,
+                              collect=collect)
+        return model.classify_logits(hidden, deterministic=deterministic, dropout_key=k_head)
 
-    return train_step
+    def targets(self, logits, batch, extra):
+        return Targets(logits, batch["labels"], batch["weight"] > 0)
 
+    def loss(self, logits, batch, extra):
+        valid = batch["weight"] > 0
+        if logits.shape[-1] == 1:
+            per_example = losses.squared_error(logits[:, 0], batch["labels"], valid)
+            metrics = {}
+        else:
+            per_example = losses.cross_entropy(logits, batch["labels"], valid)
+            correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+            metrics = {"accuracy": losses.masked_sum(correct, valid)}
+        total, count = losses.masked_sum(per_example, valid)
+        metrics["loss"] = (total, count)
+        return global_mean(total, count), metrics
 
-def make_eval_step(graphdef: nnx.GraphDef, axis_name: str | None = None) -> Callable:
-    """`eval_step(params, batch) -> metrics`: loss, accuracy and the confusion matrix (for macro-F1)."""
-
-    def eval_step(params, batch: dict) -> Metrics:
-        model = nnx.merge(graphdef, params)
-        logits = logits_from_embeddings(model, model.embed(batch["input_ids"]), batch)
-        _, metrics = loss_and_metrics(logits, batch, axis_name)
+    def eval_metrics(self, logits, batch, extra):
+        _, metrics = self.loss(logits, batch, extra)
         if logits.shape[-1] > 1:
-            c = logits.shape[-1]
-            pairs = batch["labels"] * c + jnp.argmax(logits, -1)
-            confusion = jnp.zeros(c * c, jnp.float32).at[pairs].add(batch["weight"]).reshape(c, c)
-            metrics["confusion"] = (confusion, metrics["loss"][1])
-        return psum(metrics, axis_name)
+            metrics["confusion"] = (confusion_matrix(logits, batch["labels"], batch["weight"]), metrics["loss"][1])
+        return metrics
 
-    return eval_step
+    def summarize(self, sums: Metrics) -> dict[str, float]:
+        sums = dict(sums)
+        confusion = sums.pop("confusion", None)
+        out = mean_metrics(sums)
+        if confusion is not None:
+            c = np.asarray(jax.device_get(confusion[0]), np.float64)
+            out["f1"] = macro_f1(c.reshape(-1, *c.shape[-2:]).sum(0))
+        return out
+
+    def baseline(self, train, eval):
+        labels = train.get("labels")
+        if labels is None or labels.dtype.kind == "f":
+            return {}
+        majority = np.bincount(labels).argmax()
+        return {"majority_class_accuracy": float(np.mean(eval["labels"] == majority))}
+
+
+def task_from_config(config, tokenizer) -> ClassificationTask:
+    return ClassificationTask()

@@ -1,9 +1,8 @@
-"""What every step shares: applying gradients and reducing (sum, count) metrics."""
+"""What every step shares: the step key, applying gradients, and (sum, count) metrics."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxopt_llm.state import TrainState
@@ -11,23 +10,13 @@ from jaxopt_llm.state import TrainState
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 
-def psum(tree, axis_name: str | None):
-    """Sum over the pmap axis; identity under jit, where arrays already span all devices."""
-    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
-
-
-def global_count(count: jax.Array, axis_name: str | None) -> jax.Array:
-    return jnp.maximum(psum(count, axis_name), 1.0)
-
-
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation) -> TrainState:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state, data_position=state.data_position + 1)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
 
 
 def step_key(key: jax.Array, step: jax.Array) -> jax.Array:
-    """The key of one step: a typed key from `key` (typed or raw uint32) folded with the step."""
+    """The key of one step: a typed key from `key` (typed or raw uint32 key data) folded with the step."""
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
     return jax.random.fold_in(key, step)

@@ -1,9 +1,9 @@
 """Knowledge distillation: a student learns from a teacher's softened predictions (and, optionally, its
 hidden states and attention maps, TinyBERT-style) in one jitted step.
 
-`train_step(state, teacher_params, batch, key) -> (state, metrics)`: the teacher's parameters are an
-argument (never closed over, so they are not baked into the program, and never checkpointed with the
-student), run in eval mode and wrapped in stop_gradient. Teacher and student may differ in depth and
+`train_step(state, batch, key, aux) -> (state, metrics)` with aux = {"teachers": {name: params}}: the
+teachers' parameters are an argument (never closed over, so they are not baked into the program, and
+never checkpointed with the student), run in eval mode and wrapped in stop_gradient. Teacher and student may differ in depth and
 width (same vocabulary); widths are bridged by a learned projection of the student's hidden states.
 """
 
@@ -20,28 +20,44 @@ from flax import nnx
 
 from jaxopt_llm import losses
 from jaxopt_llm.bert.modeling import Bert, BertConfig
+from jaxopt_llm.parallel import global_mean, global_sum
+from jaxopt_llm.recipes import Context, Method, Recipe
 from jaxopt_llm.state import TrainState
-from jaxopt_llm.steps import classify, mlm
-from jaxopt_llm.steps.common import Metrics, apply_gradients, global_count, psum, step_key
+from jaxopt_llm.steps import clean
+from jaxopt_llm.steps.common import Metrics, apply_gradients, step_key
 
 
 @dataclasses.dataclass(frozen=True)
 class Distillation:
+    """The distillation method's options (config keys `distill.*`)."""
+
+    teacher: str | None = None  # model reference(s) of the teacher(s), comma-separated: run folder, HF folder, ...
+    student_layers: int = 2
+    init: str = "teacher-layers"  # teacher-layers (every k-th layer, DistilBERT) | random
     alpha: float = 0.5  # weight of the soft (teacher) term; 0 is plain training on labels
     temperature: float = 2.0
     hidden_weight: float = 0.0  # MSE between (projected) student and teacher hidden states
     attention_weight: float = 0.0  # MSE between attention probabilities
 
-    @classmethod
-    def from_config(cls, cfg) -> Distillation:
-        """From a `DistillConfig` (same field names for the loss weights)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
-
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"distill.alpha={self.alpha}: must be in [0, 1].")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             raise ValueError(f"distill.temperature={self.temperature}: must be positive.")
+        if self.init not in ("teacher-layers", "random"):
+            raise ValueError(f"distill.init={self.init!r}: use teacher-layers or random.")
+        if self.student_layers < 1:
+            raise ValueError(f"distill.student_layers={self.student_layers}: must be at least 1.")
+
+    def check(self) -> None:
+        """What a run needs beyond valid values (called once, when the config is validated)."""
+        if not self.teachers:
+            raise ValueError("distillation needs distill.teacher: a run folder written by finetune, an HF folder "
+                             "or a hub id (several, comma-separated, are averaged).")
+
+    @property
+    def teachers(self) -> list[str]:
+        return [t.strip() for t in (self.teacher or "").split(",") if t.strip()]
 
 
 class Student(nnx.Module):
@@ -89,59 +105,52 @@ def init_student(teacher: Bert, config: BertConfig, init: str, seed: int) -> Ber
     return student
 
 
-def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef,
-                    tx: optax.GradientTransformation, kd: Distillation, masking: mlm.Masking | None = None,
-                    axis_name: str | None = None) -> Callable:
-    """`train_step(state, teacher_params, batch, key) -> (state, metrics)`; state.params is a `Student`'s.
+def teacher_logits(logits: list[jax.Array], temperature: float) -> jax.Array:
+    """The teachers' combined distribution at temperature T, as logits z with softmax(z / T) = the mean of
+    the teachers' softmax(z_i / T): one teacher's logits as they are, several averaged in probability."""
+    if len(logits) == 1:
+        return logits[0]
+    log_p = jnp.stack([jax.nn.log_softmax(z.astype(jnp.float32) / temperature, -1) for z in logits])
+    return temperature * (jax.nn.logsumexp(log_p, axis=0) - jnp.log(len(logits)))
 
-    Classification when `masking` is None, else masked LM (the teacher's MLM distribution at the masked
-    positions). Metrics: loss, ce, kl, accuracy (student), agreement (student argmax == teacher argmax),
-    and hidden_mse / attention_mse when weighted.
+
+def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdefs: dict[str, nnx.GraphDef],
+                    tx: optax.GradientTransformation, kd: Distillation, task) -> Callable:
+    """`train_step(state, batch, key, aux) -> (state, metrics)` with aux = {"teachers": {name: params}};
+    state.params is a `Student`'s. The teachers run in eval mode on the same (masked) inputs; their
+    distributions are averaged. Metrics: loss, ce, kl, accuracy (student), agreement (student argmax ==
+    teachers' argmax), and hidden_mse / attention_mse when weighted (one teacher only).
     """
     want_inner = kd.hidden_weight > 0 or kd.attention_weight > 0
+    if want_inner and len(teacher_graphdefs) != 1:
+        raise ValueError("distill.hidden_weight / distill.attention_weight need exactly one teacher.")
 
-    def run(model: Bert, ids, batch, extra, deterministic, key, collect):
-        emb = model.embed(ids)
-        if masking is None:
-            k_encode, k_head = (None, None) if key is None else jax.random.split(key)
-            positions = None if collect is not None else jnp.zeros((ids.shape[0], 1), jnp.int32)
-            hidden = model.encode(emb, batch["attention_mask"], batch["token_type_ids"], deterministic=deterministic,
-                                  dropout_key=k_encode, output_positions_bp=positions, collect=collect)
-            return model.classify_logits(hidden, deterministic=deterministic, dropout_key=k_head)
-        positions = extra[0]
-        if collect is None:
-            return mlm.logits_from_embeddings(model, emb, batch, positions, deterministic=deterministic,
-                                              dropout_key=key)[0]
-        hidden = model.encode(emb, batch["attention_mask"], batch["token_type_ids"], deterministic=deterministic,
-                              dropout_key=key, collect=collect)
-        return model.mlm_logits(jnp.take_along_axis(hidden, positions[..., None], axis=1))
+    def run(model, prepared, batch, deterministic, key, collect):
+        out = task.forward(model, model.embed(prepared.input_ids), batch, prepared.extra,
+                           deterministic=deterministic, dropout_key=key, collect=collect)
+        return task.targets(out, batch, prepared.extra)
 
-    def train_step(state: TrainState, teacher_params, batch: dict, key: jax.Array) -> tuple[TrainState, Metrics]:
-        sk = step_key(key, state.step)
-        if masking is None:
-            ids, extra, labels, where, dropout_key = batch["input_ids"], None, batch["labels"], batch["weight"] > 0, sk
-        else:
-            mask_key, dropout_key = jax.random.split(sk)
-            ids, positions, labels, weights = mlm.mask_batch(mask_key, batch, masking)
-            extra, where = (positions,), (weights > 0) & (batch["weight"][:, None] > 0)
-        teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))  # teacher frozen, eval mode
+    def train_step(state: TrainState, batch: dict, key: jax.Array, aux) -> tuple[TrainState, Metrics]:
+        prepared = task.prepare(batch, step_key(key, state.step))
         t_inner = {} if want_inner else None
-        t_logits = jax.lax.stop_gradient(run(teacher, ids, batch, extra, True, None, t_inner))
+        t_logits = []
+        for name, graphdef in teacher_graphdefs.items():  # teachers frozen, eval mode
+            teacher = nnx.merge(graphdef, jax.lax.stop_gradient(aux["teachers"][name]))
+            t_logits.append(jax.lax.stop_gradient(run(teacher, prepared, batch, True, None, t_inner).logits))
+        t_logits = teacher_logits(t_logits, kd.temperature)
 
         def loss_fn(params):  # first argument is what is differentiated
             student = nnx.merge(student_graphdef, params)
             s_inner = {} if want_inner else None
-            s_logits = run(student.bert, ids, batch, extra, False, dropout_key, s_inner)
-            total, ce, kl = losses.distillation(s_logits, t_logits, labels, kd.alpha, kd.temperature, where)
-            t_sum, count = losses.masked_sum(total, where)
-            n = global_count(count, axis_name)
-            loss = t_sum / n
-            agree = (jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1)).astype(jnp.float32)
-            correct = (jnp.argmax(s_logits, -1) == labels).astype(jnp.float32)
-            metrics = {"ce": losses.masked_sum(ce, where), "kl": losses.masked_sum(kl, where),
-                       "accuracy": losses.masked_sum(correct, where), "agreement": losses.masked_sum(agree, where)}
+            s = run(student.bert, prepared, batch, False, prepared.dropout_key, s_inner)
+            total, ce, kl = losses.distillation(s.logits, t_logits, s.labels, kd.alpha, kd.temperature, s.where)
+            t_sum, count = losses.masked_sum(total, s.where)
+            loss = global_mean(t_sum, count)
+            agree = (jnp.argmax(s.logits, -1) == jnp.argmax(t_logits, -1)).astype(jnp.float32)
+            correct = (jnp.argmax(s.logits, -1) == s.labels).astype(jnp.float32)
+            metrics = {"ce": losses.masked_sum(ce, s.where), "kl": losses.masked_sum(kl, s.where),
+                       "accuracy": losses.masked_sum(correct, s.where), "agreement": losses.masked_sum(agree, s.where)}
             valid_bt = batch["attention_mask"][..., None] * (batch["weight"][:, None, None] > 0)
-            tokens = global_count(jnp.sum(valid_bt, dtype=jnp.float32), axis_name)
             local_tokens = jnp.sum(valid_bt, dtype=jnp.float32)
             pairs = layer_map(len(s_inner["attention"]), len(t_inner["attention"])) if want_inner else []
             if kd.hidden_weight > 0:  # student layer i+1 <-> teacher layer map(i)+1; embeddings <-> embeddings
@@ -149,19 +158,19 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
                 for i, j in enumerate(pairs):
                     mse += _mse(student.projection(s_inner["hidden"][i + 1]), t_inner["hidden"][j + 1], valid_bt)
                 mse = mse / (len(pairs) + 1)
-                loss = loss + kd.hidden_weight * mse / tokens
+                loss = loss + kd.hidden_weight * global_mean(mse, local_tokens)
                 metrics["hidden_mse"] = (mse, local_tokens)
             if kd.attention_weight > 0:  # heads must match; rows of padded queries are not compared
                 mse = sum(_mse(s_inner["attention"][i], t_inner["attention"][j],
                                batch["attention_mask"][:, None, :, None] * (batch["weight"][:, None, None, None] > 0))
                           for i, j in enumerate(pairs)) / len(pairs)
-                loss = loss + kd.attention_weight * mse / tokens
+                loss = loss + kd.attention_weight * global_mean(mse, local_tokens)
                 metrics["attention_mse"] = (mse, local_tokens)
-            metrics["loss"] = (loss, count / n)  # this device's share of the global loss
+            metrics["loss"] = (loss, global_mean(count, count))  # this device's share of the global loss
             return loss, metrics
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-        return apply_gradients(state, psum(grads, axis_name), tx), psum(metrics, axis_name)
+        return apply_gradients(state, global_sum(grads), tx), global_sum(metrics)
 
     return train_step
 
@@ -172,14 +181,21 @@ def _mse(a, b, mask) -> jax.Array:
     return jnp.sum(diff * mask)
 
 
-def make_eval_step(student_graphdef: nnx.GraphDef, masking: mlm.Masking | None = None, seed: int = 0,
-                   axis_name: str | None = None) -> Callable:
-    """The student BERT's clean eval step (classification or MLM) on a `Student`'s params."""
-    def eval_step(params, batch):
-        student = nnx.merge(student_graphdef, params)
-        graphdef, bert_params = nnx.split(student.bert)
-        if masking is None:
-            return classify.make_eval_step(graphdef, axis_name)(bert_params, batch)
-        return mlm.make_eval_step(graphdef, masking, seed, axis_name)(bert_params, batch)
+def build(ctx: Context, kd: Distillation) -> Recipe:
+    """The student starts from the (first) teacher: every k-th layer, or a random init of its shape."""
+    kd.check()
+    teachers = {f"teacher_{i}": ctx.load(ref) for i, ref in enumerate(kd.teachers)}
+    first = next(iter(teachers.values()))
+    bert = init_student(first, student_config(first.config, kd.student_layers), kd.init, ctx.seed)
+    student = Student(bert, first.config.hidden_size, kd.hidden_weight > 0, rngs=nnx.Rngs(ctx.seed + 1))
+    graphdef, params = nnx.split(student)
+    split = {name: nnx.split(model) for name, model in teachers.items()}
+    return Recipe(task=ctx.task, tx=ctx.tx, graphdef=graphdef, params=params,
+                  train_step=make_train_step(graphdef, {n: g for n, (g, _) in split.items()}, ctx.tx, kd, ctx.task),
+                  eval_step=clean.make_eval_step(graphdef, ctx.task, select=lambda student: student.bert),
+                  export=lambda p: nnx.merge(graphdef, p).bert,
+                  aux={"teachers": {n: p for n, (_, p) in split.items()}})
 
-    return eval_step
+
+METHOD = Method("distill", Distillation, build, help="knowledge distillation from distill.teacher into a smaller "
+                "student", base_model=lambda kd: (kd.teachers or [None])[0])

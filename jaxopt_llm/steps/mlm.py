@@ -1,4 +1,4 @@
-"""Masked-LM pretraining step, with optional next-sentence prediction and whole-word masking.
+"""The masked-LM task, with optional next-sentence prediction and whole-word masking.
 
 batch: input_ids, attention_mask, token_type_ids, special_tokens_mask (b, t) int32; index (b,) int32, the
 example's row in the dataset (masks are drawn per example from fold_in(step key, index), so any sharding
@@ -9,17 +9,14 @@ next_sentence_label (b,); weight (b,) float32.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
 
 from jaxopt_llm import losses
-from jaxopt_llm.bert.modeling import Bert
-from jaxopt_llm.state import TrainState
-from jaxopt_llm.steps.common import Metrics, apply_gradients, global_count, psum, step_key
+from jaxopt_llm.parallel import global_mean, global_sum
+from jaxopt_llm.steps.common import Metrics, mean_metrics
+from jaxopt_llm.steps.task import DataNeeds, Prepared, Targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,65 +63,82 @@ def mask_batch(key: jax.Array, batch: dict, m: Masking):
         keys, batch["input_ids"], batch["special_tokens_mask"], words)
 
 
-def logits_from_embeddings(model: Bert, embeddings_btd: jax.Array, batch: dict, positions_bp: jax.Array, *,
-                           deterministic: bool = True, dropout_key: jax.Array | None = None):
-    """(MLM logits at `positions_bp` (b, P, v), NSP logits (b, 2) or None). The last layer and the
-    vocabulary projection run only at the positions read."""
-    nsp = model.nsp is not None and "next_sentence_label" in batch
-    read = jnp.concatenate([jnp.zeros_like(positions_bp[:, :1]), positions_bp], 1) if nsp else positions_bp
-    hidden = model.encode(embeddings_btd, batch["attention_mask"], batch["token_type_ids"],
-                          deterministic=deterministic, dropout_key=dropout_key, output_positions_bp=read)
-    mlm = model.mlm_logits(hidden[:, 1:] if nsp else hidden)
-    return mlm, (model.nsp_logits(hidden) if nsp else None)
+@dataclasses.dataclass(frozen=True)
+class MaskedLMTask:
+    """Masked LM (+ NSP when `next_sentence`). Eval masks come from `eval_seed`, the same at every eval."""
+
+    masking: Masking
+    next_sentence: bool = False
+    eval_seed: int = 0
+    name: str = "masked-lm"
+
+    @property
+    def head(self) -> str:
+        return "pretraining" if self.next_sentence else "masked-lm"
+
+    @property
+    def data(self) -> DataNeeds:
+        return DataNeeds(labels=False, word_ids=self.masking.whole_word, next_sentence=self.next_sentence)
+
+    def prepare(self, batch, key):
+        """extra = (positions (b, P), labels (b, P), weights (b, P)); key None: the fixed eval masks."""
+        if key is None:
+            mask_key, dropout_key = jax.random.key(self.eval_seed), None
+        else:
+            mask_key, dropout_key = jax.random.split(key)
+        masked, positions, labels, weights = mask_batch(mask_key, batch, self.masking)
+        return Prepared(masked, (positions, labels, weights), dropout_key)
+
+    def forward(self, model, embeddings, batch, extra, *, deterministic=True, dropout_key=None, collect=None):
+        """(MLM logits at the masked positions (b, P, v), NSP logits (b, 2) or None). The last layer and the
+        vocabulary projection run only at the positions read (every position when collecting)."""
+        positions = extra[0]
+        nsp = model.nsp is not None and "next_sentence_label" in batch
+        read = jnp.concatenate([jnp.zeros_like(positions[:, :1]), positions], 1) if nsp else positions
+        hidden = model.encode(embeddings, batch["attention_mask"], batch["token_type_ids"],
+                              deterministic=deterministic, dropout_key=dropout_key,
+                              output_positions=None if collect is not None else read, collect=collect)
+        if collect is not None:
+            hidden = jnp.take_along_axis(hidden, read[..., None], axis=1)
+        mlm = model.mlm_logits(hidden[:, 1:] if nsp else hidden)
+        return mlm, (model.nsp_logits(hidden) if nsp else None)
+
+    def targets(self, outputs, batch, extra):
+        _, labels, weights = extra
+        return Targets(outputs[0], labels, (weights > 0) & (batch["weight"][:, None] > 0))
+
+    def loss(self, outputs, batch, extra):
+        mlm_logits, nsp_logits = outputs
+        _, labels_bp, valid_bp = self.targets(outputs, batch, extra)
+        total, count = losses.masked_sum(losses.cross_entropy(mlm_logits, labels_bp, valid_bp), valid_bp)
+        correct = (jnp.argmax(mlm_logits, -1) == labels_bp).astype(jnp.float32)
+        metrics = {"loss": (total, count), "mlm_loss": (total, count),
+                   "mlm_accuracy": losses.masked_sum(correct, valid_bp)}
+        loss = global_mean(total, count)
+        if nsp_logits is not None:
+            valid_b = batch["weight"] > 0
+            nsp_total, nsp_count = losses.masked_sum(
+                losses.cross_entropy(nsp_logits, batch["next_sentence_label"], valid_b), valid_b)
+            nsp_correct = (jnp.argmax(nsp_logits, -1) == batch["next_sentence_label"]).astype(jnp.float32)
+            metrics["nsp_loss"] = (nsp_total, nsp_count)
+            metrics["nsp_accuracy"] = losses.masked_sum(nsp_correct, valid_b)
+            loss = loss + global_mean(nsp_total, nsp_count)
+            # this device's share of the global MLM + NSP loss; the shares' counts add up to 1 over devices
+            metrics["loss"] = (loss, count / jnp.maximum(global_sum(count), 1.0))
+        return loss, metrics
+
+    def eval_metrics(self, outputs, batch, extra):
+        return self.loss(outputs, batch, extra)[1]
+
+    def summarize(self, sums: Metrics) -> dict[str, float]:
+        return mean_metrics(sums)
+
+    def baseline(self, train, eval):
+        return {}
 
 
-def loss_and_metrics(mlm_logits, nsp_logits, labels_bp, weights_bp, batch, axis_name=None):
-    valid_bp = (weights_bp > 0) & (batch["weight"][:, None] > 0)
-    total, count = losses.masked_sum(losses.cross_entropy(mlm_logits, labels_bp, valid_bp), valid_bp)
-    correct = (jnp.argmax(mlm_logits, -1) == labels_bp).astype(jnp.float32)
-    metrics = {"loss": (total, count), "mlm_loss": (total, count),
-               "mlm_accuracy": losses.masked_sum(correct, valid_bp)}
-    loss = total / global_count(count, axis_name)
-    if nsp_logits is not None:
-        valid_b = batch["weight"] > 0
-        nsp_total, nsp_count = losses.masked_sum(
-            losses.cross_entropy(nsp_logits, batch["next_sentence_label"], valid_b), valid_b)
-        nsp_correct = (jnp.argmax(nsp_logits, -1) == batch["next_sentence_label"]).astype(jnp.float32)
-        metrics["nsp_loss"] = (nsp_total, nsp_count)
-        metrics["nsp_accuracy"] = losses.masked_sum(nsp_correct, valid_b)
-        loss = loss + nsp_total / global_count(nsp_count, axis_name)
-        # this device's share of the global MLM + NSP loss; the shares' counts add up to 1 over devices
-        metrics["loss"] = (loss, count / global_count(count, axis_name))
-    return loss, metrics
-
-
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, masking: Masking,
-                    axis_name: str | None = None) -> Callable:
-    """`train_step(state, batch, key) -> (state, metrics)`; masks are drawn inside from the step key."""
-
-    def loss_fn(params, batch, masked_ids, positions, labels, weights, dropout_key):
-        model = nnx.merge(graphdef, params)
-        mlm, nsp = logits_from_embeddings(model, model.embed(masked_ids), batch, positions,
-                                          deterministic=False, dropout_key=dropout_key)
-        return loss_and_metrics(mlm, nsp, labels, weights, batch, axis_name)
-
-    def train_step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, Metrics]:
-        mask_key, dropout_key = jax.random.split(step_key(key, state.step))
-        masked_ids, positions, labels, weights = mask_batch(mask_key, batch, masking)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, masked_ids, positions, labels,
-                                                         weights, dropout_key)
-        return apply_gradients(state, psum(grads, axis_name), tx), psum(metrics, axis_name)
-
-    return train_step
-
-
-def make_eval_step(graphdef: nnx.GraphDef, masking: Masking, seed: int = 0, axis_name: str | None = None) -> Callable:
-    """`eval_step(params, batch) -> metrics` with masks fixed by `seed`, the same at every evaluation."""
-
-    def eval_step(params, batch: dict) -> Metrics:
-        model = nnx.merge(graphdef, params)
-        masked_ids, positions, labels, weights = mask_batch(jax.random.key(seed), batch, masking)
-        mlm, nsp = logits_from_embeddings(model, model.embed(masked_ids), batch, positions)
-        return psum(loss_and_metrics(mlm, nsp, labels, weights, batch, axis_name)[1], axis_name)
-
-    return eval_step
+def task_from_config(config, tokenizer) -> MaskedLMTask:
+    d = config.data
+    masking = Masking(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), rate=d.mlm_probability,
+                      max_predictions=d.max_predictions_per_seq, whole_word=d.whole_word_masking)
+    return MaskedLMTask(masking, next_sentence=d.next_sentence, eval_seed=config.train.seed)

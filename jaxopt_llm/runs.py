@@ -1,0 +1,75 @@
+"""Run folders: what every training command writes, and what every later step accepts as its model.
+
+    RUN/model/          Hugging Face folder (config.json, model.safetensors, tokenizer) of the result
+    RUN/run.json        the record: config, task, method, label names, versions, devices, baseline, compiles
+    RUN/labels.json     label names in id order (classification)
+    RUN/metrics.jsonl   one JSON object per logged event
+    RUN/checkpoints/    orbax checkpoints of the train state (exact resume)
+    RUN/tensorboard/    TensorBoard events
+    RUN/<method files>  e.g. prompt.json, temperature.json: what a method adds, read back by prediction
+
+Wherever a model is named (model.name_or_path, distillation teachers, predict, similarity, sweeps, the
+Python API) a run folder, an HF folder, a hub id or the packaged MiniLM may be given; `bert.params.resolve`
+turns any of them into the HF folder and `RunFolder.of` into the run's record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_json(file: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
+    """Write JSON atomically: a temporary file in the same folder, fsync, rename."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(value, indent=indent, default=str, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunFolder:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    model = property(lambda self: self.path / "model")
+    record_file = property(lambda self: self.path / "run.json")
+    labels_file = property(lambda self: self.path / "labels.json")
+    metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+
+    @classmethod
+    def of(cls, reference: str | os.PathLike) -> RunFolder | None:
+        """The run folder a model reference names, or None (an HF folder, a hub id, the packaged model)."""
+        path = Path(str(reference)).expanduser()
+        if path.is_dir() and (path / "run.json").is_file():
+            return cls(path)
+        return None
+
+    def record(self) -> dict:
+        return json.loads(self.record_file.read_text()) if self.record_file.is_file() else {}
+
+    def labels(self) -> tuple[str, ...] | None:
+        return tuple(json.loads(self.labels_file.read_text())) if self.labels_file.is_file() else None
+
+    def task(self) -> str | None:
+        return self.record().get("config", {}).get("task")
+
+    def read(self, name: str) -> Any:
+        """A method file (JSON) of the run, or None."""
+        file = self.path / name
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    def write(self, name: str, value: Any) -> None:
+        write_json(self.path / name, value)
