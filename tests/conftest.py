@@ -7,6 +7,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the network
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="jaxopt-llm-hf-home-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA's cheaper optimisation level halves compile time; every comparison runs both sides under it
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
