@@ -6,11 +6,16 @@ latest step found is a whole one.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointRestoreError(ValueError):
+    """No checkpoint of a run folder restores; the message names the folder and the fix."""
 
 
 class Checkpoints:
@@ -37,11 +42,35 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"], step
 
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
+        """(state, meta, step) of the newest checkpoint that restores, or None when there is none. A step that
+        fails (truncated or corrupt files) is skipped with a message saying which and why."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            try:
+                return self.restore(abstract_state, step)
+            except Exception as err:  # orbax / tensorstore errors run to pages; one line says enough
+                reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                failures.append(f"step {step} ({reason})")
+                print(f"checkpoint: step {step} in {self.directory} does not restore ({reason}); trying an older "
+                      "one", file=sys.stderr)
+        if failures:
+            raise CheckpointRestoreError(f"no checkpoint in {str(self.directory)!r} restores: {'; '.join(failures)}. "
+                                         "Delete that folder to start the run afresh.")
+        return None
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def has_steps(directory: str | Path) -> bool:
+    """Whether a checkpoint folder holds any step (complete or not), without opening a manager."""
+    directory = Path(directory)
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def with_shardings(abstract_state: Any, shardings: Any) -> Any:

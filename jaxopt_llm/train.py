@@ -8,7 +8,10 @@ logged after that point is bit-identical to an uninterrupted run's (a test kills
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
+import os
 import subprocess
 import sys
 import time
@@ -18,18 +21,41 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxopt_llm import checkpoint, optim, recipes
+from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
 from jaxopt_llm import state as state_lib
 from jaxopt_llm.bert.modeling import BertConfig
-from jaxopt_llm.bert.params import from_pretrained, read_config, resolve, save_pretrained
+from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, read_config, resolve, save_pretrained
 from jaxopt_llm.config import Config, TrainConfig
 from jaxopt_llm.parallel import Parallel, compile_count, initialize_distributed
 from jaxopt_llm.recipes import Context, Recipe
 from jaxopt_llm.runs import RunFolder, write_json
+
+
+class TrainingError(ValueError):
+    """A run cannot go on as configured; the message says why and what to change."""
+
+
+def _finite_or_none(value):
+    """JSON has no NaN or Infinity: non-finite numbers are logged as null."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def read_metrics(file: Path) -> list[dict]:
+    """The events of a metrics.jsonl; a last line cut off by a crash is ignored."""
+    if not file.is_file():
+        return []
+    rows = []
+    for line in file.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 class MetricsLog:
@@ -40,10 +66,11 @@ class MetricsLog:
         self.file = run.metrics_file
         if not enabled:
             return
-        if self.file.exists():  # drop what was logged after the checkpoint we resume from
-            kept = [line for line in self.file.read_text().splitlines()
-                    if line.strip() and resume_step is not None and json.loads(line)["step"] <= resume_step]
-            self.file.write_text("".join(line + "\n" for line in kept))
+        if self.file.exists():  # drop what was logged after the checkpoint we resume from, atomically
+            kept = [r for r in read_metrics(self.file) if resume_step is not None and r["step"] <= resume_step]
+            tmp = self.file.with_name(f".{self.file.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.file)
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(run.tensorboard))
@@ -51,8 +78,11 @@ class MetricsLog:
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        row = {"step": step, "split": split, **{k: _finite_or_none(v) for k, v in values.items()}}
         with self.file.open("a") as f:
-            f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         for name, value in values.items():
             self.writer.add_scalar(f"{split}/{name}", value, step)
         self.writer.flush()
@@ -60,6 +90,16 @@ class MetricsLog:
     def close(self) -> None:
         if self.enabled:
             self.writer.close()
+
+
+def _to_json(metrics) -> dict:
+    """{name: (sum, count)} float32 device metrics as lists: exact through JSON, so that a resumed log interval
+    sums to what a straight run's does."""
+    return {name: [np.asarray(jax.device_get(x)).tolist() for x in pair] for name, pair in metrics.items()}
+
+
+def _from_json(metrics: dict) -> dict:
+    return {name: tuple(np.asarray(x, np.float32) for x in pair) for name, pair in metrics.items()}
 
 
 def _versions() -> dict[str, str]:
@@ -93,22 +133,35 @@ def evaluate(eval_fn: Callable, params, aux, task, arrays: dict, parallel: Paral
 
 
 def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConfig, parallel: Parallel, *,
-        record: dict | None = None, tokenizer: Any = None) -> dict[str, float]:
-    """Train `recipe` on `data` in the run folder `workdir` (resuming from its latest checkpoint); returns
-    the final eval metrics. `record` is merged into run.json; `tokenizer` is saved with the exported model."""
+        record: dict | None = None, tokenizer: Any = None, changes: dict | None = None) -> dict[str, float]:
+    """Train `recipe` on `data` in the run folder `workdir` (resuming from its newest checkpoint that
+    restores); returns the final eval metrics. `record` is merged into run.json; `changes` (key -> [old, new])
+    are the settings changed since the run started, recorded in its history; `tokenizer` is saved with the
+    exported model. A finished run is not run again: its final eval metrics are returned."""
     run = RunFolder(workdir)
     run.path.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
     parallel.check_batch_size(cfg.batch_size)
+    accum, total_micro = cfg.grad_accum, cfg.steps * cfg.grad_accum
     ckpts = checkpoint.Checkpoints(run.checkpoints, keep=cfg.keep_checkpoints)
-    resume_step = ckpts.latest()
-    if resume_step is None:
-        host_state = state_lib.create(recipe.params, recipe.tx)
+    if ckpts.latest() == total_micro and (run.model / "config.json").is_file():
+        ckpts.close()
+        evals = [r for r in read_metrics(run.metrics_file) if r["split"] == "eval"]
+        final = {k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "split")}
+        if main:
+            print(f"{run.path} already finished at step {cfg.steps}; final eval: {json.dumps(final)}. Use a new "
+                  "--workdir to train again, or raise train.steps to continue.", file=sys.stderr)
+        return final
+    abstract = state_lib.abstract(recipe.params, recipe.tx)
+    if not parallel.pmap:
+        abstract = checkpoint.with_shardings(abstract, parallel.state_shardings(abstract))
+    restored = ckpts.restore_latest(abstract)
+    if restored is None:
+        host_state, resume_step, interval, interval_steps = state_lib.create(recipe.params, recipe.tx), None, None, 0
     else:
-        abstract = state_lib.abstract(recipe.params, recipe.tx)
-        if not parallel.pmap:
-            abstract = checkpoint.with_shardings(abstract, parallel.state_shardings(abstract))
-        host_state, _, _ = ckpts.restore(abstract, resume_step)
+        host_state, meta, resume_step = restored
+        interval = _from_json(meta["interval"]) if meta.get("interval") is not None else None
+        interval_steps = meta.get("interval_steps", 0)
         if main:
             print(f"resuming from step {resume_step} in {run.path}", file=sys.stderr)
     key = parallel.put_key(jax.random.key_data(jax.random.key(cfg.seed)))  # the run's one base key
@@ -119,28 +172,33 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
     eval_fn = parallel.compile_eval(recipe.eval_step)
     batches = data_lib.Batches(data.train, cfg.batch_size, cfg.seed, process_index=jax.process_index(),
                                process_count=jax.process_count())
-    log = MetricsLog(run, None if resume_step is None else resume_step // cfg.grad_accum, main)
+    log = MetricsLog(run, None if resume_step is None else resume_step // accum, main)
     baseline = recipe.task.baseline(data.train, data.eval)
     if main:
         if data.label_names is not None:
             write_json(run.labels_file, list(data.label_names))
-        write_json(run.record_file, {**(record or {}), "versions": _versions(), "git_revision": _git_revision(),
-                                     "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
-                                     "process_count": jax.process_count(), "command": sys.argv,
-                                     "label_names": data.label_names, "resumed_from": resume_step,
-                                     "data": [str(r) for r in data.reports], "baseline": baseline})
+        session = {"event": "start" if resume_step is None else "resume", "step": resume_step or 0,
+                   "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "command": sys.argv, **({"changes": changes} if changes else {})}
+        earlier = run.record() if resume_step is not None else {}
+        if resume_step is None:
+            session["config"] = (record or {}).get("config")  # the original settings, kept for good
+        write_json(run.record_file, {**earlier, **(record or {}), "versions": _versions(),
+                                     "git_revision": _git_revision(), "device_kind": jax.devices()[0].device_kind,
+                                     "device_count": jax.device_count(), "process_count": jax.process_count(),
+                                     "command": sys.argv, "label_names": data.label_names,
+                                     "resumed_from": resume_step, "data": [str(r) for r in data.reports],
+                                     "baseline": baseline, "history": earlier.get("history", []) + [session]})
         for name, value in baseline.items():
             print(f"data: {name.replace('_', ' ')} on the eval split: {value:.4f}", file=sys.stderr)
 
-    accum = cfg.grad_accum
     micro = int(jax.device_get(parallel.host_state(state).step))  # = global batches consumed
-    total_micro = cfg.steps * accum
     lr = optim.schedule(cfg)
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=micro // accum, disable=not (cfg.progress and main), unit="step",
                dynamic_ncols=True, file=sys.stderr)
-    interval, interval_start, interval_steps = None, time.perf_counter(), 0
+    interval_start = time.perf_counter()
     eval_metrics: dict[str, float] = {}
     step_compiles = 0
     while micro < total_micro:
@@ -159,12 +217,16 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
             values = recipe.task.summarize(interval)
             elapsed = time.perf_counter() - interval_start
             values["learning_rate"] = float(lr(max(update - 1, 0)))
-            values["skipped_updates"] = int(jax.device_get(optim.skipped_updates(
-                parallel.host_state(state).opt_state)))
+            skipped = int(jax.device_get(optim.skipped_updates(parallel.host_state(state).opt_state)))
+            values["skipped_updates"] = skipped
             log.write(update, "train", values)
             bar.set_postfix(loss=f"{values['loss']:.4f}",
                             seq_per_s=f"{interval_steps * cfg.batch_size / max(elapsed, 1e-9):.1f}")
             interval, interval_start, interval_steps = None, time.perf_counter(), 0
+            if skipped == update:
+                raise TrainingError(f"stopped at step {update}: every update so far had non-finite values and was "
+                                    "skipped, so nothing trains. Lower train.learning_rate, check the data, or "
+                                    f"use model.dtype=float32. The run folder {run.path} is left as it is.")
         if update % cfg.eval_every == 0 or update == cfg.steps:
             eval_metrics = evaluate(eval_fn, state.params, aux, recipe.task, data.eval, parallel, cfg.batch_size,
                                     cfg.eval_batches)
@@ -172,7 +234,9 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
             if main:
                 bar.write(f"step {update}: eval " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
         if micro % (cfg.checkpoint_every * accum) == 0 or micro == total_micro:
-            ckpts.save(micro, parallel.host_state(state), {"update": update})
+            # the log interval's running sums travel with the state: a resumed run logs what a straight one does
+            ckpts.save(micro, parallel.host_state(state), {"update": update, "interval_steps": interval_steps,
+                                                          "interval": None if interval is None else _to_json(interval)})
     bar.close()
     ckpts.wait()
     ckpts.close()
@@ -185,6 +249,9 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
         record = run.record()
         record["train_step_compiles"] = step_compiles  # 1 when the step compiled once (0 if nothing ran)
         write_json(run.record_file, record)
+    if not eval_metrics:  # resumed after the last eval: report the logged one
+        evals = [r for r in read_metrics(run.metrics_file) if r["split"] == "eval"]
+        eval_metrics = {k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "split")}
     return eval_metrics
 
 
@@ -193,7 +260,7 @@ def label_names_for(config: Config, run: RunFolder, base_folder: Path, labelled:
     the base model's trained head; None lets the data decide (sorted names)."""
     if not labelled:
         return None
-    if run.labels() is not None and run.checkpoints.is_dir():
+    if run.labels() is not None and checkpoint.has_steps(run.checkpoints):
         return run.labels()
     if config.model.num_labels == 1:
         return None
@@ -219,16 +286,28 @@ def loader(config: Config, head: str, labels: tuple[str, ...] | None, num_labels
 
 
 def train(config: Config, workdir: str | Path) -> dict[str, float]:
-    """Run (or resume) the configured training in the run folder `workdir`; returns the final eval metrics."""
-    from transformers import AutoTokenizer
+    """Run (or resume) the configured training in the run folder `workdir`; returns the final eval metrics.
 
+    Everything is checked before anything is written or compiled: a resume whose settings differ from the
+    run's first ones (other than config.RESUMABLE) is refused, naming each change.
+    """
     initialize_distributed()
     main = jax.process_index() == 0
+    run = RunFolder(workdir)
+    changes = None
+    if run.record().get("config") and checkpoint.has_steps(run.checkpoints):
+        first = run.record().get("history", [{}])[0].get("config") or run.record()["config"]
+        changes = config_lib.resume_changes(first, config, str(workdir))
     method = recipes.get(config.method)
     base_folder = resolve(method.base_model(config.options) or config.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    base_config = read_config(base_folder)
+    positions = int(base_config.get("max_position_embeddings", 512))
+    if config.data.max_length > positions:
+        raise config_lib.ConfigError(f"data.max_length={config.data.max_length} is more than the model's "
+                                     f"{positions} positions (max_position_embeddings of {base_folder}): set "
+                                     f"data.max_length <= {positions}.")
+    tokenizer = load_tokenizer(base_folder)
     task = recipes.make_task(config, tokenizer)
-    run = RunFolder(workdir)
     names = label_names_for(config, run, base_folder, task.data.labels)
     data = data_lib.load(config.data, tokenizer, task.data, num_labels=config.model.num_labels, names=names,
                          seed=config.train.seed)
@@ -242,4 +321,5 @@ def train(config: Config, workdir: str | Path) -> dict[str, float]:
                   load=loader(config, task.head, data.label_names, num_labels), labels=data.label_names)
     recipe = method.build(ctx, config.options)
     return fit(recipe, data, workdir, config.train, Parallel(config.parallel),
-               record={"config": config.to_dict(), "task": config.task, "method": config.method}, tokenizer=tokenizer)
+               record={"config": config.to_dict(), "task": config.task, "method": config.method}, tokenizer=tokenizer,
+               changes=changes)

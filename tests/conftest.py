@@ -10,6 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # XLA's cheaper optimisation level halves compile time; every comparison runs both sides under it
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+import csv  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -140,3 +144,45 @@ def run_backend(make_step, params, backend, n_devices, steps, fsdp=False, aux=No
         compiles.append(compile_count() - before)
         means.append(mean_metrics(metrics))
     return means, jax.device_get(parallel.host_state(state).params), compiles
+
+
+# ---- the training loop: a tiny random BERT with the MiniLM vocabulary, and real tweets ----------------
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    """A tiny random BERT with the MiniLM vocabulary, and 96 real tweets as clean UTF-8 CSV."""
+    import transformers
+
+    from jaxopt_llm.assets import minilm_path, tweets_csv_path
+
+    root = tmp_path_factory.mktemp("train")
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    config = transformers.BertConfig(**{**TINY, "vocab_size": tok.vocab_size, "max_position_embeddings": 64})
+    transformers.BertModel(config).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
+    picked = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))[:96]]
+    with (root / "tweets.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["sentiment", "text"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(picked)
+    (root / "lines.txt").write_text("\n".join(r["text"] for r in picked))
+    return root
+
+
+def overrides(setup, **extra):
+    """key=value overrides of a tiny fine-tune on the `setup` model and tweets; `extra` adds or replaces."""
+    items = {"model.name_or_path": setup / "model", "data.train_file": setup / "tweets.csv",
+             "data.label_column": "sentiment", "data.max_length": 32, "data.eval_fraction": 0.25,
+             "train.batch_size": 8, "train.learning_rate": 1e-3, "train.warmup_steps": 0, "train.progress": False,
+             "train.steps": 6, "train.log_every": 2, "train.eval_every": 3, "train.checkpoint_every": 3, **extra}
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def records(workdir, split):
+    """The logged events of one split ("train" or "eval") of a run folder."""
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+

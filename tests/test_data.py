@@ -69,8 +69,12 @@ def test_labels():
     ids, names = label_ids(["b", "a", "b"], None)
     assert ids.tolist() == [1, 0, 1] and names == ("a", "b")
     assert label_ids(["1", "0"], None)[0].tolist() == [1, 0]
-    with pytest.raises(DataError, match=r"label 3 is outside 0..2"):
+    with pytest.raises(DataError, match=r"integer labels \[0, 3\] are not ids 0..2.*data.labels_as_names=true"):
         label_ids([0, 3], 3)
+    with pytest.raises(DataError, match=r"integer labels \[1, 2, 3\] are not ids 0..3.*labels_as_names"):
+        label_ids([1, 3, 2], None)  # star ratings 1..3 are names, not ids
+    ids, names = label_ids([10, 2, 3, 2], None, as_names=True)
+    assert names == ("2", "3", "10") and ids.tolist() == [2, 0, 1, 0]  # sorted by value
     with pytest.raises(DataError, match="model.num_labels=2"):
         label_ids(["a", "b", "c"], 2)
     with pytest.raises(DataError, match=r"\['z'\] are not among the training labels"):

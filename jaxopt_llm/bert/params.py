@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,8 @@ _ARCHITECTURES = {"base": "BertModel", "masked-lm": "BertForMaskedLM", "pretrain
                   "sequence-classification": "BertForSequenceClassification"}
 _ALLOW = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.txt", "tokenizer*.json",
           "special_tokens_map.json"]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> folder it was loaded from
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -104,9 +108,13 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{str(name_or_path)!r} is a file; pass the folder that holds config.json and "
                               "model.safetensors.")
     text = str(name_or_path)
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) or text.startswith((".", "~")):
-        raise CheckpointError(f"folder {text!r} does not exist; pass an existing folder with config.json and "
-                              "model.safetensors, or a Hugging Face hub id such as 'bert-base-uncased'.")
+    parent = path.parent
+    if (not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) or text.startswith((".", "~"))
+            or (str(parent) not in ("", ".") and parent.is_dir())):  # e.g. runs/tweets_tny: a local path
+        near = sorted(p.name for p in parent.iterdir())[:10] if parent.is_dir() else []
+        raise CheckpointError(f"folder {text!r} does not exist" + (f" ({str(parent)!r} holds {near})" if near else "")
+                              + "; pass an existing run folder or model folder (config.json + model.safetensors), "
+                              "or a Hugging Face hub id such as 'bert-base-uncased'.")
     try:
         from huggingface_hub import snapshot_download
 
@@ -116,7 +124,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             f"could not get {text!r} from the Hugging Face hub or its local cache ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}). If this machine is offline, download the model "
             "where the hub is reachable and pass its local folder instead, e.g. "
-            "from_pretrained('/path/to/folder') with config.json and model.safetensors inside.") from None
+            "from_pretrained('/path/to/folder') with config.json and model.safetensors inside. (No local folder "
+            f"{text!r} exists either.)") from None
 
 
 def read_config(folder: Path) -> dict:
@@ -152,7 +161,12 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     for name in files:
         if not (folder / name).is_file():
             raise CheckpointError(f"the shard index names {name!r}, which is missing from {str(folder)!r}.")
-        tensors.update({k: np.asarray(v) for k, v in load_file(folder / name).items()})
+        try:
+            tensors.update({k: np.asarray(v) for k, v in load_file(folder / name).items()})
+        except Exception as err:  # truncated or garbage: safetensors' own message is about bytes, not the file
+            raise CheckpointError(f"{str(folder / name)!r} is not a readable safetensors file ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}); re-download or re-export "
+                                  "the checkpoint.") from None
     return tensors
 
 
@@ -162,7 +176,15 @@ def _read_torch(file: Path) -> dict[str, np.ndarray]:
     except ImportError:
         raise CheckpointError(f"{str(file)!r} is a PyTorch pickle; install torch to read it, or convert the "
                               "checkpoint to model.safetensors.") from None
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if "weights_only" in str(err) or type(err).__name__ == "UnpicklingError":
+            raise CheckpointError(f"{str(file)!r} was refused: it holds objects other than tensors, and unpickling "
+                                  "them could run arbitrary code (torch.load(weights_only=True)). Convert it to "
+                                  "model.safetensors where you trust the file.") from None
+        raise CheckpointError(f"{str(file)!r} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}).") from None
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
 
 
@@ -227,13 +249,14 @@ def convert(tensors: dict[str, np.ndarray], config: BertConfig, task: str,
 
 def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_labels: int | None = None,
                     dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
-                    **config_changes: Any) -> Bert:
+                    required: tuple[str, ...] = (), **config_changes: Any) -> Bert:
     """Load a Hugging Face BERT checkpoint (local folder or hub id) as a `Bert` for `task`.
 
     task: "base" | "masked-lm" | "pretraining" | "sequence-classification". Heads absent from the checkpoint
     are initialised from `seed` and named in one `CheckpointWarning`; unused tensors are named in another.
     Raises `CheckpointError` for a missing folder or file, an encoder tensor missing, or shape mismatches.
     `config_changes` override `BertConfig` fields of the checkpoint's config (dropout rates, labels).
+    `required`: heads ("classifier", "mlm", ...) that must come from the checkpoint, not a fresh init.
     """
     if task not in TASKS:
         raise CheckpointError(f"task={task!r} is not one of {TASKS}.")
@@ -252,6 +275,11 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_
         raise CheckpointError(f"{str(folder)!r} lacks {len(encoder_missing)} encoder tensor(s) the config "
                               f"needs, e.g. {encoder_missing[:5]}: the weights do not match config.json "
                               f"(num_hidden_layers={config.num_hidden_layers}).")
+    untrained = sorted({p.split(".")[0] for p in missing} & set(required))
+    if untrained:
+        raise CheckpointError(f"{str(name_or_path)!r} has no trained {', '.join(untrained)} head weights: a freshly "
+                              "initialised head predicts noise. Train one first (jaxopt-llm finetune / pretrain), "
+                              "or allow it explicitly (--allow-untrained-head).")
     fresh = {}
     if missing:
         warnings.warn(f"{str(name_or_path)!r} has no weights for {sorted(missing)}; they are freshly "
@@ -263,7 +291,32 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_
     leaves = {path: (fresh[path] if path in missing else jnp.asarray(params[path], dtype=param_dtype))
               for path in params}
     state = nnx.from_flat_state({tuple(_key(p) for p in path.split(".")): v for path, v in leaves.items()})
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    if any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        _SOURCES[model] = folder  # save_pretrained(model, out) writes this tokenizer along
+    return model
+
+
+def load_tokenizer(folder: str | os.PathLike, vocab_size: int | None = None) -> Any:
+    """The tokenizer saved in a model folder (any model reference), checked against the model: a folder
+    without tokenizer files, or a tokenizer whose size or special ids do not fit `vocab_size` (default: the
+    folder's config.json), is refused rather than silently mapping every word to [UNK]."""
+    from transformers import AutoTokenizer
+
+    folder = resolve(folder)
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise CheckpointError(f"{str(folder)!r} has no tokenizer (tokenizer.json or vocab.txt). Save it with the "
+                              "model (jaxopt_llm.save_pretrained(model, out, tokenizer=tokenizer)) or copy the "
+                              "tokenizer files of the model it came from into the folder.")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab_size = vocab_size or int(read_config(folder)["vocab_size"])
+    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("cls", "sep", "pad", "mask", "unk")}
+    bad = {k: v for k, v in special.items() if v is not None and not 0 <= v < vocab_size}
+    if not 0.9 * vocab_size <= len(tokenizer) <= vocab_size or bad:
+        raise CheckpointError(f"the tokenizer in {str(folder)!r} does not fit the model: {len(tokenizer)} tokens"
+                              + (f", special ids {bad}" if bad else "") + f", but the model's vocab_size is "
+                              f"{vocab_size}. Use the tokenizer the model was trained with.")
+    return tokenizer
 
 
 def _key(part: str) -> str | int:
@@ -294,24 +347,44 @@ def to_hf_tensors(model: Bert) -> dict[str, np.ndarray]:
 
 
 def save_pretrained(model: Bert, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """Write config.json + model.safetensors (+ the tokenizer's files) loadable by transformers.
+    """Write config.json + model.safetensors + the tokenizer's files, loadable by transformers.
 
-    Each file is written to a temporary name and renamed, so a crash leaves no half-written file.
+    The tokenizer is `tokenizer`, else the one of the folder the model was loaded from. The folder is
+    replaced as a whole: everything is written to a sibling temporary folder, synced, then renamed into
+    place, so a crash leaves the old folder or the new one, never a mixture.
     """
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CheckpointError(f"{str(out)!r} exists and is not a model folder (no config.json); save_pretrained "
+                              "replaces its folder as a whole: pass a new or empty folder.")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.astype(np.float32) if v.dtype not in (np.float32, np.float16) else v
                for k, v in to_hf_tensors(model).items()}
     hf_config = model.config.to_hf_config(architectures=(_ARCHITECTURES[model.task],))
-    config_text = hf_config.to_json_string(use_diff=False)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        Path(tmp, "config.json").write_text(config_text)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(hf_config.to_json_string(use_diff=False))
+        source = _SOURCES.get(model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), out / name)
+        elif source is not None:
+            for name in _TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, tmp / name)
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
-

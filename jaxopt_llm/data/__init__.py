@@ -69,7 +69,7 @@ def load(cfg: DataConfig, tokenizer: Any, needs: Any, *, num_labels: int | None 
         if nsp_labels is not None:
             out["next_sentence_label"] = nsp_labels
         if labels is not None:
-            out["labels"], label_names = label_ids(labels, num_labels, label_names)
+            out["labels"], label_names = label_ids(labels, num_labels, label_names, cfg.labels_as_names)
         arrays[which] = out
     if "eval" not in arrays:
         arrays["train"], arrays["eval"] = split_off(arrays["train"], cfg.eval_fraction)

@@ -48,10 +48,11 @@ def _dense_word_ids(raw: np.ndarray) -> np.ndarray:
     return out
 
 
-def label_ids(labels: Sequence, num_labels: int | None, names: Sequence[str] | None = None
-              ) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Labels -> (ids, names). Strings map to sorted names (or the given `names`); ints are checked
-    against `num_labels`; with num_labels == 1 labels are float regression targets."""
+def label_ids(labels: Sequence, num_labels: int | None, names: Sequence[str] | None = None,
+              as_names: bool = False) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Labels -> (ids, names). Strings map to sorted names (or the given `names`); ints are ids, checked
+    against `num_labels` (or, with `as_names`, names sorted by value); with num_labels == 1 labels are float
+    regression targets."""
     if num_labels == 1:
         try:
             return np.asarray([float(x) for x in labels], np.float32), ("score",)
@@ -60,15 +61,20 @@ def label_ids(labels: Sequence, num_labels: int | None, names: Sequence[str] | N
     values = list(labels)
     if all(isinstance(x, str) for x in values) and all(x.lstrip("-").isdigit() for x in values):
         values = [int(x) for x in values]
-    if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in values):
+    integers = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in values)
+    if integers and not as_names:
         ids = np.asarray(values, np.int32)
         n = num_labels or int(ids.max()) + 1
         bad = ids[(ids < 0) | (ids >= n)]
-        if bad.size:
-            raise DataError(f"label {int(bad[0])} is outside 0..{n - 1} (model.num_labels={n}): set "
-                            "model.num_labels to the number of classes.")
+        if bad.size or (num_labels is None and ids.min() > 0):
+            found = sorted(set(ids.tolist()))
+            raise DataError(f"integer labels {found[:10]} are not ids 0..{n - 1}" + (
+                f" (model.num_labels={n})" if num_labels else "") + ": set data.labels_as_names=true to use them "
+                "as names (sorted by value), or model.num_labels to the number of classes if they are ids.")
         return ids, tuple(names) if names else tuple(str(i) for i in range(n))
     strings = [str(x) for x in values]
+    if integers and not names:
+        names = tuple(str(v) for v in sorted(set(int(x) for x in values)))
     names = tuple(names) if names else tuple(sorted(set(strings)))
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(strings) - set(index))

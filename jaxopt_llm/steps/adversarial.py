@@ -16,6 +16,7 @@ Methods (Madry et al. 2018; FreeLB, Zhu et al. 2020; SMART, Jiang et al. 2020):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -54,11 +55,17 @@ class Adversary:
             raise ValueError(f"adversarial.method={self.method!r}: use one of {METHODS}.")
         if self.norm not in NORMS:
             raise ValueError(f"adversarial.norm={self.norm!r}: use one of {NORMS}.")
-        if self.epsilon < 0 or self.inner_steps < 0:
-            raise ValueError(f"adversarial.epsilon={self.epsilon} and inner_steps={self.inner_steps} must be >= 0.")
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):  # NaN fails every comparison
+            raise ValueError(f"adversarial.epsilon={self.epsilon}: must be a finite number >= 0.")
+        if self.inner_steps < 0:
+            raise ValueError(f"adversarial.inner_steps={self.inner_steps}: must be >= 0.")
+        if self.inner_lr is not None and not (math.isfinite(self.inner_lr) and self.inner_lr > 0):
+            raise ValueError(f"adversarial.inner_lr={self.inner_lr}: must be a finite number > 0 (or None).")
+        if not (math.isfinite(self.smart_weight) and self.smart_weight >= 0):
+            raise ValueError(f"adversarial.smart_weight={self.smart_weight}: must be a finite number >= 0.")
         if self.init not in ("zero", "uniform"):
             raise ValueError(f"adversarial.init={self.init!r}: use 'zero' or 'uniform'.")
-        if not 0.0 <= self.clean_weight <= 1.0:
+        if not 0.0 <= self.clean_weight <= 1.0:  # False for NaN
             raise ValueError(f"adversarial.clean_weight={self.clean_weight}: must be in [0, 1].")
         if self.method == "smart" and self.init == "zero" and self.inner_tx is None:
             raise ValueError("adversarial.method=smart with init=zero cannot move: the symmetric KL has zero "

@@ -10,6 +10,7 @@ width (same vocabulary); widths are bridged by a learned projection of the stude
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -42,8 +43,12 @@ class Distillation:
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"distill.alpha={self.alpha}: must be in [0, 1].")
-        if not self.temperature > 0:
-            raise ValueError(f"distill.temperature={self.temperature}: must be positive.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"distill.temperature={self.temperature}: must be a finite number > 0.")
+        for name in ("hidden_weight", "attention_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"distill.{name}={value}: must be a finite number >= 0.")
         if self.init not in ("teacher-layers", "random"):
             raise ValueError(f"distill.init={self.init!r}: use teacher-layers or random.")
         if self.student_layers < 1:
