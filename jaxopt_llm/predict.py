@@ -50,9 +50,41 @@ def _embed(graphdef, state, ids_bt, mask_bt, types_bt, normalize):
     return mean_bd
 
 
+def _prompt_probs(graphdef, state, batch, task):
+    model = nnx.merge(graphdef, state)
+    prepared = task.prepare(batch, None)
+    return jax.nn.softmax(task.forward(model, model.embed(prepared.input_ids), batch, None), axis=-1)
+
+
+_prompt_classify = jax.jit(_prompt_probs, static_argnames=("graphdef", "task"))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "task", "shared"))
+def _prompt_ensemble(graphdef, params, batches, task, shared):
+    """(P, b, C) probabilities of P (model, pattern) members in one program: vmap over the member axis of
+    the encoded batches, and of the parameters unless they are `shared` by every member."""
+    def member(p, batch):
+        return _prompt_probs(graphdef, p, batch, task)
+
+    return jax.vmap(member, in_axes=(None if shared else 0, 0))(params, batches)
+
+
 def compile_count() -> int:
     """Programs compiled so far by this module's jitted functions (for tests and logs)."""
-    return sum(f._cache_size() for f in (_fill_mask, _classify, _embed))
+    return sum(f._cache_size() for f in (_fill_mask, _classify, _embed, _prompt_classify, _prompt_ensemble))
+
+
+def _pad_rows(arrays: dict[str, np.ndarray], b: int) -> dict[str, np.ndarray]:
+    """Rows padded (with copies of the first row) to the batch size b: fixed shapes, no recompiles."""
+    n = len(next(iter(arrays.values())))
+    return {k: np.concatenate([v, np.repeat(v[:1], b - n, 0)]) if b > n else v for k, v in arrays.items()}
+
+
+def prompt_task(prompt, tokenizer, max_length: int = 128):
+    """A PromptTask for prediction from a `Prompt` (zero-shot with any MLM model)."""
+    from jaxopt_llm.steps.prompt import PromptTask, encode_prompt
+
+    return PromptTask(encode_prompt(prompt, tokenizer, max_length), tokenizer)
 
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:
@@ -67,24 +99,43 @@ class Predictor:
     """
 
     def __init__(self, model: Bert, tokenizer: Any, *, batch_size: int = 32,
-                 length_buckets: Sequence[int] = LENGTH_BUCKETS):
+                 length_buckets: Sequence[int] = LENGTH_BUCKETS, prompt: Any = None):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1.")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.prompt = prompt  # a PromptTask: classify() by cloze prompt on the MLM head
         max_len = model.config.max_position_embeddings
         self.length_buckets = tuple(b for b in sorted(length_buckets) if b < max_len) + (max_len,)
         self.graphdef, self.state = nnx.split(model)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, task: str | None = None, *,
-                        allow_untrained_head: bool = False, **kwargs: Any) -> Predictor:
+    def from_pretrained(cls, name_or_path: str | os.PathLike, task: str | None = None, *, prompt: Any = None,
+                        max_length: int = 128, allow_untrained_head: bool = False, **kwargs: Any) -> Predictor:
         """From any model reference (run folder, HF folder, hub id, packaged name); `task` None: the one the
-        checkpoint was saved for. A head the checkpoint lacks is refused unless `allow_untrained_head`."""
+        checkpoint was saved for. A head the checkpoint lacks is refused unless `allow_untrained_head`.
+
+        Prompt classification: a run folder with prompt.json classifies with its prompt; `prompt` (a
+        `steps.prompt.Prompt`) classifies zero-shot with any MLM checkpoint (texts cut to `max_length`)."""
+        from jaxopt_llm.runs import RunFolder
+        from jaxopt_llm.steps import prompt as prompt_lib
+
         folder = resolve(name_or_path)
+        run = RunFolder.of(name_or_path)
+        record = run.read("prompt.json") if run is not None else None
+        if (prompt is not None or record is not None) and task in (None, "sequence-classification"):
+            task = "masked-lm"
         task = task or task_of(folder)
         required = () if allow_untrained_head else _HEADS.get(task, ())
         model = from_pretrained(folder, task, required=required)
-        return cls(model, load_tokenizer(folder, model.config.vocab_size), **kwargs)
+        tokenizer = load_tokenizer(folder, model.config.vocab_size)
+        if prompt is not None:
+            if max_length > model.config.max_position_embeddings:
+                raise ValueError(f"max_length={max_length} is more than the model's "
+                                 f"{model.config.max_position_embeddings} positions.")
+            kwargs["prompt"] = prompt_task(prompt, tokenizer, max_length)
+        elif record is not None:
+            kwargs["prompt"] = prompt_lib.from_json(record, tokenizer)
+        return cls(model, tokenizer, **kwargs)
 
     def _batches(self, texts: Sequence[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(number of real rows, padded arrays) for consecutive chunks of `texts`."""
@@ -137,6 +188,8 @@ class Predictor:
 
     def classify(self, texts: Sequence[str]) -> list[dict]:
         """Per text {label, scores}: softmax probabilities in label order (the raw value for regression)."""
+        if self.prompt is not None:
+            return self._classify_prompt(texts)
         self._need("classifier", "sequence-classification")
         names = self.model.config.label_names
         results = []
@@ -145,6 +198,19 @@ class Predictor:
             for row in scores:
                 label = None if len(names) == 1 else names[int(row.argmax())]
                 results.append({"label": label, "scores": [float(s) for s in row]})
+        return results
+
+    def _classify_prompt(self, texts: Sequence[str]) -> list[dict]:
+        if isinstance(texts, str):
+            raise TypeError("pass a list of texts, not one string.")
+        names = self.prompt.encoded.prompt.labels
+        results = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start:start + self.batch_size])
+            b = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+            batch = _pad_rows(self.prompt.encode(chunk), b)
+            probs = np.asarray(_prompt_classify(self.graphdef, self.state, batch, self.prompt))[:len(chunk)]
+            results += [{"label": names[int(row.argmax())], "scores": [float(x) for x in row]} for row in probs]
         return results
 
     def embed(self, texts: Sequence[str], normalize: bool = True) -> np.ndarray:
@@ -156,3 +222,96 @@ class Predictor:
     def _need(self, module: str, task: str) -> None:
         if getattr(self.model, module) is None:
             raise ValueError(f"this model was loaded with task={self.model.task!r}; load it with task={task!r}.")
+
+
+class PromptEnsemble:
+    """Several (model, pattern) members scored in one program: the vmapped member axis runs over the
+    patterns' encodings and, for runs fine-tuned one per pattern, over their stacked parameters (one shared
+    model for zero-shot). Members are combined by a weighted mean of their label probabilities: equal
+    weights, or PET's weights from each member's accuracy on labelled examples (`fit_weights`)."""
+
+    def __init__(self, graphdef, params, tasks: list, tokenizer, *, shared: bool, weights=None, batch_size: int = 32):
+        first = tasks[0]
+        for t in tasks[1:]:
+            if (t.encoded.prompt.labels, t.encoded.lengths, t.encoded.max_length, t.encoded.word_tokens) != (
+                    first.encoded.prompt.labels, first.encoded.lengths, first.encoded.max_length,
+                    first.encoded.word_tokens):
+                raise ValueError("the members' prompts must share the verbalizer and max_length (only patterns may "
+                                 f"differ): {t.encoded.prompt.pattern!r} vs {first.encoded.prompt.pattern!r}.")
+        self.graphdef, self.params, self.tasks, self.shared = graphdef, params, tasks, shared
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.weights = np.full(len(tasks), 1.0 / len(tasks)) if weights is None else np.asarray(weights, np.float64)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.tasks[0].encoded.prompt.labels
+
+    @classmethod
+    def from_model(cls, name_or_path, prompts: list, max_length: int = 128, **kwargs) -> PromptEnsemble:
+        """One MLM model, several patterns (zero-shot)."""
+        folder = resolve(name_or_path)
+        model = from_pretrained(folder, "masked-lm", required=("mlm",))
+        tokenizer = load_tokenizer(folder, model.config.vocab_size)
+        graphdef, params = nnx.split(model)
+        return cls(graphdef, params, [prompt_task(p, tokenizer, max_length) for p in prompts], tokenizer, shared=True,
+                   **kwargs)
+
+    @classmethod
+    def from_runs(cls, runs: list, **kwargs) -> PromptEnsemble:
+        """Prompt runs (each fine-tuned with its pattern), their parameters stacked on a member axis."""
+        from jaxopt_llm.runs import RunFolder
+        from jaxopt_llm.steps import prompt as prompt_lib
+
+        models, tasks, tokenizer = [], [], None
+        for run in runs:
+            record = RunFolder.of(run).read("prompt.json") if RunFolder.of(run) is not None else None
+            if record is None:
+                raise ValueError(f"{run!r} is not a prompt run folder (no prompt.json); train one with "
+                                 "`jaxopt-llm prompt`.")
+            folder = resolve(run)
+            models.append(from_pretrained(folder, "masked-lm", required=("mlm",)))
+            tokenizer = tokenizer or load_tokenizer(folder, models[-1].config.vocab_size)
+            tasks.append(prompt_lib.from_json(record, tokenizer))
+        graphdef, params = stack_models(models, runs)
+        return cls(graphdef, params, tasks, tokenizer, shared=False, **kwargs)
+
+    def member_probs(self, texts: Sequence[str]) -> np.ndarray:
+        """(P, n, C) label probabilities of every member."""
+        if isinstance(texts, str):
+            raise TypeError("pass a list of texts, not one string.")
+        parts = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start:start + self.batch_size])
+            b = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+            encoded = [_pad_rows(t.encode(chunk), b) for t in self.tasks]
+            batches = {k: np.stack([e[k] for e in encoded]) for k in encoded[0]}
+            probs = _prompt_ensemble(self.graphdef, self.params, batches, self.tasks[0], self.shared)
+            parts.append(np.asarray(probs)[:, :len(chunk)])
+        return np.concatenate(parts, axis=1)
+
+    def fit_weights(self, texts: Sequence[str], labels: Sequence[int]) -> np.ndarray:
+        """PET's weights: each member's accuracy on labelled examples, normalised to sum to 1."""
+        accuracy = (self.member_probs(texts).argmax(-1) == np.asarray(labels)[None]).mean(-1)
+        self.weights = accuracy / max(accuracy.sum(), 1e-12)
+        return accuracy
+
+    def probs(self, texts: Sequence[str]) -> np.ndarray:
+        return np.einsum("p,pnc->nc", self.weights, self.member_probs(texts))
+
+    def classify(self, texts: Sequence[str]) -> list[dict]:
+        return [{"label": self.labels[int(row.argmax())], "scores": [float(x) for x in row]}
+                for row in self.probs(texts)]
+
+
+def stack_models(models: list, names: list) -> tuple[Any, Any]:
+    """(graphdef, parameters stacked on a leading member axis) of models of one architecture."""
+    graphdef, first = nnx.split(models[0])
+    states = [first]
+    for model, name in zip(models[1:], names[1:]):
+        g, state = nnx.split(model)
+        shapes = jax.tree.map(np.shape, state)
+        if g != graphdef or shapes != jax.tree.map(np.shape, first):
+            raise ValueError(f"{name!r} and {names[0]!r} differ in architecture (layers, sizes or heads); members "
+                             "of one ensemble must share it.")
+        states.append(state)
+    return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)

@@ -1,7 +1,7 @@
 """Tasks × methods behind one seam: the registries, and what a method hands the training loop.
 
 A *task* (what an example is scored on) is a module in `steps/` implementing `steps.task.Task`, with a
-`task_from_config(config, tokenizer)`. A *method* (how a step trains: clean, adversarial, distill, ...) is a
+`task_from_config(config, tokenizer)` and, when it has options (config keys `<task>.*`), `OPTIONS`. A *method* (how a step trains: clean, adversarial, distill, ...) is a
 module with its options dataclass, its steps and a builder `build(context, options) -> Recipe`, exported
 as `METHOD`. Each has one line in the tables below; `register_task` / `register` add more at run time.
 The loop (`train.fit`) runs any Recipe and never learns which method built it.
@@ -16,9 +16,10 @@ from typing import Any
 
 import optax
 
-_TASKS: dict[str, str | Callable] = {
+_TASKS: dict[str, Any] = {
     "classification": "jaxopt_llm.steps.classify",
     "masked-lm": "jaxopt_llm.steps.mlm",
+    "prompt": "jaxopt_llm.steps.prompt",
 }
 _METHODS: dict[str, Any] = {
     "clean": "jaxopt_llm.steps.clean",
@@ -59,15 +60,17 @@ class Context:
     tx: optax.GradientTransformation
     seed: int
     model: str
-    load: Callable[[str], Any]
+    load: Callable[..., Any]  # load(reference, head=None): head None is the task's
     labels: tuple[str, ...] | None = None
+    tokenizer: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A registered method. `options`: a frozen dataclass whose fields are the config keys `<name>.*`;
     `commands`: CLI subcommand -> the task it implies (None: the config's task); `base_model(options)`:
-    the model the run starts from, whose tokenizer and label names it keeps (None: model.name_or_path)."""
+    the model the run starts from, whose tokenizer and label names it keeps (None: model.name_or_path);
+    `encoders(options, task, tokenizer)`: more data arrays the method's steps read (a prompt teacher's)."""
 
     name: str
     options: type
@@ -75,6 +78,7 @@ class Method:
     help: str
     commands: dict[str, str | None] = dataclasses.field(default_factory=dict)
     base_model: Callable[[Any], str | None] = lambda options: None
+    encoders: Callable[[Any, Any, Any], list] = lambda options, task, tokenizer: []
 
     def __post_init__(self):
         if not self.commands:
@@ -87,9 +91,30 @@ def register(method: Method) -> Method:
     return method
 
 
-def register_task(name: str, from_config: Callable) -> None:
-    """Add a task: `from_config(config, tokenizer) -> Task`."""
-    _TASKS[name] = from_config
+@dataclasses.dataclass(frozen=True)
+class TaskEntry:
+    from_config: Callable  # (config, tokenizer) -> Task
+    options: type | None = None  # frozen dataclass of the config keys `<task>.*`, if any
+
+
+def register_task(name: str, from_config: Callable, options: type | None = None) -> None:
+    """Add a task: `from_config(config, tokenizer) -> Task`; `options`: its config section's dataclass."""
+    _TASKS[name] = TaskEntry(from_config, options)
+
+
+def _task(name: str) -> TaskEntry:
+    entry = _TASKS.get(name)
+    if entry is None:
+        raise ValueError(f"task={name!r} is not registered; tasks: {', '.join(_TASKS)}.")
+    if isinstance(entry, str):
+        module = importlib.import_module(entry)
+        entry = _TASKS[name] = TaskEntry(module.task_from_config, getattr(module, "OPTIONS", None))
+    return entry
+
+
+def task_options(name: str) -> type | None:
+    """The options dataclass of a task (config keys `<task>.*`), or None."""
+    return _task(name).options
 
 
 def method_names() -> list[str]:
@@ -121,9 +146,4 @@ def commands() -> dict[str, tuple[Method, str | None]]:
 
 def make_task(config, tokenizer):
     """The config's task, built for its data settings and the tokenizer."""
-    entry = _TASKS.get(config.task)
-    if entry is None:
-        raise ValueError(f"task={config.task!r} is not registered; tasks: {', '.join(_TASKS)}.")
-    if isinstance(entry, str):
-        entry = _TASKS[config.task] = importlib.import_module(entry).task_from_config
-    return entry(config, tokenizer)
+    return _task(config.task).from_config(config, tokenizer)

@@ -244,7 +244,7 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
     params = multihost_utils.process_allgather(parallel.host_state(state).params, tiled=True)
     if main:
         save_pretrained(recipe.export(params), run.model, tokenizer=tokenizer)
-        for name, value in recipe.files.items():
+        for name, value in {**recipe.task.files(), **recipe.files}.items():
             run.write(name, value)
         record = run.record()
         record["train_step_compiles"] = step_compiles  # 1 when the step compiled once (0 if nothing ran)
@@ -255,16 +255,22 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
     return eval_metrics
 
 
-def label_names_for(config: Config, run: RunFolder, base_folder: Path, labelled: bool) -> tuple[str, ...] | None:
-    """The label names a run must keep, in id order: those the run started with (resuming), else those of
-    the base model's trained head; None lets the data decide (sorted names)."""
-    if not labelled:
+def label_names_for(config: Config, run: RunFolder, base: str, needs) -> tuple[str, ...] | None:
+    """The label names a run must keep, in id order: those the run started with (resuming), else the order
+    the task fixes (a verbalizer's), else those of the base model (its run folder's labels, or its trained
+    head's); None lets the data decide (sorted names)."""
+    if not needs.labels:
         return None
     if run.labels() is not None and checkpoint.has_steps(run.checkpoints):
         return run.labels()
+    if needs.label_names:
+        return tuple(needs.label_names)
     if config.model.num_labels == 1:
         return None
-    return BertConfig.from_hf_config(read_config(base_folder)).labels or None
+    base_run = RunFolder.of(base)
+    if base_run is not None and base_run.labels():
+        return base_run.labels()
+    return BertConfig.from_hf_config(read_config(resolve(base))).labels or None
 
 
 def loader(config: Config, head: str, labels: tuple[str, ...] | None, num_labels: int | None) -> Callable:
@@ -278,7 +284,9 @@ def loader(config: Config, head: str, labels: tuple[str, ...] | None, num_labels
     if m.attention_dropout is not None:
         changes["attention_probs_dropout_prob"] = m.attention_dropout
 
-    def load(reference: str):
+    def load(reference: str, head_: str | None = None):
+        if head_ not in (None, head):  # another head (a prompt teacher's MLM): no labels to carry
+            return from_pretrained(resolve(reference), head_, dtype=m.dtype, seed=config.train.seed)
         return from_pretrained(resolve(reference), head, num_labels=num_labels, dtype=m.dtype, seed=config.train.seed,
                                **changes)
 
@@ -299,7 +307,8 @@ def train(config: Config, workdir: str | Path) -> dict[str, float]:
         first = run.record().get("history", [{}])[0].get("config") or run.record()["config"]
         changes = config_lib.resume_changes(first, config, str(workdir))
     method = recipes.get(config.method)
-    base_folder = resolve(method.base_model(config.options) or config.model.name_or_path)
+    base = str(method.base_model(config.options) or config.model.name_or_path)
+    base_folder = resolve(base)
     base_config = read_config(base_folder)
     positions = int(base_config.get("max_position_embeddings", 512))
     if config.data.max_length > positions:
@@ -308,9 +317,9 @@ def train(config: Config, workdir: str | Path) -> dict[str, float]:
                                      f"data.max_length <= {positions}.")
     tokenizer = load_tokenizer(base_folder)
     task = recipes.make_task(config, tokenizer)
-    names = label_names_for(config, run, base_folder, task.data.labels)
+    names = label_names_for(config, run, base, task.data)
     data = data_lib.load(config.data, tokenizer, task.data, num_labels=config.model.num_labels, names=names,
-                         seed=config.train.seed)
+                         seed=config.train.seed, encoders=tuple(method.encoders(config.options, task, tokenizer)))
     if main:
         for report in data.reports:
             print(f"data: {report}", file=sys.stderr)
@@ -318,7 +327,8 @@ def train(config: Config, workdir: str | Path) -> dict[str, float]:
               f"eval examples", file=sys.stderr)
     num_labels = (config.model.num_labels or len(data.label_names)) if task.data.labels else None
     ctx = Context(task=task, tx=optim.make(config.train), seed=config.train.seed, model=config.model.name_or_path,
-                  load=loader(config, task.head, data.label_names, num_labels), labels=data.label_names)
+                  load=loader(config, task.head, data.label_names, num_labels), labels=data.label_names,
+                  tokenizer=tokenizer)
     recipe = method.build(ctx, config.options)
     return fit(recipe, data, workdir, config.train, Parallel(config.parallel),
                record={"config": config.to_dict(), "task": config.task, "method": config.method}, tokenizer=tokenizer,

@@ -188,9 +188,10 @@ class Attention(nnx.Module):
         self.qkv = make.linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.out = make.linear(cfg.hidden_size, cfg.hidden_size)
 
-    def __call__(self, x_btd, bias_b11t, deterministic, key, positions_bp=None, collect=None):
+    def __call__(self, x_btd, bias_b1qt, deterministic, key, positions_bp=None, collect=None):
         """Queries at `positions_bp` (all tokens when None); keys and values always from all tokens.
-        `collect`: a list that receives the attention probabilities (b, h, q, s) before dropout."""
+        bias (b, 1, 1, t), or (b, 1, t, t) for a mask per query. `collect`: a list that receives the attention
+        probabilities (b, h, q, s) before dropout."""
         cfg = self.cfg
         b, t, d = x_btd.shape
         n, k = cfg.num_attention_heads, cfg.head_dim
@@ -204,7 +205,9 @@ class Attention(nnx.Module):
             kv = _dense(x_btd, kernel[:, d:], bias[d:], cfg.dtype).reshape(b, t, 2, n, k)
             k_bshk, v_bshk = kv[:, :, 0], kv[:, :, 1]
         scores = jnp.einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(k) + bias_b11t
+        if positions_bp is not None and bias_b1qt.shape[2] > 1:  # a mask per query: the queries' rows
+            bias_b1qt = jnp.take_along_axis(bias_b1qt, positions_bp[:, None, :, None], axis=2)
+        scores = scores / math.sqrt(k) + bias_b1qt
         probs = jax.nn.softmax(scores, axis=-1).astype(v_bshk.dtype)
         if collect is not None:
             collect.append(probs)
@@ -226,11 +229,11 @@ class Layer(nnx.Module):
         self.output = make.linear(cfg.intermediate_size, cfg.hidden_size)
         self.output_norm = make.norm()
 
-    def __call__(self, x_btd, bias_b11t, deterministic, key, positions_bp=None, collect=None):
+    def __call__(self, x_btd, bias_b1qt, deterministic, key, positions_bp=None, collect=None):
         """-> (b, t, d), or (b, p, d) at `positions_bp` only."""
         k_attn, k_attn_out, k_out = _keys(key, 3)
         rate = self.cfg.hidden_dropout_prob
-        a = self.attention(x_btd, bias_b11t, deterministic, k_attn, positions_bp, collect)
+        a = self.attention(x_btd, bias_b1qt, deterministic, k_attn, positions_bp, collect)
         if positions_bp is not None:
             x_btd = jnp.take_along_axis(x_btd, positions_bp[..., None], axis=1)
         x_btd = self.attention_norm(x_btd + dropout(a, rate, k_attn_out, deterministic))
@@ -290,7 +293,8 @@ class Bert(nnx.Module):
                output_positions: jax.Array | None = None, collect: dict | None = None) -> jax.Array:
         """Position and token-type embeddings, LayerNorm, then the encoder layers -> (b, t, d).
 
-        word_embeddings (b, t, d); attention_mask, token_type_ids, position_ids (b, t) int, each optional.
+        word_embeddings (b, t, d); attention_mask, token_type_ids, position_ids (b, t) int, each optional;
+        attention_mask may also be (b, t, t): which keys each query sees (several sequences packed in one row).
         With `output_positions` (b, p) the last layer runs only at those positions (its keys and values
         still come from all tokens) and the result is (b, p, d): the same numbers as gathering the full
         output, for less work when only a few positions are read ([CLS], masked tokens).
@@ -302,7 +306,7 @@ class Bert(nnx.Module):
         word_embeddings_btd, position_ids_bt = word_embeddings, position_ids
         attention_mask_bt, token_type_ids_bt, output_positions_bp = attention_mask, token_type_ids, output_positions
         b, t, _ = word_embeddings_btd.shape
-        if t > cfg.max_position_embeddings:
+        if position_ids_bt is None and t > cfg.max_position_embeddings:  # given positions are the caller's
             raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
                              f"{cfg.max_position_embeddings}: truncate inputs to at most that many tokens.")
         if position_ids_bt is None:
@@ -315,12 +319,12 @@ class Bert(nnx.Module):
         x = word_embeddings_btd + emb.position(position_ids_bt) + emb.token_type(token_type_ids_bt)
         keys = _keys(dropout_key, cfg.num_hidden_layers + 1)
         x = dropout(emb.norm(x), cfg.hidden_dropout_prob, keys[0], deterministic)
-        bias_b11t = jnp.where(attention_mask_bt[:, None, None, :] > 0, 0.0,
-                              jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        mask_b1qt = attention_mask_bt[:, None, None, :] if attention_mask_bt.ndim == 2 else attention_mask_bt[:, None]
+        bias_b1qt = jnp.where(mask_b1qt > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
         last = cfg.num_hidden_layers - 1
         hidden, attention = [x], [] if collect is not None else None
         for i, (layer, key) in enumerate(zip(self.layers, keys[1:])):
-            x = layer(x, bias_b11t, deterministic, key, output_positions_bp if i == last else None, attention)
+            x = layer(x, bias_b1qt, deterministic, key, output_positions_bp if i == last else None, attention)
             hidden.append(x)
         if collect is not None:
             collect["hidden"], collect["attention"] = hidden, attention

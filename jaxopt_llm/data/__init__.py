@@ -12,6 +12,7 @@ from jaxopt_llm.data.batches import Batches, eval_batches, label_ids, split_off,
 from jaxopt_llm.data.sources import DataError, LoadReport, read_rows
 
 __all__ = ["Batches", "DataError", "Data", "LoadReport", "eval_batches", "load"]
+_TEXT = "_text"
 
 
 @dataclasses.dataclass
@@ -20,6 +21,7 @@ class Data:
     eval: dict[str, np.ndarray]
     label_names: tuple[str, ...] | None
     reports: list[LoadReport]
+    texts: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # split -> the rows' texts (object)
 
 
 def _next_sentence_pairs(lines: list[str], seed: int) -> tuple[list[str], list[str], np.ndarray]:
@@ -38,13 +40,25 @@ def _next_sentence_pairs(lines: list[str], seed: int) -> tuple[list[str], list[s
     return a, b, np.asarray(labels, np.int32)
 
 
+def per_class(arrays: dict[str, np.ndarray], k: int, seed: int) -> dict[str, np.ndarray]:
+    """k rows of each label (all of a label's rows when it has fewer), drawn by (seed, label), in row order."""
+    labels = arrays["labels"]
+    keep = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        keep.append(np.random.default_rng([seed, int(label), 17]).permutation(rows)[:k])
+    index = np.sort(np.concatenate(keep))
+    return {name: v[index] for name, v in arrays.items()}
+
+
 def load(cfg: DataConfig, tokenizer: Any, needs: Any, *, num_labels: int | None = None,
-         names: tuple[str, ...] | None = None, seed: int = 0) -> Data:
+         names: tuple[str, ...] | None = None, seed: int = 0, encoders: tuple = ()) -> Data:
     """Read, clean, tokenise; hold out eval rows when no eval data is named.
 
     `needs` (a task's `DataNeeds`): whether rows carry labels, word ids (whole-word masking) and next-sentence
     pairs. `names`: label names fixed in advance (a resumed run, a trained head), so that ids mean the same
-    thing as before; `num_labels`: model.num_labels (1: regression).
+    thing as before; `num_labels`: model.num_labels (1: regression). `encoders`: more (texts, pairs,
+    max_length) -> arrays functions (e.g. a prompt teacher's), their arrays added to the rows.
     """
     label_column = cfg.label_column if needs.labels else None
     arrays, reports, label_names = {}, [], names
@@ -66,12 +80,19 @@ def load(cfg: DataConfig, tokenizer: Any, needs: Any, *, num_labels: int | None 
             labels = [labels[i] for i in keep] if labels is not None else None
             nsp_labels = nsp_labels[keep] if nsp_labels is not None else None
         out = tokenize(tokenizer, texts, pairs, cfg.max_length, word_ids=needs.word_ids)
+        for encode in (needs.encode, *encoders):
+            if encode is not None:
+                out.update(encode(texts, pairs, cfg.max_length))
         if nsp_labels is not None:
             out["next_sentence_label"] = nsp_labels
         if labels is not None:
             out["labels"], label_names = label_ids(labels, num_labels, label_names, cfg.labels_as_names)
+        out[_TEXT] = np.asarray(texts, object)  # rides along through the splits, popped below
         arrays[which] = out
     if "eval" not in arrays:
         arrays["train"], arrays["eval"] = split_off(arrays["train"], cfg.eval_fraction)
         arrays["eval"] = take(arrays["eval"], cfg.max_eval_examples)
-    return Data(arrays["train"], arrays["eval"], label_names if needs.labels else None, reports)
+    if cfg.per_class is not None and "labels" in arrays["train"]:
+        arrays["train"] = per_class(arrays["train"], cfg.per_class, seed)
+    texts = {which: arrays[which].pop(_TEXT) for which in ("train", "eval")}
+    return Data(arrays["train"], arrays["eval"], label_names if needs.labels else None, reports, texts)

@@ -220,7 +220,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ad
             def objective(p, d):
                 return task.loss(forward(p, d, batch, prepared), batch, extra)[0]
 
-        found = attack(objective, params, shape, batch["attention_mask"], adv, jax.random.fold_in(sk, 1),
+        token_mask = batch["attention_mask"] if prepared.token_mask is None else prepared.token_mask
+        found = attack(objective, params, shape, token_mask, adv, jax.random.fold_in(sk, 1),
                        accumulate_params=adv.method == "freelb")
         delta = jax.lax.stop_gradient(found.delta)
 

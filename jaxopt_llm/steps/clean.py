@@ -60,4 +60,4 @@ def build(ctx: Context, options: Clean) -> Recipe:
 
 
 METHOD = Method("clean", Clean, build, help="train on the task's loss",
-                commands={"finetune": "classification", "pretrain": "masked-lm"})
+                commands={"finetune": "classification", "pretrain": "masked-lm", "prompt": "prompt"})

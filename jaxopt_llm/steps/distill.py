@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -88,10 +89,11 @@ def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     return [i * teacher_layers // student_layers for i in range(student_layers)]
 
 
-def init_student(teacher: Bert, config: BertConfig, init: str, seed: int) -> Bert:
-    """A student for the teacher's task: "teacher-layers" copies embeddings, every k-th layer, pooler and
-    heads from the teacher (DistilBERT); "random" is a fresh initialisation from `seed`."""
-    student = Bert(config, teacher.task, rngs=nnx.Rngs(seed))
+def init_student(teacher: Bert, config: BertConfig, init: str, seed: int, head: str | None = None) -> Bert:
+    """A student with `head` (default: the teacher's): "teacher-layers" copies embeddings, every k-th layer,
+    and the pooler and heads both have from the teacher (DistilBERT); "random" is a fresh initialisation
+    from `seed`."""
+    student = Bert(config, head or teacher.task, rngs=nnx.Rngs(seed))
     if init == "random":
         return student
     if init != "teacher-layers":
@@ -120,15 +122,22 @@ def teacher_logits(logits: list[jax.Array], temperature: float) -> jax.Array:
 
 
 def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdefs: dict[str, nnx.GraphDef],
-                    tx: optax.GradientTransformation, kd: Distillation, task) -> Callable:
+                    tx: optax.GradientTransformation, kd: Distillation, task,
+                    teacher_tasks: dict[str, Any] | None = None) -> Callable:
     """`train_step(state, batch, key, aux) -> (state, metrics)` with aux = {"teachers": {name: params}};
     state.params is a `Student`'s. The teachers run in eval mode on the same (masked) inputs; their
     distributions are averaged. Metrics: loss, ce, kl, accuracy (student), agreement (student argmax ==
     teachers' argmax), and hidden_mse / attention_mse when weighted (one teacher only).
+
+    `teacher_tasks`: a teacher scored by another task than the student's (a prompt run teaching a
+    classifier, PET's last step) reads its own inputs from the batch; its targets must have the student's
+    labels, in the same order.
     """
+    teacher_tasks = teacher_tasks or {}
     want_inner = kd.hidden_weight > 0 or kd.attention_weight > 0
-    if want_inner and len(teacher_graphdefs) != 1:
-        raise ValueError("distill.hidden_weight / distill.attention_weight need exactly one teacher.")
+    if want_inner and (len(teacher_graphdefs) != 1 or teacher_tasks):
+        raise ValueError("distill.hidden_weight / distill.attention_weight need exactly one teacher of the "
+                         "student's task.")
 
     def run(model, prepared, batch, deterministic, key, collect):
         out = task.forward(model, model.embed(prepared.input_ids), batch, prepared.extra,
@@ -141,7 +150,13 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdefs: dict[str,
         t_logits = []
         for name, graphdef in teacher_graphdefs.items():  # teachers frozen, eval mode
             teacher = nnx.merge(graphdef, jax.lax.stop_gradient(aux["teachers"][name]))
-            t_logits.append(jax.lax.stop_gradient(run(teacher, prepared, batch, True, None, t_inner).logits))
+            if name in teacher_tasks:
+                t_task = teacher_tasks[name]
+                t_prepared = t_task.prepare(batch, None)
+                out = t_task.forward(teacher, teacher.embed(t_prepared.input_ids), batch, t_prepared.extra)
+                t_logits.append(jax.lax.stop_gradient(t_task.targets(out, batch, t_prepared.extra).logits))
+            else:
+                t_logits.append(jax.lax.stop_gradient(run(teacher, prepared, batch, True, None, t_inner).logits))
         t_logits = teacher_logits(t_logits, kd.temperature)
 
         def loss_fn(params):  # first argument is what is differentiated
@@ -189,18 +204,45 @@ def _mse(a, b, mask) -> jax.Array:
 def build(ctx: Context, kd: Distillation) -> Recipe:
     """The student starts from the (first) teacher: every k-th layer, or a random init of its shape."""
     kd.check()
-    teachers = {f"teacher_{i}": ctx.load(ref) for i, ref in enumerate(kd.teachers)}
+    tasks = teacher_tasks(kd, ctx.tokenizer)
+    teachers = {name: ctx.load(ref, tasks[name].head if name in tasks else None)
+                for name, ref in zip(_names(kd), kd.teachers)}
     first = next(iter(teachers.values()))
-    bert = init_student(first, student_config(first.config, kd.student_layers), kd.init, ctx.seed)
+    labels = {"num_labels": len(ctx.labels), "labels": tuple(ctx.labels)} if ctx.labels else {}
+    config = student_config(first.config, kd.student_layers, **labels)
+    bert = init_student(first, config, kd.init, ctx.seed, ctx.task.head)
     student = Student(bert, first.config.hidden_size, kd.hidden_weight > 0, rngs=nnx.Rngs(ctx.seed + 1))
     graphdef, params = nnx.split(student)
     split = {name: nnx.split(model) for name, model in teachers.items()}
     return Recipe(task=ctx.task, tx=ctx.tx, graphdef=graphdef, params=params,
-                  train_step=make_train_step(graphdef, {n: g for n, (g, _) in split.items()}, ctx.tx, kd, ctx.task),
+                  train_step=make_train_step(graphdef, {n: g for n, (g, _) in split.items()}, ctx.tx, kd, ctx.task,
+                                             tasks),
                   eval_step=clean.make_eval_step(graphdef, ctx.task, select=lambda student: student.bert),
                   export=lambda p: nnx.merge(graphdef, p).bert,
                   aux={"teachers": {n: p for n, (_, p) in split.items()}})
 
 
+def _names(kd: Distillation) -> list[str]:
+    return [f"teacher_{i}" for i in range(len(kd.teachers))]
+
+
+def teacher_tasks(kd: Distillation, tokenizer) -> dict[str, Any]:
+    """The teachers scored by their own task: prompt runs (their prompt.json), reading batch keys teacher_<i>_*."""
+    from jaxopt_llm.runs import RunFolder
+    from jaxopt_llm.steps import prompt
+
+    out = {}
+    for name, ref in zip(_names(kd), kd.teachers):
+        run = RunFolder.of(ref)
+        record = run.read("prompt.json") if run is not None else None
+        if record is not None:
+            out[name] = prompt.from_json(record, tokenizer, prefix=name)
+    return out
+
+
+def _encoders(kd: Distillation, task, tokenizer) -> list:
+    return [t.encode for t in teacher_tasks(kd, tokenizer).values()]
+
+
 METHOD = Method("distill", Distillation, build, help="knowledge distillation from distill.teacher into a smaller "
-                "student", base_model=lambda kd: (kd.teachers or [None])[0])
+                "student", base_model=lambda kd: (kd.teachers or [None])[0], encoders=_encoders)

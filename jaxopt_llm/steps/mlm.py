@@ -133,6 +133,9 @@ class MaskedLMTask:
     def summarize(self, sums: Metrics) -> dict[str, float]:
         return mean_metrics(sums)
 
+    def files(self):
+        return {}
+
     def baseline(self, train, eval):
         return {}
 

@@ -19,11 +19,13 @@ from jaxopt_llm.steps.common import Metrics
 
 class Prepared(NamedTuple):
     """What a step feeds the model: `input_ids` (b, t) to embed (masked for MLM), the task's `extra`
-    (e.g. masked positions and their labels; None for classification) and the dropout key."""
+    (e.g. masked positions and their labels; None for classification), the dropout key, and `token_mask`
+    (b, t): the real tokens of input_ids, where a perturbation may go (None: batch["attention_mask"])."""
 
     input_ids: jax.Array
     extra: Any
     dropout_key: jax.Array | None
+    token_mask: jax.Array | None = None
 
 
 class Targets(NamedTuple):
@@ -40,6 +42,8 @@ class DataNeeds:
     labels: bool  # rows need a label column
     word_ids: bool = False  # whole-word masking
     next_sentence: bool = False  # sentence pairs with an is-next label
+    label_names: tuple[str, ...] | None = None  # the label order the task fixes (a verbalizer's), else the data's
+    encode: Any = None  # (texts, text pairs or None, max_length) -> the task's own arrays, added to the rows
 
 
 class Task(Protocol):
@@ -68,3 +72,6 @@ class Task(Protocol):
 
     def baseline(self, train: dict[str, np.ndarray], eval: dict[str, np.ndarray]) -> dict[str, float]:
         """The number to beat on the eval split (majority-class accuracy), or {}."""
+
+    def files(self) -> dict[str, Any]:
+        """What the task adds to a run folder ({file name: JSON}), read back by prediction (e.g. prompt.json)."""
