@@ -94,11 +94,8 @@ def _train(args: argparse.Namespace) -> None:
 def _sweep(args: argparse.Namespace) -> None:
     import math
 
-    from jaxopt_llm import config as config_lib
-    from jaxopt_llm import data as data_lib
     from jaxopt_llm import robustness
     from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve
-    from jaxopt_llm.steps.task import DataNeeds
 
     eps = [item.split("=", 1)[1] for item in args.grid if item.startswith(("eps=", "epsilon="))]
     if len(eps) != 1:
@@ -111,20 +108,11 @@ def _sweep(args: argparse.Namespace) -> None:
     if bad:
         raise UsageError(f"eps={eps[0]!r}: every epsilon must be a finite number >= 0 (got {bad}); 0 is "
                          "clean accuracy.")
-    if (args.config is None) == (args.data is None):
-        raise UsageError("pass --config FILE (its eval split) or --data FILE (csv/json with text and label).")
     tables = {}
     for name in args.model:
         folder = resolve(name)
         model = from_pretrained(folder, "sequence-classification", required=("classifier",))
-        tokenizer = load_tokenizer(folder, model.config.vocab_size)
-        if args.config:
-            config = config_lib.load(args.config, args.overrides)
-        else:
-            config = config_lib.load(None, [f"data.train_file={args.data}", f"data.eval_file={args.data}",
-                                            *args.overrides])
-        data = data_lib.load(config.data, tokenizer, DataNeeds(labels=True), num_labels=config.model.num_labels,
-                             names=model.config.labels or None)
+        data = _eval_data(args, load_tokenizer(folder, model.config.vocab_size), model.config.labels or None)
         tables[name] = robustness.robust_accuracy(model, data.eval, epsilons, steps=args.steps, norm=args.norm,
                                                   batch_size=args.batch_size)
     print(f"PGD on word embeddings: {args.norm} ball, {args.steps} steps of 2.5 * eps / steps, "
@@ -134,6 +122,69 @@ def _sweep(args: argparse.Namespace) -> None:
         print(f"{e:<9g}" + "  ".join(f"{rows[i]['accuracy']:>28.4f}" for rows in tables.values()))
     robustness.plot(tables, args.plot, args.norm)
     print(json.dumps({"norm": args.norm, "steps": args.steps, "tables": tables, "plot": args.plot}))
+
+
+def _eval_data(args: argparse.Namespace, tokenizer, names):
+    """The labelled eval data of --config FILE (its eval split, with overrides) or of --data FILE (all its
+    rows), label ids in the order of `names`."""
+    from jaxopt_llm import config as config_lib
+    from jaxopt_llm import data as data_lib
+    from jaxopt_llm.steps.task import DataNeeds
+
+    if (args.config is None) == (args.data is None):
+        raise UsageError("pass --config FILE (its eval split) or --data FILE (csv/json with text and label).")
+    if args.config:
+        config = config_lib.load(args.config, args.overrides)
+    else:
+        config = config_lib.load(None, [f"data.train_file={args.data}", f"data.eval_file={args.data}",
+                                        *args.overrides])
+    return data_lib.load(config.data, tokenizer, DataNeeds(labels=True), num_labels=config.model.num_labels,
+                         names=names)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from jaxopt_llm.calibration import calibrate_run
+    from jaxopt_llm.predict import Predictor
+    from jaxopt_llm.runs import RunFolder
+
+    run = RunFolder.of(args.model)
+    if run is None:
+        raise UsageError(f"--model {args.model!r} is not a run folder (run.json): calibration writes "
+                         "temperature.json into one.")
+    predictor = Predictor.from_pretrained(args.model, temperature=1.0)
+    names = predictor.prompt.encoded.prompt.labels if predictor.prompt else predictor.model.config.label_names
+    data = _eval_data(args, predictor.tokenizer, tuple(names))
+    texts, labels = list(data.texts["eval"]), data.eval["labels"]
+    plot = args.plot or str(run.path / "reliability.png")
+    record = calibrate_run(args.model, texts, labels, plot)
+    print(f"temperature {record['temperature']:.4f} on {record['examples']} examples; "
+          + "; ".join(f"{k}: {record['before'][k]:.4f} -> {record['after'][k]:.4f}" for k in ("nll", "ece", "brier")))
+    print(json.dumps({**record, "plot": plot}))
+
+
+def _stack(args: argparse.Namespace) -> None:
+    import shutil
+
+    from jaxopt_llm.bert.params import resolve
+    from jaxopt_llm.predict import EnsemblePredictor
+    from jaxopt_llm.runs import RunFolder, write_json
+
+    ensemble = EnsemblePredictor.from_runs(args.runs)  # one architecture, one label set: else one error
+    out = RunFolder(args.out)
+    if out.path.exists():
+        raise UsageError(f"--out {args.out!r} exists; pass a new folder.")
+    tmp = out.path.with_name(f".{out.path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for i, ref in enumerate(args.runs):
+        shutil.copytree(resolve(ref), tmp / "members" / str(i))
+    names = list(ensemble.model.config.label_names)
+    write_json(tmp / "labels.json", names)
+    write_json(tmp / "ensemble.json", {"members": len(args.runs), "combine": "mean-prob",
+                                       "sources": [str(r) for r in args.runs]})
+    write_json(tmp / "run.json", {"config": {"task": "classification"}, "task": "classification", "method": "ensemble",
+                                  "label_names": names, "sources": [str(r) for r in args.runs]})
+    tmp.rename(out.path)
+    print(json.dumps({"ensemble": str(out.path), "members": len(args.runs)}))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -146,7 +197,8 @@ def _bench(args: argparse.Namespace) -> None:
                          "`pip install torch==2.13.0` (a plain `torch` brings a CUDA build).")
     c = bench.BenchConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn, batch=args.batch,
                           seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
-                          adversarial_steps=args.adversarial_steps, student_layers=args.student_layers)
+                          adversarial_steps=args.adversarial_steps, student_layers=args.student_layers,
+                          members=args.members)
     bench.print_table(c, bench.run(c, tuple(args.tasks.split(","))))
 
 
@@ -205,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(run=lambda a: _sweep(_split_grid(a)))
 
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
-    b.add_argument("--tasks", default="classify,mlm,adversarial,distill",
-                   help="comma-separated: classify, mlm, adversarial, distill")
+    b.add_argument("--tasks", default="classify,mlm,adversarial,distill,ensemble",
+                   help="comma-separated: classify, mlm, adversarial, distill, ensemble")
+    b.add_argument("--members", type=int, default=5, help="members of the ensemble row")
     b.add_argument("--student-layers", type=int, default=2, help="depth of the distillation row's student")
     b.add_argument("--adversarial-steps", type=int, default=1, help="K of the adversarial step")
     for name, default in (("layers", 4), ("hidden", 256), ("heads", 4), ("ffn", 1024), ("batch", 32), ("seq", 128),
@@ -214,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument(f"--{name}", type=int, default=default)
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     b.set_defaults(run=_bench)
+
+    cal = sub.add_parser("calibrate", help="fit a run's temperature on held-out data (temperature.json)")
+    cal.add_argument("--model", required=True, help="run folder (single, prompt or ensemble)")
+    cal.add_argument("--config", help="config file whose eval split is used")
+    cal.add_argument("--data", help="csv / json / jsonl file with text and label")
+    cal.add_argument("--plot", help="reliability diagram PNG (default: RUN/reliability.png)")
+    cal.add_argument("overrides", nargs="*", help="key=value config overrides")
+    cal.set_defaults(run=_calibrate)
+
+    stack = sub.add_parser("stack", help="stack classification runs of one architecture into an ensemble run folder")
+    stack.add_argument("--out", required=True, help="the new ensemble run folder")
+    stack.add_argument("runs", nargs="+", help="run folders or HF folders")
+    stack.set_defaults(run=_stack)
 
     sim = sub.add_parser("similarity", help="cosine similarity of sentence embeddings (default: MiniLM)")
     sim.add_argument("--model", help="run folder, HF folder or hub id (default: the packaged all-MiniLM-L6-v2)")

@@ -72,9 +72,9 @@ def make(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def skipped_updates(opt_state) -> jax.Array:
-    """Total updates skipped for non-finite values so far."""
+    """Updates skipped for non-finite values so far."""
     found = [s.skipped for s in jax.tree.leaves(opt_state, is_leaf=_is_skip_state) if _is_skip_state(s)]
-    return found[0] if found else jnp.zeros((), jnp.int32)
+    return jnp.max(found[0]) if found else jnp.zeros((), jnp.int32)  # an ensemble's: its worst member
 
 
 def _is_skip_state(x) -> bool:

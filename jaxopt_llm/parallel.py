@@ -94,12 +94,26 @@ def initialize_distributed() -> None:
 class Parallel:
     """Placement of states and batches, and compilation of steps, for one backend."""
 
-    def __init__(self, cfg: ParallelConfig, devices: list | None = None):
+    def __init__(self, cfg: ParallelConfig, devices: list | None = None, members: int | None = None):
         self.cfg = cfg
         self.devices = list(devices) if devices is not None else jax.devices()
         self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
         self.local_count = len([d for d in self.devices if d.process_index == jax.process_index()])
         self.pmap = cfg.backend == "pmap"
+        # an ensemble's members: states and batches carry a leading member axis of this size
+        self.members = members
+        if members and self.pmap:
+            raise ValueError("an ensemble (a leading member axis) runs under parallel.backend=jit, not pmap.")
+
+    def for_members(self, members: int | None) -> Parallel:
+        """The same placement for states and batches with a leading member axis of `members`."""
+        return self if members == self.members else Parallel(self.cfg, self.devices, members)
+
+    @property
+    def member_sharded(self) -> bool:
+        """Members spread over the devices (each device trains whole members) when they divide evenly on one
+        process; otherwise members are replicated and each member's batch is split over the devices."""
+        return bool(self.members) and self.members % len(self.devices) == 0 and jax.process_count() == 1
 
     def check_batch_size(self, batch_size: int, name: str = "train.batch_size") -> None:
         n = len(self.devices)
@@ -108,6 +122,8 @@ class Parallel:
 
     # ---- placement -----------------------------------------------------------------------------
     def _leaf_sharding(self, x) -> NamedSharding:
+        if self.member_sharded and getattr(x, "ndim", 0) and x.shape[0] == self.members:
+            return NamedSharding(self.mesh, PartitionSpec(AXIS))
         if not self.cfg.fsdp or not getattr(x, "ndim", 0):
             return NamedSharding(self.mesh, PartitionSpec())
         n = len(self.devices)
@@ -135,12 +151,16 @@ class Parallel:
         """One copy of the state, as checkpoints and exports want it."""
         return jax.tree.map(lambda x: x[0], state) if self.pmap else state
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict:
-        """This process's rows of a global batch -> device arrays (global arrays under jit)."""
+    def put_batch(self, batch: dict[str, np.ndarray], stacked: bool = False) -> dict:
+        """This process's rows of a global batch -> device arrays (global arrays under jit). `stacked`: the
+        arrays are (members, rows, ...), each member's own batch."""
         if self.pmap:
             n = self.local_count
             return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
-        sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        spec = PartitionSpec(AXIS)  # examples over devices
+        if stacked:  # (members, examples, ...): whole members per device, or each member's examples
+            spec = PartitionSpec(AXIS) if self.member_sharded else PartitionSpec(None, AXIS)
+        sharding = NamedSharding(self.mesh, spec)
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
     def put_key(self, key_data):

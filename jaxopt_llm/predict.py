@@ -32,11 +32,26 @@ def _fill_mask(graphdef, state, ids_bt, mask_bt, types_bt, positions_bp, top_k):
     return jax.lax.top_k(probs_bpv, top_k)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _classify(graphdef, state, ids_bt, mask_bt, types_bt):
+def _logits(graphdef, state, ids_bt, mask_bt, types_bt):
     model = nnx.merge(graphdef, state)
-    logits = model.classify_logits(model.encode(model.embed(ids_bt), mask_bt, types_bt))
-    return logits if model.config.num_labels == 1 else jax.nn.softmax(logits, axis=-1)
+    return model.classify_logits(model.encode(model.embed(ids_bt), mask_bt, types_bt))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _classify(graphdef, state, ids_bt, mask_bt, types_bt, temperature=1.0):
+    """Probabilities softmax(logits / temperature) (b, c); the raw value for regression."""
+    logits = _logits(graphdef, state, ids_bt, mask_bt, types_bt)
+    return logits if logits.shape[-1] == 1 else jax.nn.softmax(logits / temperature, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "how"))
+def _ensemble_classify(graphdef, stacked, ids_bt, mask_bt, types_bt, how, temperature=1.0):
+    """(combined probabilities (b, c), members' probabilities (N, b, c)) in one program: vmap over members."""
+    from jaxopt_llm.steps.ensemble import combine
+
+    logits = jax.vmap(lambda p: _logits(graphdef, p, ids_bt, mask_bt, types_bt))(stacked)
+    probs = combine(logits, how)  # calibration scales the ensemble's log-probabilities, as calibrate fitted it
+    return jax.nn.softmax(jnp.log(jnp.maximum(probs, 1e-30)) / temperature, -1), jax.nn.softmax(logits, -1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "normalize"))
@@ -50,10 +65,10 @@ def _embed(graphdef, state, ids_bt, mask_bt, types_bt, normalize):
     return mean_bd
 
 
-def _prompt_probs(graphdef, state, batch, task):
+def _prompt_probs(graphdef, state, batch, task, temperature=1.0):
     model = nnx.merge(graphdef, state)
     prepared = task.prepare(batch, None)
-    return jax.nn.softmax(task.forward(model, model.embed(prepared.input_ids), batch, None), axis=-1)
+    return jax.nn.softmax(task.forward(model, model.embed(prepared.input_ids), batch, None) / temperature, axis=-1)
 
 
 _prompt_classify = jax.jit(_prompt_probs, static_argnames=("graphdef", "task"))
@@ -71,7 +86,8 @@ def _prompt_ensemble(graphdef, params, batches, task, shared):
 
 def compile_count() -> int:
     """Programs compiled so far by this module's jitted functions (for tests and logs)."""
-    return sum(f._cache_size() for f in (_fill_mask, _classify, _embed, _prompt_classify, _prompt_ensemble))
+    return sum(f._cache_size() for f in (_fill_mask, _classify, _embed, _prompt_classify, _prompt_ensemble,
+                                         _ensemble_classify))
 
 
 def _pad_rows(arrays: dict[str, np.ndarray], b: int) -> dict[str, np.ndarray]:
@@ -99,11 +115,12 @@ class Predictor:
     """
 
     def __init__(self, model: Bert, tokenizer: Any, *, batch_size: int = 32,
-                 length_buckets: Sequence[int] = LENGTH_BUCKETS, prompt: Any = None):
+                 length_buckets: Sequence[int] = LENGTH_BUCKETS, prompt: Any = None, temperature: float = 1.0):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1.")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.prompt = prompt  # a PromptTask: classify() by cloze prompt on the MLM head
+        self.temperature = float(temperature)  # calibration: probabilities are softmax(logits / temperature)
         max_len = model.config.max_position_embeddings
         self.length_buckets = tuple(b for b in sorted(length_buckets) if b < max_len) + (max_len,)
         self.graphdef, self.state = nnx.split(model)
@@ -119,9 +136,13 @@ class Predictor:
         from jaxopt_llm.runs import RunFolder
         from jaxopt_llm.steps import prompt as prompt_lib
 
-        folder = resolve(name_or_path)
         run = RunFolder.of(name_or_path)
+        if run is not None and run.members():
+            return EnsemblePredictor.from_runs(run.members(), temperature=run.temperature(), **kwargs)
+        folder = resolve(name_or_path)
         record = run.read("prompt.json") if run is not None else None
+        if run is not None and "temperature" not in kwargs:
+            kwargs["temperature"] = run.temperature()
         if (prompt is not None or record is not None) and task in (None, "sequence-classification"):
             task = "masked-lm"
         task = task or task_of(folder)
@@ -194,7 +215,8 @@ class Predictor:
         names = self.model.config.label_names
         results = []
         for n, a in self._batches(texts):
-            scores = np.asarray(_classify(self.graphdef, self.state, a["ids"], a["mask"], a["types"]))[:n]
+            scores = np.asarray(_classify(self.graphdef, self.state, a["ids"], a["mask"], a["types"],
+                                          self.temperature))[:n]
             for row in scores:
                 label = None if len(names) == 1 else names[int(row.argmax())]
                 results.append({"label": label, "scores": [float(s) for s in row]})
@@ -209,7 +231,8 @@ class Predictor:
             chunk = list(texts[start:start + self.batch_size])
             b = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
             batch = _pad_rows(self.prompt.encode(chunk), b)
-            probs = np.asarray(_prompt_classify(self.graphdef, self.state, batch, self.prompt))[:len(chunk)]
+            probs = np.asarray(_prompt_classify(self.graphdef, self.state, batch, self.prompt,
+                                                self.temperature))[:len(chunk)]
             results += [{"label": names[int(row.argmax())], "scores": [float(x) for x in row]} for row in probs]
         return results
 
@@ -308,10 +331,62 @@ def stack_models(models: list, names: list) -> tuple[Any, Any]:
     graphdef, first = nnx.split(models[0])
     states = [first]
     for model, name in zip(models[1:], names[1:]):
-        g, state = nnx.split(model)
-        shapes = jax.tree.map(np.shape, state)
-        if g != graphdef or shapes != jax.tree.map(np.shape, first):
+        _, state = nnx.split(model)
+        if jax.tree.structure(state) != jax.tree.structure(first) or (
+                jax.tree.map(np.shape, state) != jax.tree.map(np.shape, first)):
             raise ValueError(f"{name!r} and {names[0]!r} differ in architecture (layers, sizes or heads); members "
                              "of one ensemble must share it.")
         states.append(state)
     return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+class EnsemblePredictor(Predictor):
+    """Members of one architecture and label set, stacked on a leading axis and predicted in one program.
+    classify() combines them by mean probability (default), mean logit or vote; `member_probs` gives each
+    member's probabilities."""
+
+    def __init__(self, graphdef, stacked, config, tokenizer, *, combine: str = "mean-prob", temperature: float = 1.0,
+                 batch_size: int = 32, length_buckets: Sequence[int] = LENGTH_BUCKETS):
+        from jaxopt_llm.steps.ensemble import COMBINE
+
+        if combine not in COMBINE:
+            raise ValueError(f"combine={combine!r}: use one of {COMBINE}.")
+        self.model = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], stacked))  # member 0, for its config
+        self.graphdef, self.state, self.tokenizer, self.batch_size = graphdef, stacked, tokenizer, batch_size
+        self.combine, self.temperature, self.prompt = combine, float(temperature), None
+        self.members = len(jax.tree.leaves(stacked)[0])
+        max_len = config.max_position_embeddings
+        self.length_buckets = tuple(b for b in sorted(length_buckets) if b < max_len) + (max_len,)
+
+    @classmethod
+    def from_runs(cls, runs: Sequence, **kwargs: Any) -> EnsemblePredictor:
+        """Stack separately trained classification runs (seeds, adversarial models, ...): one architecture
+        and one label set, else one error naming the two runs that differ."""
+        models = [from_pretrained(resolve(r), "sequence-classification", required=("classifier",)) for r in runs]
+        graphdef, stacked = stack_models(models, [str(r) for r in runs])
+        for r, m in zip(runs[1:], models[1:]):
+            if m.config.label_names != models[0].config.label_names:
+                raise ValueError(f"{str(r)!r} has labels {list(m.config.label_names)} but {str(runs[0])!r} has "
+                                 f"{list(models[0].config.label_names)}: members of one ensemble share one label set.")
+        tokenizer = load_tokenizer(resolve(runs[0]), models[0].config.vocab_size)
+        return cls(graphdef, stacked, models[0].config, tokenizer, **kwargs)
+
+    def member_probs(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, n, c) every member's probabilities."""
+        return self._run(texts)[1]
+
+    def _run(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        combined, members = [], []
+        for n, a in self._batches(texts):
+            c, m = _ensemble_classify(self.graphdef, self.state, a["ids"], a["mask"], a["types"], self.combine,
+                                      self.temperature)
+            combined.append(np.asarray(c)[:n])
+            members.append(np.asarray(m)[:, :n])
+        return np.concatenate(combined), np.concatenate(members, axis=1)
+
+    def classify(self, texts: Sequence[str]) -> list[dict]:
+        names = self.model.config.label_names
+        return [{"label": names[int(row.argmax())], "scores": [float(x) for x in row]} for row in self._run(texts)[0]]
+
+    def fill_mask(self, texts, top_k=5):
+        raise ValueError("an ensemble classifies; fill-mask needs one masked-LM model.")

@@ -25,6 +25,7 @@ _METHODS: dict[str, Any] = {
     "clean": "jaxopt_llm.steps.clean",
     "adversarial": "jaxopt_llm.steps.adversarial",
     "distill": "jaxopt_llm.steps.distill",
+    "ensemble": "jaxopt_llm.steps.ensemble",
 }
 
 
@@ -36,7 +37,8 @@ class Recipe:
     train_step(state, batch, key, aux) -> (state, metrics); eval_step(params, batch, aux) -> metrics, both
     pure, metrics as {name: (sum, count)}. `aux` is passed to every step and never checkpointed (e.g.
     {"teachers": {name: params}}). `export(params)` is the `Bert` written to the run folder's model/;
-    `files` are the method's own files for the run folder ({file name: JSON-able value}).
+    `files` are the method's own files for the run folder ({file name: JSON-able value}). `export` may
+    return a list of models: an ensemble's members, written to members/0, members/1, ...
     """
 
     task: Any
@@ -48,6 +50,8 @@ class Recipe:
     export: Callable[[Any], Any]
     aux: Any = None
     files: dict[str, Any] = dataclasses.field(default_factory=dict)
+    batches: Callable | None = None  # (arrays, batch_size, seed, **process) -> batches[position]; None: Batches
+    members: int | None = None  # a leading member axis on the state and the batches (ensembles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,7 @@ class Context:
     tx: optax.GradientTransformation
     seed: int
     model: str
-    load: Callable[..., Any]  # load(reference, head=None): head None is the task's
+    load: Callable[..., Any]  # load(reference, head=None, seed=None): head None is the task's, seed the run's
     labels: tuple[str, ...] | None = None
     tokenizer: Any = None
 

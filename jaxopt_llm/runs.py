@@ -1,6 +1,7 @@
 """Run folders: what every training command writes, and what every later step accepts as its model.
 
     RUN/model/          Hugging Face folder (config.json, model.safetensors, tokenizer) of the result
+    RUN/members/<i>/    an ensemble's members instead (and ensemble.json)
     RUN/run.json        the record: config, task, method, label names, versions, devices, baseline, compiles
     RUN/labels.json     label names in id order (classification)
     RUN/metrics.jsonl   one JSON object per logged event
@@ -57,6 +58,18 @@ class RunFolder:
             return cls(path)
         return None
 
+    def member(self, i: int) -> Path:
+        """An ensemble's member i (a Hugging Face folder)."""
+        return self.path / "members" / str(i)
+
+    def members(self) -> list[Path]:
+        """An ensemble run's member folders, in order; [] for a single model."""
+        folder = self.path / "members"
+        if not folder.is_dir():
+            return []
+        return [folder / p.name for p in sorted(folder.iterdir(), key=lambda p: int(p.name))
+                if p.name.isdigit() and (p / "config.json").is_file()]
+
     def record(self) -> dict:
         return json.loads(self.record_file.read_text()) if self.record_file.is_file() else {}
 
@@ -65,6 +78,11 @@ class RunFolder:
 
     def task(self) -> str | None:
         return self.record().get("config", {}).get("task")
+
+    def temperature(self) -> float:
+        """The calibration temperature fitted for the run (1.0 when none was)."""
+        record = self.read("temperature.json")
+        return float(record["temperature"]) if record else 1.0
 
     def read(self, name: str) -> Any:
         """A method file (JSON) of the run, or None."""

@@ -141,10 +141,11 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
     run = RunFolder(workdir)
     run.path.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
+    parallel = parallel.for_members(recipe.members)
     parallel.check_batch_size(cfg.batch_size)
     accum, total_micro = cfg.grad_accum, cfg.steps * cfg.grad_accum
     ckpts = checkpoint.Checkpoints(run.checkpoints, keep=cfg.keep_checkpoints)
-    if ckpts.latest() == total_micro and (run.model / "config.json").is_file():
+    if ckpts.latest() == total_micro and ((run.model / "config.json").is_file() or run.members()):
         ckpts.close()
         evals = [r for r in read_metrics(run.metrics_file) if r["split"] == "eval"]
         final = {k: v for k, v in (evals[-1] if evals else {}).items() if k not in ("step", "split")}
@@ -170,8 +171,9 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
     del host_state
     train_fn = parallel.compile_train(recipe.train_step, state, aux)
     eval_fn = parallel.compile_eval(recipe.eval_step)
-    batches = data_lib.Batches(data.train, cfg.batch_size, cfg.seed, process_index=jax.process_index(),
-                               process_count=jax.process_count())
+    make_batches = recipe.batches or data_lib.Batches
+    batches = make_batches(data.train, cfg.batch_size, cfg.seed, process_index=jax.process_index(),
+                           process_count=jax.process_count())
     log = MetricsLog(run, None if resume_step is None else resume_step // accum, main)
     baseline = recipe.task.baseline(data.train, data.eval)
     if main:
@@ -202,7 +204,7 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
     eval_metrics: dict[str, float] = {}
     step_compiles = 0
     while micro < total_micro:
-        batch = parallel.put_batch(batches[micro])
+        batch = parallel.put_batch(batches[micro], stacked=bool(recipe.members))
         before = compile_count()
         state, metrics = train_fn(state, batch, key, aux)
         step_compiles += compile_count() - before
@@ -243,7 +245,12 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
     log.close()
     params = multihost_utils.process_allgather(parallel.host_state(state).params, tiled=True)
     if main:
-        save_pretrained(recipe.export(params), run.model, tokenizer=tokenizer)
+        exported = recipe.export(params)
+        if isinstance(exported, list):  # an ensemble: one Hugging Face folder per member
+            for i, member in enumerate(exported):
+                save_pretrained(member, run.member(i), tokenizer=tokenizer)
+        else:
+            save_pretrained(exported, run.model, tokenizer=tokenizer)
         for name, value in {**recipe.task.files(), **recipe.files}.items():
             run.write(name, value)
         record = run.record()
@@ -284,11 +291,11 @@ def loader(config: Config, head: str, labels: tuple[str, ...] | None, num_labels
     if m.attention_dropout is not None:
         changes["attention_probs_dropout_prob"] = m.attention_dropout
 
-    def load(reference: str, head_: str | None = None):
+    def load(reference: str, head_: str | None = None, seed: int | None = None):
+        seed = config.train.seed if seed is None else seed  # the seed of freshly initialised heads
         if head_ not in (None, head):  # another head (a prompt teacher's MLM): no labels to carry
-            return from_pretrained(resolve(reference), head_, dtype=m.dtype, seed=config.train.seed)
-        return from_pretrained(resolve(reference), head, num_labels=num_labels, dtype=m.dtype, seed=config.train.seed,
-                               **changes)
+            return from_pretrained(resolve(reference), head_, dtype=m.dtype, seed=seed)
+        return from_pretrained(resolve(reference), head, num_labels=num_labels, dtype=m.dtype, seed=seed, **changes)
 
     return load
 

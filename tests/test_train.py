@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_finetune_logs_records_compiles_once_and_exports(setup, tmp_path):
     config = config_lib.load(None, overrides(setup))
     metrics = train(config, tmp_path)
-    assert set(metrics) == {"loss", "accuracy", "f1"} and 0 <= metrics["f1"] <= 1
+    assert set(metrics) == {"loss", "accuracy", "f1", "ece", "brier"} and 0 <= metrics["f1"] <= 1
     assert [r["step"] for r in records(tmp_path, "train")] == [2, 4, 6]
     assert [r["step"] for r in records(tmp_path, "eval")] == [3, 6]
     assert records(tmp_path, "eval")[-1]["accuracy"] == metrics["accuracy"]

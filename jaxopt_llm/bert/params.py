@@ -103,6 +103,10 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
             return path / "model"  # a run folder
+        if not (path / "config.json").is_file() and (path / "members" / "0" / "config.json").is_file():
+            raise CheckpointError(f"{str(path)!r} is an ensemble run (members/0, members/1, ...): prediction, "
+                                  "distillation and sweeps take it whole; where one model is needed, name a member, "
+                                  f"e.g. {str(path / 'members' / '0')!r}.")
         return path
     if path.exists():
         raise CheckpointError(f"{str(name_or_path)!r} is a file; pass the folder that holds config.json and "

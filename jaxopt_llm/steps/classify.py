@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_llm import losses
+from jaxopt_llm import calibration, losses
 from jaxopt_llm.parallel import global_mean
 from jaxopt_llm.steps.common import Metrics, mean_metrics
 from jaxopt_llm.steps.task import DataNeeds, Prepared, Targets
@@ -70,18 +70,29 @@ class ClassificationTask:
         return global_mean(total, count), metrics
 
     def eval_metrics(self, logits, batch, extra):
+        """loss (= NLL), accuracy, Brier, and the sums behind macro-F1 (confusion) and ECE (calibration)."""
         _, metrics = self.loss(logits, batch, extra)
         if logits.shape[-1] > 1:
-            metrics["confusion"] = (confusion_matrix(logits, batch["labels"], batch["weight"]), metrics["loss"][1])
+            valid = batch["weight"] > 0
+            probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
+            count = metrics["loss"][1]
+            metrics["confusion"] = (confusion_matrix(logits, batch["labels"], batch["weight"]), count)
+            metrics["calibration"] = (calibration.bin_sums(probs, batch["labels"], batch["weight"]), count)
+            metrics["brier"] = losses.masked_sum(calibration.brier(probs, batch["labels"]), valid)
         return metrics
 
     def summarize(self, sums: Metrics) -> dict[str, float]:
+        """Means, plus macro-F1 from the confusion matrix and ECE (15 bins) from the calibration sums;
+        the loss is the NLL."""
         sums = dict(sums)
-        confusion = sums.pop("confusion", None)
+        confusion, bins = sums.pop("confusion", None), sums.pop("calibration", None)
         out = mean_metrics(sums)
         if confusion is not None:
             c = np.asarray(jax.device_get(confusion[0]), np.float64)
             out["f1"] = macro_f1(c.reshape(-1, *c.shape[-2:]).sum(0))
+        if bins is not None:
+            b = np.asarray(jax.device_get(bins[0]), np.float64)
+            out["ece"] = calibration.ece_from_bins(b.reshape(-1, *b.shape[-2:]).sum(0))
         return out
 
     def files(self):

@@ -63,7 +63,15 @@ class Distillation:
 
     @property
     def teachers(self) -> list[str]:
-        return [t.strip() for t in (self.teacher or "").split(",") if t.strip()]
+        """The teachers' model references; an ensemble run stands for its members (the student then learns
+        the members' mean distribution)."""
+        from jaxopt_llm.runs import RunFolder
+
+        out = []
+        for ref in (t.strip() for t in (self.teacher or "").split(",") if t.strip()):
+            run = RunFolder.of(ref)
+            out += [str(m) for m in run.members()] if run is not None and run.members() else [ref]
+        return out
 
 
 class Student(nnx.Module):

@@ -1,0 +1,202 @@
+"""Deep ensembles in one compiled step (Lakshminarayanan et al. 2017): N members of one architecture with
+their parameters and optimiser states stacked on a leading member axis, trained by one jitted step that
+vmaps the clean step over the members. Members differ by seed: a fresh head initialisation, their own
+dropout keys and their own data order (and, with `bootstrap`, their own resample of the training set).
+
+Evaluation combines the members' probabilities (mean; also mean logit or vote in prediction) and reports
+the ensemble's accuracy, NLL, ECE and Brier score, with the members' disagreement, their accuracy
+(mean and std) and the mutual information between prediction and member (BALD).
+
+An ensemble run folder holds members/0 .. members/N-1 (Hugging Face folders) and ensemble.json; it is
+accepted by prediction, as a distillation teacher (the student learns the mean distribution) and by sweeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxopt_llm import losses
+from jaxopt_llm.data import Batches
+from jaxopt_llm.parallel import global_sum
+from jaxopt_llm.recipes import Context, Method, Recipe
+from jaxopt_llm.state import TrainState
+from jaxopt_llm.steps import clean
+from jaxopt_llm.steps.common import Metrics
+
+COMBINE = ("mean-prob", "mean-logit", "vote")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleOptions:
+    """Config keys ensemble.*."""
+
+    members: int = 5
+    bootstrap: bool = False  # each member trains on its own resample (with replacement) of the training set
+
+    def __post_init__(self):
+        if self.members < 1:
+            raise ValueError(f"ensemble.members={self.members}: must be at least 1.")
+
+
+def member_seed(seed: int, member: int) -> int:
+    """Member i's seed: head initialisation, dropout keys and data order all derive from it."""
+    return seed + 1000 * member
+
+
+def member_key(key: jax.Array, member) -> jax.Array:
+    """Member i's base key: fold_in(the run's key, i); its steps then fold in the step as a single run's do."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    return jax.random.fold_in(key, member)
+
+
+def vmapped(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` applied to each member separately (its own clipping norm, moments and step count)."""
+    return optax.GradientTransformation(jax.vmap(tx.init), jax.vmap(tx.update))
+
+
+def combine(logits_nbc: jax.Array, how: str = "mean-prob") -> jax.Array:
+    """Members' logits (N, b, c) -> the ensemble's probabilities (b, c)."""
+    if how == "mean-prob":
+        return jnp.mean(jax.nn.softmax(logits_nbc.astype(jnp.float32), -1), 0)
+    if how == "mean-logit":
+        return jax.nn.softmax(jnp.mean(logits_nbc.astype(jnp.float32), 0), -1)
+    if how == "vote":
+        votes = jax.nn.one_hot(jnp.argmax(logits_nbc, -1), logits_nbc.shape[-1]).mean(0)
+        return votes
+    raise ValueError(f"combine={how!r}: use one of {COMBINE}.")
+
+
+def uncertainty(logits_nbc: jax.Array) -> dict[str, jax.Array]:
+    """Per example (b,): mutual information H(mean p) - mean H(p_i) (BALD), the fraction of members whose
+    argmax differs from the ensemble's, and the predictive entropy."""
+    p = jax.nn.softmax(logits_nbc.astype(jnp.float32), -1)
+    mean = p.mean(0)
+
+    def entropy(q):
+        return -jnp.sum(jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0), -1)
+
+    ensemble_class = jnp.argmax(mean, -1)
+    return {"mutual_information": entropy(mean) - entropy(p).mean(0),
+            "disagreement": (jnp.argmax(p, -1) != ensemble_class[None]).astype(jnp.float32).mean(0),
+            "entropy": entropy(mean)}
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, task, members: int) -> Callable:
+    """`train_step(state, batch, key, aux) -> (state, metrics)`; state.params and opt_state have a leading
+    member axis, batch arrays are (N, b, ...) (each member's own batch). Member i's keys derive from
+    fold_in(key, i), so it draws what a single run with that key draws."""
+    single = clean.make_train_step(graphdef, tx, task)
+
+    def train_step(state: TrainState, batch: dict, key: jax.Array, aux=None) -> tuple[TrainState, Metrics]:
+        keys = jax.vmap(lambda i: member_key(key, i))(jnp.arange(members))
+
+        def one(params, opt_state, member_batch, member_key):
+            new, metrics = single(TrainState(state.step, params, opt_state), member_batch, member_key)
+            return new.params, new.opt_state, metrics
+
+        params, opt_state, metrics = jax.vmap(one)(state.params, state.opt_state, batch, keys)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, task, how: str = "mean-prob") -> Callable:
+    """The ensemble's metrics: the task's metrics on log(combined probabilities), plus member statistics."""
+
+    def eval_step(params, batch: dict, aux=None) -> Metrics:
+        def member_logits(p):
+            model = nnx.merge(graphdef, p)
+            prepared = task.prepare(batch, None)
+            return task.forward(model, model.embed(prepared.input_ids), batch, prepared.extra)
+
+        logits = jax.vmap(member_logits)(params)  # (N, b, c)
+        probs = combine(logits, how)
+        metrics = task.eval_metrics(jnp.log(jnp.maximum(probs, 1e-30)), batch, None)
+        valid = batch["weight"] > 0
+        for name, value in uncertainty(logits).items():
+            metrics[name] = losses.masked_sum(value, valid)
+        correct = (jnp.argmax(logits, -1) == batch["labels"][None]).astype(jnp.float32)
+        metrics["member_accuracy"] = (jnp.sum(jnp.where(valid[None], correct, 0.0), -1),
+                                      jnp.broadcast_to(jnp.sum(valid, dtype=jnp.float32), (logits.shape[0],)))
+        return global_sum(metrics)
+
+    return eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleTask:
+    """The members' task, summarised for an ensemble: member accuracy as mean and std, per-member train
+    metrics averaged over the members."""
+
+    base: Any
+    members: int
+
+    name = property(lambda self: self.base.name)
+    head = property(lambda self: self.base.head)
+    data = property(lambda self: self.base.data)
+
+    def summarize(self, sums: Metrics) -> dict[str, float]:
+        sums = dict(sums)
+        member = sums.pop("member_accuracy", None)
+        out = self.base.summarize(sums)
+        if member is not None:
+            total, count = (np.asarray(jax.device_get(x), np.float64).reshape(-1, self.members).sum(0) for x in member)
+            accuracy = total / np.maximum(count, 1)
+            out["member_accuracy_mean"], out["member_accuracy_std"] = float(accuracy.mean()), float(accuracy.std())
+        return out
+
+    def baseline(self, train, eval):
+        return self.base.baseline(train, eval)
+
+    def files(self):
+        return {"ensemble.json": {"members": self.members, "combine": "mean-prob"}, **self.base.files()}
+
+
+class MemberBatches:
+    """Each member's own batches: member i reads the training set in its own order (seed i), or its own
+    bootstrap resample. `batches[position]` stacks them: arrays (N, b, ...)."""
+
+    def __init__(self, arrays: dict, batch_size: int, seed: int, members: int, bootstrap: bool, **process):
+        n = len(next(iter(arrays.values())))
+        self.members = []
+        for i in range(members):
+            rows = arrays
+            if bootstrap:
+                pick = np.random.default_rng([member_seed(seed, i), 99]).integers(0, n, n)
+                rows = {k: v[pick] for k, v in arrays.items()}
+            self.members.append(Batches(rows, batch_size, member_seed(seed, i), **process))
+
+    def __getitem__(self, position: int) -> dict[str, np.ndarray]:
+        parts = [m[position] for m in self.members]
+        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+
+def build(ctx: Context, options: EnsembleOptions) -> Recipe:
+    n = options.members
+    models = [ctx.load(ctx.model, seed=member_seed(ctx.seed, i)) for i in range(n)]
+    graphdef, first = nnx.split(models[0])
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), first, *[nnx.split(m)[1] for m in models[1:]])
+    tx = vmapped(ctx.tx)
+
+    def batches(arrays, batch_size, seed, **process):
+        return MemberBatches(arrays, batch_size, seed, n, options.bootstrap, **process)
+
+    def export(stacked):
+        return [nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked)) for i in range(n)]
+
+    return Recipe(task=EnsembleTask(ctx.task, n), tx=tx, graphdef=graphdef, params=params,
+                  train_step=make_train_step(graphdef, ctx.tx, ctx.task, n),
+                  eval_step=make_eval_step(graphdef, ctx.task), export=export, batches=batches, members=n)
+
+
+METHOD = Method("ensemble", EnsembleOptions, build,
+                help="N members differing by seed, trained in one vmapped step; evaluated as an ensemble")
