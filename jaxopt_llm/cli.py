@@ -187,6 +187,43 @@ def _stack(args: argparse.Namespace) -> None:
     print(json.dumps({"ensemble": str(out.path), "members": len(args.runs)}))
 
 
+def _label(args: argparse.Namespace) -> None:
+    from jaxopt_llm import active
+
+    if args.action == "init":
+        rounds = active.Rounds.init(args.state, args.pool, [x.strip() for x in args.labels.split(",") if x.strip()],
+                                    args.config, args.eval_file, args.strategy, args.seed, args.overrides)
+        print(json.dumps({"run": str(rounds.path), **rounds.state()}))
+        return
+    rounds = active.Rounds(Path(args.state))
+    prompt = None
+    if getattr(args, "pattern", None):
+        from jaxopt_llm.steps.prompt import Prompt
+
+        prompt = Prompt.parse(args.pattern, args.verbalizer or "")
+    if args.action == "query":
+        items = rounds.query(args.n, args.strategy, cold_model=args.cold_model, prompt=prompt)
+        fmt = args.format or {".csv": "csv", ".jsonl": "jsonl", ".json": "labelstudio"}.get(Path(args.out).suffix)
+        if fmt is None:
+            raise UsageError(f"--out {args.out!r}: end it in .csv, .jsonl or .json (Label Studio), or pass --format.")
+        active.write_items(items, args.out, fmt, rounds.state()["labels"], rounds.round())
+        print(json.dumps({"round": rounds.round(), "queried": len(items), "file": args.out}))
+    elif args.action == "import":
+        print(json.dumps(rounds.import_answers(active.read_answers(args.file))))
+    elif args.action == "train":
+        print(json.dumps(rounds.train(args.steps)))
+    elif args.action == "status":
+        print(json.dumps(rounds.status(), indent=1))
+    elif args.action == "simulate":
+        pool = active.read_pool(rounds.state()["pool"])
+        if args.gold_column not in pool[0]:
+            raise UsageError(f"--gold-column {args.gold_column!r} is not a column of the pool.")
+        budgets = [int(x) for x in args.budgets.split(",")]
+        rows = active.simulate(rounds, active.answers_from_gold(pool, args.gold_column), budgets, args.strategy,
+                               steps=args.steps)
+        print(json.dumps(rows))
+
+
 def _bench(args: argparse.Namespace) -> None:
     import importlib.util
 
@@ -280,6 +317,43 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--out", required=True, help="the new ensemble run folder")
     stack.add_argument("runs", nargs="+", help="run folders or HF folders")
     stack.set_defaults(run=_stack)
+
+    label = sub.add_parser("label", help="active learning: rounds of queries a person labels in a file")
+    actions = label.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("init", help="start a state folder over a pool of texts")
+    a.add_argument("--run", dest="state", required=True, help="the state folder")
+    a.add_argument("--pool", required=True, help="csv / jsonl with id (optional) and text columns")
+    a.add_argument("--labels", required=True, help="label names, comma-separated")
+    a.add_argument("--config", help="config file each round trains with (its model, steps, ...)")
+    a.add_argument("--eval-file", help="labelled held-out file for the learning curve")
+    a.add_argument("--strategy", default="entropy", help="random, least-confidence, entropy, breaking-ties, bald, "
+                   "kmeans, coreset, prompt, surprisal")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("overrides", nargs="*", help="key=value config overrides for every round")
+    a = actions.add_parser("query", help="pick the next texts to label and write them for a person")
+    a.add_argument("--run", dest="state", required=True, help="the state folder")
+    a.add_argument("--n", type=int, default=50)
+    a.add_argument("--out", required=True, help="file to label (.csv, .jsonl, or .json for Label Studio)")
+    a.add_argument("--format", choices=("csv", "jsonl", "labelstudio"))
+    a.add_argument("--strategy", help="override the run's strategy for this round")
+    a.add_argument("--cold-model", help="an MLM model for the prompt / surprisal cold start")
+    a.add_argument("--pattern", help="prompt cold start: pattern")
+    a.add_argument("--verbalizer", help="prompt cold start: label=word;...")
+    a = actions.add_parser("import", help="take a labelled file back (skipped items stay in the pool)")
+    a.add_argument("file")
+    a.add_argument("--run", dest="state", required=True, help="the state folder")
+    a = actions.add_parser("train", help="train the round's model on every label so far")
+    a.add_argument("--run", dest="state", required=True, help="the state folder")
+    a.add_argument("--steps", type=int)
+    a = actions.add_parser("status", help="labels per class, learning curve, stopping signal")
+    a.add_argument("--run", dest="state", required=True, help="the state folder")
+    a = actions.add_parser("simulate", help="gold labels from the pool answer the queries")
+    a.add_argument("--run", dest="state", required=True, help="the state folder")
+    a.add_argument("--gold-column", default="label")
+    a.add_argument("--budgets", default="50,100,200,400", help="labelled-set sizes after each round")
+    a.add_argument("--strategy")
+    a.add_argument("--steps", type=int)
+    label.set_defaults(run=_label)
 
     sim = sub.add_parser("similarity", help="cosine similarity of sentence embeddings (default: MiniLM)")
     sim.add_argument("--model", help="run folder, HF folder or hub id (default: the packaged all-MiniLM-L6-v2)")

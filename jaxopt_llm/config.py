@@ -48,6 +48,7 @@ class DataConfig:
     text_pair_column: str | None = None
     label_column: str = "label"
     labels_as_names: bool = False  # integer labels are names (sorted by value), not ids 0..n-1
+    labels: str | None = None  # label names in id order, comma-separated; None: the data's, sorted
     max_length: int = 128
     max_train_examples: int | None = None
     per_class: int | None = None  # few-shot: keep this many training examples of each label (seeded by train.seed)

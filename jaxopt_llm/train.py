@@ -272,6 +272,8 @@ def label_names_for(config: Config, run: RunFolder, base: str, needs) -> tuple[s
         return run.labels()
     if needs.label_names:
         return tuple(needs.label_names)
+    if config.data.labels:
+        return tuple(name.strip() for name in config.data.labels.split(",") if name.strip())
     if config.model.num_labels == 1:
         return None
     base_run = RunFolder.of(base)

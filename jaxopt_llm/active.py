@@ -1,0 +1,486 @@
+"""Human in the loop: active-learning rounds with label files a person edits (webis-de/small-text's
+strategies, a file round trip instead of a labelling tool's API).
+
+A state folder holds everything a round needs, and nothing is ever lost or done twice:
+
+    DIR/state.json          pool file, label names, base config, eval file, strategy, seed
+    DIR/labelled.jsonl      every label a person (or the gold file) gave: {"id", "text", "label", "round"}
+    DIR/queries/<k>.json    the ids queried in round k, written before the export file
+    DIR/rounds/<k>/         the model trained on the labels of rounds 0 .. k (a run folder)
+    DIR/rounds/<k>/pool.npy its class probabilities on the whole pool (the stopping signal compares rounds)
+
+Rounds are idempotent: querying again before an import re-emits the same items; training a finished
+round does nothing; an import is checked whole (unknown ids or labels: one error listing them) before
+labelled.jsonl is atomically rewritten.
+
+Strategies score the unlabelled pool in jitted, length-bucketed batches: random, least-confidence,
+entropy, breaking-ties (smallest margin), bald (mutual information, from an ensemble run or MC dropout),
+kmeans / coreset (diversity on [CLS] embeddings), and cold starts that need no labels: prompt (entropy of
+zero-shot prompt scores) and surprisal (the MLM loss of the text, ALPS-style).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxopt_llm.runs import write_json
+
+STRATEGIES = ("random", "least-confidence", "entropy", "breaking-ties", "bald", "kmeans", "coreset", "prompt",
+              "surprisal")
+FORMATS = ("csv", "jsonl", "labelstudio")
+
+
+class LabelError(ValueError):
+    """A label file or round cannot be used; the message lists what is wrong and the fix."""
+
+
+# ---- strategies: pure functions of model outputs -> the indices to query, most useful first -------------
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(probs, 1e-12, 1.0)
+    return -np.sum(probs * np.log(p), -1)
+
+
+def scores(strategy: str, probs: np.ndarray | None = None, member_probs: np.ndarray | None = None) -> np.ndarray:
+    """Higher = query first. probs (n, c); member_probs (members or dropout samples, n, c) for bald."""
+    if strategy == "least-confidence":
+        return 1.0 - probs.max(-1)
+    if strategy in ("entropy", "prompt"):
+        return entropy(probs)
+    if strategy == "breaking-ties":
+        top2 = np.sort(probs, -1)[:, -2:]
+        return -(top2[:, 1] - top2[:, 0])  # the smallest margin between the two likeliest labels
+    if strategy == "bald":
+        return entropy(member_probs.mean(0)) - entropy(member_probs).mean(0)
+    raise ValueError(f"strategy {strategy!r} does not score examples one by one.")
+
+
+def coreset(embeddings: np.ndarray, n: int, labelled: np.ndarray | None = None) -> list[int]:
+    """Greedy k-center (Sener & Savarese 2018): repeatedly the point farthest from everything chosen and
+    from the labelled points (with none labelled, it starts from the first point)."""
+    x = embeddings.astype(np.float64)
+    chosen: list[int] = []
+    if labelled is not None and len(labelled):
+        dist = np.min(((x[:, None, :] - np.asarray(labelled, np.float64)[None, :, :]) ** 2).sum(-1), 1)
+    else:
+        dist = np.full(len(x), np.inf)
+    while len(chosen) < n:
+        i = int(np.argmax(dist))
+        chosen.append(i)
+        dist = np.minimum(dist, ((x - x[i]) ** 2).sum(-1))
+        dist[chosen] = -1.0
+    return chosen
+
+
+def kmeans(embeddings: np.ndarray, n: int, seed: int, iterations: int = 20) -> list[int]:
+    """k-means with n centres (k-means++ start); the point nearest each centre."""
+    rng = np.random.default_rng(seed)
+    x = embeddings.astype(np.float64)
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, n):
+        d = np.min(((x[:, None] - np.asarray(centres)[None]) ** 2).sum(-1), 1)
+        centres.append(x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))])
+    centres = np.asarray(centres)
+    for _ in range(iterations):
+        assign = np.argmin(((x[:, None] - centres[None]) ** 2).sum(-1), 1)
+        for c in range(n):
+            if np.any(assign == c):
+                centres[c] = x[assign == c].mean(0)
+    chosen = []
+    for c in range(n):
+        d = ((x - centres[c]) ** 2).sum(-1)
+        d[chosen] = np.inf
+        chosen.append(int(np.argmin(d)))
+    return chosen
+
+
+def pick(strategy: str, n: int, seed: int, *, probs=None, member_probs=None, embeddings=None,
+         labelled_embeddings=None) -> list[int]:
+    """The n pool indices to query, most useful first."""
+    count = len(next(x for x in (probs, member_probs, embeddings) if x is not None)) if strategy != "random" else None
+    if strategy == "random":
+        return [int(i) for i in np.random.default_rng([seed, 5]).permutation(len(probs))[:n]]
+    if strategy == "coreset":
+        return coreset(embeddings, min(n, count), labelled_embeddings)
+    if strategy == "kmeans":
+        return kmeans(embeddings, min(n, count), seed)
+    s = scores(strategy, probs, member_probs)
+    return [int(i) for i in np.argsort(-s, kind="stable")[:n]]
+
+
+# ---- model outputs on the pool, jitted and length-bucketed ------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "samples"))
+def _mc_dropout(graphdef, state, ids, mask, types, key, samples):
+    """(samples, b, c) probabilities with dropout on: one forward per key, vmapped."""
+    model = nnx.merge(graphdef, state)
+
+    def one(k):
+        return jax.nn.softmax(model(ids, attention_mask=mask, token_type_ids=types, deterministic=False,
+                                    dropout_key=k), -1)
+
+    return jax.vmap(one)(jax.random.split(key, samples))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _cls(graphdef, state, ids, mask, types):
+    model = nnx.merge(graphdef, state)
+    return model.encode(model.embed(ids), mask, types)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _surprisal(graphdef, state, ids, mask, types, key):
+    """Per text the mean MLM loss at 15 % of its tokens masked (ALPS' surprisal, as one number)."""
+    model = nnx.merge(graphdef, state)
+    real = (mask > 0) & (jnp.arange(ids.shape[1])[None] > 0)
+    chosen = (jax.random.uniform(key, ids.shape) < 0.15) & real
+    masked = jnp.where(chosen, 103, ids)
+    logits = model.mlm_logits(model.encode(model.embed(masked), mask, types))
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), ids[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where(chosen, nll, 0), -1) / jnp.maximum(chosen.sum(-1), 1)
+
+
+def pool_outputs(strategy: str, model_ref: str | None, texts: Sequence[str], *, seed: int = 0, prompt=None,
+                 dropout_samples: int = 5, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """What `strategy` needs from a model on the pool: probs, member_probs (bald) or embeddings."""
+    from jaxopt_llm.predict import EnsemblePredictor, Predictor
+
+    if strategy == "random":
+        return {"probs": np.zeros((len(texts), 1))}
+    if strategy == "prompt":
+        predictor = Predictor.from_pretrained(model_ref, prompt=prompt, batch_size=batch_size)
+        return {"probs": np.asarray([r["scores"] for r in predictor.classify(list(texts))])}
+    if strategy == "surprisal":
+        predictor = Predictor.from_pretrained(model_ref, "masked-lm", batch_size=batch_size)
+        key = jax.random.key(seed)
+        parts = [np.asarray(_surprisal(predictor.graphdef, predictor.state, a["ids"], a["mask"], a["types"],
+                                       jax.random.fold_in(key, i)))[:n]
+                 for i, (n, a) in enumerate(predictor._batches(list(texts)))]
+        return {"probs": np.zeros((len(texts), 1)), "surprisal": np.concatenate(parts)}
+    predictor = Predictor.from_pretrained(model_ref, batch_size=batch_size)
+    out = {}
+    if isinstance(predictor, EnsemblePredictor):
+        members = predictor.member_probs(list(texts))
+        out["member_probs"], out["probs"] = members, members.mean(0)
+    else:
+        out["probs"] = np.asarray([r["scores"] for r in predictor.classify(list(texts))])
+        if strategy == "bald":  # one model: MC dropout
+            key = jax.random.key(seed)
+            parts = [np.asarray(_mc_dropout(predictor.graphdef, predictor.state, a["ids"], a["mask"], a["types"],
+                                            jax.random.fold_in(key, i), dropout_samples))[:, :n]
+                     for i, (n, a) in enumerate(predictor._batches(list(texts)))]
+            out["member_probs"] = np.concatenate(parts, 1)
+    if strategy in ("kmeans", "coreset"):
+        state = predictor.state if not isinstance(predictor, EnsemblePredictor) else jax.tree.map(
+            lambda x: x[0], predictor.state)
+        out["embeddings"] = np.concatenate([np.asarray(_cls(predictor.graphdef, state, a["ids"], a["mask"],
+                                                            a["types"]))[:n] for n, a in predictor._batches(list(texts))])
+    return out
+
+
+# ---- files a person edits ----------------------------------------------------------------------------------
+
+
+def read_pool(file: str | Path, text_column: str = "text", id_column: str = "id") -> list[dict]:
+    """Rows {"id", "text", ...} of a CSV / JSON-lines pool; ids default to the row number."""
+    from jaxopt_llm.data.sources import _read_file
+
+    path = Path(file)
+    if not path.is_file():
+        raise LabelError(f"pool file {str(file)!r} does not exist.")
+    rows = _read_file(path, "utf-8")
+    if rows and text_column not in rows[0]:
+        raise LabelError(f"{str(file)!r} has no column {text_column!r}; its columns are {sorted(rows[0])}.")
+    out, seen = [], set()
+    for i, row in enumerate(rows):
+        text = row.get(text_column)
+        if text is None or not str(text).strip():
+            continue
+        rid = str(row.get(id_column, i))
+        if rid in seen:
+            raise LabelError(f"{str(file)!r} has the id {rid!r} twice; ids must be unique.")
+        seen.add(rid)
+        out.append({**row, "id": rid, "text": str(text)})
+    if not out:
+        raise LabelError(f"{str(file)!r} has no texts.")
+    return out
+
+
+def write_items(items: list[dict], out: str | Path, fmt: str, labels: Sequence[str], round_: int) -> None:
+    """Items to label (id, text, prediction, score) as CSV, JSON lines or Label Studio tasks (with the
+    model's prediction as pre-annotation); written to a temporary name, then renamed."""
+    if fmt not in FORMATS:
+        raise LabelError(f"--format {fmt!r}: use one of {FORMATS}.")
+    path = Path(out)
+    if fmt == "labelstudio":
+        tasks = []
+        for i, item in enumerate(items):
+            task = {"id": i + 1, "data": {"text": item["text"], "pool_id": item["id"]}}
+            if item.get("prediction") is not None:
+                task["predictions"] = [{"model_version": f"round-{round_}", "score": item["score"], "result": [
+                    {"from_name": "label", "to_name": "text", "type": "choices",
+                     "value": {"choices": [item["prediction"]]}}]}]
+            tasks.append(task)
+        text = json.dumps(tasks, indent=1, ensure_ascii=False)
+    elif fmt == "jsonl":
+        text = "".join(json.dumps({"id": it["id"], "text": it["text"], "prediction": it.get("prediction"),
+                                   "score": it.get("score"), "label": ""}, ensure_ascii=False) + "\n" for it in items)
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, ["id", "text", "prediction", "score", "label"])
+        writer.writeheader()
+        for it in items:
+            writer.writerow({"id": it["id"], "text": it["text"], "prediction": it.get("prediction") or "",
+                             "score": "" if it.get("score") is None else f"{it['score']:.4f}", "label": ""})
+        text = buffer.getvalue()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def read_answers(file: str | Path) -> dict[str, str | None]:
+    """{pool id: label, or None when the item was skipped} from a labelled CSV, JSON-lines or Label Studio
+    export. Label Studio: the last annotation that was not cancelled; none -> skipped."""
+    path = Path(file)
+    if not path.is_file():
+        raise LabelError(f"label file {str(file)!r} does not exist.")
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        if text.lstrip().startswith("["):
+            out = {}
+            for task in json.loads(text):
+                rid = str(task.get("data", {}).get("pool_id", task.get("id")))
+                labels = [r["value"]["choices"][0] for a in task.get("annotations", []) if not a.get("was_cancelled")
+                          for r in a.get("result", []) if r.get("value", {}).get("choices")]
+                out[rid] = labels[-1] if labels else None
+            return out
+        if path.suffix.lower() == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as err:
+        raise LabelError(f"{str(file)!r} is not a label file this tool wrote ({type(err).__name__}: {err}).") from None
+    if rows and ("id" not in rows[0] or "label" not in rows[0]):
+        raise LabelError(f"{str(file)!r} needs the columns id and label; it has {sorted(rows[0])}.")
+    return {str(r["id"]): (str(r["label"]).strip() or None) if r.get("label") is not None else None for r in rows}
+
+
+# ---- the state folder ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Rounds:
+    """An active-learning state folder (see the module docstring)."""
+
+    path: Path
+
+    @classmethod
+    def init(cls, path: str | Path, pool: str, labels: Sequence[str], config: str | None, eval_file: str | None,
+             strategy: str = "entropy", seed: int = 0, overrides: Sequence[str] = ()) -> Rounds:
+        if strategy not in STRATEGIES:
+            raise LabelError(f"--strategy {strategy!r}: use one of {STRATEGIES}.")
+        if len(set(labels)) != len(labels) or len(labels) < 2:
+            raise LabelError(f"--labels {list(labels)}: give at least two distinct label names.")
+        rounds = cls(Path(path))
+        if rounds.state_file.is_file():
+            state = rounds.state()
+            if state["pool"] != str(pool) or state["labels"] != list(labels):
+                raise LabelError(f"{path} already holds rounds over {state['pool']} with labels {state['labels']}; "
+                                 "use another --run folder.")
+            return rounds
+        read_pool(pool)
+        write_json(rounds.state_file, {"pool": str(pool), "labels": list(labels), "config": config,
+                                       "eval_file": eval_file, "strategy": strategy, "seed": seed,
+                                       "overrides": list(overrides)})
+        return rounds
+
+    state_file = property(lambda self: self.path / "state.json")
+    labelled_file = property(lambda self: self.path / "labelled.jsonl")
+
+    def state(self) -> dict:
+        if not self.state_file.is_file():
+            raise LabelError(f"{self.path} holds no rounds: start with `jaxopt-llm label init --run {self.path} ...`.")
+        return json.loads(self.state_file.read_text())
+
+    def labelled(self) -> list[dict]:
+        if not self.labelled_file.is_file():
+            return []
+        return [json.loads(line) for line in self.labelled_file.read_text().splitlines() if line.strip()]
+
+    def queries(self, k: int) -> list[str] | None:
+        file = self.path / "queries" / f"{k}.json"
+        return json.loads(file.read_text())["ids"] if file.is_file() else None
+
+    def round(self) -> int:
+        """The current round: the first whose queries have not been imported."""
+        k = 0
+        while self.queries(k) is not None and self._imported(k):
+            k += 1
+        return k
+
+    def _imported(self, k: int) -> bool:
+        return (self.path / "queries" / f"{k}.done").is_file()
+
+    def model(self, k: int) -> Path:
+        return self.path / "rounds" / str(k)
+
+    def latest_model(self) -> Path | None:
+        trained = [k for k in range(self.round() + 1) if (self.model(k) / "run.json").is_file()
+                   and ((self.model(k) / "model").is_dir() or (self.model(k) / "members").is_dir())]
+        return self.model(trained[-1]) if trained else None
+
+    # -- query ------------------------------------------------------------------------------------------
+    def query(self, n: int, strategy: str | None = None, *, cold_model: str | None = None, prompt=None) -> list[dict]:
+        """Round k's items: the same ones again if round k was queried but not imported yet."""
+        state, k = self.state(), self.round()
+        pool = read_pool(state["pool"])
+        by_id = {row["id"]: row for row in pool}
+        done = self.queries(k)
+        if done is not None:
+            return [dict(by_id[i]) for i in done]
+        labelled = {r["id"] for r in self.labelled()}
+        candidates = [row for row in pool if row["id"] not in labelled]
+        if not candidates:
+            raise LabelError(f"every text of {state['pool']} is labelled: the pool is exhausted.")
+        strategy = strategy or state["strategy"]
+        model = self.latest_model()
+        if model is None and strategy not in ("random", "prompt", "surprisal", "kmeans", "coreset"):
+            strategy = "random"  # a cold start: no model yet
+        ref = str(model) if model is not None and strategy not in ("prompt", "surprisal") else cold_model
+        if strategy != "random" and ref is None:
+            raise LabelError(f"strategy {strategy} needs a model: train a round first, or pass --cold-model.")
+        texts = [row["text"] for row in candidates]
+        outputs = pool_outputs(strategy, ref, texts, seed=state["seed"] + k, prompt=prompt)
+        if strategy == "surprisal":
+            order = [int(i) for i in np.argsort(-outputs["surprisal"], kind="stable")[:n]]
+        else:
+            order = pick(strategy, n, state["seed"] + k, probs=outputs.get("probs"),
+                         member_probs=outputs.get("member_probs"), embeddings=outputs.get("embeddings"))
+        items = []
+        for i in order:
+            item = dict(candidates[i])
+            if model is not None and outputs["probs"].shape[-1] == len(state["labels"]):
+                item["prediction"] = state["labels"][int(outputs["probs"][i].argmax())]
+                item["score"] = float(outputs["probs"][i].max())
+            items.append(item)
+        write_json(self.path / "queries" / f"{k}.json", {"ids": [it["id"] for it in items], "strategy": strategy,
+                                                        "time": time.time()})
+        return items
+
+    # -- import -----------------------------------------------------------------------------------------
+    def import_answers(self, answers: dict[str, str | None]) -> dict:
+        """Merge a person's answers: checked whole first (every id known, every label one of the run's);
+        skipped items stay in the pool; a new label for a labelled id replaces it."""
+        state, k = self.state(), self.round()
+        pool = {row["id"]: row for row in read_pool(state["pool"])}
+        unknown_ids = sorted(i for i in answers if i not in pool)
+        unknown_labels = sorted({v for v in answers.values() if v is not None and v not in state["labels"]})
+        if unknown_ids or unknown_labels:
+            problems = []
+            if unknown_ids:
+                problems.append(f"ids not in the pool: {unknown_ids[:20]}")
+            if unknown_labels:
+                problems.append(f"labels not among {state['labels']}: {unknown_labels}")
+            raise LabelError("nothing imported: " + "; ".join(problems) + ". Fix the file and import it again.")
+        records = {r["id"]: r for r in self.labelled()}
+        added = replaced = skipped = 0
+        for rid, label in answers.items():
+            if label is None:
+                skipped += 1
+                continue
+            if rid in records and records[rid]["label"] != label:
+                replaced += 1
+            elif rid not in records:
+                added += 1
+            records[rid] = {"id": rid, "text": pool[rid]["text"], "label": label, "round": k}
+        tmp = self.labelled_file.with_name(".labelled.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()))
+        tmp.replace(self.labelled_file)
+        if self.queries(k) is not None:
+            write_json(self.path / "queries" / f"{k}.done", {"added": added, "replaced": replaced, "skipped": skipped})
+        return {"round": k, "added": added, "replaced": replaced, "skipped": skipped, "labelled": len(records)}
+
+    # -- train ------------------------------------------------------------------------------------------
+    def train(self, steps: int | None = None) -> dict:
+        """Fine-tune a model on every label so far (round k = the last imported round); a finished round is
+        not trained again."""
+        from jaxopt_llm import config as config_lib
+        from jaxopt_llm.train import train
+
+        state, k = self.state(), self.round() - 1
+        if k < 0 or not self.labelled():
+            raise LabelError("no labels yet: query, label and import a round first.")
+        if (self.model(k) / "round.json").is_file():  # trained already: nothing is trained twice
+            info = json.loads((self.model(k) / "round.json").read_text())
+            return {"round": k, "labelled": info["labelled"], **info["eval"]}
+        overrides = [*state["overrides"], f"data.train_file={self.labelled_file}", "data.text_column=text",
+                     "data.label_column=label", "train.progress=false", *([f"train.steps={steps}"] if steps else [])]
+        if state["eval_file"]:
+            overrides.append(f"data.eval_file={state['eval_file']}")
+        overrides.append("data.labels=" + ",".join(state["labels"]))  # one label order in every round
+        config = config_lib.load(state["config"], overrides)
+        start = time.perf_counter()
+        metrics = train(config, self.model(k))
+        seconds = time.perf_counter() - start
+        predictor_texts = [row["text"] for row in read_pool(state["pool"])]
+        probs = pool_outputs("entropy", str(self.model(k)), predictor_texts)["probs"]
+        np.save(self.model(k) / "pool.npy", probs)
+        write_json(self.model(k) / "round.json", {"round": k, "labelled": len(self.labelled()), "eval": metrics,
+                                                  "train_seconds": seconds})
+        return {"round": k, "labelled": len(self.labelled()), **metrics}
+
+    # -- status -----------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        state = self.state()
+        labelled = self.labelled()
+        counts = {name: sum(r["label"] == name for r in labelled) for name in state["labels"]}
+        curve, agreement, previous = [], [], None
+        k = 0
+        while (self.model(k) / "round.json").is_file():
+            info = json.loads((self.model(k) / "round.json").read_text())
+            curve.append({"round": k, "labelled": info["labelled"], **{m: info["eval"].get(m) for m in
+                                                                      ("accuracy", "f1")}})
+            pool = np.load(self.model(k) / "pool.npy")
+            if previous is not None:
+                agreement.append(float(np.mean(pool.argmax(-1) == previous.argmax(-1))))
+            previous, k = pool, k + 1
+        stop = bool(len(agreement) >= 2 and min(agreement[-2:]) >= 0.99)
+        return {"round": self.round(), "labelled": len(labelled), "per_class": counts, "curve": curve,
+                "agreement": agreement, "stop": stop}
+
+
+def simulate(rounds: Rounds, gold: dict[str, str], budgets: Sequence[int], strategy: str, *,
+             steps: int | None = None) -> list[dict]:
+    """Gold labels answer the queries: query up to each budget, import, train; one row per round with the
+    eval metrics and the wall time of the round."""
+    out = []
+    for budget in budgets:
+        start = time.perf_counter()
+        n = budget - len(rounds.labelled())
+        if n <= 0:
+            continue
+        items = rounds.query(n, strategy)
+        rounds.import_answers({it["id"]: gold[it["id"]] for it in items})
+        metrics = rounds.train(steps)
+        out.append({"labelled": metrics["labelled"], "accuracy": metrics.get("accuracy"), "f1": metrics.get("f1"),
+                    "seconds": time.perf_counter() - start})
+    return out
+
+
+def answers_from_gold(pool: list[dict], column: str) -> dict[str, str]:
+    return {row["id"]: str(row[column]) for row in pool}
+
