@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_SENTENCES = (
@@ -224,6 +225,46 @@ def _label(args: argparse.Namespace) -> None:
         print(json.dumps(rows))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from jaxopt_llm.bert.params import load_tokenizer, resolve
+    from jaxopt_llm.export import export
+    from jaxopt_llm.runs import RunFolder
+
+    run = RunFolder.of(args.source)
+    texts = []
+    if args.config or args.data:
+        folder = run.members()[0] if run is not None and run.members() else resolve(args.source)
+        texts = list(_eval_data(args, load_tokenizer(folder), None).texts["eval"])
+    golden = _texts(args) if args.file else []
+    out = export(args.source, args.out, platforms=tuple(args.platforms.split(",")),
+                 buckets=tuple(int(b) for b in args.buckets.split(",")), reference_texts=texts, golden_texts=golden)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "hf" not in p.relative_to(out).parts)
+    print(json.dumps({"artifact": str(out), "bytes_without_hf": size, "reference_texts": len(texts)}))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from jaxopt_llm.serving.app import Limits, create_app
+    from jaxopt_llm.serving.artifact import Artifact
+
+    start = time.perf_counter()
+    artifact = Artifact.load(args.artifact)
+    print(f"loaded {args.artifact} ({artifact.manifest['kind']}, labels {artifact.labels}) in "
+          f"{time.perf_counter() - start:.1f} s; serving on http://{args.host}:{args.port}", file=sys.stderr)
+    app = create_app(artifact, Limits(args.max_body, args.max_texts, args.max_chars), args.max_batch,
+                     args.max_wait_ms / 1000, args.window, args.log)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+def _monitor(args: argparse.Namespace) -> None:
+    from jaxopt_llm.serving.artifact import Artifact
+    from jaxopt_llm.serving.report import monitor_report
+
+    artifact = Artifact.load(args.artifact, verify=False)
+    print(json.dumps(monitor_report(artifact, args.log, args.out, args.window)))
+
+
 def _bench(args: argparse.Namespace) -> None:
     import importlib.util
 
@@ -355,6 +396,36 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--steps", type=int)
     label.set_defaults(run=_label)
 
+    e = sub.add_parser("export", help="a portable jax.export artifact of a run (with its tokenizer, labels, drift "
+                       "reference and golden outputs)")
+    e.add_argument("source", metavar="RUN", help="run folder: a classifier, an ensemble or a prompt run")
+    e.add_argument("--out", required=True)
+    e.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, tpu")
+    e.add_argument("--buckets", default="16,32,64,128", help="sequence-length buckets")
+    e.add_argument("--config", help="config file whose eval split is the drift reference")
+    e.add_argument("--data", help="csv / json / jsonl whose texts are the drift reference")
+    e.add_argument("--file", help="golden texts, one per line (default: the first reference texts)")
+    e.add_argument("overrides", nargs="*", help="key=value overrides of the --config / --data reading")
+    e.set_defaults(run=_export, texts=[])
+    srv = sub.add_parser("serve", help="serve an artifact over HTTP (HF text-classification and KServe v2 routes)")
+    srv.add_argument("artifact")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--max-batch", type=int, default=32, help="texts per model call")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others")
+    srv.add_argument("--max-texts", type=int, default=64, help="texts per request")
+    srv.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
+    srv.add_argument("--max-body", type=int, default=1 << 20, help="bytes per request body")
+    srv.add_argument("--window", type=int, default=500, help="predictions in the drift window")
+    srv.add_argument("--log", help="append every prediction to this JSON-lines file (for `monitor`)")
+    srv.set_defaults(run=_serve)
+    mon = sub.add_parser("monitor", help="drift report of a request log against an artifact's reference")
+    mon.add_argument("artifact")
+    mon.add_argument("--log", required=True, help="the JSON-lines log written by serve --log")
+    mon.add_argument("--out", default="monitor", help="folder for report.md and drift.png")
+    mon.add_argument("--window", type=int, default=200)
+    mon.set_defaults(run=_monitor)
+
     sim = sub.add_parser("similarity", help="cosine similarity of sentence embeddings (default: MiniLM)")
     sim.add_argument("--model", help="run folder, HF folder or hub id (default: the packaged all-MiniLM-L6-v2)")
     sim.add_argument("texts", nargs="*")
@@ -365,7 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from jaxopt_llm.bert.params import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after options (argparse keeps positionals in one run)
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:

@@ -175,3 +175,16 @@ def test_nnx_state_of_a_stacked_ensemble_has_the_member_axis(runs):
     ens = Predictor.from_pretrained(runs / "ens")
     assert jax.tree.leaves(ens.state)[0].shape[0] == 2
     assert isinstance(nnx.merge(ens.graphdef, jax.tree.map(lambda x: x[1], ens.state)), bert.Bert)
+
+
+def test_an_ensemble_run_exports_with_its_member_axis(runs, tmp_path):
+    from jaxopt_llm.export import export
+    from jaxopt_llm.serving.artifact import Artifact
+
+    texts = ["love it", "hate it", "it is a phone"]
+    export(str(runs / "ens"), tmp_path / "art", golden_texts=texts)
+    art = Artifact.load(tmp_path / "art")
+    assert art.manifest["kind"] == "ensemble" and art.manifest["members"] == 2
+    assert (tmp_path / "art" / "hf" / "members" / "1" / "config.json").is_file()
+    expected = [r["scores"] for r in Predictor.from_pretrained(runs / "ens").classify(texts)]
+    np.testing.assert_allclose(art.predict(texts)[0], expected, atol=1e-5)

@@ -178,3 +178,14 @@ def test_a_word_missing_from_the_vocabulary_stops_before_compiling(setup, mlm, t
 def test_nnx_split_of_the_prompt_model_has_no_classifier(prompt_run):
     model = bert.from_pretrained(prompt_run, "masked-lm")
     assert model.classifier is None and "mlm" in nnx.state(model)
+
+
+def test_a_prompt_run_exports_and_the_artifact_predicts_the_same(prompt_run, tmp_path):
+    from jaxopt_llm.export import export
+    from jaxopt_llm.serving.artifact import Artifact
+
+    export(str(prompt_run), tmp_path / "art", golden_texts=TEXTS)
+    art = Artifact.load(tmp_path / "art")
+    assert art.manifest["kind"] == "prompt" and art.labels == ["negative", "neutral", "positive"]
+    expected = [r["scores"] for r in Predictor.from_pretrained(prompt_run).classify(TEXTS)]
+    np.testing.assert_allclose(art.predict(TEXTS)[0], expected, atol=1e-5)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxopt_llm import packing
 from jaxopt_llm.parallel import global_mean
 from jaxopt_llm.steps.classify import ClassificationTask
 from jaxopt_llm.steps.mlm import Masking, MaskedLMTask
@@ -110,6 +111,10 @@ class Encoded:
     max_length: int
 
     @property
+    def special(self) -> dict[str, int]:
+        return {"cls": self.cls_id, "sep": self.sep_id, "pad": self.pad_id, "mask": self.mask_id}
+
+    @property
     def width(self) -> int:
         """K: the most tokens of a word."""
         return max(self.lengths)
@@ -126,8 +131,13 @@ class Encoded:
         return list(by.items())
 
     def to_json(self) -> dict:
+        """The prompt as written, and as tokenized: enough to pack and score texts without the tokenizer's
+        model code (an exported artifact does)."""
         return {**self.prompt.to_json(), "max_length": self.max_length,
-                "word_tokens": {label: {w: list(t) for w, t in pairs} for label, pairs in self.words_by_label()}}
+                "word_tokens": {label: {w: list(t) for w, t in pairs} for label, pairs in self.words_by_label()},
+                "pieces": [p if isinstance(p, str) else list(p) for p in self.pieces], "lengths": list(self.lengths),
+                "special": self.special, "word_ids": [list(t) for t in self.word_tokens],
+                "word_label": list(self.word_label)}
 
 
 def encode_prompt(prompt: Prompt, tokenizer: Any, max_length: int) -> Encoded:
@@ -163,43 +173,11 @@ def encode_prompt(prompt: Prompt, tokenizer: Any, max_length: int) -> Encoded:
                    tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id, max_length)
 
 
-def _truncate(text: list[int], pair: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
-    """Shorten the text (and pair, longest first) to `budget` tokens together: the pattern is never cut."""
-    if pair is None:
-        return text[:budget], None
-    text, pair = list(text), list(pair)
-    while len(text) + len(pair) > budget:
-        (text if len(text) >= len(pair) else pair).pop()
-    return text, pair
-
-
 def encode_texts(enc: Encoded, tokenizer: Any, texts, pairs=None, prefix: str = "prompt") -> dict[str, np.ndarray]:
     """The packed prompt arrays of `texts`: {prefix}_ids, _mask, _types (n, L * t), _slots (n, L, K)."""
-    t, n, L, K = enc.max_length, len(texts), len(enc.lengths), enc.width
     text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    pair_ids = tokenizer(list(pairs), add_special_tokens=False)["input_ids"] if pairs is not None else [None] * n
-    budget = t - 2 - K - sum(len(p) for p in enc.pieces if isinstance(p, tuple))
-    out = {"ids": np.full((n, L * t), enc.pad_id, np.int32), "mask": np.zeros((n, L * t), np.int32),
-           "types": np.zeros((n, L * t), np.int32), "slots": np.zeros((n, L, K), np.int32)}
-    for r in range(n):
-        text, pair = _truncate(text_ids[r], pair_ids[r], budget)
-        for l, k in enumerate(enc.lengths):
-            row, slots = [enc.cls_id], []
-            for piece in enc.pieces:
-                if piece == "mask":
-                    slots = list(range(len(row), len(row) + k))
-                    row += [enc.mask_id] * k
-                elif piece == "text":
-                    row += text
-                elif piece == "text_pair":
-                    row += pair or []
-                else:
-                    row += piece
-            row.append(enc.sep_id)
-            out["ids"][r, l * t:l * t + len(row)] = row
-            out["mask"][r, l * t:l * t + len(row)] = 1
-            out["slots"][r, l, :k] = [l * t + s for s in slots]
-    return {f"{prefix}_{k}": v for k, v in out.items()}
+    pair_ids = tokenizer(list(pairs), add_special_tokens=False)["input_ids"] if pairs is not None else None
+    return packing.pack(enc.pieces, enc.lengths, enc.special, enc.max_length, text_ids, pair_ids, prefix)
 
 
 def label_scores(model, embeddings, batch: dict, enc: Encoded, *, deterministic: bool = True,

@@ -1,0 +1,202 @@
+"""`jaxopt-llm export RUN --out ART`: a portable prediction artifact built with `jax.export`.
+
+ART/
+  manifest.json            kind, labels, buckets, platforms, temperature, members, versions, calling-convention
+                           version, and the sha256 of every other file
+  functions/predict_<T>.jax one serialised `jax.export` function per sequence-length bucket T, with a
+                           symbolic batch dimension: (weights..., input arrays...) -> (probabilities (b, c),
+                           [CLS] embeddings (b, d))
+  weights.safetensors      the parameters, in the functions' argument order
+  tokenizer.json           the tokenizer (the `tokenizers` library reads it)
+  prompt.json              prompt runs: the pattern as token pieces and the verbalizer as token ids
+  reference.json / reference.safetensors   drift reference: confidences, class distribution, [CLS] sample
+  golden.json              texts and the outputs this export gave for them (checked on every load)
+  hf/                      the same model as a Hugging Face folder (an ensemble's members under hf/members)
+
+Weights are inputs, not constants: one copy serves every bucket (constants would be baked into each
+function), the functions stay small, and the weights are inspectable and replaceable. Temperature and an
+ensemble's member axis are part of the function (the parameters carry the member axis; the function vmaps
+over it and averages probabilities).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxopt_llm.runs import RunFolder, write_json
+
+CALLING = 1  # our calling convention: (flat weights..., inputs...) -> (probs, cls); bump on change
+BUCKETS = (16, 32, 64, 128)
+CLASSIFY_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+PROMPT_INPUTS = ("prompt_ids", "prompt_mask", "prompt_types", "prompt_slots")
+
+
+def sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_function(reference: str):
+    """(kind, graphdef, params, fn(params, batch) -> (probs, cls) at temperature 1, labels, tokenizer, extra)."""
+    from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve
+    from jaxopt_llm.predict import stack_models
+    from jaxopt_llm.steps import prompt as prompt_lib
+    from jaxopt_llm.steps.ensemble import combine
+
+    run = RunFolder.of(reference)
+    if run is not None and run.members():
+        models = [from_pretrained(m, "sequence-classification", required=("classifier",)) for m in run.members()]
+        graphdef, params = stack_models(models, [str(m) for m in run.members()])
+        tokenizer = load_tokenizer(run.members()[0], models[0].config.vocab_size)
+
+        def fn(p, batch):
+            def member(q):
+                model = nnx.merge(graphdef, q)
+                hidden = model.encode(model.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+                return model.classify_logits(hidden), hidden[:, 0]
+
+            logits, cls = jax.vmap(member)(p)
+            return combine(logits, "mean-prob"), cls.mean(0)
+
+        return "ensemble", params, fn, models[0].config.label_names, tokenizer, {
+            "members": len(models), "positions": models[0].config.max_position_embeddings}
+    folder = resolve(reference)
+    record = run.read("prompt.json") if run is not None else None
+    if record is not None:
+        model = from_pretrained(folder, "masked-lm", required=("mlm",))
+        tokenizer = load_tokenizer(folder, model.config.vocab_size)
+        task = prompt_lib.from_json(record, tokenizer)
+        graphdef, params = nnx.split(model)
+
+        def fn(p, batch):
+            model = nnx.merge(graphdef, p)
+            emb = model.embed(batch["prompt_ids"])
+            scores = task.forward(model, emb, batch, None)
+            t = task.encoded.max_length  # the first block's [CLS], through the encoder
+            hidden = model.encode(emb[:, :t], batch["prompt_mask"][:, :t], batch["prompt_types"][:, :t])
+            return jax.nn.softmax(scores, -1), hidden[:, 0]
+
+        return "prompt", params, fn, task.encoded.prompt.labels, tokenizer, {
+            "prompt": task.encoded.to_json(), "positions": model.config.max_position_embeddings}
+    model = from_pretrained(folder, "sequence-classification", required=("classifier",))
+    tokenizer = load_tokenizer(folder, model.config.vocab_size)
+    graphdef, params = nnx.split(model)
+
+    def fn(p, batch):
+        model = nnx.merge(graphdef, p)
+        hidden = model.encode(model.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+        return jax.nn.softmax(model.classify_logits(hidden), -1), hidden[:, 0]
+
+    if model.config.num_labels < 2:
+        raise ValueError(f"{reference!r} is a regression model; export serves classifiers.")
+    return "classifier", params, fn, model.config.label_names, tokenizer, {
+        "positions": model.config.max_position_embeddings}
+
+
+def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu",), buckets: Sequence[int] = BUCKETS,
+           reference_texts: Sequence[str] = (), golden_texts: Sequence[str] = ()) -> Path:
+    """Write the artifact of a run (single classifier, ensemble or prompt run) to `out`, whole or not at all.
+    `reference_texts` (e.g. the eval split) give the drift reference; `golden_texts` are checked on load."""
+    from jax import export as jax_export
+    from safetensors.numpy import save_file
+
+    from jaxopt_llm.serving.artifact import Artifact
+
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
+    run = RunFolder.of(reference)
+    temperature = run.temperature() if run is not None else 1.0
+    kind, params, fn, labels, tokenizer, extra = _model_function(reference)
+    flat, treedef = jax.tree.flatten(params)
+    if kind == "prompt":
+        buckets = (extra["prompt"]["max_length"],)
+    limit = min(max(buckets), extra["positions"])
+    buckets = tuple(sorted(b for b in buckets if b <= limit)) or (limit,)
+    inputs = PROMPT_INPUTS if kind == "prompt" else CLASSIFY_INPUTS
+
+    def predict(flat_params, *arrays):
+        probs, cls = fn(jax.tree.unflatten(treedef, flat_params), dict(zip(inputs, arrays)))
+        if temperature != 1.0:  # calibration: softmax(log p / T)
+            probs = jax.nn.softmax(jnp.log(jnp.maximum(probs, 1e-30)) / temperature, -1)
+        return probs, cls.astype(jnp.float32)
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "functions").mkdir(parents=True)
+    weight_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat]
+    (b,) = jax_export.symbolic_shape("b")
+    for t in buckets:
+        if kind == "prompt":
+            L, K = len(extra["prompt"]["lengths"]), max(extra["prompt"]["lengths"])
+            specs = [jax.ShapeDtypeStruct((b, L * t), jnp.int32)] * 3 + [jax.ShapeDtypeStruct((b, L, K), jnp.int32)]
+        else:
+            specs = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 3
+        exported = jax_export.export(jax.jit(predict), platforms=tuple(platforms))(weight_specs, *specs)
+        (tmp / "functions" / f"predict_{t}.jax").write_bytes(exported.serialize())
+    save_file({f"w{i:05d}": np.asarray(x) for i, x in enumerate(flat)}, str(tmp / "weights.safetensors"))
+    backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()  # the padding / truncation a training run left set are not the artifact's
+    backend.no_truncation()
+    backend.save(str(tmp / "tokenizer.json"))
+    if kind == "prompt":
+        write_json(tmp / "prompt.json", extra["prompt"])
+    # the Hugging Face export of the same model, beside it
+    if kind == "ensemble":
+        for i, member in enumerate(run.members()):
+            shutil.copytree(member, tmp / "hf" / "members" / str(i))
+    else:
+        from jaxopt_llm.bert.params import resolve
+
+        shutil.copytree(resolve(reference), tmp / "hf")
+    special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id,
+               "mask": tokenizer.mask_token_id}
+    manifest = {"format": "jaxopt-llm-artifact", "calling_convention": CALLING, "kind": kind, "labels": list(labels),
+                "buckets": list(buckets), "inputs": list(inputs), "platforms": list(platforms),
+                "temperature": temperature, "members": extra.get("members"), "special": special,
+                "weights": len(flat), "source": str(reference),
+                "jax_export_calling_convention": int(jax_export.deserialize(
+                    (tmp / "functions" / f"predict_{buckets[0]}.jax").read_bytes()).calling_convention_version),
+                "versions": {"jax": jax.__version__, "jaxlib": _version("jaxlib"), "jaxopt_llm": _version("jaxopt_llm")}}
+    write_json(tmp / "manifest.json", {**manifest, "files": {}})
+    artifact = Artifact.load(tmp, verify=False)  # the loader itself computes what the checks compare against
+    texts = list(reference_texts) or list(golden_texts)
+    if texts:
+        probs, cls = artifact.predict(texts)
+        rng = np.random.default_rng(0)
+        sample = cls[rng.permutation(len(cls))[:256]]
+        from safetensors.numpy import save_file as save
+
+        save({"cls": sample.astype(np.float32)}, str(tmp / "reference.safetensors"))
+        write_json(tmp / "reference.json", {"confidence": [round(float(x), 6) for x in probs.max(-1)],
+                                            "class_distribution": np.bincount(probs.argmax(-1), minlength=len(labels))
+                                            .astype(float).__truediv__(len(probs)).tolist(), "examples": len(probs)})
+    golden = list(golden_texts) or texts[:8] or ["golden input"]
+    golden_probs, _ = artifact.predict(golden)
+    write_json(tmp / "golden.json", {"texts": golden, "probabilities": golden_probs.tolist(), "tolerance": 1e-4})
+    manifest["files"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*"))
+                         if p.is_file() and p.name != "manifest.json"}
+    write_json(tmp / "manifest.json", manifest)
+    tmp.rename(out)
+    return out
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+

@@ -1,0 +1,183 @@
+"""The HTTP server of an artifact (Starlette; run with uvicorn). Routes only parse and reply; batching,
+metrics and drift live in their own modules.
+
+  POST /predict                    {"inputs": str | [str], "parameters": {"top_k": k}} ->
+                                   [{"label", "score"}, ...] for a string, one such list per text for a list
+  GET  /v2/health/live, /v2/health/ready, /v2/models/{name}, POST /v2/models/{name}/infer
+                                   the KServe Open Inference Protocol v2
+  GET  /metrics                    Prometheus text format
+
+Bad requests (malformed JSON, wrong types, empty input, too many texts, texts or bodies over the limits)
+get a 4xx JSON {"error": message}; the server stays up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jaxopt_llm.serving.batching import MicroBatcher
+from jaxopt_llm.serving.drift import DriftMonitor
+from jaxopt_llm.serving.monitoring import Metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 1 << 20
+    max_texts: int = 64
+    max_chars: int = 10_000
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+async def _json(request: Request, limits: Limits):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+        raise BadRequest(f"body of {length} bytes is over the limit of {limits.max_body_bytes}.", 413)
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_body_bytes:
+            raise BadRequest(f"body is over the limit of {limits.max_body_bytes} bytes.", 413)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadRequest(f"body is not valid JSON ({err}).") from None
+
+
+def _texts(value, limits: Limits, what: str = '"inputs"') -> list[str]:
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise BadRequest(f'{what} must be a string or a list of strings.', 422)
+    if not texts or not all(t.strip() for t in texts):
+        raise BadRequest(f"{what} is empty, or holds an empty text.", 422)
+    if len(texts) > limits.max_texts:
+        raise BadRequest(f"{len(texts)} texts in one request; the limit is {limits.max_texts}.", 413)
+    long = [i for i, t in enumerate(texts) if len(t) > limits.max_chars]
+    if long:
+        raise BadRequest(f"text(s) {long[:5]} are longer than {limits.max_chars} characters.", 413)
+    return texts
+
+
+def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wait: float = 0.005,
+               window: int = 500, log_file: str | None = None) -> Starlette:
+    drift = DriftMonitor(artifact.reference, artifact.reference_cls, window=window)
+    metrics = Metrics(artifact.labels, drift)
+    batcher = MicroBatcher(artifact.predict, max_batch, max_wait, on_batch=metrics.observe_batch)
+    log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed at shutdown
+
+    async def run(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        probs, cls = await batcher.submit(texts)
+        metrics.observe_predictions(probs, cls)
+        if log is not None:
+            for t, p, c in zip(texts, probs, cls):
+                log.write(json.dumps({"time": time.time(), "text": t, "probabilities": [round(float(x), 6) for x in p],
+                                      "cls": [round(float(x), 4) for x in c]}) + "\n")
+            log.flush()
+        return probs, cls
+
+    def endpoint(route: str, handler):
+        async def wrapped(request: Request) -> Response:
+            start = time.perf_counter()
+            try:
+                response = await handler(request)
+            except BadRequest as err:
+                response = JSONResponse({"error": str(err)}, status_code=err.status)
+            except Exception as err:  # the server stays up; the client learns what failed
+                response = JSONResponse({"error": f"{type(err).__name__}: {err}"}, status_code=500)
+            metrics.requests.labels(route, str(response.status_code)).inc()
+            if response.status_code >= 400:
+                metrics.errors.labels(route, str(response.status_code)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - start)
+            return response
+
+        return wrapped
+
+    async def predict(request: Request) -> Response:
+        body = await _json(request, limits)
+        if not isinstance(body, dict) or "inputs" not in body:
+            raise BadRequest('the body must be a JSON object with "inputs".', 422)
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadRequest('"parameters" must be an object.', 422)
+        top_k = parameters.get("top_k", 1)
+        if top_k is None:
+            top_k = len(artifact.labels)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(artifact.labels):
+            raise BadRequest(f'"top_k" must be an integer from 1 to {len(artifact.labels)}.', 422)
+        texts = _texts(body["inputs"], limits)
+        probs, _ = await run(texts)
+        order = np.argsort(-probs, -1)[:, :top_k]
+        rows = [[{"label": artifact.labels[int(j)], "score": float(p[j])} for j in idx] for p, idx in zip(probs, order)]
+        return JSONResponse(rows[0] if isinstance(body["inputs"], str) else rows)
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request) -> Response:
+        return JSONResponse({"ready": batcher.worker is not None})
+
+    def _model_name(request: Request) -> None:
+        if request.path_params["name"] != artifact.name:
+            raise BadRequest(f"no model {request.path_params['name']!r}; this server has {artifact.name!r}.", 404)
+
+    async def model(request: Request) -> Response:
+        _model_name(request)
+        return JSONResponse({"name": artifact.name, "platform": "jax", "versions": [str(artifact.manifest.get(
+            "versions", {}).get("jaxopt_llm"))], "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(artifact.labels)]},
+                        {"name": "label", "datatype": "BYTES", "shape": [-1]}]})
+
+    async def infer(request: Request) -> Response:
+        _model_name(request)
+        body = await _json(request, limits)
+        inputs = body.get("inputs") if isinstance(body, dict) else None
+        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+            raise BadRequest('"inputs" must be a list with one tensor {"name", "shape", "datatype", "data"}.', 422)
+        tensor = inputs[0]
+        if tensor.get("datatype") != "BYTES":
+            raise BadRequest(f'input datatype {tensor.get("datatype")!r}: send the texts as "BYTES".', 422)
+        texts = _texts(tensor.get("data"), limits, '"data"')
+        probs, _ = await run(texts)
+        return JSONResponse({"model_name": artifact.name, "id": body.get("id"), "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape), "data": probs.ravel().tolist()},
+            {"name": "label", "datatype": "BYTES", "shape": [len(texts)],
+             "data": [artifact.labels[int(i)] for i in probs.argmax(-1)]}]})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        try:
+            yield
+        finally:  # graceful shutdown: queued requests are answered first
+            await batcher.stop()
+            if log is not None:
+                log.close()
+            served = sum(s.value for m in metrics.requests.collect() for s in m.samples if s.name.endswith("_total"))
+            print(f"stopped after {int(served)} requests", file=sys.stderr)
+
+    routes = [Route("/predict", endpoint("/predict", predict), methods=["POST"]),
+              Route("/v2/health/live", endpoint("/v2/health/live", live), methods=["GET"]),
+              Route("/v2/health/ready", endpoint("/v2/health/ready", ready), methods=["GET"]),
+              Route("/v2/models/{name}", endpoint("/v2/models", model), methods=["GET"]),
+              Route("/v2/models/{name}/infer", endpoint("/v2/models/infer", infer), methods=["POST"]),
+              Route("/metrics", endpoint("/metrics", prometheus), methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.metrics, app.state.batcher = metrics, batcher
+    return app

@@ -1,0 +1,228 @@
+"""Deployment: the exported functions against in-process prediction (every bucket, batch 1, 3 and 32), an
+artifact loading in a process without flax / transformers / torch, tampering, the HTTP server with
+concurrent clients and malformed requests, and the drift statistics against scipy."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import overrides
+from flax import nnx
+
+from jaxopt_llm import bert, cli
+from jaxopt_llm import config as config_lib
+from jaxopt_llm.predict import Predictor
+from jaxopt_llm.serving import drift
+from jaxopt_llm.serving.artifact import Artifact, ArtifactError
+from jaxopt_llm.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["love this airline", "worst flight ever, lost my bag", "it is a plane", "ok", "thanks!"]
+
+
+@pytest.fixture(scope="module")
+def exported(setup, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    train(config_lib.load(None, overrides(setup, **{"train.steps": 2})), root / "run")
+    golden = root / "golden.txt"
+    golden.write_text("\n".join(TEXTS))
+    cli.main(["export", str(root / "run"), "--out", str(root / "art"), "--platforms", "cpu,cuda,tpu",
+              "--buckets", "16,32", "--data", str(setup / "tweets.csv"), "--file", str(golden),
+              "data.label_column=sentiment", "data.max_length=32"])
+    return root
+
+
+def test_every_bucket_equals_in_process_prediction_at_batch_1_3_32(exported):
+    art = Artifact.load(exported / "art")
+    model = bert.from_pretrained(exported / "run", "sequence-classification")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def ours(ids, mask, types):
+        m = nnx.merge(graphdef, state)
+        return jax.nn.softmax(m(ids, attention_mask=mask, token_type_ids=types), -1)
+
+    rng = np.random.default_rng(0)
+    for t in art.buckets:
+        for b in (1, 3, 32):
+            lengths = rng.integers(3, t + 1, b)
+            ids = rng.integers(1000, 30000, (b, t)).astype(np.int32)
+            mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+            ids[mask == 0] = 0
+            types = np.zeros_like(ids)
+            probs, cls = art.functions[t].call(art.weights, ids, mask, types)
+            np.testing.assert_allclose(np.asarray(probs), np.asarray(ours(ids, mask, types)), atol=1e-5)
+            assert np.asarray(cls).shape == (b, model.config.hidden_size)
+    manifest = json.loads((exported / "art" / "manifest.json").read_text())
+    assert manifest["platforms"] == ["cpu", "cuda", "tpu"] and manifest["labels"] == ["negative", "neutral", "positive"]
+    assert (exported / "art" / "hf" / "model.safetensors").is_file()  # the HF export beside it
+    expected = [r["scores"] for r in Predictor.from_pretrained(exported / "run").classify(TEXTS)]
+    np.testing.assert_allclose(art.predict(TEXTS)[0], expected, atol=1e-5)  # texts in, same as predict
+
+
+def test_an_artifact_loads_without_flax_transformers_or_torch(exported):
+    code = ("import sys, json; from jaxopt_llm.serving.artifact import Artifact; a = Artifact.load(sys.argv[1]); "
+            "out = a.classify(['love this airline'], top_k=3); "
+            "bad = [m for m in ('flax', 'transformers', 'torch', 'optax') if m in sys.modules]; "
+            "print(json.dumps({'out': out, 'bad': bad}))")
+    done = subprocess.run([sys.executable, "-c", code, str(exported / "art")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bad"] == [] and len(result["out"][0]) == 3
+    assert sum(r["score"] for r in result["out"][0]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("tamper, message", [("change", "has changed"), ("remove", "is missing")])
+def test_a_changed_or_missing_file_is_one_clear_error(exported, tmp_path, tamper, message):
+    art = tmp_path / "art"
+    shutil.copytree(exported / "art", art)
+    if tamper == "change":
+        (art / "golden.json").write_text((art / "golden.json").read_text().replace("0.", "0.9", 1))
+    else:
+        (art / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match=rf"(golden.json|tokenizer.json) {message}"):
+        Artifact.load(art)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(port, path, body=None, raw=None, method=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "requests.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", "serve", str(exported / "art"), "--port",
+                                str(port), "--max-texts", "8", "--max-chars", "200", "--max-body", "4000", "--log",
+                                str(log)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if call(port, "/v2/health/ready")[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail(process.stderr.read()[-2000:])
+    yield port, log
+    process.terminate()  # graceful shutdown: uvicorn finishes, then re-raises SIGTERM as its exit status
+    process.wait(timeout=60)
+    assert "stopped after" in process.stderr.read()
+
+
+def test_concurrent_clients_get_in_process_answers(server, exported):
+    port, _ = server
+    art = Artifact.load(exported / "art")
+    texts = [f"{t} #{i}" for i in range(6) for t in TEXTS]
+    expected = art.predict(texts)[0]
+    results = [None] * len(texts)
+
+    def client(i):
+        status, body = call(port, "/predict", {"inputs": texts[i], "parameters": {"top_k": 3}})
+        results[i] = (status, json.loads(body))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (status, rows), probs in zip(results, expected):
+        assert status == 200
+        got = {r["label"]: r["score"] for r in rows}
+        want = dict(zip(["negative", "neutral", "positive"], probs))
+        assert got == pytest.approx(want, abs=1e-5) and [r["score"] for r in rows] == sorted(got.values(), reverse=True)
+    status, body = call(port, "/predict", {"inputs": TEXTS[:2]})
+    assert status == 200 and [len(r) for r in json.loads(body)] == [1, 1]  # a list in, one list per text out
+    status, body = call(port, f"/v2/models/{art.name}/infer",
+                        {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": TEXTS[:2]}]})
+    outputs = {o["name"]: o for o in json.loads(body)["outputs"]}
+    assert status == 200 and outputs["probabilities"]["shape"] == [2, 3]
+    np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], (2, 3)), art.predict(TEXTS[:2])[0],
+                               atol=1e-5)
+    assert call(port, "/v2/health/live")[0] == 200 and call(port, f"/v2/models/{art.name}")[0] == 200
+
+
+BAD = [
+    ("/predict", None, b"{not json", 400, "not valid JSON"),
+    ("/predict", [1, 2], None, 422, "JSON object"),
+    ("/predict", {"inputs": 5}, None, 422, "string or a list of strings"),
+    ("/predict", {"inputs": []}, None, 422, "empty"),
+    ("/predict", {"inputs": ""}, None, 422, "empty"),
+    ("/predict", {"inputs": ["a"] * 9}, None, 413, "9 texts in one request; the limit is 8"),
+    ("/predict", {"inputs": "x" * 201}, None, 413, "longer than 200 characters"),
+    ("/predict", {"inputs": "hi", "parameters": {"top_k": 9}}, None, 422, "top_k"),
+    ("/predict", None, b'{"inputs": "' + b"y" * 5000 + b'"}', 413, "over the limit of 4000"),
+    ("/v2/models/nope/infer", {"inputs": []}, None, 404, "no model 'nope'"),
+    ("/v2/models/art/infer", {"inputs": [{"datatype": "FP32", "data": [1]}]}, None, 422, "BYTES"),
+]
+
+
+@pytest.mark.parametrize("path, body, raw, status, message", BAD)
+def test_malformed_requests_get_a_4xx_and_the_server_stays_up(server, path, body, raw, status, message):
+    port, _ = server
+    got, text = call(port, path, body, raw, method="POST")
+    assert got == status and message in json.loads(text)["error"]
+    assert call(port, "/predict", {"inputs": "still up?"})[0] == 200
+
+
+def test_metrics_and_the_monitor_report(server, exported, tmp_path):
+    port, log = server
+    for i in range(8):
+        call(port, "/predict", {"inputs": [f"{t} {i}" for t in TEXTS]})
+    status, text = call(port, "/metrics")
+    text = text.decode()
+    assert status == 200
+    for name in ("jaxopt_requests_total", "jaxopt_request_latency_seconds_bucket", "jaxopt_batch_size_bucket",
+                 "jaxopt_confidence_bucket", "jaxopt_predicted_total", 'jaxopt_drift{statistic="ks_pvalue"}'):
+        assert name in text, name
+    assert 'status="422"' in text or 'status="413"' in text or "jaxopt_errors" in text
+    art = Artifact.load(exported / "art", verify=False)
+    from jaxopt_llm.serving.report import monitor_report
+
+    summary = monitor_report(art, str(log), str(tmp_path / "monitor"), window=30)
+    assert summary["predictions"] >= 40 and summary["windows"] and (tmp_path / "monitor" / "drift.png").is_file()
+    assert "| class | reference share | live share |" in (tmp_path / "monitor" / "report.md").read_text()
+
+
+def test_drift_statistics_agree_with_scipy_and_detect_a_shift():
+    from scipy.stats import chisquare, ks_2samp
+
+    rng = np.random.default_rng(0)  # fixed draws; "no shift" is checked at the 1 % level
+    ref = rng.beta(5, 2, 1000)
+    same, shifted = rng.beta(5, 2, 300), rng.beta(2, 5, 300)
+    assert drift.ks(same, ref) == pytest.approx(tuple(ks_2samp(same, ref)))
+    assert drift.ks(same, ref)[1] > 0.01 and drift.ks(shifted, ref)[1] < 1e-6
+    dist = np.array([0.5, 0.3, 0.2])
+    live = rng.choice(3, 300, p=dist)
+    counts = np.bincount(live, minlength=3)
+    assert drift.chi2(live, dist) == pytest.approx(tuple(chisquare(counts, dist * 300)))
+    assert drift.chi2(live, dist)[1] > 0.01 and drift.chi2(rng.choice(3, 300, p=[0.2, 0.3, 0.5]), dist)[1] < 1e-6
+    x_ref = rng.normal(size=(80, 8))
+    assert drift.mmd(rng.normal(size=(60, 8)), x_ref)[1] > 0.01
+    assert drift.mmd(rng.normal(0.8, 1, size=(60, 8)), x_ref)[1] < 0.02
