@@ -167,10 +167,9 @@ def pool_outputs(strategy: str, model_ref: str | None, texts: Sequence[str], *, 
     if strategy == "surprisal":
         predictor = Predictor.from_pretrained(model_ref, "masked-lm", batch_size=batch_size)
         key = jax.random.key(seed)
-        parts = [np.asarray(_surprisal(predictor.graphdef, predictor.state, a["ids"], a["mask"], a["types"],
-                                       jax.random.fold_in(key, i)))[:n]
-                 for i, (n, a) in enumerate(predictor._batches(list(texts)))]
-        return {"probs": np.zeros((len(texts), 1)), "surprisal": np.concatenate(parts)}
+        surprisal = predictor._map(list(texts), lambda a: _surprisal(predictor.graphdef, predictor.state, a["ids"],
+                                                                     a["mask"], a["types"], key))
+        return {"probs": np.zeros((len(texts), 1)), "surprisal": surprisal}
     predictor = Predictor.from_pretrained(model_ref, batch_size=batch_size)
     out = {}
     if isinstance(predictor, EnsemblePredictor):
@@ -180,15 +179,14 @@ def pool_outputs(strategy: str, model_ref: str | None, texts: Sequence[str], *, 
         out["probs"] = np.asarray([r["scores"] for r in predictor.classify(list(texts))])
         if strategy == "bald":  # one model: MC dropout
             key = jax.random.key(seed)
-            parts = [np.asarray(_mc_dropout(predictor.graphdef, predictor.state, a["ids"], a["mask"], a["types"],
-                                            jax.random.fold_in(key, i), dropout_samples))[:, :n]
-                     for i, (n, a) in enumerate(predictor._batches(list(texts)))]
-            out["member_probs"] = np.concatenate(parts, 1)
+            samples = predictor._map(list(texts), lambda a: np.swapaxes(np.asarray(_mc_dropout(
+                predictor.graphdef, predictor.state, a["ids"], a["mask"], a["types"], key, dropout_samples)), 0, 1))
+            out["member_probs"] = np.swapaxes(samples, 0, 1)
     if strategy in ("kmeans", "coreset"):
         state = predictor.state if not isinstance(predictor, EnsemblePredictor) else jax.tree.map(
             lambda x: x[0], predictor.state)
-        out["embeddings"] = np.concatenate([np.asarray(_cls(predictor.graphdef, state, a["ids"], a["mask"],
-                                                            a["types"]))[:n] for n, a in predictor._batches(list(texts))])
+        out["embeddings"] = predictor._map(list(texts), lambda a: _cls(predictor.graphdef, state, a["ids"], a["mask"],
+                                                                       a["types"]))
     return out
 
 

@@ -277,7 +277,7 @@ def _bench(args: argparse.Namespace) -> None:
                           seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
                           adversarial_steps=args.adversarial_steps, student_layers=args.student_layers,
                           members=args.members)
-    bench.print_table(c, bench.run(c, tuple(args.tasks.split(","))))
+    bench.print_table(c, bench.run(c, tuple(args.tasks.split(","))), as_json=args.json)
 
 
 def _split_grid(args: argparse.Namespace) -> argparse.Namespace:
@@ -335,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(run=lambda a: _sweep(_split_grid(a)))
 
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
-    b.add_argument("--tasks", default="classify,mlm,adversarial,distill,ensemble",
-                   help="comma-separated: classify, mlm, adversarial, distill, ensemble")
+    b.add_argument("--tasks", default="classify,mlm,adversarial,distill,ensemble,compile,predict",
+                   help="comma-separated: classify, mlm, adversarial, distill, ensemble, compile, predict")
+    b.add_argument("--json", action="store_true", help="print the rows as one JSON object only")
     b.add_argument("--members", type=int, default=5, help="members of the ensemble row")
     b.add_argument("--student-layers", type=int, default=2, help="depth of the distillation row's student")
     b.add_argument("--adversarial-steps", type=int, default=1, help="K of the adversarial step")
@@ -433,6 +434,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def compile_cache() -> str | None:
+    """JAX's persistent compilation cache, on by default for the command line: compiled programs are kept in
+    $JAXOPT_LLM_CACHE_DIR (default ~/.cache/jaxopt_llm/xla) and reused by later calls. JAXOPT_LLM_COMPILE_CACHE=0
+    turns it off."""
+    import os
+
+    if os.environ.get("JAXOPT_LLM_COMPILE_CACHE", "1") == "0":
+        return None
+    import jax
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.environ.get("JAXOPT_LLM_CACHE_DIR") or os.path.join(base, "jaxopt_llm", "xla")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
     from jaxopt_llm.bert.params import CheckpointError
 
@@ -443,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    compile_cache()
     try:
         args.run(args)
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:

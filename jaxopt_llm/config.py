@@ -34,6 +34,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; params stay float32, softmax and losses float32
     hidden_dropout: float | None = None  # None: the checkpoint's value
     attention_dropout: float | None = None
+    scan_layers: bool = False  # encoder layers as one lax.scan (compile time flat in depth); checkpoints unchanged
+    remat: str = "none"  # with scan_layers: none | full | dots (recompute activations in the backward pass)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,25 +158,39 @@ class Predictor:
             kwargs["prompt"] = prompt_lib.from_json(record, tokenizer)
         return cls(model, tokenizer, **kwargs)
 
-    def _batches(self, texts: Sequence[str]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(number of real rows, padded arrays) for consecutive chunks of `texts`."""
+    def _batches(self, texts: Sequence[str]) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """(rows of `texts`, padded arrays) in order of token length: each batch is padded to the smallest
+        bucket that holds its longest text and to a power-of-two size, so similar lengths share a batch and
+        new texts reuse compiled programs."""
         if isinstance(texts, str):
             raise TypeError("pass a list of texts, not one string.")
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        enc = tok(list(texts), truncation=True, max_length=self.length_buckets[-1])
+        order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
         for start in range(0, len(texts), self.batch_size):
-            chunk = list(texts[start:start + self.batch_size])
-            enc = tok(chunk, truncation=True, max_length=self.length_buckets[-1])
-            t = _bucket(max(len(x) for x in enc["input_ids"]), self.length_buckets)
-            b = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+            rows = order[start:start + self.batch_size]
+            t = _bucket(max(len(enc["input_ids"][r]) for r in rows), self.length_buckets)
+            b = min(self.batch_size, 1 << (len(rows) - 1).bit_length())
             arrays = {"ids": np.full((b, t), pad, np.int32), "mask": np.zeros((b, t), np.int32),
                       "types": np.zeros((b, t), np.int32)}
-            for r, ids in enumerate(enc["input_ids"]):
-                arrays["ids"][r, :len(ids)] = ids
-                arrays["mask"][r, :len(ids)] = 1
+            for i, r in enumerate(rows):
+                ids = enc["input_ids"][r]
+                arrays["ids"][i, :len(ids)] = ids
+                arrays["mask"][i, :len(ids)] = 1
                 if "token_type_ids" in enc:
-                    arrays["types"][r, :len(ids)] = enc["token_type_ids"][r]
-            yield len(chunk), arrays
+                    arrays["types"][i, :len(ids)] = enc["token_type_ids"][r]
+            yield rows, arrays
+
+    def _map(self, texts: Sequence[str], fn) -> np.ndarray:
+        """fn(arrays) -> (b, ...) outputs of every batch, gathered back into the order of `texts`."""
+        out = None
+        for rows, arrays in self._batches(texts):
+            values = np.asarray(fn(arrays))[:len(rows)]
+            if out is None:
+                out = np.zeros((len(texts), *values.shape[1:]), values.dtype)
+            out[rows] = values
+        return out
 
     def fill_mask(self, texts: Sequence[str], top_k: int = 5) -> list[list[dict] | list[list[dict]]]:
         """Top-k tokens for each [MASK]: per text a list of {token, token_id, score}; a list of such
@@ -185,13 +199,12 @@ class Predictor:
         mask_id = self.tokenizer.mask_token_id
         if top_k < 1 or top_k > self.model.config.vocab_size:
             raise ValueError(f"top_k={top_k}: must be between 1 and vocab_size={self.model.config.vocab_size}.")
-        results = []
-        offset = 0
-        for n, a in self._batches(texts):
-            where = [np.flatnonzero(row == mask_id) for row in a["ids"][:n]]
-            for i, w in enumerate(where):
+        results = [None] * len(texts)
+        for rows, a in self._batches(texts):
+            where = [np.flatnonzero(row == mask_id) for row in a["ids"][:len(rows)]]
+            for r, w in zip(rows, where):
                 if not len(w):
-                    raise ValueError(f"text {texts[offset + i]!r} has no {self.tokenizer.mask_token} token "
+                    raise ValueError(f"text {texts[r]!r} has no {self.tokenizer.mask_token} token "
                                      "(or it was cut off at the maximum length): fill-mask needs one.")
             p = _bucket(max(len(w) for w in where), (1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
             positions = np.zeros((a["ids"].shape[0], p), np.int32)
@@ -199,12 +212,11 @@ class Predictor:
                 positions[i, :len(w)] = w[:p]
             scores, ids = jax.device_get(_fill_mask(self.graphdef, self.state, a["ids"], a["mask"],
                                                     a["types"], positions, top_k))
-            for i, w in enumerate(where):
+            for i, (r, w) in enumerate(zip(rows, where)):
                 per_mask = [[{"token": self.tokenizer.convert_ids_to_tokens(int(t)), "token_id": int(t),
                               "score": float(s)} for t, s in zip(ids[i, j], scores[i, j])]
                             for j in range(len(w))]
-                results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
-            offset += n
+                results[r] = per_mask[0] if len(per_mask) == 1 else per_mask
         return results
 
     def classify(self, texts: Sequence[str]) -> list[dict]:
@@ -213,14 +225,10 @@ class Predictor:
             return self._classify_prompt(texts)
         self._need("classifier", "sequence-classification")
         names = self.model.config.label_names
-        results = []
-        for n, a in self._batches(texts):
-            scores = np.asarray(_classify(self.graphdef, self.state, a["ids"], a["mask"], a["types"],
-                                          self.temperature))[:n]
-            for row in scores:
-                label = None if len(names) == 1 else names[int(row.argmax())]
-                results.append({"label": label, "scores": [float(s) for s in row]})
-        return results
+        scores = self._map(texts, lambda a: _classify(self.graphdef, self.state, a["ids"], a["mask"], a["types"],
+                                                      self.temperature))
+        return [{"label": None if len(names) == 1 else names[int(row.argmax())], "scores": [float(s) for s in row]}
+                for row in scores]
 
     def _classify_prompt(self, texts: Sequence[str]) -> list[dict]:
         if isinstance(texts, str):
@@ -238,9 +246,8 @@ class Predictor:
 
     def embed(self, texts: Sequence[str], normalize: bool = True) -> np.ndarray:
         """Mean-pooled last hidden states (n, d), L2-normalised by default (sentence-transformers' recipe)."""
-        parts = [np.asarray(_embed(self.graphdef, self.state, a["ids"], a["mask"], a["types"], normalize))[:n]
-                 for n, a in self._batches(texts)]
-        return np.concatenate(parts, axis=0)
+        return self._map(texts, lambda a: _embed(self.graphdef, self.state, a["ids"], a["mask"], a["types"],
+                                                 normalize))
 
     def _need(self, module: str, task: str) -> None:
         if getattr(self.model, module) is None:
@@ -376,13 +383,13 @@ class EnsemblePredictor(Predictor):
         return self._run(texts)[1]
 
     def _run(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        combined, members = [], []
-        for n, a in self._batches(texts):
+        def both(a):  # (b, c) combined and (b, N, c) members: one leading batch axis for _map
             c, m = _ensemble_classify(self.graphdef, self.state, a["ids"], a["mask"], a["types"], self.combine,
                                       self.temperature)
-            combined.append(np.asarray(c)[:n])
-            members.append(np.asarray(m)[:, :n])
-        return np.concatenate(combined), np.concatenate(members, axis=1)
+            return np.concatenate([np.asarray(c)[:, None], np.swapaxes(np.asarray(m), 0, 1)], axis=1)
+
+        out = self._map(texts, both)
+        return out[:, 0], np.swapaxes(out[:, 1:], 0, 1)
 
     def classify(self, texts: Sequence[str]) -> list[dict]:
         names = self.model.config.label_names

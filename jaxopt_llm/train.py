@@ -292,6 +292,8 @@ def loader(config: Config, head: str, labels: tuple[str, ...] | None, num_labels
         changes["hidden_dropout_prob"] = m.hidden_dropout
     if m.attention_dropout is not None:
         changes["attention_probs_dropout_prob"] = m.attention_dropout
+    if m.scan_layers:
+        changes.update(scan_layers=True, remat=m.remat)
 
     def load(reference: str, head_: str | None = None, seed: int | None = None):
         seed = config.train.seed if seed is None else seed  # the seed of freshly initialised heads

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="jaxopt-llm-hf-home-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # XLA's cheaper optimisation level halves compile time; every comparison runs both sides under it
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+os.environ["JAXOPT_LLM_COMPILE_CACHE"] = "0"  # hermetic: every test compiles what it counts
 
 import csv  # noqa: E402
 import json  # noqa: E402

@@ -54,3 +54,36 @@ def test_minilm_real_weights_parity():
     ours = np.asarray(bert.from_pretrained(folder)(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
     assert ours.shape == (4, enc["input_ids"].shape[1], 384)
     assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_scanned_layers_equal_unrolled_and_round_trip_through_transformers(hf_dirs, batch, tmp_path):
+    import jax
+    import optax
+    import transformers
+    from conftest import make_batch, task_for
+    from flax import nnx
+
+    from jaxopt_llm import state as state_lib
+    from jaxopt_llm.steps import clean
+
+    ids, mask, types = batch
+    for task in ("base", "pretraining"):
+        unrolled = bert.from_pretrained(hf_dirs[task], task)
+        scanned = bert.from_pretrained(hf_dirs[task], task, scan_layers=True)
+        assert scanned.layers.attention.qkv.kernel[...].shape == (2, 24, 72)  # (layers, d, 3d)
+        for a, b in zip(jax.tree.leaves(unrolled(ids, mask, types)), jax.tree.leaves(scanned(ids, mask, types))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    bert.save_pretrained(scanned, tmp_path)  # the checkpoint names layers one by one, as transformers does
+    reloaded = transformers.BertForPreTraining.from_pretrained(tmp_path).eval()
+    ref = torch_output(hf_model("pretraining"), "pretraining", ids, mask, types)
+    np.testing.assert_array_equal(torch_output(reloaded, "pretraining", ids, mask, types)[0], ref[0])
+    # a train step with dropout and the last layer at [CLS] only, plain and with remat: the same update
+    cls_dir = hf_dirs["sequence-classification"]
+    outs = []
+    for changes in ({}, {"scan_layers": True}, {"scan_layers": True, "remat": "full"}):
+        graphdef, params = nnx.split(bert.from_pretrained(cls_dir, "sequence-classification", **changes))
+        step = jax.jit(clean.make_train_step(graphdef, optax.sgd(0.5), task_for("sequence-classification")))
+        new, _ = step(state_lib.create(params, optax.sgd(0.5)), make_batch(), jax.random.key(1))
+        outs.append(np.asarray(new.params["classifier"]["kernel"][...]))
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-6)
+    np.testing.assert_allclose(outs[2], outs[0], atol=1e-6)

@@ -213,6 +213,7 @@ def test_bench_runs_both_sides_on_a_tiny_config():
 
     c = bench.BenchConfig(layers=2, hidden=32, heads=2, ffn=64, vocab=500, batch=4, seq=16, steps=1, warmup=1,
                           max_predictions=3, student_layers=1)
-    rows = bench.run(c, ("classify", "mlm", "adversarial", "distill"))
-    assert [r["task"] for r in rows] == ["classify", "mlm", "adv K=1", "KD 2->1"]
-    assert all(r["ours_ms"] > 0 for r in rows) and all(r["torch_ms"] > 0 for r in rows[:2])
+    rows = bench.run(c, ("classify", "mlm", "adversarial", "distill", "ensemble"))
+    assert [r["row"] for r in rows] == ["train step: classify", "train step: mlm", "adversarial PGD K=1",
+                                        "distill 2->1 layers", "ensemble: one vmapped 5-member step"]
+    assert all(r["ours"] > 0 and r["reference"] > 0 for r in rows)

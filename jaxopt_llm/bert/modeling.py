@@ -57,6 +57,10 @@ class BertConfig:
     labels: tuple[str, ...] = ()  # id -> label name; empty means LABEL_i
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    scan_layers: bool = False  # the encoder layers as one lax.scan over stacked parameters (compile time flat in depth)
+    remat: str = "none"  # none | full | dots: recompute a scanned layer's activations in the backward pass
+    attention: str = "auto"  # auto: jax.nn.dot_product_attention when no attention dropout or probabilities
+    #                          are needed (cuDNN on GPU, XLA elsewhere) | manual: always the explicit softmax
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -75,6 +79,10 @@ class BertConfig:
             value = getattr(self, name)
             if value not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"BertConfig.{name}={value!r}: use 'float32', 'bfloat16' or 'float16'.")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"BertConfig.remat={self.remat!r}: use 'none', 'full' or 'dots'.")
+        if self.attention not in ("auto", "manual"):
+            raise ValueError(f"BertConfig.attention={self.attention!r}: use 'auto' or 'manual'.")
         if self.labels and len(self.labels) != self.num_labels:
             raise ValueError(f"BertConfig.labels has {len(self.labels)} names but num_labels={self.num_labels}.")
 
@@ -141,11 +149,19 @@ class BertConfig:
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: bool) -> jax.Array:
-    """Inverted dropout with an explicit key; identity when `deterministic` or `rate == 0`."""
+    """Inverted dropout with an explicit key; identity when `deterministic` or `rate == 0`.
+
+    The mask takes 16 random bits per element, two from each 32-bit threefry word (a Bernoulli draw spends a
+    whole word on each): an element is dropped when its bits fall below round(rate * 2^16), and the kept ones
+    are scaled by the inverse of the exact keep probability, so the layer stays unbiased.
+    """
     if deterministic or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    threshold = round(rate * 65536)
+    last = x.shape[-1]
+    words = jax.random.bits(key, (*x.shape[:-1], (last + 1) // 2), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :last]
+    return jnp.where(halves >= threshold, x / (1.0 - threshold / 65536), 0).astype(x.dtype)
 
 
 def _keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -204,9 +220,14 @@ class Attention(nnx.Module):
             q_bqhk = _dense(x_bqd, kernel[:, :d], bias[:d], cfg.dtype).reshape(b, -1, n, k)
             kv = _dense(x_btd, kernel[:, d:], bias[d:], cfg.dtype).reshape(b, t, 2, n, k)
             k_bshk, v_bshk = kv[:, :, 0], kv[:, :, 1]
-        scores = jnp.einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk, preferred_element_type=jnp.float32)
         if positions_bp is not None and bias_b1qt.shape[2] > 1:  # a mask per query: the queries' rows
             bias_b1qt = jnp.take_along_axis(bias_b1qt, positions_bp[:, None, :, None], axis=2)
+        no_dropout = deterministic or cfg.attention_probs_dropout_prob == 0.0
+        if cfg.attention == "auto" and no_dropout and collect is None:  # the fused kernel where one exists
+            ctx = jax.nn.dot_product_attention(q_bqhk, k_bshk, v_bshk, bias=bias_b1qt.astype(q_bqhk.dtype),
+                                               scale=1.0 / math.sqrt(k))
+            return self.out(ctx.reshape(b, ctx.shape[1], d))
+        scores = jnp.einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(k) + bias_b1qt
         probs = jax.nn.softmax(scores, axis=-1).astype(v_bshk.dtype)
         if collect is not None:
@@ -275,7 +296,12 @@ class Bert(nnx.Module):
         self.config, self.task = config, task
         make = _Factory(config, rngs)
         self.embeddings = Embeddings(config, make)
-        self.layers = nnx.List([Layer(config, make) for _ in range(config.num_hidden_layers)])
+        if config.scan_layers:  # one Layer whose parameters carry a leading layer axis (L, ...)
+            states = [nnx.split(Layer(config, make))[1] for _ in range(config.num_hidden_layers)]
+            graphdef = nnx.split(Layer(config, _Factory(config, nnx.Rngs(0))))[0]
+            self.layers = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+        else:
+            self.layers = nnx.List([Layer(config, make) for _ in range(config.num_hidden_layers)])
         has_pooler = task in ("base", "pretraining", "sequence-classification")
         self.pooler = make.linear(config.hidden_size, config.hidden_size) if has_pooler else None
         self.mlm = MaskedLMHead(config, make) if task in ("masked-lm", "pretraining") else None
@@ -323,12 +349,44 @@ class Bert(nnx.Module):
         bias_b1qt = jnp.where(mask_b1qt > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
         last = cfg.num_hidden_layers - 1
         hidden, attention = [x], [] if collect is not None else None
+        if cfg.scan_layers:
+            return self._scan(x, bias_b1qt, deterministic, keys[1:], output_positions_bp, collect)
         for i, (layer, key) in enumerate(zip(self.layers, keys[1:])):
             x = layer(x, bias_b1qt, deterministic, key, output_positions_bp if i == last else None, attention)
             hidden.append(x)
         if collect is not None:
             collect["hidden"], collect["attention"] = hidden, attention
         return x
+
+    def _scan(self, x, bias_b1qt, deterministic, keys, positions_bp, collect):
+        """Layers 1 .. L-1 as one lax.scan over the stacked parameters (one layer compiled, whatever the
+        depth); the last layer apart, so that it can run at `positions_bp` only."""
+        graphdef, stacked = nnx.split(self.layers)
+        n = self.config.num_hidden_layers
+        want = collect is not None
+        embeddings = x
+
+        def body(x, layer_state, key):
+            attention = [] if want else None
+            y = nnx.merge(graphdef, layer_state)(x, bias_b1qt, deterministic, key, None, attention)
+            return y, (y, attention[0] if want else None)
+
+        if self.config.remat != "none":
+            policy = jax.checkpoint_policies.dots_saveable if self.config.remat == "dots" else None
+            body = jax.checkpoint(body, policy=policy)
+        keys_l = None if keys[0] is None else jnp.stack(keys[:n - 1])
+        head = jax.tree.map(lambda a: a[:n - 1], stacked)
+        if n > 1:
+            x, (ys, probs) = jax.lax.scan(lambda c, xs: body(c, xs[0], xs[1]), x, (head, keys_l))
+        last_state = jax.tree.map(lambda a: a[n - 1], stacked)
+        last_attention = [] if want else None
+        out = nnx.merge(graphdef, last_state)(x, bias_b1qt, deterministic, keys[n - 1], positions_bp, last_attention)
+        if want:
+            inner = [ys[i] for i in range(n - 1)] if n > 1 else []
+            probs = [probs[i] for i in range(n - 1)] if n > 1 else []
+            collect["hidden"] = [embeddings, *inner, out]
+            collect["attention"] = [*probs, *last_attention]
+        return out
 
     def pool(self, hidden_btd: jax.Array) -> jax.Array:
         """tanh(dense(hidden[:, 0])) -> (b, d)."""

@@ -271,8 +271,10 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_
     config = BertConfig.from_hf_config(read_config(folder), **changes)
     tensors = read_weights(folder)
 
-    abstract = nnx.eval_shape(lambda: Bert(config, task, rngs=nnx.Rngs(seed)))
-    graphdef, state = nnx.split(abstract)
+    unrolled = config.replace(scan_layers=False, remat="none")  # checkpoints name layers one by one
+    abstract = nnx.eval_shape(lambda: Bert(unrolled, task, rngs=nnx.Rngs(seed)))
+    _, state = nnx.split(abstract)
+    graphdef = nnx.split(nnx.eval_shape(lambda: Bert(config, task, rngs=nnx.Rngs(seed))))[0]
     params, missing, unused = convert(tensors, config, task, _flat(state))
     encoder_missing = [p for p in missing if p.split(".")[0] not in _HEADS]
     if encoder_missing:
@@ -288,12 +290,14 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_
     if missing:
         warnings.warn(f"{str(name_or_path)!r} has no weights for {sorted(missing)}; they are freshly "
                       f"initialised (seed={seed}). Train them before use.", CheckpointWarning, stacklevel=2)
-        fresh = _flat(nnx.state(Bert(config, task, rngs=nnx.Rngs(seed))))
+        fresh = _flat(nnx.state(Bert(unrolled, task, rngs=nnx.Rngs(seed))))
     if unused:
         warnings.warn(f"{len(unused)} tensor(s) in {str(name_or_path)!r} are not used by task={task!r}: "
                       f"{sorted(unused)}", CheckpointWarning, stacklevel=2)
     leaves = {path: (fresh[path] if path in missing else jnp.asarray(params[path], dtype=param_dtype))
               for path in params}
+    if config.scan_layers:
+        leaves = stack_layers(leaves, config.num_hidden_layers)
     state = nnx.from_flat_state({tuple(_key(p) for p in path.split(".")): v for path, v in leaves.items()})
     model = nnx.merge(graphdef, state)
     if any((folder / f).is_file() for f in _TOKENIZER_FILES):
@@ -323,6 +327,25 @@ def load_tokenizer(folder: str | os.PathLike, vocab_size: int | None = None) -> 
     return tokenizer
 
 
+def stack_layers(flat: dict[str, Any], n: int) -> dict[str, Any]:
+    """{"layers.<i>.rest": a} -> {"layers.rest": stack over i}: the scanned encoder's layout."""
+    out = {k: v for k, v in flat.items() if not k.startswith("layers.")}
+    rests = sorted({k.split(".", 2)[2] for k in flat if k.startswith("layers.")})
+    for rest in rests:
+        out[f"layers.{rest}"] = jnp.stack([jnp.asarray(flat[f"layers.{i}.{rest}"]) for i in range(n)])
+    return out
+
+
+def unstack_layers(flat: dict[str, Any], n: int) -> dict[str, Any]:
+    """The inverse of stack_layers."""
+    out = {k: v for k, v in flat.items() if not k.startswith("layers.")}
+    for k, v in flat.items():
+        if k.startswith("layers."):
+            for i in range(n):
+                out[f"layers.{i}.{k[len('layers.'):]}"] = np.asarray(v[...])[i]
+    return out
+
+
 def _key(part: str) -> str | int:
     return int(part) if part.isdigit() else part
 
@@ -334,6 +357,8 @@ def to_hf_tensors(model: Bert) -> dict[str, np.ndarray]:
     """Our parameters under Hugging Face key names, as the class for `model.task` expects them."""
     config, task = model.config, model.task
     flat = _flat(nnx.state(model, nnx.Param))
+    if config.scan_layers:
+        flat = unstack_layers(flat, config.num_hidden_layers)
     width = config.hidden_size
     out = {}
     for hf, ours, transpose in _TABLE:
