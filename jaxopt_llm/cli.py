@@ -92,37 +92,72 @@ def _train(args: argparse.Namespace) -> None:
     print(json.dumps({"workdir": str(args.workdir), "eval": metrics}))
 
 
-def _sweep(args: argparse.Namespace) -> None:
+def _grid(args: argparse.Namespace, key: str, default) -> list[float]:
     import math
 
-    from jaxopt_llm import robustness
-    from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve
-
-    eps = [item.split("=", 1)[1] for item in args.grid if item.startswith(("eps=", "epsilon="))]
-    if len(eps) != 1:
-        raise UsageError("give the grid as eps=0,0.01,0.05,0.1")
+    items = [item.split("=", 1)[1] for item in args.grid if item.split("=", 1)[0] in key.split("|")]
+    if not items:
+        return list(default)
     try:
-        epsilons = [float(x) for x in eps[0].split(",")]
+        values = [float(x) for x in items[-1].split(",")]
     except ValueError:
-        raise UsageError(f"eps={eps[0]!r} is not a comma-separated list of numbers.") from None
-    bad = [e for e in epsilons if not (math.isfinite(e) and e >= 0)]
+        raise UsageError(f"{key.split('|')[0]}={items[-1]!r} is not a comma-separated list of numbers.") from None
+    low = 0.0 if key.startswith("eps") else 1e-9
+    bad = [v for v in values if not (math.isfinite(v) and v >= low)]
     if bad:
-        raise UsageError(f"eps={eps[0]!r}: every epsilon must be a finite number >= 0 (got {bad}); 0 is "
-                         "clean accuracy.")
-    tables = {}
-    for name in args.model:
-        folder = resolve(name)
-        model = from_pretrained(folder, "sequence-classification", required=("classifier",))
-        data = _eval_data(args, load_tokenizer(folder, model.config.vocab_size), model.config.labels or None)
-        tables[name] = robustness.robust_accuracy(model, data.eval, epsilons, steps=args.steps, norm=args.norm,
-                                                  batch_size=args.batch_size)
-    print(f"PGD on word embeddings: {args.norm} ball, {args.steps} steps of 2.5 * eps / steps, "
-          f"{tables[args.model[0]][0]['n']} examples")
-    print("epsilon  " + "  ".join(f"{name[-28:]:>28}" for name in tables))
-    for i, e in enumerate(epsilons):
-        print(f"{e:<9g}" + "  ".join(f"{rows[i]['accuracy']:>28.4f}" for rows in tables.values()))
-    robustness.plot(tables, args.plot, args.norm)
-    print(json.dumps({"norm": args.norm, "steps": args.steps, "tables": tables, "plot": args.plot}))
+        raise UsageError(f"{key.split('|')[0]}={items[-1]!r}: every value must be a finite number "
+                         f"{'>= 0' if low == 0 else '> 0'} (got {bad}).")
+    return values
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from jaxopt_llm import sweep
+    from jaxopt_llm.bert.params import load_tokenizer
+
+    epsilons = _grid(args, "eps|epsilon", ())
+    temperatures = _grid(args, "temperature|t", (1.0,))
+    if args.kind == "robustness" and not epsilons:
+        raise UsageError("give the grid as eps=0,0.01,0.05,0.1")
+    groups = [args.model] if args.kind == "eval" else [[m] for m in args.model]  # robustness: any architectures
+    rows, start = [], time.perf_counter()
+    for models in groups:
+        stack = sweep.stack(models, getattr(args, "checkpoints", None))
+        data = _eval_data(args, load_tokenizer(stack.folder), stack.labels)
+        chunk = args.chunk or sweep.auto_chunk(stack, args.batch_size, data.eval["input_ids"].shape[1])
+        rows += sweep.evaluate(stack, data.eval, temperatures, epsilons, args.steps, args.norm, args.batch_size, chunk)
+    seconds = time.perf_counter() - start
+    n = len(data.eval["labels"])
+    if args.kind == "robustness":
+        tables = {name: [{"epsilon": r["epsilon"], "accuracy": r["robust_accuracy"], "n": n} for r in rows
+                         if r["model"] == name and "epsilon" in r] for name in args.model}
+        print(f"PGD on word embeddings: {args.norm} ball, {args.steps} steps of 2.5 * eps / steps, {n} examples")
+        print("epsilon  " + "  ".join(f"{name[-28:]:>28}" for name in tables))
+        for i, e in enumerate(epsilons):
+            print(f"{e:<9g}" + "  ".join(f"{t[i]['accuracy']:>28.4f}" for t in tables.values()))
+        from jaxopt_llm import robustness
+
+        robustness.plot(tables, args.plot, args.norm)
+        print(json.dumps({"norm": args.norm, "steps": args.steps, "tables": tables, "plot": args.plot}))
+        return
+    grid = f"{len(temperatures)} temperature(s)" + (f" x {len(epsilons)} epsilon(s)" if epsilons else "")
+    print(f"{len(stack.names)} model(s) x {grid} on {n} examples in {seconds:.1f} s (one compiled program, "
+          f"chunks of {chunk})")
+    print(f"{'model':<32}{'step':>6}{'T':>6}{'accuracy':>10}{'macro-F1':>10}{'NLL':>8}{'ECE':>8}{'Brier':>8}")
+    for r in rows:
+        if "temperature" in r:
+            print(f"{Path(r['model']).name[-32:]:<32}{str(r['step'] if r['step'] is not None else '-'):>6}"
+                  f"{r['temperature']:>6g}{r['accuracy']:>10.4f}{r['f1']:>10.4f}{r['nll']:>8.4f}{r['ece']:>8.4f}"
+                  f"{r['brier']:>8.4f}")
+    for r in rows:
+        if "epsilon" in r:
+            print(f"{Path(r['model']).name[-32:]:<32}{str(r['step'] if r['step'] is not None else '-'):>6}"
+                  f"  eps={r['epsilon']:g}  robust accuracy {r['robust_accuracy']:.4f}")
+    if args.out:
+        sweep.write(rows, args.out)
+    if args.plot:
+        sweep.plot(rows, args.plot, "robust_accuracy" if epsilons and len(temperatures) == 1 and
+                   not any(s is not None for s in stack.steps) else "accuracy")
+    print(json.dumps({"points": len(rows), "seconds": seconds, "out": args.out, "plot": args.plot}))
 
 
 def _eval_data(args: argparse.Namespace, tokenizer, names):
@@ -281,7 +316,9 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _split_grid(args: argparse.Namespace) -> argparse.Namespace:
-    args.overrides = [g for g in args.grid if not g.startswith(("eps=", "epsilon="))]
+    grid_keys = ("eps=", "epsilon=", "temperature=", "t=")
+    args.overrides = [g for g in args.grid if not g.startswith(grid_keys)] + list(getattr(args, "overrides", []) or [])
+    args.grid = [g for g in args.grid if g.startswith(grid_keys)]
     return args
 
 
@@ -320,19 +357,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
         p.set_defaults(run=_train)
 
-    sweep = sub.add_parser("sweep", help="evaluation sweeps")
+    sweep = sub.add_parser("sweep", help="evaluation sweeps: many models and settings, one compiled program")
     kinds = sweep.add_subparsers(dest="kind", required=True)
-    r = kinds.add_parser("robustness", help="accuracy under PGD on the word embeddings for a grid of epsilons")
-    r.add_argument("--model", action="append", required=True,
-                   help="run folder, HF folder or hub id; repeat to compare models")
-    r.add_argument("--config", help="config file whose eval split is attacked")
-    r.add_argument("--data", help="csv / json / jsonl file with text and label columns")
-    r.add_argument("--steps", type=int, default=10)
-    r.add_argument("--norm", default="linf", choices=("linf", "l2"))
-    r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--plot", default="robustness.png", help="PNG of accuracy vs epsilon")
-    r.add_argument("grid", nargs="+", help="eps=0,0.01,0.05,0.1 then optional key=value config overrides")
-    r.set_defaults(run=lambda a: _sweep(_split_grid(a)))
+    for kind, text in (("eval", "accuracy, macro-F1, NLL, ECE, Brier (and robust accuracy) for stacked runs or "
+                                "checkpoints over temperature / epsilon grids"),
+                       ("robustness", "accuracy under PGD on the word embeddings for a grid of epsilons")):
+        r = kinds.add_parser(kind, help=text)
+        r.add_argument("--model", action="append", required=True,
+                       help="run folder, HF folder or hub id; repeat to compare models")
+        r.add_argument("--config", help="config file whose eval split is used")
+        r.add_argument("--data", help="csv / json / jsonl file with text and label")
+        r.add_argument("--steps", type=int, default=10 if kind == "robustness" else 5, help="PGD steps")
+        r.add_argument("--norm", default="linf", choices=("linf", "l2"))
+        r.add_argument("--batch-size", type=int, default=32)
+        r.add_argument("--chunk", type=int, help="models per program call (default: from the free memory)")
+        r.add_argument("--plot", default="robustness.png" if kind == "robustness" else None,
+                       help="PNG of the metric against the checkpoint step or the grid value")
+        if kind == "eval":
+            r.add_argument("--checkpoints", help="all | every:N: every checkpoint of each run, not its export")
+            r.add_argument("--out", help="every point as JSON (.json) or CSV (.csv)")
+        r.add_argument("grid", nargs="*", help="temperature=1,1.5,2 and/or eps=0,0.01 then key=value config "
+                                               "overrides")
+        r.set_defaults(run=lambda a: _sweep(_split_grid(a)), overrides=[])
 
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
     b.add_argument("--tasks", default="classify,mlm,adversarial,distill,ensemble,compile,predict",

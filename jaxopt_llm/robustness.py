@@ -1,9 +1,9 @@
-"""Robustness evaluation: a jitted PGD attack on the word embeddings and the accuracy it leaves, for a whole
-grid of epsilons in one compiled function (vmap over epsilon, not a Python loop)."""
+"""Robustness evaluation: the accuracy a PGD attack on the word embeddings leaves, for a whole grid of
+epsilons in one compiled function (a case of `jaxopt_llm.sweep`); `_correct_under_attack` is the
+one-epsilon reference."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -12,7 +12,6 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_llm import losses
-from jaxopt_llm.data import eval_batches
 from jaxopt_llm.steps.adversarial import Adversary, attack
 from jaxopt_llm.steps.classify import ClassificationTask
 
@@ -35,30 +34,23 @@ def _correct_under_attack(graphdef, params, batch, epsilon, adv: Adversary):
     return losses.masked_sum(correct, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "adv"))
-def sweep_batch(graphdef, params, batch, epsilons_e, adv: Adversary):
-    """(correct (e,), count (e,)) for every epsilon at once."""
-    return jax.vmap(lambda eps: _correct_under_attack(graphdef, params, batch, eps, adv))(epsilons_e)
-
-
 def robust_accuracy(model, arrays: dict[str, np.ndarray], epsilons: Sequence[float], steps: int = 10,
                     norm: str = "linf", batch_size: int = 32) -> list[dict]:
-    """Accuracy under an L2 / L-inf PGD attack of `steps` steps for each epsilon: [{epsilon, accuracy, n}].
+    """Accuracy under an L2 / L-inf PGD attack of `steps` steps for each epsilon: [{epsilon, accuracy, n}],
+    the whole grid in one compiled program (a one-model sweep, `jaxopt_llm.sweep`).
 
     `arrays`: tokenised eval data with labels (as from `jaxopt_llm.data.load`); epsilon 0 is clean accuracy.
     """
+    from jaxopt_llm import sweep
+
     if model.classifier is None or model.config.num_labels < 2:
         raise ValueError("robust_accuracy needs a sequence-classification model with at least 2 labels.")
     graphdef, params = nnx.split(model)
-    adv = Adversary(method="pgd", norm=norm, epsilon=0.0, inner_steps=steps, init="zero")
-    eps = jnp.asarray(list(epsilons), jnp.float32)
-    correct = np.zeros(len(eps))
-    count = np.zeros(len(eps))
-    for batch in eval_batches(arrays, batch_size):
-        c, n = jax.device_get(sweep_batch(graphdef, params, batch, eps, adv))
-        correct += c
-        count += n
-    return [{"epsilon": float(e), "accuracy": float(c / n), "n": int(n)} for e, c, n in zip(epsilons, correct, count)]
+    stack = sweep.Stack(graphdef, jax.tree.map(lambda x: np.asarray(x)[None], params), ["model"], [None],
+                        model.config.label_names, None)
+    rows = sweep.evaluate(stack, arrays, (1.0,), list(epsilons), steps, norm, batch_size)
+    n = len(next(iter(arrays.values())))
+    return [{"epsilon": r["epsilon"], "accuracy": r["robust_accuracy"], "n": n} for r in rows if "epsilon" in r]
 
 
 def plot(tables: dict[str, list[dict]], out: str, norm: str) -> None:

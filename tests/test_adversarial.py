@@ -190,23 +190,25 @@ def test_smart_with_zero_start_is_refused():
 
 
 def test_vmapped_epsilon_sweep_equals_a_loop(dirs):
+    from jaxopt_llm import sweep
+
     model = bert.from_pretrained(dirs["nodrop"], "sequence-classification")
     graphdef, params = nnx.split(model)
-    batch = make_batch()
+    batch = jax.device_put(make_batch())
     adv = A.Adversary(norm="linf", epsilon=0.0, inner_steps=3)
     eps = [0.0, 0.05, 0.2, 1.0]
-    eps_e = jnp.asarray(eps, jnp.float32)
-    batch = jax.device_put(batch)
+    stacked = jax.tree.map(lambda x: np.asarray(x)[None], params)
     before = compile_count()
-    correct, count = jax.device_get(robustness.sweep_batch(graphdef, params, batch, eps_e, adv))
+    sums = jax.device_get(sweep.sweep_batch(graphdef, stacked, batch, np.ones(1, np.float32),
+                                            np.asarray(eps, np.float32), 3))
     assert compile_count() - before == 1  # the whole grid is one program
     one = jax.jit(lambda p, e: robustness._correct_under_attack(graphdef, p, batch, e, adv))
     looped = [float(one(params, jnp.float32(e))[0]) for e in eps]
-    np.testing.assert_array_equal(correct, looped)
-    assert count.tolist() == [16.0] * 4 and correct[0] >= correct[-1]
+    np.testing.assert_array_equal(sums["robust"][0], looped)
+    assert looped[0] >= looped[-1]
     rows = robustness.robust_accuracy(model, {k: np.asarray(v) for k, v in batch.items() if k not in ("index", "weight")},
                                       eps, steps=3, batch_size=8)
-    assert [r["accuracy"] for r in rows] == pytest.approx([c / 16 for c in correct])
+    assert [r["accuracy"] for r in rows] == pytest.approx([c / 16 for c in looped])
 
 
 def run_adv(folder, backend, n, steps=2):

