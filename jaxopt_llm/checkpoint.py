@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the whole train state (params, optimiser state, PRNG key, data position).
+"""Orbax checkpoints of the whole train state (step, params, optimiser state), local or in a bucket.
 
 Writes are asynchronous and atomic: a step directory appears only once complete, so after a crash the
 latest step found is a whole one.
@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxopt_llm import paths
+
 
 class CheckpointRestoreError(ValueError):
     """No checkpoint of a run folder restores; the message names the folder and the fix."""
@@ -20,9 +22,15 @@ class CheckpointRestoreError(ValueError):
 
 class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 2):
-        self.directory = Path(directory).absolute()
+        directory = paths.Path(directory)
+        self.directory = directory if paths.is_remote(directory) else directory.absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        # in a bucket, one object per array chunk rather than OCDBT's shared manifest: its conditional writes
+        # need generation semantics not every GCS-compatible store (or emulator) has
+        handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=not paths.is_remote(directory)),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"),
+                                             item_handlers=handlers)
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -69,7 +77,7 @@ class Checkpoints:
 
 def has_steps(directory: str | Path) -> bool:
     """Whether a checkpoint folder holds any step (complete or not), without opening a manager."""
-    directory = Path(directory)
+    directory = paths.Path(directory)
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 

@@ -508,8 +508,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     compile_cache()
+    from jaxopt_llm.train import PREEMPTED_EXIT_CODE, Preempted
+
     try:
         args.run(args)
+    except Preempted as err:
+        print(f"{err} (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -18,30 +18,21 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from jaxopt_llm import paths
 
-def write_json(file: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
-    """Write JSON atomically: a temporary file in the same folder, fsync, rename."""
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(value, indent=indent, default=str, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+def write_json(file, value: Any, indent: int | None = 2) -> None:
+    """Write JSON whole: locally a temporary file, fsync, rename; in a bucket one object write. NaN and
+    infinities are refused (JSON has none)."""
+    paths.write_text(file, json.dumps(value, indent=indent, default=str, allow_nan=False) + "\n")
 
 
 class RunFolder:
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = paths.Path(path)
 
     model = property(lambda self: self.path / "model")
     record_file = property(lambda self: self.path / "run.json")
@@ -53,16 +44,16 @@ class RunFolder:
     @classmethod
     def of(cls, reference: str | os.PathLike) -> RunFolder | None:
         """The run folder a model reference names, or None (an HF folder, a hub id, the packaged model)."""
-        path = Path(str(reference)).expanduser()
-        if path.is_dir() and (path / "run.json").is_file():
+        path = paths.Path(reference if paths.is_remote(reference) else Path(str(reference)).expanduser())
+        if (path / "run.json").is_file():
             return cls(path)
         return None
 
-    def member(self, i: int) -> Path:
+    def member(self, i: int):
         """An ensemble's member i (a Hugging Face folder)."""
         return self.path / "members" / str(i)
 
-    def members(self) -> list[Path]:
+    def members(self) -> list:
         """An ensemble run's member folders, in order; [] for a single model."""
         folder = self.path / "members"
         if not folder.is_dir():

@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxopt_llm import checkpoint, optim, recipes
+from jaxopt_llm import checkpoint, optim, paths, recipes
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
 from jaxopt_llm import state as state_lib
@@ -40,13 +42,52 @@ class TrainingError(ValueError):
     """A run cannot go on as configured; the message says why and what to change."""
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on SIGTERM with a checkpoint; run the same command again
+
+
+class Preempted(Exception):
+    """SIGTERM (a preempted TPU VM): the step in flight finished, a checkpoint of it was saved, the run
+    stopped. Running the same command again resumes exactly."""
+
+    def __init__(self, step: int, workdir):
+        super().__init__(f"preempted: checkpoint saved at step {step} in {workdir}; run the same command again to "
+                         "resume")
+        self.step = step
+
+
+class _Preemption:
+    """Notes SIGTERM instead of dying; `requested()` is agreed by all processes (any one told to stop stops
+    them all, at the same step)."""
+
+    def __init__(self):
+        self.flag, self.previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        return bool(np.max(multihost_utils.process_allgather(np.asarray(int(self.flag), np.int32))))
+
+
 def _finite_or_none(value):
     """JSON has no NaN or Infinity: non-finite numbers are logged as null."""
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
-def read_metrics(file: Path) -> list[dict]:
+def read_metrics(file) -> list[dict]:
     """The events of a metrics.jsonl; a last line cut off by a crash is ignored."""
+    file = paths.Path(file)
     if not file.is_file():
         return []
     rows = []
@@ -68,9 +109,7 @@ class MetricsLog:
             return
         if self.file.exists():  # drop what was logged after the checkpoint we resume from, atomically
             kept = [r for r in read_metrics(self.file) if resume_step is not None and r["step"] <= resume_step]
-            tmp = self.file.with_name(f".{self.file.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.file)
+            paths.write_text(self.file, "".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(run.tensorboard))
@@ -79,10 +118,7 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"step": step, "split": split, **{k: _finite_or_none(v) for k, v in values.items()}}
-        with self.file.open("a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        paths.append_text(self.file, json.dumps(row, allow_nan=False) + "\n")
         for name, value in values.items():
             self.writer.add_scalar(f"{split}/{name}", value, step)
         self.writer.flush()
@@ -137,7 +173,17 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
     """Train `recipe` on `data` in the run folder `workdir` (resuming from its newest checkpoint that
     restores); returns the final eval metrics. `record` is merged into run.json; `changes` (key -> [old, new])
     are the settings changed since the run started, recorded in its history; `tokenizer` is saved with the
-    exported model. A finished run is not run again: its final eval metrics are returned."""
+    exported model. A finished run is not run again: its final eval metrics are returned.
+
+    SIGTERM from the start on (a preempted VM) finishes the step in flight, saves it and raises `Preempted`;
+    once the last step is done the run completes anyway."""
+    with _Preemption() as preemption:
+        return _fit(recipe, data, workdir, cfg, parallel, record=record, tokenizer=tokenizer, changes=changes,
+                    preemption=preemption)
+
+
+def _fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConfig, parallel: Parallel, *,
+         record: dict | None, tokenizer: Any, changes: dict | None, preemption: _Preemption) -> dict[str, float]:
     run = RunFolder(workdir)
     run.path.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
@@ -235,22 +281,31 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
             log.write(update, "eval", eval_metrics)
             if main:
                 bar.write(f"step {update}: eval " + " ".join(f"{k}={v:.4f}" for k, v in eval_metrics.items()))
-        if micro % (cfg.checkpoint_every * accum) == 0 or micro == total_micro:
+        stop = preemption.requested()
+        if micro % (cfg.checkpoint_every * accum) == 0 or micro == total_micro or stop:
             # the log interval's running sums travel with the state: a resumed run logs what a straight one does
             ckpts.save(micro, parallel.host_state(state), {"update": update, "interval_steps": interval_steps,
                                                           "interval": None if interval is None else _to_json(interval)})
-    bar.close()
+        if stop:  # SIGTERM: this step is saved; stop here, all processes at the same step
+            ckpts.wait()
+            ckpts.close()
+            log.close()
+            raise Preempted(update, run.path)
+    bar.close()  # SIGTERM from here on: the run is finished anyway, so it completes
     ckpts.wait()
     ckpts.close()
     log.close()
     params = multihost_utils.process_allgather(parallel.host_state(state).params, tiled=True)
     if main:
         exported = recipe.export(params)
-        if isinstance(exported, list):  # an ensemble: one Hugging Face folder per member
-            for i, member in enumerate(exported):
-                save_pretrained(member, run.member(i), tokenizer=tokenizer)
-        else:
-            save_pretrained(exported, run.model, tokenizer=tokenizer)
+        for target, model in ([(run.member(i), m) for i, m in enumerate(exported)] if isinstance(exported, list)
+                              else [(run.model, exported)]):  # an ensemble: one Hugging Face folder per member
+            if paths.is_remote(target):  # written whole locally, then uploaded
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_pretrained(model, Path(tmp) / "model", tokenizer=tokenizer)
+                    paths.upload(Path(tmp) / "model", target)
+            else:
+                save_pretrained(model, target, tokenizer=tokenizer)
         for name, value in {**recipe.task.files(), **recipe.files}.items():
             run.write(name, value)
         record = run.record()

@@ -95,10 +95,19 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     """The Hugging Face folder that a model reference names: a run folder written by any training command
     (its model/), an HF folder as is, the packaged MiniLM ("packaged:all-MiniLM-L6-v2"), or a hub id
     downloaded through the Hugging Face cache."""
+    from jaxopt_llm import paths
     from jaxopt_llm.assets import PACKAGED_MINILM, minilm_path
 
     if str(name_or_path) == PACKAGED_MINILM:
         return minilm_path()
+    if paths.is_remote(name_or_path):  # a run or model folder in a bucket: its model, downloaded once
+        remote = paths.Path(name_or_path)
+        for candidate in (remote, remote / "model"):
+            if (candidate / "config.json").is_file():
+                return paths.local_copy(candidate)
+        if (remote / "members" / "0" / "config.json").is_file():
+            raise CheckpointError(f"{name_or_path!s} is an ensemble run: name a member, e.g. {remote / 'members' / '0'}.")
+        raise CheckpointError(f"{name_or_path!s} holds no model (config.json, or a run folder's model/).")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():

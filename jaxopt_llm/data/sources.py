@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 
+from jaxopt_llm import paths
 from jaxopt_llm.config import PACKAGED_TWEETS, DataConfig
 
 _UNDECODED = re.compile("[\udc80-\udcff]")  # bytes kept by surrogateescape
@@ -79,7 +80,7 @@ def _read_file(path: Path, encoding: str) -> list[dict]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(paths.local_copy(path)).to_pylist()
     text = _decode(path.read_bytes(), encoding).removeprefix("\ufeff")  # a byte-order mark is not data
     if suffix in (".csv", ".tsv"):
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts are data too
@@ -133,7 +134,7 @@ def read_rows(cfg: DataConfig, which: str, label_column: str | None) -> tuple[li
     """
     file = cfg.train_file if which == "train" else cfg.eval_file
     if file is not None:
-        path = Path(file)
+        path = paths.Path(file)
         if not path.is_file():
             raise DataError(f"data.{which}_file={file!r} does not exist.")
         if path.suffix.lower() not in _FORMATS:

@@ -1,0 +1,195 @@
+"""Cloud workdirs on a local GCS emulator (started and stopped here): a run in gs:// writes everything to the
+bucket and nothing locally, survives SIGKILL and SIGTERM (preemption) with exact resume, predicts from the
+bucket, and two jax.distributed processes share one checkpoint in it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "test-bucket"
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # The emulator serves from one thread with a listen backlog of 5 (tensorstore's parallel uploads then wait
+    # out TCP SYN retries for minutes) and rewrites its whole metadata file on every write (quadratic in the
+    # objects; that file only matters to an on-disk store). A deep backlog and no metadata file fix both.
+    start = ("import http.server, sys; http.server.HTTPServer.request_queue_size = 4096; "
+             "from gcp_storage_emulator import storage; storage.Storage._write_config_to_file = lambda self: None; "
+             "from gcp_storage_emulator.__main__ import main; main(sys.argv[1:])")
+    process = subprocess.Popen([sys.executable, "-c", start, "start", "--host", "127.0.0.1", "--port", str(port),
+                                "--in-memory", "--quiet", "--default-bucket", BUCKET],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_CLOUD_PROJECT": "test"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield env
+    process.terminate()
+    process.wait(timeout=30)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def objects(prefix: str) -> list[str]:
+    """Object names under a prefix, straight from the emulator's JSON API (no client-side listing cache)."""
+    url = f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/{BUCKET}/o?prefix={urllib.parse.quote(prefix)}"
+    with urllib.request.urlopen(url, timeout=120) as response:
+        return [item["name"] for item in json.loads(response.read()).get("items", [])]
+
+
+def read(name: str) -> str:
+    url = f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}?alt=media"
+    with urllib.request.urlopen(url, timeout=120) as response:
+        return response.read().decode()
+
+
+def steps(prefix: str) -> list[int]:
+    """Complete checkpoint steps: in a bucket orbax marks a finished step with <step>/commit_success.txt."""
+    return sorted(int(n[len(prefix):].split("/")[0]) for n in objects(prefix)
+                  if n[len(prefix):].split("/")[0].isdigit() and n.endswith(f"{n[len(prefix):].split('/')[0]}/commit_success.txt"))
+
+
+def cli(args, cwd, env=None):
+    return subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", *args], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, codes=(0,), timeout=300):
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"{process.args[3:5]} did not finish in {timeout} s: {err[-3000:]}")
+    assert process.returncode in codes, err[-3000:]
+    return out, err
+
+
+def exists(name: str) -> bool:
+    url = f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}"
+    try:
+        with urllib.request.urlopen(url, timeout=120):
+            return True
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return False
+        raise
+
+
+def wait_for_checkpoint(prefix, step, process, timeout=400):
+    """Until checkpoint `step` is complete (its commit_success.txt is written)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if exists(f"{prefix}{step}/commit_success.txt"):
+            return
+        time.sleep(1.0)
+    pytest.fail(f"checkpoint {step} did not appear in time (process exit {process.poll()})")
+
+
+def metrics(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_a_run_in_a_bucket_lands_there_survives_sigkill_and_sigterm_and_resumes_exactly(emulator, setup, tmp_path):
+    items = overrides(setup, **{"train.steps": 12, "train.log_every": 1, "train.eval_every": 6,
+                                "train.checkpoint_every": 6, "train.learning_rate": 1e-4,
+                                # the emulator has no batch delete, which gcsfs uses to drop old checkpoints
+                                "train.keep_checkpoints": 5})
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    straight = cli(["finetune", "--workdir", str(tmp_path / "straight"), *items], tmp_path)
+    run = f"gs://{BUCKET}/run"
+    first = cli(["finetune", "--workdir", run, *items], cwd)
+    wait_for_checkpoint("run/checkpoints/", 6, first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = cli(["finetune", "--workdir", run, *items], cwd)
+    deadline = time.time() + 400
+
+    def resumed():  # its record says it resumed: SIGTERM from here on stops it after its first step
+        return len(json.loads(read("run/run.json")).get("history", [])) >= 2
+
+    while time.time() < deadline and second.poll() is None and not resumed():
+        time.sleep(0.2)
+    second.send_signal(signal.SIGTERM)  # a preempted VM: finish the step, save it, exit 75
+    _, err = finish(second, codes=(75,))
+    step = int(err.split("checkpoint saved at step ")[1].split()[0])
+    assert exists(f"run/checkpoints/{step}/commit_success.txt") and step == 7
+    finish(cli(["finetune", "--workdir", run, *items], cwd))
+    finish(straight)
+    assert list(cwd.iterdir()) == []  # nothing under the current folder
+    names = {n.split("/")[1] for n in objects("run/")}
+    assert {"run.json", "labels.json", "metrics.jsonl", "checkpoints", "model", "tensorboard"} <= names
+    assert "run/model/model.safetensors" in objects("run/model/") and objects("run/tensorboard/")
+    record = json.loads(read("run/run.json"))
+    assert [h["event"] for h in record["history"]] == ["start", "resume", "resume"]
+    assert metrics(read("run/metrics.jsonl")) == metrics((tmp_path / "straight" / "metrics.jsonl").read_text())
+    out, _ = finish(cli(["predict", "classify", "--model", run, "good flight"], cwd))
+    local, _ = finish(cli(["predict", "classify", "--model", str(tmp_path / "straight"), "good flight"], cwd))
+    assert json.loads(out)["scores"] == pytest.approx(json.loads(local)["scores"], abs=1e-6)
+
+
+def test_two_processes_share_one_checkpoint_in_the_bucket(emulator, setup, tmp_path):
+    items = overrides(setup, **{"train.steps": 3, "train.log_every": 1, "train.checkpoint_every": 3})
+    port = 21000 + os.getpid() % 20000
+    run = f"gs://{BUCKET}/two"
+
+    def pair(extra):
+        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+        procs = [cli(["finetune", "--workdir", run, *items, *extra], tmp_path, {**env, "JAX_PROCESS_ID": str(i)})
+                 for i in range(2)]
+        for p in procs:
+            finish(p)
+
+    pair([])
+    assert steps("two/checkpoints/") == [3]
+    pair(["train.steps=4"])  # both processes restore the bucket's checkpoint and go on
+    record = json.loads(read("two/run.json"))
+    assert record["resumed_from"] == 3 and record["process_count"] == 2
+    assert [r["step"] for r in metrics(read("two/metrics.jsonl")) if r["split"] == "train"] == [1, 2, 3, 4]
+
+
+def test_a_scheme_without_its_client_is_one_clear_error():
+    from jaxopt_llm import paths
+
+    with pytest.raises(paths.PathError, match=r"s3:// paths need the package 's3fs'"):
+        paths.Path("s3://bucket/run")
+
+
+def test_the_launch_script_dry_run_prints_its_commands_and_refuses_a_local_workdir_on_a_pod():
+    script = ROOT / "experiments" / "tpu" / "launch.sh"
+    ok = subprocess.run(["bash", str(script), "--dry-run", "--workers", "4", "tpu", "zone", "finetune", "--workdir",
+                         "gs://b/runs/x"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.count("\n+ ") + ok.stdout.startswith("+ ") == 3
+    assert "JAXOPT_DISTRIBUTED=1 python -m jaxopt_llm.cli finetune --workdir gs://b/runs/x" in ok.stdout
+    refused = subprocess.run(["bash", str(script), "--dry-run", "--workers", "4", "tpu", "zone", "finetune",
+                              "--workdir", "runs/x"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "Use a bucket" in refused.stderr and refused.stdout == ""
