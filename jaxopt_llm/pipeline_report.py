@@ -1,0 +1,128 @@
+"""The pipeline's report.html (self-contained: inline SVG, no scripts, no network) and model_card.md."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from jaxopt_llm.paths import write_text
+
+COLUMNS = (("accuracy", "accuracy", 4), ("f1", "macro-F1", 4), ("nll", "NLL", 4), ("ece", "ECE", 4),
+           ("robust_accuracy", "robust acc.", 4), ("mlm_accuracy", "MLM acc.", 4), ("latency_ms", "ms / text", 2),
+           ("parameters", "parameters", 0), ("stage_seconds", "stage s", 0))
+PLOTS = (("accuracy", "Accuracy on the test set (higher is better)"),
+         ("ece", "Expected calibration error (lower is better)"),
+         ("robust_accuracy", "Robust accuracy under PGD (higher is better)"),
+         ("latency_ms", "Prediction latency, ms per text (lower is better)"))
+
+
+def cell(value, digits: int) -> str:
+    """The table's text for a metric: fixed decimals, '-' where the stage has none."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return f"{value:,.0f}" if digits == 0 else f"{value:.{digits}f}"
+
+
+def _bars(rows: list[dict], metric: str, title: str) -> str:
+    """A horizontal bar chart of one metric per stage, as inline SVG."""
+    values = [(r["name"], r["metrics"].get(metric)) for r in rows]
+    values = [(n, v) for n, v in values if isinstance(v, (int, float))]
+    if not values:
+        return ""
+    top = max(v for _, v in values) or 1.0
+    height, width, left = 22 * len(values) + 30, 560, 130
+    bars = []
+    for i, (name, value) in enumerate(values):
+        y = 24 + 22 * i
+        w = (width - left - 70) * value / top
+        bars.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{html.escape(name)}</text>'
+                    f'<rect x="{left}" y="{y}" width="{w:.1f}" height="16" fill="#3b6ea8"></rect>'
+                    f'<text x="{left + w + 4:.1f}" y="{y + 13}">{value:.4g}</text>')
+    return (f'<figure><svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+            f'aria-label="{html.escape(title)}" font-family="sans-serif" font-size="12">'
+            f'<text x="0" y="14" font-weight="bold">{html.escape(title)}</text>{"".join(bars)}</svg></figure>')
+
+
+def write(pipeline, workdir: Path, rows: list[dict]) -> Path:
+    stages = [r for r in rows if r["name"] != "data"]
+    data = next(r for r in rows if r["name"] == "data")["metrics"]
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in COLUMNS)
+    body = []
+    for r in stages:
+        m = r["metrics"]
+        cells = "".join(f'<td data-metric="{k}">{cell(m.get(k), d)}</td>' for k, _, d in COLUMNS)
+        body.append(f'<tr data-stage="{html.escape(r["name"])}"><th>{html.escape(r["name"])}</th>'
+                    f'<td>{html.escape(r["kind"])}</td>{cells}</tr>')
+    examples = []
+    for i, text in enumerate(pipeline.examples):
+        cells = []
+        for r in stages:
+            ex = (r["metrics"].get("examples") or [])
+            ex = ex[i] if i < len(ex) else None
+            cells.append("<td>-</td>" if ex is None else
+                         f"<td>{html.escape(str(ex['label']))} <small>({ex['score']:.2f})</small></td>")
+        examples.append(f"<tr><th>{html.escape(text)}</th>{''.join(cells)}</tr>")
+    notes = "".join(f"<li><b>{html.escape(r['name'])}</b>: {html.escape(r['metrics']['note'])}</li>"
+                    for r in stages if r["metrics"].get("note"))
+    plots = "".join(_bars(stages, k, t) for k, t in PLOTS)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(pipeline.name)}: pipeline report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}tbody th,td:nth-child(2){{text-align:left}}
+figure{{display:inline-block;margin:0 1em 1em 0}}</style></head>
+<body><h1>{html.escape(pipeline.name)}</h1>
+<p>Every stage is measured on the same {data['test_examples']} held-out test texts of {html.escape(data['source'])}
+(majority class: {data['majority_class_accuracy']:.4f}); robust accuracy is accuracy under an L-inf PGD attack of
+{pipeline.pgd_steps} steps on the word embeddings at &epsilon; = {pipeline.epsilon:g}; latency is the mean over the
+test set in batches of {pipeline.batch_size} on {html.escape(_device())}, after compilation.</p>
+<table id="stages"><thead><tr><th>stage</th><th>kind</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
+<ul>{notes}</ul>
+{plots}
+<h2>Example texts across stages</h2>
+<table id="examples"><thead><tr><th>text</th>{''.join(f'<th>{html.escape(r["name"])}</th>' for r in stages)}</tr></thead>
+<tbody>{''.join(examples)}</tbody></table>
+<p>Stage folders: {', '.join(html.escape(r['folder'].name) for r in rows)}.</p>
+</body></html>
+"""
+    report = workdir / "report.html"
+    write_text(report, page)
+    write_text(workdir / "model_card.md", model_card(pipeline, stages, data))
+    return report
+
+
+def _device() -> str:
+    import jax
+
+    return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+
+
+def model_card(pipeline, stages: list[dict], data: dict) -> str:
+    """A Hugging Face model card: model-index metadata for the last classifying stage, the per-stage table."""
+    final = [r for r in stages if isinstance(r["metrics"].get("accuracy"), float)]
+    final = final[-1] if final else stages[-1]
+    m = final["metrics"]
+    metrics = [("accuracy", "Accuracy", m.get("accuracy"), None), ("f1", "Macro F1", m.get("f1"), "macro")]
+    lines = ["---", "language: en", "license: apache-2.0", "library_name: jaxopt_llm",
+             "pipeline_tag: text-classification", "tags: [jax, flax, bert, text-classification]", "model-index:",
+             f"- name: {pipeline.name}-{final['name']}", "  results:", "  - task:",
+             "      type: text-classification", "      name: Text Classification", "    dataset:",
+             f"      name: {json.dumps(Path(data['source']).name)}", "      type: csv", "      split: test",
+             "    metrics:"]
+    for kind, name, value, average in metrics:
+        if isinstance(value, float):
+            lines += [f"    - type: {kind}", f"      value: {value:.4f}", f"      name: {name}"]
+            if average:
+                lines += ["      args:", f"        average: {average}"]
+    lines += ["---", "", f"# {pipeline.name}: {final['name']}", "",
+              f"Built by `jaxopt-llm pipeline run` in {len(stages)} stages; the model is `{m.get('model')}`. "
+              f"Labels: {', '.join(data['labels'])}. Test set: {data['test_examples']} texts held out of "
+              f"`{data['source']}` (majority class {data['majority_class_accuracy']:.4f}).", "",
+              "| stage | kind | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
+              "|---|---|" + "---:|" * len(COLUMNS)]
+    for r in stages:
+        lines.append(f"| {r['name']} | {r['kind']} | "
+                     + " | ".join(cell(r["metrics"].get(k), d) for k, _, d in COLUMNS) + " |")
+    lines += ["", "Robust accuracy: L-inf PGD on word embeddings, "
+              f"epsilon {pipeline.epsilon:g}, {pipeline.pgd_steps} steps. Latency on {_device()}.", ""]
+    return "\n".join(lines)
