@@ -200,6 +200,9 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
 def plan(pipeline: Pipeline, workdir: Path, *, from_: str | None = None, only: str | None = None,
          force: Sequence[str] = ()) -> list[dict]:
     """Per stage: name, kind, key, folder, action (skip | run | resume | rerun) and why."""
+    if "://" in str(workdir):
+        raise PipelineError(f"--workdir {workdir}: a pipeline folder must be local for now (its split, measurements "
+                            "and report use local files); run single stages in a bucket with their own commands.")
     stages = order(pipeline)
     names = ["data"] + [s.name for s in stages]
     for flag, value in (("--from", from_), ("--only", only), *(("--force", f) for f in force)):
