@@ -27,5 +27,7 @@ $(VENV)/.test: $(VENV)/.core
 run: setup
 	$(BIN)/jaxopt-llm pipeline run experiments/pipelines/tweets.py --workdir runs/tweets
 
+# two workers, each test file on one (its module fixtures are built once): compilation and process start-up
+# are mostly single-threaded, so two files at a time use both cores
 test: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile

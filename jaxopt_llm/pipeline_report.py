@@ -25,7 +25,13 @@ def cell(value, digits: int) -> str:
 
 
 def _bars(rows: list[dict], metric: str, title: str) -> str:
-    """A horizontal bar chart of one metric per stage, as inline SVG."""
+    """A horizontal bar chart of one metric per stage, as inline SVG (a <figure>)."""
+    svg = bar_chart(rows, metric, title)
+    return f"<figure>{svg}</figure>" if svg else ""
+
+
+def bar_chart(rows: list[dict], metric: str, title: str) -> str:
+    """A horizontal bar chart of one metric per stage: a standalone SVG document ('' without values)."""
     values = [(r["name"], r["metrics"].get(metric)) for r in rows]
     values = [(n, v) for n, v in values if isinstance(v, (int, float))]
     if not values:
@@ -39,9 +45,10 @@ def _bars(rows: list[dict], metric: str, title: str) -> str:
         bars.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{html.escape(name)}</text>'
                     f'<rect x="{left}" y="{y}" width="{w:.1f}" height="16" fill="#3b6ea8"></rect>'
                     f'<text x="{left + w + 4:.1f}" y="{y + 13}">{value:.4g}</text>')
-    return (f'<figure><svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
             f'aria-label="{html.escape(title)}" font-family="sans-serif" font-size="12">'
-            f'<text x="0" y="14" font-weight="bold">{html.escape(title)}</text>{"".join(bars)}</svg></figure>')
+            f'<rect width="100%" height="100%" fill="white"></rect>'
+            f'<text x="0" y="14" font-weight="bold">{html.escape(title)}</text>{"".join(bars)}</svg>')
 
 
 def write(pipeline, workdir: Path, rows: list[dict]) -> Path:
@@ -87,6 +94,11 @@ test set in batches of {pipeline.batch_size} on {html.escape(_device())}, after 
 """
     report = workdir / "report.html"
     write_text(report, page)
+    (workdir / "plots").mkdir(exist_ok=True)
+    for metric, title in PLOTS:  # the same charts as files, for READMEs and slides
+        svg = bar_chart(stages, metric, title)
+        if svg:
+            write_text(workdir / "plots" / f"{metric}.svg", svg)
     write_text(workdir / "model_card.md", model_card(pipeline, stages, data))
     return report
 

@@ -89,7 +89,7 @@ def finish(process, timeout=300):
 def test_sigkill_resume_is_bit_identical(setup, tmp_path):
     # log_every 7 does not divide checkpoint_every 10: a checkpoint falls inside a log interval, whose running
     # sums must travel with it for the first line logged after the resume to be the straight run's
-    items = overrides(setup, **{"train.steps": 120, "train.log_every": 7, "train.eval_every": 40,
+    items = overrides(setup, **{"train.steps": 60, "train.log_every": 7, "train.eval_every": 20,
                                 "train.checkpoint_every": 10, "train.learning_rate": 1e-4})
     straight = cli(tmp_path / "straight", items)  # side by side with the run that is killed
     killed = cli(tmp_path / "killed", items)
@@ -105,12 +105,12 @@ def test_sigkill_resume_is_bit_identical(setup, tmp_path):
     killed.wait()
     finish(straight)
     logged_before = len(records(tmp_path / "killed", "train"))
-    assert logged_before < 17
+    assert logged_before < 8
     finish(cli(tmp_path / "killed", items))
     run = json.loads((tmp_path / "killed" / "run.json").read_text())
     assert run["resumed_from"] is not None and run["resumed_from"] >= 10
     straight, resumed = records(tmp_path / "straight", "train"), records(tmp_path / "killed", "train")
-    assert [r["step"] for r in resumed] == [*range(7, 120, 7), 120]
+    assert [r["step"] for r in resumed] == [*range(7, 60, 7), 60]
     for a, b in zip(straight, resumed):
         assert a == b, a["step"]  # every logged value bit-identical
     assert records(tmp_path / "straight", "eval") == records(tmp_path / "killed", "eval")

@@ -1,0 +1,125 @@
+"""Serving throughput and latency: `jaxopt-llm serve ARTIFACT` over HTTP on 127.0.0.1 against a
+`transformers.pipeline("text-classification")` in PyTorch on the artifact's own HF export (ARTIFACT/hf), the
+same texts, the same machine, the same run. Needs torch (the test extra).
+
+    python experiments/serving_bench.py runs/tweets/deploy-*/artifact --texts runs/tweets/data-*/test.csv
+
+Each client sends one text per request, back to back (bounded load: at most `clients` requests in flight).
+The server micro-batches concurrent requests; the PyTorch side is called by the same number of client
+threads, one call at a time under a lock (a pipeline object is not thread-safe), batch size 1 per call --
+what a minimal PyTorch server does without a batching layer. Also: artifact size and the server's cold start
+(process start to first answer).
+"""
+
+import argparse
+import csv
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, text: str) -> None:
+    request = urllib.request.Request(url, json.dumps({"inputs": text}).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        response.read()
+
+
+def load(call, texts: list[str], clients: int) -> dict:
+    """`clients` threads share the texts; per-request latencies and the wall time."""
+    latencies, lock, next_index = [], threading.Lock(), [0]
+
+    def worker():
+        while True:
+            with lock:
+                i = next_index[0]
+                next_index[0] += 1
+            if i >= len(texts):
+                return
+            start = time.perf_counter()
+            call(texts[i])
+            latency = time.perf_counter() - start
+            with lock:
+                latencies.append(latency)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ms = np.asarray(latencies) * 1000
+    return {"clients": clients, "texts_per_s": len(texts) / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact")
+    parser.add_argument("--texts", required=True, help="csv with a text column")
+    parser.add_argument("--n", type=int, default=400)
+    parser.add_argument("--clients", default="1,8,32")
+    args = parser.parse_args()
+    with open(args.texts, newline="", encoding="utf-8") as f:
+        texts = [row["text"] for row in csv.DictReader(f)][:args.n]
+    artifact = Path(args.artifact)
+    size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file() and "hf" not in p.relative_to(artifact).parts)
+    port = free_port()
+    start = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", "serve", str(artifact), "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/predict"
+    try:
+        while True:
+            try:
+                post(url, texts[0])
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise SystemExit("the server exited; run `jaxopt-llm serve` by hand to see why")
+                time.sleep(0.2)
+        cold = time.perf_counter() - start
+        for n in (1, 8, 32):  # every batch bucket compiled before timing
+            load(lambda t: post(url, t), texts[:64], n)
+        ours = [load(lambda t: post(url, t), texts, int(c)) for c in args.clients.split(",")]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    import torch
+    import transformers
+
+    torch.set_num_threads(2)
+    pipe = transformers.pipeline("text-classification", model=str(artifact / "hf"), device="cpu")
+    lock = threading.Lock()
+
+    def torch_call(text):
+        with lock:
+            pipe(text, truncation=True, max_length=64)
+
+    load(torch_call, texts[:32], 1)
+    theirs = [load(torch_call, texts, int(c)) for c in args.clients.split(",")]
+    print(f"artifact {size / 1e6:.1f} MB without the HF copy; server cold start {cold:.1f} s (process start to "
+          f"first answer); {len(texts)} texts, one per request")
+    print(f"{'clients':>8} {'ours texts/s':>13} {'p50 ms':>8} {'p99 ms':>8}   {'PyTorch texts/s':>15} {'p50 ms':>8} "
+          f"{'p99 ms':>8}  ratio")
+    for a, b in zip(ours, theirs):
+        print(f"{a['clients']:>8} {a['texts_per_s']:>13.1f} {a['p50_ms']:>8.1f} {a['p99_ms']:>8.1f}   "
+              f"{b['texts_per_s']:>15.1f} {b['p50_ms']:>8.1f} {b['p99_ms']:>8.1f}  {a['texts_per_s'] / b['texts_per_s']:.2f}x")
+    print(json.dumps({"artifact_bytes": size, "cold_start_s": cold, "ours": ours, "pytorch": theirs}))
+
+
+if __name__ == "__main__":
+    main()
