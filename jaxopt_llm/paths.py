@@ -58,6 +58,9 @@ def write_text(path: Any, text: str) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make every record private
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
