@@ -88,6 +88,7 @@ class TrainConfig:
 class ParallelConfig:
     backend: str = "jit"  # jit | pmap
     fsdp: bool = False  # jit only: shard parameters over the data axis
+    devices: int | None = None  # one process: train on its first N devices; None: every device
 
 
 @dataclasses.dataclass(frozen=True)

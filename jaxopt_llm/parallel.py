@@ -71,7 +71,8 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 def compile_count() -> int:
-    """XLA compilations in this process so far (a test asserts a step compiles once)."""
+    """XLA compilations in this process so far, a program loaded from the persistent cache included (JAX
+    records the same event for both): a test asserts a step compiles once."""
     return _compiles[0]
 
 
@@ -91,12 +92,25 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def _chosen_devices(count: int | None) -> list:
+    devices = jax.devices()
+    if count is None:
+        return devices
+    if jax.process_count() > 1:
+        raise ValueError(f"parallel.devices={count} picks devices of one process; with {jax.process_count()} "
+                         "processes every device takes part: leave parallel.devices unset.")
+    if not 1 <= count <= len(devices):
+        raise ValueError(f"parallel.devices={count}: this machine has {len(devices)} devices; use 1 to "
+                         f"{len(devices)}, or leave it unset for all.")
+    return devices[:count]
+
+
 class Parallel:
     """Placement of states and batches, and compilation of steps, for one backend."""
 
     def __init__(self, cfg: ParallelConfig, devices: list | None = None, members: int | None = None):
         self.cfg = cfg
-        self.devices = list(devices) if devices is not None else jax.devices()
+        self.devices = list(devices) if devices is not None else _chosen_devices(cfg.devices)
         self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
         self.local_count = len([d for d in self.devices if d.process_index == jax.process_index()])
         self.pmap = cfg.backend == "pmap"
@@ -104,6 +118,11 @@ class Parallel:
         self.members = members
         if members and self.pmap:
             raise ValueError("an ensemble (a leading member axis) runs under parallel.backend=jit, not pmap.")
+
+    @property
+    def _pmap_devices(self) -> list | None:
+        """pmap's own default is every device; a subset must be named."""
+        return None if len(self.devices) == jax.device_count() else self.devices
 
     def for_members(self, members: int | None) -> Parallel:
         """The same placement for states and batches with a leading member axis of `members`."""
@@ -173,7 +192,7 @@ class Parallel:
         """`step(state, batch, key_data, aux) -> (state, metrics)`; the state argument is donated.
         `aux` (e.g. teachers' params; placed with `put_state`) is never donated."""
         if self.pmap:
-            return jax.pmap(_with_axis(train_step), axis_name=AXIS, donate_argnums=0)
+            return jax.pmap(_with_axis(train_step), axis_name=AXIS, donate_argnums=0, devices=self._pmap_devices)
         shardings = self.state_shardings(state)
         return jax.jit(train_step, in_shardings=(shardings, None, None, self.state_shardings(aux)),
                        out_shardings=(shardings, None), donate_argnums=0)
@@ -181,5 +200,5 @@ class Parallel:
     def compile_eval(self, eval_step: Callable) -> Callable:
         """`eval(params, batch, aux) -> metrics`."""
         if self.pmap:
-            return jax.pmap(_with_axis(eval_step), axis_name=AXIS)
+            return jax.pmap(_with_axis(eval_step), axis_name=AXIS, devices=self._pmap_devices)
         return jax.jit(eval_step)

@@ -81,8 +81,9 @@ figure{{display:inline-block;margin:0 1em 1em 0}}</style></head>
 <body><h1>{html.escape(pipeline.name)}</h1>
 <p>Every stage is measured on the same {data['test_examples']} held-out test texts of {html.escape(data['source'])}
 (majority class: {data['majority_class_accuracy']:.4f}); robust accuracy is accuracy under an L-inf PGD attack of
-{pipeline.pgd_steps} steps on the word embeddings at &epsilon; = {pipeline.epsilon:g}; latency is the mean over the
-test set in batches of {pipeline.batch_size} on {html.escape(_device())}, after compilation.</p>
+{pipeline.pgd_steps} steps on the word embeddings at &epsilon; = {pipeline.epsilon:g}{_robust_on(pipeline, data)}; latency is
+the mean per text over the first {4 * pipeline.batch_size} test texts in batches of {pipeline.batch_size} on
+{html.escape(_device())}, after compilation.</p>
 <table id="stages"><thead><tr><th>stage</th><th>kind</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <ul>{notes}</ul>
 {plots}
@@ -101,6 +102,13 @@ test set in batches of {pipeline.batch_size} on {html.escape(_device())}, after 
             write_text(workdir / "plots" / f"{metric}.svg", svg)
     write_text(workdir / "model_card.md", model_card(pipeline, stages, data))
     return report
+
+
+def _robust_on(pipeline, data: dict | None = None) -> str:
+    if pipeline.robust_examples is None:
+        return ""
+    of = f" of the {data['test_examples']}" if data else ""
+    return f", on the first {pipeline.robust_examples}{of} test texts"
 
 
 def _device() -> str:
@@ -136,5 +144,5 @@ def model_card(pipeline, stages: list[dict], data: dict) -> str:
         lines.append(f"| {r['name']} | {r['kind']} | "
                      + " | ".join(cell(r["metrics"].get(k), d) for k, _, d in COLUMNS) + " |")
     lines += ["", "Robust accuracy: L-inf PGD on word embeddings, "
-              f"epsilon {pipeline.epsilon:g}, {pipeline.pgd_steps} steps. Latency on {_device()}.", ""]
+              f"epsilon {pipeline.epsilon:g}, {pipeline.pgd_steps} steps{_robust_on(pipeline)}. Latency on {_device()}.", ""]
     return "\n".join(lines)

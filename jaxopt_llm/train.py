@@ -233,7 +233,7 @@ def _fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainCon
             session["config"] = (record or {}).get("config")  # the original settings, kept for good
         write_json(run.record_file, {**earlier, **(record or {}), "versions": _versions(),
                                      "git_revision": _git_revision(), "device_kind": jax.devices()[0].device_kind,
-                                     "device_count": jax.device_count(), "process_count": jax.process_count(),
+                                     "device_count": len(parallel.devices), "process_count": jax.process_count(),
                                      "command": sys.argv, "label_names": data.label_names,
                                      "resumed_from": resume_step, "data": [str(r) for r in data.reports],
                                      "baseline": baseline, "history": earlier.get("history", []) + [session]})

@@ -25,7 +25,7 @@ def get_pipeline() -> Pipeline:
                   "worst flight ever, they lost my bag again",
                   "flight 1234 departs at 6pm from gate 12",
                   "not bad at all, better than I expected"),
-        epsilon=0.005, pgd_steps=5, max_length=64, batch_size=32,
+        epsilon=0.005, pgd_steps=5, robust_examples=200, max_length=64, batch_size=32,
         stages=(
             Stage("pretrain", "pretrain", config="experiments/configs/tweets_mlm_tiny.py", model=PACKAGED_MINILM,
                   overrides={**COMMON, "train.steps": 80, "train.warmup_steps": 10, "data.eval_fraction": 0.05,

@@ -5,6 +5,7 @@ Every Hugging Face key name lives in `_TABLE` below and nowhere else in the pack
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -13,8 +14,9 @@ import tempfile
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -204,6 +206,17 @@ def _read_torch(file: Path) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------- loading
 
 
+@functools.lru_cache(maxsize=8)
+def _fresh_init(config: BertConfig, task: str, names: tuple[str, ...]) -> Callable:
+    """seed -> the freshly initialised tensors `names` of a model, as one compiled program (XLA drops the
+    initialisers of every other tensor; eager, each initialiser op would compile on its own)."""
+    def init(seed):
+        flat = _flat(nnx.state(Bert(config, task, rngs=nnx.Rngs(jax.random.key(seed)))))  # = Rngs(seed)
+        return {name: flat[name][...] for name in names}
+
+    return jax.jit(init)
+
+
 def _flat(state: nnx.State) -> dict[str, Any]:
     return {".".join(map(str, path)): leaf for path, leaf in nnx.to_flat_state(state)}
 
@@ -299,7 +312,7 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_
     if missing:
         warnings.warn(f"{str(name_or_path)!r} has no weights for {sorted(missing)}; they are freshly "
                       f"initialised (seed={seed}). Train them before use.", CheckpointWarning, stacklevel=2)
-        fresh = _flat(nnx.state(Bert(unrolled, task, rngs=nnx.Rngs(seed))))
+        fresh = _fresh_init(unrolled, task, tuple(sorted(missing)))(seed)
     if unused:
         warnings.warn(f"{len(unused)} tensor(s) in {str(name_or_path)!r} are not used by task={task!r}: "
                       f"{sorted(unused)}", CheckpointWarning, stacklevel=2)
