@@ -9,7 +9,11 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="jaxopt-llm-hf-home-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # XLA's cheaper optimisation level halves compile time; every comparison runs both sides under it
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-os.environ["JAXOPT_LLM_COMPILE_CACHE"] = "0"  # hermetic: every test compiles what it counts
+# A persistent compilation cache of this test process only (new and empty, shared with the commands its tests
+# start): runs of the same tiny config, in-process or not, compile it once. Counts stay exact: a program
+# loaded from the cache counts as compiled (parallel.compile_count).
+os.environ["JAXOPT_LLM_COMPILE_CACHE"] = "1"
+os.environ["JAXOPT_LLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxopt-llm-xla-cache-")
 
 import csv  # noqa: E402
 import json  # noqa: E402
@@ -20,6 +24,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
+from jaxopt_llm.cli import compile_cache  # noqa: E402
+
+compile_cache()
 
 # Distinct sizes so that a swapped axis fails loudly: vocab 101, hidden 24, 3 heads of 8, FFN 40, 2 layers.
 TINY = dict(vocab_size=101, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
@@ -172,12 +179,15 @@ def setup(tmp_path_factory):
     return root
 
 
-def overrides(setup, **extra):
-    """key=value overrides of a tiny fine-tune on the `setup` model and tweets; `extra` adds or replaces."""
+def overrides(setup, devices=1, **extra):
+    """key=value overrides of a tiny fine-tune on the `setup` model and tweets; `extra` adds or replaces.
+    One device unless `devices` says otherwise (None: all 8): the steps' agreement across devices is
+    tests/test_steps.py's subject, and a run over 8 fake devices on 2 cores costs twice the time."""
     items = {"model.name_or_path": setup / "model", "data.train_file": setup / "tweets.csv",
              "data.label_column": "sentiment", "data.max_length": 32, "data.eval_fraction": 0.25,
              "train.batch_size": 8, "train.learning_rate": 1e-3, "train.warmup_steps": 0, "train.progress": False,
-             "train.steps": 6, "train.log_every": 2, "train.eval_every": 3, "train.checkpoint_every": 3, **extra}
+             "train.steps": 6, "train.log_every": 2, "train.eval_every": 3, "train.checkpoint_every": 3,
+             **({"parallel.devices": devices} if devices else {}), **extra}
     return [f"{k}={v}" for k, v in items.items()]
 
 
@@ -187,3 +197,18 @@ def records(workdir, split):
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
+
+
+# Longest files first: `-n 2 --dist loadfile` hands whole files to the two workers in collection order, and a
+# long file collected last (alphabetically test_train.py) would run alone at the end while the other worker
+# idles. Order within a file is kept (module fixtures).
+LONGEST_FIRST = ("test_train.py", "test_pipeline.py", "test_cloud.py", "test_steps.py", "test_adversarial.py",
+                 "test_ensemble.py", "test_prompt.py", "test_reliability.py", "test_distill.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)

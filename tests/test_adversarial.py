@@ -54,8 +54,8 @@ def test_inner_loop_stays_in_ball_zero_on_padding_and_ascends(dirs, norm, init):
     assert (norms[-1] > 0.5 * eps).all()  # and it does move
     delta = np.asarray(found.delta)
     assert (delta[batch["attention_mask"] == 0] == 0).all()
-    clean = float(objective(params, jnp.zeros_like(found.delta)))
-    assert float(objective(params, found.delta)) > clean + 0.05
+    clean = float(jax.jit(objective)(params, jnp.zeros_like(found.delta)))
+    assert float(jax.jit(objective)(params, found.delta)) > clean + 0.05
 
 
 def test_inner_loop_sends_no_gradient_to_params(dirs):
@@ -63,8 +63,8 @@ def test_inner_loop_sends_no_gradient_to_params(dirs):
     batch = make_batch()
     adv = A.Adversary(norm="l2", epsilon=0.3, inner_steps=2)
     objective = loss_objective(graphdef, batch)
-    grads = jax.grad(lambda p: jnp.sum(A.attack(objective, p, (16, 12, 24), batch["attention_mask"], adv,
-                                                jax.random.key(0)).delta ** 2))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(A.attack(objective, p, (16, 12, 24), batch["attention_mask"], adv,
+                                                        jax.random.key(0)).delta ** 2)))(params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
@@ -78,11 +78,16 @@ def test_outer_update_is_the_gradient_at_the_found_perturbation(dirs):
     key = jax.random.key(7)
     new, metrics = jax.jit(step)(state, batch, key)
     # the reference: find delta with the same key stream, then plain SGD on L(embed + delta) with delta fixed
-    sk = jax.random.fold_in(key, 0)
-    found = A.attack(loss_objective(graphdef, batch), params, (16, 12, 24), batch["attention_mask"], adv,
-                     jax.random.fold_in(sk, 1))
-    grads = jax.grad(loss_objective(graphdef, batch))(params, found.delta)
-    expected = optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
+    # (one jitted program: eager, every primitive of the backward pass would compile on its own)
+    @jax.jit
+    def reference(params):
+        sk = jax.random.fold_in(key, 0)
+        found = A.attack(loss_objective(graphdef, batch), params, (16, 12, 24), batch["attention_mask"], adv,
+                         jax.random.fold_in(sk, 1))
+        grads = jax.grad(loss_objective(graphdef, batch))(params, found.delta)
+        return optax.apply_updates(params, tx.update(grads, tx.init(params))[0])
+
+    expected = reference(params)
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, atol=1e-6)
     means = mean_metrics(metrics)
@@ -139,19 +144,23 @@ def test_freelb_equals_a_hand_written_loop(dirs):
     def loss(p, delta):
         return reference_ce(reference_logits(graphdef, p, batch, delta), batch["labels"])
 
-    delta = jnp.zeros((16, 12, 24))
-    grads = jax.tree.map(lambda g: w * g, jax.grad(loss)(params, delta))
-    values = []
-    for _ in range(k):  # FreeLB: parameter gradients of every ascent step, averaged
-        value, (g_params, g_delta) = jax.value_and_grad(loss, argnums=(0, 1))(params, delta)
-        grads = jax.tree.map(lambda a, g: a + g / k, grads, g_params)
-        values.append(float(value))
-        delta = linf_step(delta, g_delta, 2.5 * eps / k, eps, batch["attention_mask"])
-    expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    @jax.jit  # the loop unrolled into one program
+    def reference(params):
+        delta = jnp.zeros((16, 12, 24))
+        grads = jax.tree.map(lambda g: w * g, jax.grad(loss)(params, delta))
+        values = []
+        for _ in range(k):  # FreeLB: parameter gradients of every ascent step, averaged
+            value, (g_params, g_delta) = jax.value_and_grad(loss, argnums=(0, 1))(params, delta)
+            grads = jax.tree.map(lambda a, g: a + g / k, grads, g_params)
+            values.append(value)
+            delta = linf_step(delta, g_delta, 2.5 * eps / k, eps, batch["attention_mask"])
+        expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+        return expected, jnp.stack(values), loss(params, jnp.zeros((16, 12, 24)))
+
+    expected, values, clean_loss = reference(params)
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, atol=2e-6)
-    clean_loss = float(loss(params, jnp.zeros((16, 12, 24))))
-    assert mean_metrics(metrics)["loss"] == pytest.approx(w * clean_loss + np.mean(values), rel=1e-5)
+    assert mean_metrics(metrics)["loss"] == pytest.approx(w * float(clean_loss) + float(np.mean(values)), rel=1e-5)
 
 
 def test_smart_equals_a_hand_written_loop(dirs):
@@ -163,22 +172,26 @@ def test_smart_equals_a_hand_written_loop(dirs):
     key = jax.random.key(4)
     new, metrics = jax.jit(A.make_train_step(graphdef, tx, adv, CLS))(state_lib.create(params, tx), batch, key)
 
-    # delta starts uniform in the L-inf ball on real tokens, from fold_in(step key, 1); step 0
-    start_key = jax.random.fold_in(jax.random.fold_in(key, 0), 1)
-    delta = jax.random.uniform(start_key, (16, 12, 24), minval=-1.0, maxval=1.0) * eps
-    delta = delta * batch["attention_mask"][..., None]
-    clean = jax.lax.stop_gradient(reference_logits(graphdef, params, batch, 0.0))
-    for _ in range(k):  # ascend the symmetric KL to the clean prediction, parameters fixed
-        g = jax.grad(lambda d: jnp.sum(reference_sym_kl(clean, reference_logits(graphdef, params, batch, d))))(delta)
-        delta = linf_step(delta, g, 2.5 * eps / k, eps, batch["attention_mask"])
+    @jax.jit  # the loop unrolled into one program
+    def reference(params):
+        # delta starts uniform in the L-inf ball on real tokens, from fold_in(step key, 1); step 0
+        start_key = jax.random.fold_in(jax.random.fold_in(key, 0), 1)
+        delta = jax.random.uniform(start_key, (16, 12, 24), minval=-1.0, maxval=1.0) * eps
+        delta = delta * batch["attention_mask"][..., None]
+        clean = jax.lax.stop_gradient(reference_logits(graphdef, params, batch, 0.0))
+        for _ in range(k):  # ascend the symmetric KL to the clean prediction, parameters fixed
+            g = jax.grad(lambda d: jnp.sum(reference_sym_kl(clean, reference_logits(graphdef, params, batch, d))))(delta)
+            delta = linf_step(delta, g, 2.5 * eps / k, eps, batch["attention_mask"])
 
-    def loss(p):
-        c = reference_logits(graphdef, p, batch, 0.0)
-        a = reference_logits(graphdef, p, batch, delta)
-        return reference_ce(c, batch["labels"]) + lam * jnp.mean(reference_sym_kl(c, a))
+        def loss(p):
+            c = reference_logits(graphdef, p, batch, 0.0)
+            a = reference_logits(graphdef, p, batch, delta)
+            return reference_ce(c, batch["labels"]) + lam * jnp.mean(reference_sym_kl(c, a))
 
-    value, grads = jax.value_and_grad(loss)(params)
-    expected = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+        value, grads = jax.value_and_grad(loss)(params)
+        return value, jax.tree.map(lambda p, g: p - lr * g, params, grads)
+
+    value, expected = reference(params)
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, atol=2e-6)
     assert mean_metrics(metrics)["loss"] == pytest.approx(float(value), rel=1e-5)

@@ -1,6 +1,6 @@
 """Cloud workdirs on a local GCS emulator (started and stopped here): a run in gs:// writes everything to the
 bucket and nothing locally, survives SIGKILL and SIGTERM (preemption) with exact resume, predicts from the
-bucket, and two jax.distributed processes share one checkpoint in it."""
+bucket, and two jax.distributed processes train as one process does and share one checkpoint in it."""
 
 import json
 import os
@@ -77,7 +77,8 @@ def steps(prefix: str) -> list[int]:
 
 def cli(args, cwd, env=None):
     return subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", *args], cwd=cwd,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                            env={**os.environ, "PYTHONPATH": str(ROOT),
+                                 **(env or {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -118,7 +119,9 @@ def metrics(text: str) -> list[dict]:
 
 
 def test_a_run_in_a_bucket_lands_there_survives_sigkill_and_sigterm_and_resumes_exactly(emulator, setup, tmp_path):
-    items = overrides(setup, **{"train.steps": 12, "train.log_every": 1, "train.eval_every": 6,
+    # log_every 4 divides neither checkpoint (6, and 7 on SIGTERM): the log interval's running sums must travel
+    # with the checkpoint for the first line logged after each resume to be the straight run's
+    items = overrides(setup, **{"train.steps": 12, "train.log_every": 4, "train.eval_every": 6,
                                 "train.checkpoint_every": 6, "train.learning_rate": 1e-4,
                                 # the emulator has no batch delete, which gcsfs uses to drop old checkpoints
                                 "train.keep_checkpoints": 5})
@@ -150,14 +153,16 @@ def test_a_run_in_a_bucket_lands_there_survives_sigkill_and_sigterm_and_resumes_
     assert "run/model/model.safetensors" in objects("run/model/") and objects("run/tensorboard/")
     record = json.loads(read("run/run.json"))
     assert [h["event"] for h in record["history"]] == ["start", "resume", "resume"]
-    assert metrics(read("run/metrics.jsonl")) == metrics((tmp_path / "straight" / "metrics.jsonl").read_text())
+    logged = metrics(read("run/metrics.jsonl"))
+    assert [r["step"] for r in logged if r["split"] == "train"] == [4, 8, 12]
+    assert logged == metrics((tmp_path / "straight" / "metrics.jsonl").read_text())  # every value bit-identical
     out, _ = finish(cli(["predict", "classify", "--model", run, "good flight"], cwd))
     local, _ = finish(cli(["predict", "classify", "--model", str(tmp_path / "straight"), "good flight"], cwd))
     assert json.loads(out)["scores"] == pytest.approx(json.loads(local)["scores"], abs=1e-6)
 
 
-def test_two_processes_share_one_checkpoint_in_the_bucket(emulator, setup, tmp_path):
-    items = overrides(setup, **{"train.steps": 3, "train.log_every": 1, "train.checkpoint_every": 3})
+def test_two_processes_equal_one_and_share_one_checkpoint_in_the_bucket(emulator, setup, tmp_path):
+    items = overrides(setup, devices=None, **{"train.steps": 3, "train.log_every": 1, "train.checkpoint_every": 3})
     port = 21000 + os.getpid() % 20000
     run = f"gs://{BUCKET}/two"
 
@@ -169,7 +174,21 @@ def test_two_processes_share_one_checkpoint_in_the_bucket(emulator, setup, tmp_p
         for p in procs:
             finish(p)
 
+    # the reference: one process with the same 4 devices, on local disk
+    single = cli(["finetune", "--workdir", str(tmp_path / "one"), *items], tmp_path,
+                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     pair([])
+    finish(single)
+    record = json.loads(read("two/run.json"))
+    assert record["process_count"] == 2 and record["device_count"] == 4
+    one = metrics((tmp_path / "one" / "metrics.jsonl").read_text())
+    both = metrics(read("two/metrics.jsonl"))
+    train_one, train_both = [r for r in one if r["split"] == "train"], [r for r in both if r["split"] == "train"]
+    assert len(train_one) == len(train_both) == 3
+    for a, b in zip(train_one, train_both):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6, rel=0)
+    e1, e2 = [r for r in one if r["split"] == "eval"][-1], [r for r in both if r["split"] == "eval"][-1]
+    assert e1["accuracy"] == e2["accuracy"] and e2["loss"] == pytest.approx(e1["loss"], abs=1e-6, rel=0)
     assert steps("two/checkpoints/") == [3]
     pair(["train.steps=4"])  # both processes restore the bucket's checkpoint and go on
     record = json.loads(read("two/run.json"))

@@ -29,6 +29,7 @@ def get_pipeline():
     return Pipeline(
         name="tiny", data=Split(source={source!r}, label_column="sentiment", test_size=24, dev_size=16),
         examples=("I love this airline", "worst flight ever, lost my bag"), epsilon=0.01, pgd_steps=2,
+        robust_examples=16,
         max_length=32, batch_size=8,
         stages=(
             Stage("pretrain", "pretrain", model={model!r}, overrides={{**TRAIN, "train.steps": 2}}),
@@ -39,8 +40,8 @@ def get_pipeline():
             Stage("deploy", "export", model="@calibrated"),
         ))
 '''
-TRAIN = {"data.max_length": 32, "data.eval_fraction": 0.25, "train.batch_size": 8, "train.learning_rate": 1e-3,
-         "train.warmup_steps": 0, "train.progress": False, "train.log_every": 2, "train.eval_every": 4,
+TRAIN = {"parallel.devices": 1, "data.max_length": 32, "data.eval_fraction": 0.25, "train.batch_size": 8,
+         "train.learning_rate": 1e-3, "train.warmup_steps": 0, "train.progress": False, "train.log_every": 2, "train.eval_every": 4,
          "train.checkpoint_every": 2, "train.keep_checkpoints": 5}
 
 
@@ -57,7 +58,8 @@ def ran(setup, tmp_path_factory):
     file = write_pipeline(setup, root / "tiny.py")
     workdir = root / "work"
     process = subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", "pipeline", "run", str(file), "--workdir",
-                                str(workdir)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                str(workdir)], env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                    "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
@@ -97,7 +99,9 @@ def test_every_stage_predicts_on_the_same_test_set(ran, setup):
         assert m["nll"] == pytest.approx(nll, abs=1e-4)
         assert m["parameters"] > 0 and m["latency_ms"] > 0 and len(m["examples"]) == 2
     robust = json.loads((ran["rows"]["robust"]["folder"] / "metrics.json").read_text())
-    assert 0 <= robust["robust_accuracy"] <= robust["accuracy"] + 1e-6  # float32 mean vs float64
+    rows = [json.loads(line) for line in (ran["rows"]["robust"]["folder"] / "predictions.jsonl").read_text().splitlines()]
+    clean_16 = np.mean([r["predicted"] == r["label"] for r in rows[:16]])  # the attacked texts, unattacked
+    assert robust["robust_examples"] == 16 and 0 <= robust["robust_accuracy"] <= clean_16 + 1e-6
     # the artifact serves what the calibrated run predicts (temperature included)
     calibrated = [json.loads(x)["scores"] for x in (ran["rows"]["calibrated"]["folder"] / "predictions.jsonl")
                   .read_text().splitlines()]

@@ -213,7 +213,9 @@ def test_bench_runs_both_sides_on_a_tiny_config():
 
     c = bench.BenchConfig(layers=2, hidden=32, heads=2, ffn=64, vocab=500, batch=4, seq=16, steps=1, warmup=1,
                           max_predictions=3, student_layers=1)
-    rows = bench.run(c, ("classify", "mlm", "adversarial", "distill", "ensemble"))
-    assert [r["row"] for r in rows] == ["train step: classify", "train step: mlm", "adversarial PGD K=1",
-                                        "distill 2->1 layers", "ensemble: one vmapped 5-member step"]
+    # each kind of row once: against PyTorch, against a budget of our parts, against N of our steps (the MLM
+    # and adversarial rows are these rows' code with another task)
+    rows = bench.run(c, ("classify", "distill", "ensemble"))
+    assert [r["row"] for r in rows] == ["train step: classify", "distill 2->1 layers",
+                                        "ensemble: one vmapped 5-member step"]
     assert all(r["ours"] > 0 and r["reference"] > 0 for r in rows)
