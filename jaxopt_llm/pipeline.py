@@ -34,6 +34,7 @@ from jaxopt_llm.paths import write_text
 from jaxopt_llm.runs import write_json
 
 KEY_VERSION = 1
+TIMED_BATCHES = 4  # latency: the mean per text over this many batches of the test split, after compilation
 OTHER_KINDS = ("calibrate", "label", "export")
 DONE = "done.json"
 
@@ -465,7 +466,7 @@ def measure(pipeline: Pipeline, kind: str, model: str, data: Path, folder: Path)
     if info.get("masked_lm"):
         return _measure_mlm(pipeline, info, folder)
     probs = predict(texts)  # compiles every batch shape the timed pass meets
-    timed = texts[:4 * pipeline.batch_size]
+    timed = texts[:TIMED_BATCHES * pipeline.batch_size]
     start = time.perf_counter()
     predict(timed)
     latency = (time.perf_counter() - start) / len(timed) * 1000
@@ -478,12 +479,11 @@ def measure(pipeline: Pipeline, kind: str, model: str, data: Path, folder: Path)
     confusion = np.zeros((len(names), len(names)))
     np.add.at(confusion, (labels, probs_.argmax(-1)), 1)
     info["split_names"] = names
-    robust = _robust(info, texts, labels, pipeline) if info.get("bert") is not None else None
+    robust, robust_n = _robust(info, texts, labels, pipeline) if info.get("bert") is not None else (None, None)
     examples = predict(list(pipeline.examples)) if pipeline.examples else np.zeros((0, len(names)))
-    robust_n = len(texts) if pipeline.robust_examples is None else min(pipeline.robust_examples, len(texts))
     metrics = {**m, "f1": macro_f1(confusion), "robust_accuracy": robust, "robust_examples": robust_n,
-               "epsilon": pipeline.epsilon,
-               "latency_ms": latency, "parameters": info["parameters"], "test_examples": len(texts),
+               "epsilon": pipeline.epsilon, "latency_ms": latency, "parameters": info["parameters"],
+               "test_examples": len(texts),
                "model": model, "temperature": info.get("temperature", 1.0), "note": info.get("note"),
                "examples": [{"text": t, "label": info["labels"][int(p.argmax())], "score": float(p.max())}
                             for t, p in zip(pipeline.examples, examples)]}
@@ -527,7 +527,8 @@ def _predict_fn(kind: str, model: str, pipeline: Pipeline):
     return (lambda texts: np.asarray([r["scores"] for r in predictor.classify(list(texts))])), info
 
 
-def _robust(info: dict, texts: list[str], labels: np.ndarray, pipeline: Pipeline) -> float:
+def _robust(info: dict, texts: list[str], labels: np.ndarray, pipeline: Pipeline) -> tuple[float, int]:
+    """Accuracy under the pipeline's PGD attack on its first `robust_examples` test texts, and their count."""
     from jaxopt_llm import robustness
     from jaxopt_llm.data.batches import tokenize
 
@@ -539,7 +540,7 @@ def _robust(info: dict, texts: list[str], labels: np.ndarray, pipeline: Pipeline
     arrays["labels"] = np.asarray([names.index(split_names[y]) for y in labels], np.int32)  # the model's order
     rows = robustness.robust_accuracy(info["bert"], arrays, [pipeline.epsilon], steps=pipeline.pgd_steps,
                                       batch_size=pipeline.batch_size)
-    return float(rows[0]["accuracy"])
+    return float(rows[0]["accuracy"]), n
 
 
 def _measure_mlm(pipeline: Pipeline, info: dict, folder: Path) -> dict:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from jaxopt_llm.paths import write_text
+from jaxopt_llm.pipeline import TIMED_BATCHES
 
 COLUMNS = (("accuracy", "accuracy", 4), ("f1", "macro-F1", 4), ("nll", "NLL", 4), ("ece", "ECE", 4),
            ("robust_accuracy", "robust acc.", 4), ("mlm_accuracy", "MLM acc.", 4), ("latency_ms", "ms / text", 2),
@@ -82,7 +83,7 @@ figure{{display:inline-block;margin:0 1em 1em 0}}</style></head>
 <p>Every stage is measured on the same {data['test_examples']} held-out test texts of {html.escape(data['source'])}
 (majority class: {data['majority_class_accuracy']:.4f}); robust accuracy is accuracy under an L-inf PGD attack of
 {pipeline.pgd_steps} steps on the word embeddings at &epsilon; = {pipeline.epsilon:g}{_robust_on(pipeline, data)}; latency is
-the mean per text over the first {4 * pipeline.batch_size} test texts in batches of {pipeline.batch_size} on
+the mean per text over the first {TIMED_BATCHES * pipeline.batch_size} test texts in batches of {pipeline.batch_size} on
 {html.escape(_device())}, after compilation.</p>
 <table id="stages"><thead><tr><th>stage</th><th>kind</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <ul>{notes}</ul>

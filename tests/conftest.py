@@ -197,8 +197,6 @@ def records(workdir, split):
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
-
-
 # Longest files first: `-n 2 --dist loadfile` hands whole files to the two workers in collection order, and a
 # long file collected last (alphabetically test_train.py) would run alone at the end while the other worker
 # idles. Order within a file is kept (module fixtures).

@@ -41,8 +41,8 @@ def get_pipeline():
         ))
 '''
 TRAIN = {"parallel.devices": 1, "data.max_length": 32, "data.eval_fraction": 0.25, "train.batch_size": 8,
-         "train.learning_rate": 1e-3, "train.warmup_steps": 0, "train.progress": False, "train.log_every": 2, "train.eval_every": 4,
-         "train.checkpoint_every": 2, "train.keep_checkpoints": 5}
+         "train.learning_rate": 1e-3, "train.warmup_steps": 0, "train.progress": False, "train.log_every": 2,
+         "train.eval_every": 4, "train.checkpoint_every": 2, "train.keep_checkpoints": 5}
 
 
 def write_pipeline(setup, file, epsilon=0.01):
@@ -99,7 +99,7 @@ def test_every_stage_predicts_on_the_same_test_set(ran, setup):
         assert m["nll"] == pytest.approx(nll, abs=1e-4)
         assert m["parameters"] > 0 and m["latency_ms"] > 0 and len(m["examples"]) == 2
     robust = json.loads((ran["rows"]["robust"]["folder"] / "metrics.json").read_text())
-    rows = [json.loads(line) for line in (ran["rows"]["robust"]["folder"] / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (ran["rows"]["robust"]["folder"] / "predictions.jsonl").read_text().splitlines()]
     clean_16 = np.mean([r["predicted"] == r["label"] for r in rows[:16]])  # the attacked texts, unattacked
     assert robust["robust_examples"] == 16 and 0 <= robust["robust_accuracy"] <= clean_16 + 1e-6
     # the artifact serves what the calibrated run predicts (temperature included)
