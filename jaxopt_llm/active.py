@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopt_llm import paths
 from jaxopt_llm.runs import write_json
 
 STRATEGIES = ("random", "least-confidence", "entropy", "breaking-ties", "bald", "kmeans", "coreset", "prompt",
@@ -197,7 +198,7 @@ def read_pool(file: str | Path, text_column: str = "text", id_column: str = "id"
     """Rows {"id", "text", ...} of a CSV / JSON-lines pool; ids default to the row number."""
     from jaxopt_llm.data.sources import _read_file
 
-    path = Path(file)
+    path = paths.Path(file)
     if not path.is_file():
         raise LabelError(f"pool file {str(file)!r} does not exist.")
     rows = _read_file(path, "utf-8")
@@ -223,7 +224,7 @@ def write_items(items: list[dict], out: str | Path, fmt: str, labels: Sequence[s
     model's prediction as pre-annotation); written to a temporary name, then renamed."""
     if fmt not in FORMATS:
         raise LabelError(f"--format {fmt!r}: use one of {FORMATS}.")
-    path = Path(out)
+    path = paths.Path(out)
     if fmt == "labelstudio":
         tasks = []
         for i, item in enumerate(items):
@@ -245,15 +246,13 @@ def write_items(items: list[dict], out: str | Path, fmt: str, labels: Sequence[s
             writer.writerow({"id": it["id"], "text": it["text"], "prediction": it.get("prediction") or "",
                              "score": "" if it.get("score") is None else f"{it['score']:.4f}", "label": ""})
         text = buffer.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    paths.write_text(path, text)
 
 
 def read_answers(file: str | Path) -> dict[str, str | None]:
     """{pool id: label, or None when the item was skipped} from a labelled CSV, JSON-lines or Label Studio
     export. Label Studio: the last annotation that was not cancelled; none -> skipped."""
-    path = Path(file)
+    path = paths.Path(file)
     if not path.is_file():
         raise LabelError(f"label file {str(file)!r} does not exist.")
     text = path.read_text(encoding="utf-8-sig")
@@ -293,7 +292,7 @@ class Rounds:
             raise LabelError(f"--strategy {strategy!r}: use one of {STRATEGIES}.")
         if len(set(labels)) != len(labels) or len(labels) < 2:
             raise LabelError(f"--labels {list(labels)}: give at least two distinct label names.")
-        rounds = cls(Path(path))
+        rounds = cls(paths.Path(path))
         if rounds.state_file.is_file():
             state = rounds.state()
             if state["pool"] != str(pool) or state["labels"] != list(labels):
@@ -405,9 +404,8 @@ class Rounds:
             elif rid not in records:
                 added += 1
             records[rid] = {"id": rid, "text": pool[rid]["text"], "label": label, "round": k}
-        tmp = self.labelled_file.with_name(".labelled.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()))
-        tmp.replace(self.labelled_file)
+        paths.write_text(self.labelled_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                     for r in records.values()))
         if self.queries(k) is not None:
             write_json(self.path / "queries" / f"{k}.done", {"added": added, "replaced": replaced, "skipped": skipped})
         return {"round": k, "added": added, "replaced": replaced, "skipped": skipped, "labelled": len(records)}
@@ -436,7 +434,9 @@ class Rounds:
         seconds = time.perf_counter() - start
         predictor_texts = [row["text"] for row in read_pool(state["pool"])]
         probs = pool_outputs("entropy", str(self.model(k)), predictor_texts)["probs"]
-        np.save(self.model(k) / "pool.npy", probs)
+        buffer = io.BytesIO()
+        np.save(buffer, probs)
+        (self.model(k) / "pool.npy").write_bytes(buffer.getvalue())
         write_json(self.model(k) / "round.json", {"round": k, "labelled": len(self.labelled()), "eval": metrics,
                                                   "train_seconds": seconds})
         return {"round": k, "labelled": len(self.labelled()), **metrics}
@@ -452,7 +452,7 @@ class Rounds:
             info = json.loads((self.model(k) / "round.json").read_text())
             curve.append({"round": k, "labelled": info["labelled"], **{m: info["eval"].get(m) for m in
                                                                       ("accuracy", "f1")}})
-            pool = np.load(self.model(k) / "pool.npy")
+            pool = np.load(io.BytesIO((self.model(k) / "pool.npy").read_bytes()))
             if previous is not None:
                 agreement.append(float(np.mean(pool.argmax(-1) == previous.argmax(-1))))
             previous, k = pool, k + 1

@@ -231,7 +231,9 @@ def _label(args: argparse.Namespace) -> None:
                                     args.config, args.eval_file, args.strategy, args.seed, args.overrides)
         print(json.dumps({"run": str(rounds.path), **rounds.state()}))
         return
-    rounds = active.Rounds(Path(args.state))
+    from jaxopt_llm import paths
+
+    rounds = active.Rounds(paths.Path(args.state))
     prompt = None
     if getattr(args, "pattern", None):
         from jaxopt_llm.steps.prompt import Prompt

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopt_llm import paths
 from jaxopt_llm.runs import RunFolder, write_json
 
 CALLING = 1  # our calling convention: (flat weights..., inputs...) -> (probs, cls); bump on change
@@ -113,6 +115,15 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
 
     from jaxopt_llm.serving.artifact import Artifact
 
+    if paths.is_remote(out):  # written locally, then uploaded with manifest.json last: no manifest, no artifact
+        if paths.Path(out).exists():
+            raise ValueError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
+        with tempfile.TemporaryDirectory() as local:
+            written = export(reference, Path(local) / "artifact", platforms=platforms, buckets=buckets,
+                             reference_texts=reference_texts, golden_texts=golden_texts)
+            for item in sorted(written.iterdir(), key=lambda p: p.name == "manifest.json"):
+                paths.copy(item, paths.Path(out) / item.name)
+        return paths.Path(out)
     out = Path(out)
     if out.exists():
         raise ValueError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
@@ -155,7 +166,7 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     # the Hugging Face export of the same model, beside it
     if kind == "ensemble":
         for i, member in enumerate(run.members()):
-            shutil.copytree(member, tmp / "hf" / "members" / str(i))
+            shutil.copytree(paths.local_copy(member), tmp / "hf" / "members" / str(i))
     else:
         from jaxopt_llm.bert.params import resolve
 

@@ -85,6 +85,35 @@ def append_text(path: Any, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def rmtree(path: Any) -> None:
+    """Remove a folder and everything under it, if it is there."""
+    path = Path(path)
+    if is_remote(path):
+        if path.exists():
+            path.rmtree()
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def copy(source: Any, target: Any) -> None:
+    """Copy a file, or a folder with everything under it, between any two places (local or remote)."""
+    source, target = Path(source), Path(target)
+    if not is_remote(source) and not is_remote(target):
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        return
+    files = [source] if source.is_file() else (_files(source) if is_remote(source) else
+                                               [p for p in sorted(source.rglob("*")) if p.is_file()])
+    for p in files:
+        rel = str(p)[len(str(source)):].lstrip("/")
+        out = target / rel if rel else target
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(p.read_bytes())
+
+
 def cache_root() -> pathlib.Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(os.environ.get("JAXOPT_LLM_CACHE_DIR_REMOTE") or os.path.join(base, "jaxopt_llm", "remote"))
@@ -125,12 +154,7 @@ def _files(folder) -> list:
 
 def upload(local: pathlib.Path, remote: Any) -> None:
     """Copy a local folder to a remote one, file by file (the folder is complete once this returns)."""
-    target = Path(remote)
-    for p in sorted(pathlib.Path(local).rglob("*")):
-        if p.is_file():
-            out = target / str(p.relative_to(local))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(p.read_bytes())
+    copy(local, remote)
 
 
 class _RecordWriter:

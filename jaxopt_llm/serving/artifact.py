@@ -64,7 +64,9 @@ class Artifact:
         from jax import export
         from tokenizers import Tokenizer
 
-        path = Path(path)
+        from jaxopt_llm import paths
+
+        path = paths.local_copy(path)  # an artifact in a bucket is downloaded once into the cache
         if not (path / "manifest.json").is_file():
             raise ArtifactError(f"{str(path)!r} is not an artifact (no manifest.json); write one with "
                                 "`jaxopt-llm export RUN --out ART`.")
