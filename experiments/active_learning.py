@@ -20,6 +20,7 @@ from jaxopt_llm import active
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
 from jaxopt_llm.bert import load_tokenizer
+from jaxopt_llm.cli import compile_cache
 from jaxopt_llm.steps.task import DataNeeds
 
 CONFIG = Path(__file__).parent / "configs" / "tweets_tiny.py"
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="50,100,200,400")
     parser.add_argument("--plot", default="docs/active_learning.png")
     args = parser.parse_args()
+    compile_cache()  # the runs share their programs: each compiles once, later runs load it
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = config_lib.load(CONFIG)

@@ -17,6 +17,7 @@ import numpy as np
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
 from jaxopt_llm.bert import load_tokenizer
+from jaxopt_llm.cli import compile_cache
 from jaxopt_llm.predict import PromptEnsemble
 from jaxopt_llm.steps.classify import macro_f1
 from jaxopt_llm.steps.prompt import Prompt
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--plot", default="docs/fewshot.png")
     args = parser.parse_args()
+    compile_cache()  # the runs share their programs: each compiles once, later runs load it
     out = Path(args.out)
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else []
     done = {(r["method"], r["k"], r["seed"]) for r in results}

@@ -1,6 +1,7 @@
 """Cloud workdirs on a local GCS emulator (started and stopped here): a run in gs:// writes everything to the
 bucket and nothing locally, survives SIGKILL and SIGTERM (preemption) with exact resume, predicts from the
-bucket, and two jax.distributed processes train as one process does and share one checkpoint in it."""
+bucket, and two jax.distributed processes train as one process does and share one checkpoint in it; a
+pipeline with every kind of stage runs with its folder in the bucket."""
 
 import json
 import os
@@ -214,6 +215,7 @@ def test_the_launch_script_dry_run_prints_its_commands_and_refuses_a_local_workd
     assert refused.returncode == 2 and "Use a bucket" in refused.stderr and refused.stdout == ""
 
 
+
 PIPELINE = '''"""jaxopt-llm pipeline run {file} --workdir gs://test-bucket/pipe"""
 from jaxopt_llm.pipeline import Pipeline, Split, Stage
 
@@ -222,24 +224,31 @@ TRAIN = {train!r}
 
 def get_pipeline():
     return Pipeline(
-        name="bucket", data=Split(source={source!r}, label_column="sentiment", test_size=24, dev_size=16),
+        name="kinds", data=Split(source={source!r}, label_column="sentiment", test_size=24, dev_size=16),
         examples=("I love this airline",), epsilon=0.01, pgd_steps=1, robust_examples=8, max_length=32,
         batch_size=8,
         stages=(
-            Stage("finetune", "finetune", model={model!r}, overrides=TRAIN),
-            Stage("rounds", "label", model={model!r}, budgets=(16,), overrides=TRAIN),
-            Stage("calibrated", "calibrate", model="@finetune"),
+            Stage("mlm", "pretrain", model={model!r}, overrides={{**TRAIN, "train.steps": 2}}),
+            Stage("cloze", "prompt", model="@mlm", overrides={{**TRAIN, "train.steps": 2}}),
+            Stage("members", "ensemble", model={model!r}, overrides={{**TRAIN, "ensemble.members": 2}}),
+            Stage("student", "distill", overrides={{**TRAIN, "distill.teacher": "@members",
+                                                   "distill.student_layers": 1}}),
+            Stage("rounds", "label", model={model!r}, budgets=(24,), overrides=TRAIN),
+            Stage("calibrated", "calibrate", model="@student"),
             Stage("deploy", "export", model="@calibrated"),
         ))
 '''
 
 
-def test_a_pipeline_in_a_bucket_lands_there_and_a_rerun_skips_every_stage(emulator, setup, tmp_path, monkeypatch):
+def test_every_kind_of_pipeline_stage_runs_in_a_bucket_is_measured_and_a_rerun_skips_it(emulator, setup, tmp_path,
+                                                                                      monkeypatch):
+    """pretrain, prompt, ensemble, distill, label rounds, calibrate and export, with the pipeline folder in the
+    bucket: everything lands there, nothing locally, and a second run skips every stage."""
     from jaxopt_llm import pipeline
 
-    train = dict(item.split("=", 1) for item in overrides(setup, **{"train.steps": 2, "train.checkpoint_every": 2}))
+    train = dict(item.split("=", 1) for item in overrides(setup, **{"train.steps": 3, "train.checkpoint_every": 3}))
     train = {k: v for k, v in train.items() if not k.startswith(("model.", "data.train_file", "data.label_column"))}
-    file = tmp_path / "bucket.py"
+    file = tmp_path / "kinds.py"
     file.write_text(PIPELINE.format(file=file, train=train, source=str(setup / "tweets.csv"), model=str(setup / "model")))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -248,18 +257,26 @@ def test_a_pipeline_in_a_bucket_lands_there_and_a_rerun_skips_every_stage(emulat
     rows = {r["name"]: r for r in pipeline.run(spec, f"gs://{BUCKET}/pipe")}
     assert list(cwd.iterdir()) == []  # nothing under the current folder
     names = objects("pipe/")
+    folder = {n: str(r["folder"]).removeprefix(f"gs://{BUCKET}/") for n, r in rows.items()}
     for name, row in rows.items():
-        folder = str(row["folder"]).removeprefix(f"gs://{BUCKET}/")
-        assert row["action"] == "run" and f"{folder}/done.json" in names, name
+        assert row["action"] == "run" and f"{folder[name]}/done.json" in names, name
     assert {"pipe/report.html", "pipe/model_card.md", "pipe/pipeline.json"} <= set(names)
-    assert any(n.endswith("/artifact/manifest.json") for n in names)
-    assert any("/rounds/rounds/0/model/" in n for n in names)  # the label round's model, trained into the bucket
-    done = {n: json.loads(read(str(r["folder"]).removeprefix(f"gs://{BUCKET}/") + "/done.json"))["metrics"]
-            for n, r in rows.items()}
+    assert f"{folder['deploy']}/artifact/manifest.json" in names
+    assert f"{folder['rounds']}/rounds/rounds/0/model/model.safetensors" in names  # a label round's model
+    metrics = {n: json.loads(read(f"{folder[n]}/done.json"))["metrics"] for n in rows}
+    for name in ("cloze", "members", "student", "rounds", "calibrated", "deploy"):
+        assert 0 <= metrics[name]["accuracy"] <= 1 and metrics[name]["test_examples"] == 24, name
+    assert metrics["members"]["robust_accuracy"] is None and "ensemble of 2" in metrics["members"]["note"]
+    assert metrics["cloze"]["robust_accuracy"] is None and "cloze prompt" in metrics["cloze"]["note"]
+    assert metrics["student"]["robust_accuracy"] is not None and metrics["mlm"]["mlm_accuracy"] is not None
+    record = json.loads(read(f"{folder['student']}/run.json"))
+    assert record["config"]["distill"]["teacher"] == str(rows["members"]["folder"])
+    assert [r["labelled"] for r in json.loads(read(f"{folder['rounds']}/rounds.json"))] == [24]
+    assert metrics["rounds"]["model"].startswith(str(rows["rounds"]["folder"]))
     # the artifact served from the bucket predicts what the calibrated run in the bucket predicts
     for key in ("accuracy", "nll", "ece"):
-        assert done["deploy"][key] == pytest.approx(done["calibrated"][key], abs=1e-4), key
-    assert done["calibrated"]["temperature"] != 1.0 and done["rounds"]["test_examples"] == 24
+        assert metrics["deploy"][key] == pytest.approx(metrics["calibrated"][key], abs=1e-4), key
+    assert metrics["calibrated"]["temperature"] != 1.0
     again = pipeline.run(spec, f"gs://{BUCKET}/pipe")
     assert {r["action"] for r in again} == {"skip"}
-    assert [r["metrics"] for r in again] == [done.get(r["name"], r["metrics"]) for r in again]
+    assert [r["metrics"] for r in again] == [metrics[r["name"]] for r in again]

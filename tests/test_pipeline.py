@@ -1,6 +1,7 @@
 """The multi-step pipeline end to end on a tiny random model: pretrain -> fine-tune -> adversarial -> calibrate
 -> export, killed mid-stage and resumed, skipped when unchanged, rerun from a changed stage down; the report
-checked in headless Chromium against metrics.json."""
+checked in headless Chromium against metrics.json. The other stage kinds (prompt, ensemble, distill, label
+rounds) run in tests/test_cloud.py, in a pipeline whose folder is a bucket."""
 
 import html.parser
 import json
@@ -195,43 +196,3 @@ def test_the_report_opens_in_headless_chromium_without_errors_and_shows_metrics_
     final = json.loads((ran["rows"]["deploy"]["folder"] / "metrics.json").read_text())
     assert card.startswith("---\n") and "model-index:" in card and f"value: {final['accuracy']:.4f}" in card
 
-
-KINDS = '''"""jaxopt-llm pipeline run {file}"""
-from jaxopt_llm.pipeline import Pipeline, Split, Stage
-
-TRAIN = {train!r}
-
-
-def get_pipeline():
-    return Pipeline(
-        name="kinds", data=Split(source={source!r}, label_column="sentiment", test_size=24, dev_size=16),
-        examples=("I love this airline",), epsilon=0.01, pgd_steps=1, max_length=32, batch_size=8,
-        stages=(
-            Stage("mlm", "pretrain", model={model!r}, overrides={{**TRAIN, "train.steps": 2}}),
-            Stage("cloze", "prompt", model="@mlm", overrides={{**TRAIN, "train.steps": 2}}),
-            Stage("members", "ensemble", model={model!r}, overrides={{**TRAIN, "ensemble.members": 2}}),
-            Stage("student", "distill", overrides={{**TRAIN, "distill.teacher": "@members",
-                                                   "distill.student_layers": 1}}),
-            Stage("rounds", "label", model={model!r}, budgets=(24,), overrides=TRAIN),
-        ))
-'''
-
-
-def test_prompt_ensemble_distill_and_label_stages_run_and_are_measured(setup, tmp_path):
-    file = tmp_path / "kinds.py"
-    file.write_text(KINDS.format(file=file, train={**TRAIN, "train.steps": 3}, source=str(setup / "tweets.csv"),
-                                 model=str(setup / "model")))
-    rows = {r["name"]: r for r in pipeline.run(pipeline.load(file), tmp_path / "work")}
-    assert {r["action"] for r in rows.values()} == {"run"}
-    metrics = {n: json.loads((r["folder"] / "done.json").read_text())["metrics"] for n, r in rows.items()}
-    for name in ("cloze", "members", "student", "rounds"):
-        assert 0 <= metrics[name]["accuracy"] <= 1 and metrics[name]["test_examples"] == 24, name
-    assert metrics["members"]["robust_accuracy"] is None and "ensemble of 2" in metrics["members"]["note"]
-    assert metrics["cloze"]["robust_accuracy"] is None and "cloze prompt" in metrics["cloze"]["note"]
-    assert metrics["student"]["robust_accuracy"] is not None
-    record = json.loads((rows["student"]["folder"] / "run.json").read_text())
-    assert record["config"]["distill"]["teacher"] == str(rows["members"]["folder"])
-    rounds = json.loads((rows["rounds"]["folder"] / "rounds.json").read_text())
-    assert [r["labelled"] for r in rounds] == [24]
-    assert metrics["rounds"]["model"].startswith(str(rows["rounds"]["folder"]))
-    assert (tmp_path / "work" / "report.html").is_file()
