@@ -157,8 +157,9 @@ def test_a_run_in_a_bucket_lands_there_survives_sigkill_and_sigterm_and_resumes_
     logged = metrics(read("run/metrics.jsonl"))
     assert [r["step"] for r in logged if r["split"] == "train"] == [4, 8, 12]
     assert logged == metrics((tmp_path / "straight" / "metrics.jsonl").read_text())  # every value bit-identical
-    out, _ = finish(cli(["predict", "classify", "--model", run, "good flight"], cwd))
-    local, _ = finish(cli(["predict", "classify", "--model", str(tmp_path / "straight"), "good flight"], cwd))
+    predicts = [cli(["predict", "classify", "--model", model, "good flight"], cwd)
+                for model in (run, str(tmp_path / "straight"))]
+    (out, _), (local, _) = map(finish, predicts)
     assert json.loads(out)["scores"] == pytest.approx(json.loads(local)["scores"], abs=1e-6)
 
 
