@@ -134,11 +134,7 @@ def local_copy(path: Any) -> pathlib.Path:
     if not target.exists():
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        for p in files:
-            rel = pathlib.Path(str(p)[len(str(source)):].lstrip("/")) if p != source else pathlib.Path()
-            out = tmp / rel if rel.parts else tmp
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(p.read_bytes())
+        copy(source, tmp)
         tmp.rename(target)
     return target
 
@@ -150,11 +146,6 @@ def _files(folder) -> list:
         for p in todo.pop().iterdir():
             (todo if p.is_dir() else out).append(p)
     return out
-
-
-def upload(local: pathlib.Path, remote: Any) -> None:
-    """Copy a local folder to a remote one, file by file (the folder is complete once this returns)."""
-    copy(local, remote)
 
 
 class _RecordWriter:

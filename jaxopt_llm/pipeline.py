@@ -306,7 +306,7 @@ def run(pipeline: Pipeline, workdir: str | Path, *, from_: str | None = None, on
             print(f"{head} {r['action']:<6} ({r['why']}){_summary(done.get('metrics', {}))}", file=out, flush=True)
             r["metrics"] = done.get("metrics")
             continue
-        if r["action"] == "rerun" and r["folder"].exists():
+        if r["action"] == "rerun":
             paths.rmtree(r["folder"])
         print(f"{head} {r['action']:<6} ({r['why']}) -> {r['folder']}", file=out, flush=True)
         start = time.perf_counter()

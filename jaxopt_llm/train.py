@@ -303,7 +303,7 @@ def _fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainCon
             if paths.is_remote(target):  # written whole locally, then uploaded
                 with tempfile.TemporaryDirectory() as tmp:
                     save_pretrained(model, Path(tmp) / "model", tokenizer=tokenizer)
-                    paths.upload(Path(tmp) / "model", target)
+                    paths.copy(Path(tmp) / "model", target)
             else:
                 save_pretrained(model, target, tokenizer=tokenizer)
         for name, value in {**recipe.task.files(), **recipe.files}.items():
