@@ -82,6 +82,8 @@ def initialize_distributed() -> None:
     TPU pods are detected by JAX itself (set JAXOPT_DISTRIBUTED=1); elsewhere set JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID.
     """
+    if jax.distributed.is_initialized():  # a pipeline initialises once, then trains stage after stage
+        return
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         # CPU collectives across processes need gloo; the setting does not touch GPU / TPU backends
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -90,6 +92,39 @@ def initialize_distributed() -> None:
                                    process_id=int(os.environ["JAX_PROCESS_ID"]))
     elif os.environ.get("JAXOPT_DISTRIBUTED") == "1":
         jax.distributed.initialize()
+
+
+_barriers = [0]
+BARRIER_TIMEOUT_S = int(os.environ.get("JAXOPT_BARRIER_TIMEOUT_S", 4 * 3600))
+
+
+def on_main(name: str, fn: Callable[[], Any]) -> Any:
+    """`fn()` on process 0 only, every process waiting for it; an error there is raised on every process.
+
+    The processes must call on_main in the same order (each call is one barrier of the coordination
+    service). Returns fn's result on process 0, None elsewhere. One process: just `fn()`.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax._src import distributed  # the coordination client: the barrier jax's own serialization uses
+
+    client = distributed.global_state.client
+    _barriers[0] += 1
+    tag = f"jaxopt_llm/{_barriers[0]}/{name}"
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except BaseException as err:  # the others must not wait out the timeout for a failure here
+            error = err
+        client.key_value_set(f"{tag}/error", "" if error is None else f"{type(error).__name__}: {error}")
+    client.wait_at_barrier(tag, BARRIER_TIMEOUT_S * 1000)
+    if error is not None:
+        raise error
+    message = client.blocking_key_value_get(f"{tag}/error", 60_000)
+    if message:
+        raise RuntimeError(f"{name} failed on process 0: {message}")
+    return result
 
 
 def _chosen_devices(count: int | None) -> list:

@@ -288,7 +288,13 @@ def _read(file: Path) -> Any:
 # -- running ----------------------------------------------------------------------------------------------------
 def run(pipeline: Pipeline, workdir: str | Path, *, from_: str | None = None, only: str | None = None,
         force: Sequence[str] = (), dry_run: bool = False, out=sys.stderr) -> list[dict]:
-    """Run the stages that need it (see `plan`); returns the plan rows with each stage's metrics."""
+    """Run the stages that need it (see `plan`); returns the plan rows with each stage's metrics.
+
+    Launched on several processes (jax.distributed: a TPU pod slice), every process runs the same plan:
+    training stages train on all of them together; the split, measurement, calibration, export and every
+    pipeline file are done and written by process 0 alone, the others waiting at a barrier and reading the
+    result back from the (shared) pipeline folder.
+    """
     workdir = paths.Path(workdir)
     rows = plan(pipeline, workdir, from_=from_, only=only, force=force)
     width = max(len(r["name"]) for r in rows)
@@ -296,7 +302,20 @@ def run(pipeline: Pipeline, workdir: str | Path, *, from_: str | None = None, on
         for r in rows:
             print(f"{r['action']:>7}  {r['name']:<{width}}  {r['kind']:<11} {r['folder']}  ({r['why']})", file=out)
         return rows
-    workdir.mkdir(parents=True, exist_ok=True)
+    import jax
+
+    from jaxopt_llm import recipes
+    from jaxopt_llm.parallel import initialize_distributed, on_main
+
+    initialize_distributed()
+    if jax.process_count() > 1:
+        for r in rows:
+            if r["kind"] == "label" and r["action"] not in ("skip", "leave"):
+                raise PipelineError(f"stage {r['name']!r} (label rounds) runs on one process, and this pipeline was "
+                                    f"launched on {jax.process_count()}: run the other stages here, then "
+                                    f"`jaxopt-llm pipeline run FILE --only {r['name']}` on one host.")
+    out = out if jax.process_index() == 0 else io.StringIO()  # one progress log: process 0's
+    on_main("plan", lambda: workdir.mkdir(parents=True, exist_ok=True))  # every process has planned
     stages = {s.name: s for s in order(pipeline)}
     folders = {r["name"]: r["folder"] for r in rows}
     for i, r in enumerate(rows, 1):
@@ -306,29 +325,45 @@ def run(pipeline: Pipeline, workdir: str | Path, *, from_: str | None = None, on
             print(f"{head} {r['action']:<6} ({r['why']}){_summary(done.get('metrics', {}))}", file=out, flush=True)
             r["metrics"] = done.get("metrics")
             continue
-        if r["action"] == "rerun":
-            paths.rmtree(r["folder"])
         print(f"{head} {r['action']:<6} ({r['why']}) -> {r['folder']}", file=out, flush=True)
         start = time.perf_counter()
-        r["folder"].mkdir(parents=True, exist_ok=True)
-        write_json(r["folder"] / "stage.json", r["spec"])
-        if r["name"] == "data":
-            metrics = _split(pipeline.data, r["folder"])
-        else:
-            model = _run_stage(stages[r["name"]], r["folder"], folders, pipeline)
-            metrics = measure(pipeline, r["kind"], model, folders["data"], r["folder"])
-        metrics["stage_seconds"] = round(time.perf_counter() - start, 1)
-        write_text(r["folder"] / DONE, json.dumps({"key": r["key"], "metrics": metrics}, indent=2))  # last
-        r["metrics"] = metrics
-        print(f"{head} done in {metrics['stage_seconds']:.0f} s{_summary(metrics)}", file=out, flush=True)
-    state = {"name": pipeline.name, "stages": {r["name"]: {"key": r["key"], "folder": r["folder"].name,
-                                                           "kind": r["kind"]} for r in rows}}
-    write_json(workdir / "pipeline.json", state)
-    if all(r.get("metrics") is not None for r in rows):
-        from jaxopt_llm import pipeline_report
 
-        report = pipeline_report.write(pipeline, workdir, rows)
-        print(f"report: {report}\nmodel card: {workdir / 'model_card.md'}", file=out, flush=True)
+        def prepare(r=r):
+            if r["action"] == "rerun":
+                paths.rmtree(r["folder"])
+            r["folder"].mkdir(parents=True, exist_ok=True)
+            write_json(r["folder"] / "stage.json", r["spec"])
+
+        def finish(metrics: dict, r=r) -> dict:
+            metrics["stage_seconds"] = round(time.perf_counter() - start, 1)
+            write_text(r["folder"] / DONE, json.dumps({"key": r["key"], "metrics": metrics}, indent=2))  # last
+            return metrics
+
+        on_main(f"prepare {r['name']}", prepare)
+        if r["name"] == "data":
+            on_main("split", lambda r=r: finish(_split(pipeline.data, r["folder"])))
+        elif r["kind"] in recipes.commands():  # training: every process takes part
+            model = _run_stage(stages[r["name"]], r["folder"], folders, pipeline)
+            on_main(f"measure {r['name']}",
+                    lambda r=r, model=model: finish(measure(pipeline, r["kind"], model, folders["data"], r["folder"])))
+        else:
+            on_main(f"run {r['name']}", lambda r=r: finish(measure(
+                pipeline, r["kind"], _run_stage(stages[r["name"]], r["folder"], folders, pipeline), folders["data"],
+                r["folder"])))
+        r["metrics"] = json.loads((r["folder"] / DONE).read_text())["metrics"]  # as process 0 wrote it
+        print(f"{head} done in {r['metrics']['stage_seconds']:.0f} s{_summary(r['metrics'])}", file=out, flush=True)
+
+    def report() -> None:
+        state = {"name": pipeline.name, "stages": {r["name"]: {"key": r["key"], "folder": r["folder"].name,
+                                                               "kind": r["kind"]} for r in rows}}
+        write_json(workdir / "pipeline.json", state)
+        if all(r.get("metrics") is not None for r in rows):
+            from jaxopt_llm import pipeline_report
+
+            written = pipeline_report.write(pipeline, workdir, rows)
+            print(f"report: {written}\nmodel card: {workdir / 'model_card.md'}", file=out, flush=True)
+
+    on_main("report", report)
     return rows
 
 

@@ -214,6 +214,13 @@ def test_the_launch_script_dry_run_prints_its_commands_and_refuses_a_local_workd
     refused = subprocess.run(["bash", str(script), "--dry-run", "--workers", "4", "tpu", "zone", "finetune",
                               "--workdir", "runs/x"], capture_output=True, text=True)
     assert refused.returncode == 2 and "Use a bucket" in refused.stderr and refused.stdout == ""
+    pipe = ["pipeline", "run", "experiments/pipelines/tweets_base.py"]
+    ok = subprocess.run(["bash", str(script), "--dry-run", "--workers", "4", "tpu", "zone", *pipe, "--workdir",
+                         "gs://b/p"], capture_output=True, text=True)
+    assert ok.returncode == 0 and f"JAXOPT_DISTRIBUTED=1 python -m jaxopt_llm.cli {' '.join(pipe)} --workdir gs://b/p" in ok.stdout
+    refused = subprocess.run(["bash", str(script), "--dry-run", "--workers", "4", "tpu", "zone", *pipe],
+                             capture_output=True, text=True)  # its default folder, runs/tweets_base, is local
+    assert refused.returncode == 2 and "Use a bucket" in refused.stderr and refused.stdout == ""
 
 
 

@@ -95,6 +95,21 @@ def test_experiment_configs_load_and_start_with_their_command():
         assert method.name == config.method and task in (None, config.task), file
 
 
+def test_experiment_pipelines_plan_with_every_stage_config_valid_and_start_with_their_command(tmp_path):
+    import ast
+    from pathlib import Path
+
+    from jaxopt_llm import pipeline
+
+    files = sorted((Path(__file__).resolve().parents[1] / "experiments" / "pipelines").glob("*.py"))
+    assert {f.stem for f in files} >= {"tweets", "tweets_base"}
+    for file in files:
+        doc = ast.get_docstring(ast.parse(file.read_text()))
+        assert f"pipeline run experiments/pipelines/{file.name}" in doc.split("\n\n")[1], file
+        rows = pipeline.plan(pipeline.load(file), tmp_path / file.stem)  # loads and checks each stage's config
+        assert [r["action"] for r in rows] == ["run"] * len(rows) and not (tmp_path / file.stem).exists()
+
+
 @pytest.mark.parametrize("items, message", [
     (["adversarial.enabled=true"], "method=adversarial"),
     (["adversarial.epsilon=0.1"], r"belong to method=adversarial.*set method=adversarial first"),

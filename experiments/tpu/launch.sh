@@ -4,6 +4,8 @@
 #   experiments/tpu/launch.sh [--dry-run] [--workers N] TPU_NAME ZONE COMMAND [ARGS...]
 #   experiments/tpu/launch.sh my-v4-32 us-central2-b finetune --config experiments/configs/sst2_base.py \
 #       --workdir gs://BUCKET/runs/sst2_base
+#   experiments/tpu/launch.sh my-v4-32 us-central2-b pipeline run experiments/pipelines/tweets_base.py \
+#       --workdir gs://BUCKET/pipelines/tweets_base     # every stage; process 0 writes what is not a checkpoint
 #
 # Copies this checkout to each worker, installs the TPU requirements once, and starts the same command on all
 # workers; JAXOPT_DISTRIBUTED=1 makes each process call jax.distributed.initialize() (JAX finds the pod's
@@ -42,6 +44,9 @@ if [ -z "$workers" ]; then
   else
     workers=1
   fi
+fi
+if [ "$workers" -gt 1 ] && [ "$1" = pipeline ] && [ -z "$workdir" ]; then
+  workdir="runs/<file name> (the default)"
 fi
 if [ "$workers" -gt 1 ] && [ -n "$workdir" ] && [[ "$workdir" != gs://* ]]; then
   echo "error: --workdir $workdir is local, but $tpu has $workers hosts: each would write its own disk and the run" \
