@@ -1,7 +1,7 @@
 """Cloud workdirs on a local GCS emulator (started and stopped here): a run in gs:// writes everything to the
 bucket and nothing locally, survives SIGKILL and SIGTERM (preemption) with exact resume, predicts from the
-bucket, and two jax.distributed processes train as one process does and share one checkpoint in it; a
-pipeline with every kind of stage runs with its folder in the bucket."""
+bucket; two jax.distributed processes run a pipeline in it as one process does, sharing one checkpoint and
+resuming from it; a pipeline with every kind of stage runs with its folder in the bucket."""
 
 import json
 import os
@@ -163,39 +163,80 @@ def test_a_run_in_a_bucket_lands_there_survives_sigkill_and_sigterm_and_resumes_
     assert json.loads(out)["scores"] == pytest.approx(json.loads(local)["scores"], abs=1e-6)
 
 
-def test_two_processes_equal_one_and_share_one_checkpoint_in_the_bucket(emulator, setup, tmp_path):
-    items = overrides(setup, devices=None, **{"train.steps": 3, "train.log_every": 1, "train.checkpoint_every": 3})
+PAIR = '''"""jaxopt-llm pipeline run {file} --workdir gs://test-bucket/two"""
+from jaxopt_llm.pipeline import Pipeline, Split, Stage
+
+
+def get_pipeline():
+    return Pipeline(
+        name="pair", data=Split(source={source!r}, label_column="sentiment", test_size=24, dev_size=16),
+        examples=("I love this airline",), epsilon=0.01, pgd_steps=1, robust_examples=8, max_length=32, batch_size=8,
+        stages=(
+            Stage("finetune", "finetune", model={model!r}, overrides={train!r}),
+            Stage("calibrated", "calibrate", model="@finetune"),
+            Stage("deploy", "export", model="@calibrated"),
+        ))
+'''
+
+
+def test_two_processes_run_a_pipeline_in_the_bucket_as_one_process_does_with_one_writer(emulator, setup, tmp_path):
+    """jax.distributed on two local processes (a pod slice's hosts), the pipeline folder in the bucket: the
+    training stage trains on both and shares one checkpoint there; process 0 alone splits, measures,
+    calibrates, exports and reports. The results equal one process with the same two devices; an interrupted
+    stage resumes on both from the bucket's checkpoint."""
+    train = dict(item.split("=", 1) for item in overrides(setup, devices=None, **{
+        "train.steps": 4, "train.log_every": 1, "train.checkpoint_every": 3}))
+    train = {k: v for k, v in train.items() if not k.startswith(("model.", "data.train_file", "data.label_column"))}
+    file = tmp_path / "pair.py"
+    file.write_text(PAIR.format(file=file, source=str(setup / "tweets.csv"), model=str(setup / "model"), train=train))
     port = 21000 + os.getpid() % 20000
-    run = f"gs://{BUCKET}/two"
 
-    def pair(extra):
-        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    def pair():
+        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
-        procs = [cli(["finetune", "--workdir", run, *items, *extra], tmp_path, {**env, "JAX_PROCESS_ID": str(i)})
-                 for i in range(2)]
-        for p in procs:
-            finish(p)
+        return [cli(["pipeline", "run", str(file), "--workdir", f"gs://{BUCKET}/two"], tmp_path,
+                    {**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
 
-    # the reference: one process with the same 4 devices, on local disk
-    single = cli(["finetune", "--workdir", str(tmp_path / "one"), *items], tmp_path,
-                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-    pair([])
-    finish(single)
-    record = json.loads(read("two/run.json"))
-    assert record["process_count"] == 2 and record["device_count"] == 4
-    one = metrics((tmp_path / "one" / "metrics.jsonl").read_text())
-    both = metrics(read("two/metrics.jsonl"))
-    train_one, train_both = [r for r in one if r["split"] == "train"], [r for r in both if r["split"] == "train"]
-    assert len(train_one) == len(train_both) == 3
-    for a, b in zip(train_one, train_both):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6, rel=0)
-    e1, e2 = [r for r in one if r["split"] == "eval"][-1], [r for r in both if r["split"] == "eval"][-1]
-    assert e1["accuracy"] == e2["accuracy"] and e2["loss"] == pytest.approx(e1["loss"], abs=1e-6, rel=0)
-    assert steps("two/checkpoints/") == [3]
-    pair(["train.steps=4"])  # both processes restore the bucket's checkpoint and go on
-    record = json.loads(read("two/run.json"))
+    def run(process):
+        out, err = finish(process, timeout=600)
+        return json.loads(out.splitlines()[-1])["stages"], err
+
+    single = cli(["pipeline", "run", str(file), "--workdir", str(tmp_path / "one")], tmp_path,
+                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    (two, err0), (two1, err1), (one, _) = map(run, pair() + [single])
+    assert "report:" in err0 and "report:" not in err1 and "[2/4]" not in err1  # one progress log, one report
+    assert two == two1 and exists("two/report.html") and exists("two/model_card.md")
+    name = {n: s["folder"].removeprefix(f"gs://{BUCKET}/") for n, s in two.items()}
+    for stage, row in two.items():
+        assert row["action"] == "run" and Path(row["folder"]).name == Path(one[stage]["folder"]).name  # same keys
+        a = json.loads(read(f"{name[stage]}/done.json"))["metrics"]
+        b = json.loads(Path(one[stage]["folder"], "done.json").read_text())["metrics"]
+        for key in ("accuracy", "f1", "robust_accuracy", "train_examples", "temperature"):
+            assert a.get(key) == pytest.approx(b.get(key), abs=1e-4), (stage, key)
+        assert a.get("nll") == pytest.approx(b.get("nll"), abs=1e-5), stage
+    record = json.loads(read(f"{name['finetune']}/run.json"))
+    assert record["process_count"] == 2 and record["device_count"] == 2
+    losses = [[r["loss"] for r in metrics(text) if r["split"] == "train"]
+              for text in (read(f"{name['finetune']}/metrics.jsonl"),
+                           Path(one["finetune"]["folder"], "metrics.jsonl").read_text())]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-6, rel=0)
+    assert steps(f"{name['finetune']}/checkpoints/") == [3, 4]
+    # the stage interrupted between its checkpoints 3 and 4: both processes restore 3 from the bucket, go on
+    for item in [n for n in objects(f"{name['finetune']}/checkpoints/4/")] + [f"{name['finetune']}/done.json"]:
+        urllib.request.urlopen(urllib.request.Request(
+            f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(item, safe='')}",
+            method="DELETE"), timeout=120).close()
+    again = [run(p)[0] for p in pair()]
+    assert again[0] == again[1] and {n: r["action"] for n, r in again[0].items()} == {
+        "data": "skip", "finetune": "resume", "calibrated": "skip", "deploy": "skip"}
+    record = json.loads(read(f"{name['finetune']}/run.json"))
     assert record["resumed_from"] == 3 and record["process_count"] == 2
-    assert [r["step"] for r in metrics(read("two/metrics.jsonl")) if r["split"] == "train"] == [1, 2, 3, 4]
+    resumed = [r for r in metrics(read(f"{name['finetune']}/metrics.jsonl")) if r["split"] == "train"]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == pytest.approx(losses[1], abs=1e-6, rel=0)
+    a = json.loads(read(f"{name['finetune']}/done.json"))["metrics"]
+    b = json.loads(Path(one["finetune"]["folder"], "done.json").read_text())["metrics"]
+    assert a["accuracy"] == b["accuracy"] and a["nll"] == pytest.approx(b["nll"], abs=1e-5)
 
 
 def test_a_scheme_without_its_client_is_one_clear_error():

@@ -153,68 +153,6 @@ def test_a_bad_pipeline_is_one_clear_error_before_anything_runs(tmp_path, stages
     assert not (tmp_path / "work").exists()
 
 
-PAIR = '''"""jaxopt-llm pipeline run {file}"""
-from jaxopt_llm.pipeline import Pipeline, Split, Stage
-
-
-def get_pipeline():
-    return Pipeline(
-        name="pair", data=Split(source={source!r}, label_column="sentiment", test_size=24, dev_size=16),
-        examples=("I love this airline",), epsilon=0.01, pgd_steps=1, robust_examples=8, max_length=32, batch_size=8,
-        stages=(
-            Stage("finetune", "finetune", model={model!r}, overrides={train!r}),
-            Stage("calibrated", "calibrate", model="@finetune"),
-            Stage("deploy", "export", model="@calibrated"),
-        ))
-'''
-
-
-def test_two_processes_run_a_pipeline_as_one_does_with_one_writer(setup, tmp_path):
-    """jax.distributed on two local processes (a pod slice's hosts): the training stage trains on both, process 0
-    alone splits, measures, calibrates, exports and reports; the results equal one process with the same two
-    devices, and a second launch skips every stage."""
-    train = {k: v for k, v in TRAIN.items() if k != "parallel.devices"} | {"train.steps": 3,
-                                                                           "train.checkpoint_every": 3}
-    file = tmp_path / "pair.py"
-    file.write_text(PAIR.format(file=file, source=str(setup / "tweets.csv"), model=str(setup / "model"), train=train))
-    port = 22000 + os.getpid() % 20000
-
-    def launch(workdir, env):
-        return subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", "pipeline", "run", str(file), "--workdir",
-                                 str(workdir)], env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-                                                     **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def pair():
-        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_NUM_PROCESSES": "2",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}
-        return [launch(tmp_path / "two", {**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-
-    def finish(process):
-        out, err = process.communicate(timeout=600)
-        assert process.returncode == 0, err[-3000:]
-        return json.loads(out.splitlines()[-1]), err
-
-    procs = pair() + [launch(tmp_path / "one", {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})]
-    (two0, err0), (two1, err1), (one, _) = map(finish, procs)
-    assert "report:" in err0 and "report:" not in err1 and "[2/4]" not in err1  # one progress log, one report
-    assert (tmp_path / "two" / "report.html").is_file() and two0["stages"] == two1["stages"]
-    for name, stage in two0["stages"].items():
-        assert stage["action"] == "run"
-        a = json.loads(Path(stage["folder"], "done.json").read_text())["metrics"]
-        b = json.loads(Path(one["stages"][name]["folder"], "done.json").read_text())["metrics"]
-        assert Path(stage["folder"]).name == Path(one["stages"][name]["folder"]).name  # the same keys
-        for key in ("accuracy", "f1", "robust_accuracy", "train_examples", "temperature"):
-            assert a.get(key) == pytest.approx(b.get(key), abs=1e-4), (name, key)
-        assert a.get("nll") == pytest.approx(b.get("nll"), abs=1e-5), name
-    record = json.loads(Path(two0["stages"]["finetune"]["folder"], "run.json").read_text())
-    assert record["process_count"] == 2 and record["device_count"] == 2
-    losses = [[r["loss"] for r in map(json.loads, Path(s["stages"]["finetune"]["folder"], "metrics.jsonl")
-                                      .read_text().splitlines()) if r["split"] == "train"] for s in (two0, one)]
-    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], abs=1e-6)
-    again = [finish(p)[0] for p in pair()]
-    assert {s["action"] for run in again for s in run["stages"].values()} == {"skip"}
-
-
 def test_label_rounds_under_several_processes_are_refused_before_anything_runs(setup, tmp_path, monkeypatch):
     import jax
 
