@@ -138,7 +138,7 @@ class Predictor:
 
         run = RunFolder.of(name_or_path)
         if run is not None and run.members():
-            return EnsemblePredictor.from_runs(run.members(), temperature=run.temperature(), **kwargs)
+            return EnsemblePredictor.from_runs(run.members(), **{"temperature": run.temperature(), **kwargs})
         folder = resolve(name_or_path)
         record = run.read("prompt.json") if run is not None else None
         if run is not None and "temperature" not in kwargs:

@@ -130,8 +130,9 @@ def test_members_of_another_architecture_or_label_set_are_one_clear_error(runs, 
     assert "differ in architecture" in message and not (tmp_path / "bad").exists()
 
 
-def test_calibrate_writes_a_temperature_that_prediction_applies(runs, setup, capsys):
-    run = runs / "single"
+@pytest.mark.parametrize("name", ["single", "ens"])
+def test_calibrate_writes_a_temperature_that_prediction_applies(runs, setup, capsys, name):
+    run = runs / name
     before = Predictor.from_pretrained(run).classify(["good", "bad"])
     capsys.readouterr()
     cli.main(["calibrate", "--model", str(run), "--data", str(setup / "tweets.csv"), "data.label_column=sentiment",
