@@ -339,17 +339,17 @@ def run(pipeline: Pipeline, workdir: str | Path, *, from_: str | None = None, on
             write_text(r["folder"] / DONE, json.dumps({"key": r["key"], "metrics": metrics}, indent=2))  # last
             return metrics
 
+        def work(r=r, model=None) -> dict:  # process 0 only
+            if r["name"] == "data":
+                return _split(pipeline.data, r["folder"])
+            model = model or _run_stage(stages[r["name"]], r["folder"], folders, pipeline)
+            return measure(pipeline, r["kind"], model, folders["data"], r["folder"])
+
         on_main(f"prepare {r['name']}", prepare)
-        if r["name"] == "data":
-            on_main("split", lambda r=r: finish(_split(pipeline.data, r["folder"])))
-        elif r["kind"] in recipes.commands():  # training: every process takes part
+        model = None
+        if r["kind"] in recipes.commands():  # training: every process takes part
             model = _run_stage(stages[r["name"]], r["folder"], folders, pipeline)
-            on_main(f"measure {r['name']}",
-                    lambda r=r, model=model: finish(measure(pipeline, r["kind"], model, folders["data"], r["folder"])))
-        else:
-            on_main(f"run {r['name']}", lambda r=r: finish(measure(
-                pipeline, r["kind"], _run_stage(stages[r["name"]], r["folder"], folders, pipeline), folders["data"],
-                r["folder"])))
+        on_main(f"finish {r['name']}", lambda: finish(work(model=model)))
         r["metrics"] = json.loads((r["folder"] / DONE).read_text())["metrics"]  # as process 0 wrote it
         print(f"{head} done in {r['metrics']['stage_seconds']:.0f} s{_summary(r['metrics'])}", file=out, flush=True)
 

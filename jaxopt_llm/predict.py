@@ -137,12 +137,12 @@ class Predictor:
         from jaxopt_llm.steps import prompt as prompt_lib
 
         run = RunFolder.of(name_or_path)
+        if run is not None:  # a run folder's fitted temperature, unless the caller sets one
+            kwargs.setdefault("temperature", run.temperature())
         if run is not None and run.members():
-            return EnsemblePredictor.from_runs(run.members(), **{"temperature": run.temperature(), **kwargs})
+            return EnsemblePredictor.from_runs(run.members(), **kwargs)
         folder = resolve(name_or_path)
         record = run.read("prompt.json") if run is not None else None
-        if run is not None and "temperature" not in kwargs:
-            kwargs["temperature"] = run.temperature()
         if (prompt is not None or record is not None) and task in (None, "sequence-classification"):
             task = "masked-lm"
         task = task or task_of(folder)

@@ -105,6 +105,17 @@ def exists(name: str) -> bool:
         raise
 
 
+def remove(name: str) -> None:
+    url = f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}"
+    urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=120).close()
+
+
+def pipeline_train(setup, **extra) -> dict:
+    """A pipeline stage's training overrides: the tiny fine-tune's, less what the pipeline sets itself."""
+    items = dict(item.split("=", 1) for item in overrides(setup, **extra))
+    return {k: v for k, v in items.items() if not k.startswith(("model.", "data.train_file", "data.label_column"))}
+
+
 def wait_for_checkpoint(prefix, step, process, timeout=400):
     """Until checkpoint `step` is complete (its commit_success.txt is written)."""
     deadline = time.time() + timeout
@@ -184,9 +195,7 @@ def test_two_processes_run_a_pipeline_in_the_bucket_as_one_process_does_with_one
     training stage trains on both and shares one checkpoint there; process 0 alone splits, measures,
     calibrates, exports and reports. The results equal one process with the same two devices; an interrupted
     stage resumes on both from the bucket's checkpoint."""
-    train = dict(item.split("=", 1) for item in overrides(setup, devices=None, **{
-        "train.steps": 4, "train.log_every": 1, "train.checkpoint_every": 3}))
-    train = {k: v for k, v in train.items() if not k.startswith(("model.", "data.train_file", "data.label_column"))}
+    train = pipeline_train(setup, devices=None, **{"train.steps": 4, "train.log_every": 1, "train.checkpoint_every": 3})
     file = tmp_path / "pair.py"
     file.write_text(PAIR.format(file=file, source=str(setup / "tweets.csv"), model=str(setup / "model"), train=train))
     port = 21000 + os.getpid() % 20000
@@ -222,10 +231,8 @@ def test_two_processes_run_a_pipeline_in_the_bucket_as_one_process_does_with_one
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=1e-6, rel=0)
     assert steps(f"{name['finetune']}/checkpoints/") == [3, 4]
     # the stage interrupted between its checkpoints 3 and 4: both processes restore 3 from the bucket, go on
-    for item in [n for n in objects(f"{name['finetune']}/checkpoints/4/")] + [f"{name['finetune']}/done.json"]:
-        urllib.request.urlopen(urllib.request.Request(
-            f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(item, safe='')}",
-            method="DELETE"), timeout=120).close()
+    for item in objects(f"{name['finetune']}/checkpoints/4/") + [f"{name['finetune']}/done.json"]:
+        remove(item)
     again = [run(p)[0] for p in pair()]
     assert again[0] == again[1] and {n: r["action"] for n, r in again[0].items()} == {
         "data": "skip", "finetune": "resume", "calibrated": "skip", "deploy": "skip"}
@@ -295,8 +302,7 @@ def test_every_kind_of_pipeline_stage_runs_in_a_bucket_is_measured_and_a_rerun_s
     bucket: everything lands there, nothing locally, and a second run skips every stage."""
     from jaxopt_llm import pipeline
 
-    train = dict(item.split("=", 1) for item in overrides(setup, **{"train.steps": 3, "train.checkpoint_every": 3}))
-    train = {k: v for k, v in train.items() if not k.startswith(("model.", "data.train_file", "data.label_column"))}
+    train = pipeline_train(setup, **{"train.steps": 3, "train.checkpoint_every": 3})
     file = tmp_path / "kinds.py"
     file.write_text(PIPELINE.format(file=file, train=train, source=str(setup / "tweets.csv"), model=str(setup / "model")))
     cwd = tmp_path / "cwd"
