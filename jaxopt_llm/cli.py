@@ -394,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
         r.set_defaults(run=lambda a: _sweep(_split_grid(a)), overrides=[])
 
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
-    b.add_argument("--tasks", default="classify,mlm,adversarial,distill,ensemble,compile,predict",
-                   help="comma-separated: classify, mlm, adversarial, distill, ensemble, compile, predict")
+    b.add_argument("--tasks", default="classify,mlm,adversarial,distill,ensemble,compile,predict,cold-start",
+                   help="comma-separated rows: classify, mlm, adversarial, distill, ensemble, compile, predict, "
+                        "cold-start")
     b.add_argument("--json", action="store_true", help="print the rows as one JSON object only")
     b.add_argument("--members", type=int, default=5, help="members of the ensemble row")
     b.add_argument("--student-layers", type=int, default=2, help="depth of the distillation row's student")

@@ -160,8 +160,6 @@ def task_of(folder: Path) -> str:
 
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint folder as numpy arrays (safetensors, sharded or not; or pytorch_model.bin)."""
-    from safetensors.flax import load_file
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -177,12 +175,24 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
         if not (folder / name).is_file():
             raise CheckpointError(f"the shard index names {name!r}, which is missing from {str(folder)!r}.")
         try:
-            tensors.update({k: np.asarray(v) for k, v in load_file(folder / name).items()})
+            tensors.update(_load_safetensors(folder / name))
         except Exception as err:  # truncated or garbage: safetensors' own message is about bytes, not the file
             raise CheckpointError(f"{str(folder / name)!r} is not a readable safetensors file ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''}); re-download or re-export "
                                   "the checkpoint.") from None
     return tensors
+
+
+def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """numpy's reader (no device round trip); bfloat16 files, which it cannot type, through the flax reader."""
+    from safetensors import numpy as st_numpy
+
+    try:
+        return st_numpy.load_file(file)
+    except KeyError:  # a dtype numpy lacks (BF16)
+        from safetensors.flax import load_file
+
+        return {k: np.asarray(v) for k, v in load_file(file).items()}
 
 
 def _read_torch(file: Path) -> dict[str, np.ndarray]:
@@ -273,6 +283,13 @@ def convert(tensors: dict[str, np.ndarray], config: BertConfig, task: str,
     return params, missing, unused
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract(config: BertConfig, task: str) -> tuple[Any, Any]:
+    """(graphdef, state of shapes) of a `Bert(config, task)`. Cached: tracing the constructor takes seconds, and
+    neither part depends on the seed or is changed by its users."""
+    return nnx.split(nnx.eval_shape(lambda: Bert(config, task, rngs=nnx.Rngs(0))))
+
+
 def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_labels: int | None = None,
                     dtype: str = "float32", param_dtype: str = "float32", seed: int = 0,
                     required: tuple[str, ...] = (), **config_changes: Any) -> Bert:
@@ -294,9 +311,8 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_
     tensors = read_weights(folder)
 
     unrolled = config.replace(scan_layers=False, remat="none")  # checkpoints name layers one by one
-    abstract = nnx.eval_shape(lambda: Bert(unrolled, task, rngs=nnx.Rngs(seed)))
-    _, state = nnx.split(abstract)
-    graphdef = nnx.split(nnx.eval_shape(lambda: Bert(config, task, rngs=nnx.Rngs(seed))))[0]
+    state = _abstract(unrolled, task)[1]
+    graphdef = _abstract(config, task)[0]
     params, missing, unused = convert(tensors, config, task, _flat(state))
     encoder_missing = [p for p in missing if p.split(".")[0] not in _HEADS]
     if encoder_missing:
@@ -331,14 +347,12 @@ def load_tokenizer(folder: str | os.PathLike, vocab_size: int | None = None) -> 
     """The tokenizer saved in a model folder (any model reference), checked against the model: a folder
     without tokenizer files, or a tokenizer whose size or special ids do not fit `vocab_size` (default: the
     folder's config.json), is refused rather than silently mapping every word to [UNK]."""
-    from transformers import AutoTokenizer
-
     folder = resolve(folder)
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         raise CheckpointError(f"{str(folder)!r} has no tokenizer (tokenizer.json or vocab.txt). Save it with the "
                               "model (jaxopt_llm.save_pretrained(model, out, tokenizer=tokenizer)) or copy the "
                               "tokenizer files of the model it came from into the folder.")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = _tokenizer_class(folder).from_pretrained(folder)
     vocab_size = vocab_size or int(read_config(folder)["vocab_size"])
     special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("cls", "sep", "pad", "mask", "unk")}
     bad = {k: v for k, v in special.items() if v is not None and not 0 <= v < vocab_size}
@@ -347,6 +361,20 @@ def load_tokenizer(folder: str | os.PathLike, vocab_size: int | None = None) -> 
                               + (f", special ids {bad}" if bad else "") + f", but the model's vocab_size is "
                               f"{vocab_size}. Use the tokenizer the model was trained with.")
     return tokenizer
+
+
+def _tokenizer_class(folder: Path) -> Any:
+    """BertTokenizer itself when the folder names it (what AutoTokenizer resolves it to, without importing the auto
+    registry, and torch with it where torch is installed: seconds of every cold start), else AutoTokenizer."""
+    config = folder / "tokenizer_config.json"
+    name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if name in ("BertTokenizer", "BertTokenizerFast"):
+        from transformers.models.bert.tokenization_bert import BertTokenizer
+
+        return BertTokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
 
 
 def stack_layers(flat: dict[str, Any], n: int) -> dict[str, Any]:
