@@ -76,9 +76,10 @@ def table(results: list[dict], budgets: list[int], plot: str) -> None:
         cells = []
         for b in budgets:
             acc = [r["accuracy"] for r in results if r["strategy"] == s and r["labelled"] == b]
-            curves.setdefault(s, []).append((b, np.mean(acc) if acc else np.nan, np.std(acc) if acc else 0))
-            cells.append(f"{np.mean(acc):.3f} ± {np.std(acc):.3f}" if acc else "–")
-        seconds = [r["seconds"] for r in results if r["strategy"] == s]
+            sd = float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0  # sample standard deviation over seeds
+            curves.setdefault(s, []).append((b, np.mean(acc) if acc else np.nan, sd))
+            cells.append(f"{np.mean(acc):.3f} ± {sd:.3f}" if acc else "–")
+        seconds = [r["seconds"] for r in results if r["strategy"] == s and r["seconds"] is not None]
         print(f"| {s} | " + " | ".join(cells) + f" | {np.mean(seconds):.0f} |")
     import matplotlib
 

@@ -464,12 +464,15 @@ class Rounds:
 def simulate(rounds: Rounds, gold: dict[str, str], budgets: Sequence[int], strategy: str, *,
              steps: int | None = None) -> list[dict]:
     """Gold labels answer the queries: query up to each budget, import, train; one row per round with the
-    eval metrics and the wall time of the round."""
+    eval metrics and the wall time of the round. A budget reached by an earlier call (a rerun after a crash)
+    reports its trained round's metrics, with seconds None: that round's time was not measured here."""
     out = []
     for budget in budgets:
         start = time.perf_counter()
         n = budget - len(rounds.labelled())
         if n <= 0:
+            done = [c for c in rounds.status()["curve"] if c["labelled"] == budget]
+            out += [{"labelled": budget, "accuracy": c["accuracy"], "f1": c["f1"], "seconds": None} for c in done[:1]]
             continue
         items = rounds.query(n, strategy)
         rounds.import_answers({it["id"]: gold[it["id"]] for it in items})

@@ -154,3 +154,7 @@ def test_two_rounds_through_the_cli(pool, setup, tmp_path, capsys):
     assert [c["labelled"] for c in status["curve"]] == [24, 48] and len(status["agreement"]) == 1
     queried = [set(json.loads((Path(run) / "queries" / f"{k}.json").read_text())["ids"]) for k in range(2)]
     assert not queried[0] & queried[1]  # a labelled text is never queried again
+    # a simulation rerun over budgets already reached trains nothing and reports the trained rounds
+    again = active.simulate(active.Rounds(Path(run)), gold, [24, 48], "entropy")
+    assert again == [{"labelled": c["labelled"], "accuracy": c["accuracy"], "f1": c["f1"], "seconds": None}
+                     for c in status["curve"]]
