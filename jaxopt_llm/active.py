@@ -464,21 +464,24 @@ class Rounds:
 def simulate(rounds: Rounds, gold: dict[str, str], budgets: Sequence[int], strategy: str, *,
              steps: int | None = None) -> list[dict]:
     """Gold labels answer the queries: query up to each budget, import, train; one row per round with the
-    eval metrics and the wall time of the round. A budget reached by an earlier call (a rerun after a crash)
-    reports its trained round's metrics, with seconds None: that round's time was not measured here."""
+    eval metrics and the wall time of the round. Rerun after a crash, a budget whose labels are in is trained
+    if its round was not, and a budget passed earlier reports its trained round; seconds is None for a round
+    not trained by this call."""
     out = []
     for budget in budgets:
         start = time.perf_counter()
         n = budget - len(rounds.labelled())
-        if n <= 0:
+        if n < 0:
             done = [c for c in rounds.status()["curve"] if c["labelled"] == budget]
             out += [{"labelled": budget, "accuracy": c["accuracy"], "f1": c["f1"], "seconds": None} for c in done[:1]]
             continue
-        items = rounds.query(n, strategy)
-        rounds.import_answers({it["id"]: gold[it["id"]] for it in items})
+        if n > 0:
+            items = rounds.query(n, strategy)
+            rounds.import_answers({it["id"]: gold[it["id"]] for it in items})
+        trained_before = (rounds.model(rounds.round() - 1) / "round.json").is_file()
         metrics = rounds.train(steps)
         out.append({"labelled": metrics["labelled"], "accuracy": metrics.get("accuracy"), "f1": metrics.get("f1"),
-                    "seconds": time.perf_counter() - start})
+                    "seconds": None if trained_before else time.perf_counter() - start})
     return out
 
 

@@ -154,7 +154,11 @@ def test_two_rounds_through_the_cli(pool, setup, tmp_path, capsys):
     assert [c["labelled"] for c in status["curve"]] == [24, 48] and len(status["agreement"]) == 1
     queried = [set(json.loads((Path(run) / "queries" / f"{k}.json").read_text())["ids"]) for k in range(2)]
     assert not queried[0] & queried[1]  # a labelled text is never queried again
-    # a simulation rerun over budgets already reached trains nothing and reports the trained rounds
-    again = active.simulate(active.Rounds(Path(run)), gold, [24, 48], "entropy")
-    assert again == [{"labelled": c["labelled"], "accuracy": c["accuracy"], "f1": c["f1"], "seconds": None}
-                     for c in status["curve"]]
+    # a crash after a third round's import, before its training: a simulation rerun reports the trained
+    # rounds without training them again and trains the third
+    rounds = active.Rounds(Path(run))
+    rounds.import_answers({it["id"]: gold[it["id"]] for it in rounds.query(24, "entropy")})
+    again = active.simulate(rounds, gold, [24, 48, 72], "entropy")
+    assert again[:2] == [{"labelled": c["labelled"], "accuracy": c["accuracy"], "f1": c["f1"], "seconds": None}
+                         for c in status["curve"]]
+    assert again[2]["labelled"] == 72 and again[2]["seconds"] > 0 and (Path(run) / "rounds" / "2" / "round.json").is_file()
