@@ -335,6 +335,9 @@ class Rounds:
     def model(self, k: int) -> Path:
         return self.path / "rounds" / str(k)
 
+    def trained(self, k: int) -> bool:
+        return (self.model(k) / "round.json").is_file()
+
     def latest_model(self) -> Path | None:
         trained = [k for k in range(self.round() + 1) if (self.model(k) / "run.json").is_file()
                    and ((self.model(k) / "model").is_dir() or (self.model(k) / "members").is_dir())]
@@ -420,7 +423,7 @@ class Rounds:
         state, k = self.state(), self.round() - 1
         if k < 0 or not self.labelled():
             raise LabelError("no labels yet: query, label and import a round first.")
-        if (self.model(k) / "round.json").is_file():  # trained already: nothing is trained twice
+        if self.trained(k):  # trained already: nothing is trained twice
             info = json.loads((self.model(k) / "round.json").read_text())
             return {"round": k, "labelled": info["labelled"], **info["eval"]}
         overrides = [*state["overrides"], f"data.train_file={self.labelled_file}", "data.text_column=text",
@@ -448,7 +451,7 @@ class Rounds:
         counts = {name: sum(r["label"] == name for r in labelled) for name in state["labels"]}
         curve, agreement, previous = [], [], None
         k = 0
-        while (self.model(k) / "round.json").is_file():
+        while self.trained(k):
             info = json.loads((self.model(k) / "round.json").read_text())
             curve.append({"round": k, "labelled": info["labelled"], **{m: info["eval"].get(m) for m in
                                                                       ("accuracy", "f1")}})
@@ -478,7 +481,7 @@ def simulate(rounds: Rounds, gold: dict[str, str], budgets: Sequence[int], strat
         if n > 0:
             items = rounds.query(n, strategy)
             rounds.import_answers({it["id"]: gold[it["id"]] for it in items})
-        trained_before = (rounds.model(rounds.round() - 1) / "round.json").is_file()
+        trained_before = rounds.trained(rounds.round() - 1)
         metrics = rounds.train(steps)
         out.append({"labelled": metrics["labelled"], "accuracy": metrics.get("accuracy"), "f1": metrics.get("f1"),
                     "seconds": None if trained_before else time.perf_counter() - start})

@@ -9,6 +9,7 @@ does, so FLOP/s compares like with like even though our steps skip part of it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -253,6 +254,7 @@ def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2) -> list[dict]
              "target": "within 5 % (0.95 - 1.05)"}]
 
 
+@functools.lru_cache(maxsize=1)
 def _classifier_folder() -> Path:
     """MiniLM + one freshly initialised 3-class head (seed 0), saved as an HF folder with its tokenizer."""
     import tempfile

@@ -314,7 +314,8 @@ def _bench(args: argparse.Namespace) -> None:
                           seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
                           adversarial_steps=args.adversarial_steps, student_layers=args.student_layers,
                           members=args.members)
-    bench.print_table(c, bench.run(c, tuple(args.tasks.split(","))), as_json=args.json)
+    rows = bench.run(c, tuple(args.tasks.split(",")) if args.tasks else bench.TASKS)
+    bench.print_table(c, rows, as_json=args.json)
 
 
 def _pipeline(args: argparse.Namespace) -> None:
@@ -394,9 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         r.set_defaults(run=lambda a: _sweep(_split_grid(a)), overrides=[])
 
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
-    b.add_argument("--tasks", default="classify,mlm,adversarial,distill,ensemble,compile,predict,cold-start",
-                   help="comma-separated rows: classify, mlm, adversarial, distill, ensemble, compile, predict, "
-                        "cold-start")
+    b.add_argument("--tasks", help="comma-separated rows (default: every row): classify, mlm, adversarial, "
+                                   "distill, ensemble, compile, predict, cold-start")
     b.add_argument("--json", action="store_true", help="print the rows as one JSON object only")
     b.add_argument("--members", type=int, default=5, help="members of the ensemble row")
     b.add_argument("--student-layers", type=int, default=2, help="depth of the distillation row's student")
