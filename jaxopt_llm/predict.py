@@ -19,22 +19,23 @@ from flax import nnx
 from jaxopt_llm.bert.modeling import Bert
 from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve, task_of
 
-LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Padded lengths: steps of 8 tokens up to 64, then 16, 32, 64; a text pads at most 25 % beyond its length.
+LENGTH_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 _HEADS = {"sequence-classification": ("classifier",), "masked-lm": ("mlm",), "pretraining": ("mlm",)}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "top_k"))
 def _fill_mask(graphdef, state, ids_bt, mask_bt, types_bt, positions_bp, top_k):
     model = nnx.merge(graphdef, state)
-    hidden_btd = model.encode(model.embed(ids_bt), mask_bt, types_bt)
-    hidden_bpd = jnp.take_along_axis(hidden_btd, positions_bp[..., None], axis=1)
+    hidden_bpd = model.encode(model.embed(ids_bt), mask_bt, types_bt, output_positions=positions_bp)
     probs_bpv = jax.nn.softmax(model.mlm_logits(hidden_bpd), axis=-1)  # vocabulary only at [MASK] positions
     return jax.lax.top_k(probs_bpv, top_k)
 
 
 def _logits(graphdef, state, ids_bt, mask_bt, types_bt):
     model = nnx.merge(graphdef, state)
-    return model.classify_logits(model.encode(model.embed(ids_bt), mask_bt, types_bt))
+    cls_b1 = jnp.zeros((ids_bt.shape[0], 1), jnp.int32)  # the last layer only at [CLS], the one position read
+    return model.classify_logits(model.encode(model.embed(ids_bt), mask_bt, types_bt, output_positions=cls_b1))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
