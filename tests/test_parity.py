@@ -70,8 +70,7 @@ def test_scanned_layers_equal_unrolled_and_round_trip_through_transformers(hf_di
     for task in ("base", "pretraining"):
         unrolled = bert.from_pretrained(hf_dirs[task], task)
         scanned = bert.from_pretrained(hf_dirs[task], task, scan_layers=True)
-        assert scanned.layers.attention.qkv.kernel[...].shape == (1, 24, 72)  # (layers but the last, d, 3d)
-        assert scanned.last_layer.attention.qkv.kernel[...].shape == (24, 72)
+        assert scanned.layers.attention.qkv.kernel[...].shape == (2, 24, 72)  # (layers, d, 3d)
         for a, b in zip(jax.tree.leaves(unrolled(ids, mask, types)), jax.tree.leaves(scanned(ids, mask, types))):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     bert.save_pretrained(scanned, tmp_path)  # the checkpoint names layers one by one, as transformers does
