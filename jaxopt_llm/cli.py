@@ -533,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    compile_cache()
+    if args.command != "bench":  # bench times compilation: it must compile, not read an earlier run's program
+        compile_cache()
     from jaxopt_llm.train import PREEMPTED_EXIT_CODE, Preempted
 
     try:

@@ -19,7 +19,8 @@ from flax import nnx
 from jaxopt_llm.bert.modeling import Bert
 from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve, task_of
 
-# Padded lengths: steps of 8 tokens up to 64, then 16, 32, 64; a text pads at most 25 % beyond its length.
+# Padded lengths: steps of 8 tokens up to 64, then 16, 32, 64: a text gains at most 7 pad tokens up to 64
+# tokens, at most 25 % beyond that.
 LENGTH_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 _HEADS = {"sequence-classification": ("classifier",), "masked-lm": ("mlm",), "pretraining": ("mlm",)}
 

@@ -10,7 +10,7 @@ from conftest import TINY
 
 from jaxopt_llm import cli
 from jaxopt_llm.assets import minilm_path
-from jaxopt_llm.predict import Predictor, compile_count
+from jaxopt_llm.predict import LENGTH_BUCKETS, Predictor, _bucket, compile_count
 
 TEXTS = ["The [MASK] runs through the park.", "Paris is the [MASK] of France.",
          "I [MASK] this movie so much, it was [MASK]!"]
@@ -76,6 +76,12 @@ def test_new_batch_same_bucket_does_not_recompile(mlm):
     before = compile_count()
     predictor.fill_mask(["The [MASK] is blue today.", "We [MASK] home."], top_k=3)
     assert compile_count() == before
+
+
+def test_length_buckets_pad_at_most_7_tokens_up_to_64_and_a_quarter_beyond():
+    for n in range(1, 513):
+        padded = _bucket(n, LENGTH_BUCKETS)
+        assert n <= padded and (padded - n <= 7 if n <= 64 else padded <= 1.25 * n), (n, padded)
 
 
 def test_fill_mask_needs_a_mask(mlm):
