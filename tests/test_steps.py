@@ -221,3 +221,6 @@ def test_bench_runs_both_sides_on_a_tiny_config():
     assert all(r["ours"] > 0 and r["reference"] > 0 for r in rows)
     with pytest.raises(ValueError, match=r"unknown bench rows \['classfy'\]: choose from classify, mlm"):
         bench.run(c, ("classfy",))
+    # this test process keeps a persistent compilation cache (conftest): rows that time compilation refuse it
+    with pytest.raises(ValueError, match=r"bench rows \['compile', 'predict'\] time compilation, but JAX's persistent"):
+        bench.run(c, ("predict", "compile"))
