@@ -224,3 +224,29 @@ def test_bench_runs_both_sides_on_a_tiny_config():
     # this test process keeps a persistent compilation cache (conftest): rows that time compilation refuse it
     with pytest.raises(ValueError, match=r"bench rows \['compile', 'predict'\] time compilation, but JAX's persistent"):
         bench.run(c, ("predict", "compile"))
+
+
+def test_gpu_bench_script_checks_parity_with_pytorch_then_times_both_sides(tmp_path):
+    """experiments/gpu_bench.py (the prepared accelerator script) on a tiny float32 config on CPU: both sides
+    load one checkpoint, and its pre-timing check measures our logits against PyTorch's."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tiny = ["--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab", "500", "--batch", "4",
+            "--seq", "16", "--steps", "1", "--warmup", "1", "--dtype", "float32"]
+    result = script.main([*tiny, "--peak-tflops", "2", "--json", str(tmp_path / "r.json")])
+    assert result["check_max_abs_logit_diff"] < 1e-5
+    assert json.loads((tmp_path / "r.json").read_text())["speedup"] == pytest.approx(result["speedup"])
+    for side in ("ours", "pytorch"):
+        s = result[side]
+        assert s["sequences_per_s"] == pytest.approx(4 / (s["ms_per_step"] / 1e3))
+        assert s["mfu"] == pytest.approx(s["model_tflop_per_s"] / 2)
+    assert script.peak_tflops("NVIDIA H200", "bfloat16", None) == 989.0
+    assert script.peak_tflops("cpu", "bfloat16", None) is None
+    with pytest.raises(SystemExit):  # argparse: token ids are drawn from 104 upwards
+        script.main([*tiny[:8], "--vocab", "100"])
