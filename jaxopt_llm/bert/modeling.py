@@ -175,8 +175,8 @@ class _Factory:
         self.cfg, self.rngs = cfg, rngs
         self.init = nnx.initializers.normal(cfg.initializer_range)
 
-    def linear(self, n_in: int, n_out: int) -> nnx.Linear:
-        return nnx.Linear(n_in, n_out, kernel_init=self.init, dtype=self.cfg.dtype,
+    def linear(self, n_in: int, n_out: int) -> Linear:
+        return Linear(n_in, n_out, kernel_init=self.init, dtype=self.cfg.dtype,
                           param_dtype=self.cfg.param_dtype, rngs=self.rngs)
 
     def norm(self) -> nnx.LayerNorm:
@@ -237,8 +237,40 @@ class Attention(nnx.Module):
         return self.out(ctx.reshape(b, ctx.shape[1], d))
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., k) @ w (k, n). Same values and gradients as `jnp.dot`; its weight gradient puts the smaller of
+    x and the output gradient on the left of the token contraction, transposed. XLA's CPU GEMM wants its left
+    operand's contracted dimension minor, and left to itself it transposed the larger one (an FFN
+    activation) and ran the product outside YNNPACK: 1.26x slower classification train step on the bench.
+    Reverse mode only: forward-mode differentiation (`jax.jvp`) is not defined through a custom VJP."""
+    return jnp.dot(x, w)
+
+
+def _matmul_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _matmul_bwd(residuals, g):
+    x, w = residuals
+    k, n = w.shape
+    x_nk, g_nn = x.reshape(-1, k), g.reshape(-1, n)
+    dw = jnp.dot(x_nk.T, g_nn) if k <= n else jnp.dot(g_nn.T, x_nk).T
+    return jnp.dot(g, w.T).astype(x.dtype), dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def _dense(x, kernel, bias, dtype):
-    return jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    return matmul(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+
+class Linear(nnx.Linear):
+    """`nnx.Linear` (same parameters, kernel (in, out)) whose product is `matmul`."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _dense(x, self.kernel[...], self.bias[...], self.dtype or jnp.result_type(x, self.kernel[...]))
 
 
 class Layer(nnx.Module):
