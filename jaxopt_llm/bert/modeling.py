@@ -17,8 +17,14 @@ from flax import nnx
 
 TASKS = ("base", "masked-lm", "pretraining", "sequence-classification")
 
+def _erf_gelu(x: jax.Array) -> jax.Array:
+    """HF "gelu", PyTorch's formula x * (1 + erf(x / sqrt 2)) / 2: jax.nn.gelu(approximate=False) goes through
+    erfc and its forward + backward took 2 - 3x as long on XLA:CPU, with the same distance to PyTorch's."""
+    return x * 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # erf GELU, as HF "gelu"
+    "gelu": _erf_gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
