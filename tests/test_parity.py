@@ -107,8 +107,9 @@ def test_matmul_vjp_equals_jnp_dot(k, n):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
-def test_gradients_equal_pytorch(hf_dirs, batch):
-    """Every parameter's gradient of the classification loss (dropout off) against PyTorch's autograd."""
+@pytest.mark.parametrize("task", ["sequence-classification", "masked-lm"])
+def test_gradients_equal_pytorch(task, hf_dirs, batch):
+    """Every parameter's gradient of the task's loss (dropout off) against PyTorch's autograd."""
     import jax
     import torch
     from flax import nnx
@@ -116,21 +117,43 @@ def test_gradients_equal_pytorch(hf_dirs, batch):
     from jaxopt_llm import losses
 
     ids, mask, types = batch
-    labels = np.array([0, 2, 1])
-    ref_model = hf_model("sequence-classification")
+    if task == "masked-lm":  # a few labelled positions, -100 elsewhere (PyTorch's convention)
+        labels = np.full(ids.shape, -100)
+        labels[:, 1:4] = ids[:, 1:4]
+    else:
+        labels = np.array([0, 2, 1])
+    ref_model = hf_model(task)
     ref_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types),
               labels=torch.tensor(labels)).loss.backward()
     ref = {name: p.grad.numpy() for name, p in ref_model.named_parameters()}
 
-    model = bert.from_pretrained(hf_dirs["sequence-classification"], "sequence-classification")
+    model = bert.from_pretrained(hf_dirs[task], task)
     graphdef, params = nnx.split(model)
 
     def loss(params):
         logits = nnx.merge(graphdef, params)(ids, mask, types)
-        return losses.cross_entropy(logits, labels).mean()
+        where = labels >= 0
+        return losses.cross_entropy(logits, np.maximum(labels, 0), where).sum() / where.sum()
 
     grads = bert.params.to_hf_tensors(nnx.merge(graphdef, jax.grad(loss)(params)))
     assert sorted(grads) == sorted(ref)
     for name, g in grads.items():
         np.testing.assert_allclose(g, ref[name], rtol=0, atol=1e-6, err_msg=name)
     assert max(np.abs(g).max() for g in ref.values()) > 1e-2  # not a comparison of near-zero arrays
+
+
+def test_tied_logits_vjp_equals_the_einsum():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxopt_llm.bert.modeling import tied_logits
+
+    rng = np.random.RandomState(1)
+    h, w, b, g = rng.randn(5, 4), rng.randn(9, 4), rng.randn(9), rng.randn(5, 9)
+    h, w, b, g = (jnp.asarray(a, jnp.float32) for a in (h, w, b, g))
+    ours = jax.vjp(tied_logits, h, w, b)
+    ref = jax.vjp(lambda h, w, b: jnp.einsum("nd,vd->nv", h, w) + b, h, w, b)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=0, atol=1e-6)
+    for a, r in zip(ours[1](g), ref[1](g)):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        np.testing.assert_allclose(a, r, rtol=0, atol=1e-5)
