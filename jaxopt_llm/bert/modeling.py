@@ -17,6 +17,7 @@ from flax import nnx
 
 TASKS = ("base", "masked-lm", "pretraining", "sequence-classification")
 
+
 def _erf_gelu(x: jax.Array) -> jax.Array:
     """HF "gelu", PyTorch's formula x * (1 + erf(x / sqrt 2)) / 2: jax.nn.gelu(approximate=False) goes through
     erfc and its forward + backward took 2 - 3x as long on XLA:CPU, with the same distance to PyTorch's."""
