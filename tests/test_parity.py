@@ -89,22 +89,25 @@ def test_scanned_layers_equal_unrolled_and_round_trip_through_transformers(hf_di
     np.testing.assert_allclose(outs[2], outs[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("k,n", [(6, 10), (10, 6)])  # both orders of the weight-gradient product
-def test_matmul_vjp_equals_jnp_dot(k, n):
+@pytest.mark.parametrize("k,n,tied", [(6, 10, False), (10, 6, False), (4, 9, True)])
+def test_dense_vjp_equals_the_plain_expression(k, n, tied):
+    """Both orders of the weight-gradient product, and the MLM decoder's use: the weight given transposed
+    (the word embeddings, (v, d)), gradients taken for it."""
     import jax
     import jax.numpy as jnp
 
-    from jaxopt_llm.bert.modeling import matmul
+    from jaxopt_llm.bert.modeling import dense
 
     rng = np.random.RandomState(0)
-    x, w, g = rng.randn(2, 3, k), rng.randn(k, n), rng.randn(2, 3, n)
-    x, w, g = (jnp.asarray(a, jnp.float32) for a in (x, w, g))
-    ours = jax.vjp(matmul, x, w)
-    ref = jax.vjp(jnp.dot, x, w)
+    x, w, b, g = rng.randn(2, 3, k), rng.randn(n, k) if tied else rng.randn(k, n), rng.randn(n), rng.randn(2, 3, n)
+    x, w, b, g = (jnp.asarray(a, jnp.float32) for a in (x, w, b, g))
+    weight = (lambda w: w.T) if tied else (lambda w: w)
+    ours = jax.vjp(lambda x, w, b: dense(x, weight(w), b, jnp.dtype(jnp.float32)), x, w, b)
+    ref = jax.vjp(lambda x, w, b: jnp.dot(x, weight(w)) + b, x, w, b)
     np.testing.assert_allclose(ours[0], ref[0], rtol=0, atol=1e-6)
-    for a, b in zip(ours[1](g), ref[1](g)):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    for a, r in zip(ours[1](g), ref[1](g)):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        np.testing.assert_allclose(a, r, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "masked-lm"])
@@ -141,19 +144,3 @@ def test_gradients_equal_pytorch(task, hf_dirs, batch):
         np.testing.assert_allclose(g, ref[name], rtol=0, atol=1e-6, err_msg=name)
     assert max(np.abs(g).max() for g in ref.values()) > 1e-2  # not a comparison of near-zero arrays
 
-
-def test_tied_logits_vjp_equals_the_einsum():
-    import jax
-    import jax.numpy as jnp
-
-    from jaxopt_llm.bert.modeling import tied_logits
-
-    rng = np.random.RandomState(1)
-    h, w, b, g = rng.randn(5, 4), rng.randn(9, 4), rng.randn(9), rng.randn(5, 9)
-    h, w, b, g = (jnp.asarray(a, jnp.float32) for a in (h, w, b, g))
-    ours = jax.vjp(tied_logits, h, w, b)
-    ref = jax.vjp(lambda h, w, b: jnp.einsum("nd,vd->nv", h, w) + b, h, w, b)
-    np.testing.assert_allclose(ours[0], ref[0], rtol=0, atol=1e-6)
-    for a, r in zip(ours[1](g), ref[1](g)):
-        assert a.shape == r.shape and a.dtype == r.dtype
-        np.testing.assert_allclose(a, r, rtol=0, atol=1e-5)

@@ -8,6 +8,7 @@ and returned logits are float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -244,37 +245,43 @@ class Attention(nnx.Module):
         return self.out(ctx.reshape(b, ctx.shape[1], d))
 
 
-@jax.custom_vjp
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., k) @ w (k, n). Same values and gradients as `jnp.dot`; its weight gradient puts the smaller of
-    x and the output gradient on the left of the token contraction, transposed. XLA's CPU GEMM wants its left
-    operand's contracted dimension minor, and left to itself it transposed the larger one (an FFN
-    activation) and ran the product outside YNNPACK: 1.26x slower classification train step on the bench.
-    Reverse mode only: forward-mode differentiation (`jax.jvp`) is not defined through a custom VJP."""
-    return jnp.dot(x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dense(x: jax.Array, w: jax.Array, bias: jax.Array, out_dtype) -> jax.Array:
+    """x (..., k) @ w (k, n) + bias (n), in `out_dtype` (x, w in the compute dtype). Same values and gradients as
+    the plain expression; in the backward pass the weight gradient contracts the tokens with the smaller of x
+    and the output gradient transposed, and the bias gradient is a matrix-vector product. XLA:CPU, left to
+    JAX's rules, transposed the larger operand (an FFN activation gradient; the MLM decoder's 640 x 30522
+    logit gradient) and ran the product outside YNNPACK, and summed bias gradients column-wise: classification
+    step 1.25x, MLM step 1.2x slower on the bench. Reverse mode only: `jax.jvp` is not defined through it."""
+    return jnp.dot(x, w, preferred_element_type=out_dtype) + bias.astype(out_dtype)
 
 
-def _matmul_fwd(x, w):
-    return jnp.dot(x, w), (x, w)
+def _dense_fwd(x, w, bias, out_dtype):
+    return dense(x, w, bias, out_dtype), (x, w, bias)
 
 
-def _matmul_bwd(residuals, g):
-    x, w = residuals
+def _dense_bwd(out_dtype, residuals, g):
+    x, w, bias = residuals
     k, n = w.shape
-    x_nk, g_nn = x.reshape(-1, k), g.reshape(-1, n)
-    dw = jnp.dot(x_nk.T, g_nn) if k <= n else jnp.dot(g_nn.T, x_nk).T
-    return jnp.dot(g, w.T).astype(x.dtype), dw.astype(w.dtype)
+    g_c = g.astype(w.dtype)
+    x_nk, g_nn = x.reshape(-1, k), g_c.reshape(-1, n)
+    f32 = jnp.float32
+    dw = (jnp.dot(x_nk.T, g_nn, preferred_element_type=f32) if k <= n
+          else jnp.dot(g_nn.T, x_nk, preferred_element_type=f32).T)
+    dx = jnp.dot(g_c, w.T, preferred_element_type=f32)
+    db = jnp.dot(jnp.ones((g_nn.shape[0],), g.dtype), g.reshape(-1, n), preferred_element_type=f32)
+    return dx.astype(x.dtype), dw.astype(w.dtype), db.astype(bias.dtype)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def _dense(x, kernel, bias, dtype):
-    return matmul(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    return dense(x.astype(dtype), kernel.astype(dtype), bias, jnp.dtype(dtype))
 
 
 class Linear(nnx.Linear):
-    """`nnx.Linear` (same parameters, kernel (in, out)) whose product is `matmul`."""
+    """`nnx.Linear` (same parameters, kernel (in, out)) computed by `dense`."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return _dense(x, self.kernel[...], self.bias[...], self.dtype or jnp.result_type(x, self.kernel[...]))
@@ -312,32 +319,8 @@ class MaskedLMHead(nnx.Module):
 
     def __call__(self, x_bd, word_embedding_vd):
         h = self.norm(_ACTIVATIONS[self.cfg.hidden_act](self.transform(x_bd)))
-        logits_nv = tied_logits(h.reshape(-1, h.shape[-1]), word_embedding_vd.astype(h.dtype), self.bias[...])
-        return logits_nv.reshape(*h.shape[:-1], -1)
-
-
-@jax.custom_vjp
-def tied_logits(h_nd: jax.Array, w_vd: jax.Array, bias_v: jax.Array) -> jax.Array:
-    """float32 logits h @ w.T + bias (n, v). Same values and gradients as the einsum; in the backward pass the
-    weight gradient contracts the positions with h transposed (XLA:CPU otherwise transposed the (n, v)
-    logit gradient, 78 MB on the bench) and the bias gradient is a matrix-vector product, not a column sum."""
-    return jnp.einsum("nd,vd->nv", h_nd, w_vd, preferred_element_type=jnp.float32) + bias_v.astype(jnp.float32)
-
-
-def _tied_fwd(h_nd, w_vd, bias_v):
-    return tied_logits(h_nd, w_vd, bias_v), (h_nd, w_vd, bias_v)
-
-
-def _tied_bwd(residuals, g_nv):
-    h_nd, w_vd, bias_v = residuals
-    g = g_nv.astype(w_vd.dtype)
-    dh = jnp.dot(g, w_vd, preferred_element_type=jnp.float32).astype(h_nd.dtype)
-    dw = jnp.dot(h_nd.T, g, preferred_element_type=jnp.float32).T.astype(w_vd.dtype)
-    db = jnp.dot(jnp.ones((g_nv.shape[0],), g_nv.dtype), g_nv).astype(bias_v.dtype)
-    return dh, dw, db
-
-
-tied_logits.defvjp(_tied_fwd, _tied_bwd)
+        w_dv = word_embedding_vd.astype(h.dtype).T
+        return dense(h, w_dv, self.bias[...], jnp.dtype(jnp.float32))
 
 
 class Bert(nnx.Module):
