@@ -95,9 +95,13 @@ def test_outer_update_is_the_gradient_at_the_found_perturbation(dirs):
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "masked-lm"])
-def test_zero_steps_is_exactly_the_clean_step(dirs, task):
+def test_zero_steps_is_the_clean_step_to_the_last_bits(dirs, task):
+    """Two programs compiled apart (XLA may fuse and round them differently): the parameters after one SGD
+    step agree to float32 rounding (1e-8 absolute, 2e-6 relative). A misaligned dropout key or a stray
+    perturbation changes the gradient itself, moving parameters by 1e-4 and more at this learning rate. (SGD,
+    not Adam: Adam scales the rounding noise of a zero gradient, the key bias's, up to a step's size.)"""
     graphdef, params = nnx.split(bert.from_pretrained(dirs[task], task))  # dropout on: keys must line up
-    tx = optax.adam(1e-3)
+    tx = optax.sgd(0.1)
     batch = make_batch()
     key = jax.random.key(3)
     step_clean = clean.make_train_step(graphdef, tx, task_for(task))
@@ -105,7 +109,7 @@ def test_zero_steps_is_exactly_the_clean_step(dirs, task):
     a, ma = jax.jit(step_clean)(state_lib.create(params, tx), batch, key)
     b, mb = jax.jit(adv)(state_lib.create(params, tx), batch, key)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_array_equal(x, y)
+        np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-8)
     assert mean_metrics(ma)["loss"] == pytest.approx(mean_metrics(mb)["loss"], rel=1e-6)
 
 

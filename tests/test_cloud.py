@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import overrides
+from conftest import overrides, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "test-bucket"
@@ -79,7 +79,7 @@ def steps(prefix: str) -> list[int]:
 def cli(args, cwd, env=None):
     return subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", *args], cwd=cwd,
                             env={**os.environ, "PYTHONPATH": str(ROOT),
-                                 **(env or {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})},
+                                 **(env or {"XLA_FLAGS": xla_flags(1)})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -201,7 +201,7 @@ def test_two_processes_run_a_pipeline_in_the_bucket_as_one_process_does_with_one
     port = 21000 + os.getpid() % 20000
 
     def pair():
-        env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+        env = {"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
         return [cli(["pipeline", "run", str(file), "--workdir", f"gs://{BUCKET}/two"], tmp_path,
                     {**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
@@ -211,7 +211,7 @@ def test_two_processes_run_a_pipeline_in_the_bucket_as_one_process_does_with_one
         return json.loads(out.splitlines()[-1])["stages"], err
 
     single = cli(["pipeline", "run", str(file), "--workdir", str(tmp_path / "one")], tmp_path,
-                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                 {"XLA_FLAGS": xla_flags(2)})
     (two, err0), (two1, err1), (one, _) = map(run, pair() + [single])
     assert "report:" in err0 and "report:" not in err1 and "[2/4]" not in err1  # one progress log, one report
     assert two == two1 and exists("two/report.html") and exists("two/model_card.md")

@@ -76,19 +76,22 @@ def test_teacher_layers_init_takes_every_kth_layer(teacher_dir):
         student_of(teacher, hidden_size=12, num_attention_heads=3, intermediate_size=20)
 
 
-def test_alpha_zero_is_exactly_the_classification_step(teacher_dir):
+def test_alpha_zero_is_the_classification_step_to_the_last_bits(teacher_dir):
+    """Compiled apart, as in test_adversarial's zero-step test: after one SGD step equal to float32 rounding
+    (1e-8 absolute, 2e-6 relative), where a misaligned key or a teacher term would move parameters by 1e-4
+    and more."""
     teacher = bert.from_pretrained(teacher_dir, "sequence-classification")
     student = student_of(teacher)
     s_graphdef, s_params = nnx.split(student)
     t_graphdef, t_params = nnx.split(teacher)
     b_graphdef, b_params = nnx.split(student.bert)
-    tx = optax.adam(1e-3)
+    tx = optax.sgd(0.1)
     batch, key = make_batch(), jax.random.key(2)
     step = kd_step(s_graphdef, t_graphdef, tx, D.Distillation(alpha=0.0))
     new, _ = jax.jit(step)(state_lib.create(s_params, tx), batch, key, teachers(t_params))
     ref, _ = jax.jit(clean.make_train_step(b_graphdef, tx, CLS))(state_lib.create(b_params, tx), batch, key)
     for a, b in zip(jax.tree.leaves(new.params["bert"]), jax.tree.leaves(ref.params)):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-8)
 
 
 def test_teacher_frozen_and_gradients_reach_only_the_student(teacher_dir):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from jaxopt_llm import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def ran(setup, tmp_path_factory):
     workdir = root / "work"
     process = subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", "pipeline", "run", str(file), "--workdir",
                                 str(workdir)], env={**os.environ, "PYTHONPATH": str(ROOT),
-                                                    "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                                                    "XLA_FLAGS": xla_flags(1)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
