@@ -1,4 +1,4 @@
-"""Ensembles and calibration: the vmapped step against N single steps, calibration metrics against hand-computed
+"""Ensembles and calibration: the ensemble step against N single steps, calibration metrics against hand-computed
 values, the temperature fit against a known temperature, stacked runs, and ensembles through the loop, the
 CLI, prediction and distillation."""
 
@@ -23,14 +23,15 @@ from jaxopt_llm.train import train
 CLS = task_for("sequence-classification")
 
 
-def test_the_vmapped_step_equals_single_member_steps(tmp_path):
+@pytest.mark.parametrize("per_pass", [1, 2, 3])  # one member at a time, 2 + the remaining 1, all vmapped
+def test_the_ensemble_step_equals_single_member_steps(tmp_path, per_pass):
     hf_model("sequence-classification", hidden_dropout_prob=0.1).save_pretrained(tmp_path)  # dropout on
     # per-member clipping: a global norm over all members would couple them
     tx = optax.chain(optax.clip_by_global_norm(0.05), optax.sgd(0.5))
     members = 3
     ctx = Context(task=CLS, tx=tx, seed=0, model=str(tmp_path),
                   load=lambda ref, head=None, seed=0: bert.from_pretrained(ref, "sequence-classification", seed=seed))
-    recipe = ensemble.build(ctx, ensemble.EnsembleOptions(members=members))
+    recipe = ensemble.build(ctx, ensemble.EnsembleOptions(members=members, members_per_pass=per_pass))
     step = jax.jit(recipe.train_step)
     state = state_lib.create(recipe.params, recipe.tx)
     key = jax.random.key_data(jax.random.key(5))
@@ -45,6 +46,8 @@ def test_the_vmapped_step_equals_single_member_steps(tmp_path):
             np.testing.assert_allclose(a, b, atol=1e-6)
     heads = [np.asarray(single.params["classifier"]["kernel"][...]) for single in singles]
     assert not np.allclose(heads[0], heads[1])  # fresh heads from each member's seed
+    with pytest.raises(ValueError, match=r"ensemble.members_per_pass=4: use 0 \(automatic\) or 1 .. ensemble.members=3"):
+        ensemble.EnsembleOptions(members=3, members_per_pass=4)
 
 
 def test_calibration_metrics_by_hand():

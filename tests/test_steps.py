@@ -217,7 +217,7 @@ def test_bench_runs_both_sides_on_a_tiny_config():
     # and adversarial rows are these rows' code with another task)
     rows = bench.run(c, ("classify", "distill", "ensemble"))
     assert [r["row"] for r in rows] == ["train step: classify", "distill 2->1 layers",
-                                        "ensemble: one vmapped 5-member step"]
+                                        "ensemble: one 5-member step, 1 per pass"]
     assert all(r["ours"] > 0 and r["reference"] > 0 for r in rows)
     with pytest.raises(ValueError, match=r"unknown bench rows \['classfy'\]: choose from classify, mlm"):
         bench.run(c, ("classfy",))
