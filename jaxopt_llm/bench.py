@@ -51,17 +51,6 @@ def model_flops(c: BenchConfig, task: str) -> float:
     return 3.0 * forward
 
 
-def _time(fn: Callable[[], None], steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _batch(c: BenchConfig, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.RandomState(seed)
     ids = rng.randint(104, c.vocab, (c.batch, c.seq)).astype(np.int32)  # above [CLS] 101, [SEP] 102, [MASK] 103
@@ -199,19 +188,24 @@ def jax_step(c: BenchConfig, task: str) -> Callable[[], None]:
     return _stepper(_recipe(c, "clean", _task(c, task)), c)
 
 
-def _time_pair(ours: Callable[[], None], theirs: Callable[[], None], steps: int, warmup: int) -> tuple[float, float]:
-    """Median seconds of each, timed in interleaved rounds (ours, theirs, ours, ...): slow drift of the
-    machine hits both sides alike."""
+def _time_rounds(fns: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each, timed in interleaved rounds (a, b, c, a, b, c, ...): slow drift of the machine
+    hits every part alike."""
     for _ in range(warmup):
-        ours()
-        theirs()
-    a, b = [], []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(steps):
-        for fn, out in ((ours, a), (theirs, b)):
+        for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            out.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _time_pair(ours: Callable[[], None], theirs: Callable[[], None], steps: int, warmup: int) -> tuple[float, float]:
+    t = _time_rounds({"ours": ours, "theirs": theirs}, steps, warmup)
+    return t["ours"], t["theirs"]
 
 
 def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2) -> list[dict]:
@@ -339,7 +333,6 @@ def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversaria
                          f"({jax.config.jax_compilation_cache_dir}): run them in a process without it "
                          "(`jaxopt-llm bench` does not turn it on).")
     rows = []
-    clean_ms = None
     for task in tasks:
         if task == "compile":
             rows += compile_rows(c)
@@ -350,18 +343,19 @@ def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversaria
         if task == "cold-start":
             rows.append(cold_start_row(c))
             continue
-        if task == "ensemble":  # its budget: N single clean steps of ours, one after the other
+        if task == "ensemble":  # its budget: N of our single clean steps (timed in interleaved rounds with it)
             from jaxopt_llm.steps.ensemble import EnsembleOptions
 
             options = EnsembleOptions(c.members)
-            ours = _time(_stepper(_recipe(c, "ensemble", _task(c, "classify"), options), c), c.steps, c.warmup) * 1e3
-            clean_ms = clean_ms or _time(jax_step(c, "classify"), c.steps, c.warmup) * 1e3
+            ours, clean_s = _time_pair(_stepper(_recipe(c, "ensemble", _task(c, "classify"), options), c),
+                                       jax_step(c, "classify"), c.steps, c.warmup)
+            ours, clean_ms = ours * 1e3, clean_s * 1e3
             rows.append({"row": f"ensemble: one {c.members}-member step, {options.per_pass()} per pass", "ours": ours,
                          "reference": c.members * clean_ms, "unit": "ms", "ratio": c.members * clean_ms / ours,
                          "target": f">= 1 ({c.members} single steps of {clean_ms:.0f} ms, one after the other)"})
             continue
-        if task == "distill":  # its budget: the student's clean step + 1.1 x the teacher's forward pass
-            parts = {name: _time(fn, c.steps, c.warmup) * 1e3 for name, fn in kd_parts(c).items()}
+        if task == "distill":  # its budget: the student's clean step + 1.1 x the teacher's forward pass (interleaved)
+            parts = {name: t * 1e3 for name, t in _time_rounds(kd_parts(c), c.steps, c.warmup).items()}
             budget = parts["student"] + 1.1 * parts["teacher"]
             rows.append({"row": f"distill {c.layers}->{c.student_layers} layers", "ours": parts["kd"], "reference": budget,
                          "unit": "ms", "ratio": budget / parts["kd"],
@@ -369,16 +363,14 @@ def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversaria
                                    f"{parts['teacher']:.0f} ms)"})
             continue
         if task == "adversarial":  # its budget is (K + 1) clean steps of ours; PyTorch has no such step
-            ours = _time(jax_step(c, task), c.steps, c.warmup) * 1e3
-            clean_ms = clean_ms or _time(jax_step(c, "classify"), c.steps, c.warmup) * 1e3
+            ours, clean_s = _time_pair(jax_step(c, task), jax_step(c, "classify"), c.steps, c.warmup)
+            ours, clean_ms = ours * 1e3, clean_s * 1e3
             budget = (c.adversarial_steps + 1) * clean_ms
             rows.append({"row": f"adversarial PGD K={c.adversarial_steps}", "ours": ours, "reference": budget,
                          "unit": "ms", "ratio": budget / ours,
                          "target": f">= 1/1.1 (budget: (K+1) x our clean step {clean_ms:.0f} ms)"})
             continue
         ours, theirs = _time_pair(jax_step(c, task), torch_step(c, task), c.steps, c.warmup)
-        if task == "classify":
-            clean_ms = ours * 1e3
         flops = model_flops(c, task)
         rows.append({"row": f"train step: {task}", "ours": ours * 1e3, "reference": theirs * 1e3, "unit": "ms",
                      "ratio": theirs / ours, "target": ">= 1.1x" if task == "classify" else ">= 3x",
