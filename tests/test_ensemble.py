@@ -93,6 +93,22 @@ def test_an_ensemble_run_trains_in_one_step_and_reports_member_statistics(runs):
             "member_accuracy_std"} <= set(last)
 
 
+@pytest.mark.parametrize("per_pass", [1, 2])
+def test_members_sharded_over_two_devices_train_as_on_one(runs, setup, tmp_path, per_pass):
+    """Two members over two devices (each device trains one member), in sequence or vmapped: the losses the
+    one-device run logged."""
+    items = overrides(setup, devices=2, **{"train.steps": 2, "train.log_every": 1})
+    train(config_lib.load(None, [*items, "method=ensemble", "ensemble.members=2",
+                                 f"ensemble.members_per_pass={per_pass}"]), tmp_path / "ens")
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if r["split"] == "train"]
+
+    assert json.loads((tmp_path / "ens" / "run.json").read_text())["device_count"] == 2
+    assert losses(tmp_path / "ens") == pytest.approx(losses(runs / "ens"), abs=1e-5)
+
+
 def test_ensemble_prediction_combines_members_and_from_runs_of_one_run_is_that_run(runs, capsys):
     texts = ["love it", "hate it", "it is a phone"]
     ens = Predictor.from_pretrained(runs / "ens")
