@@ -43,8 +43,7 @@ class EnsembleOptions:
     bootstrap: bool = False  # each member trains on its own resample (with replacement) of the training set
     # members vmapped together in one pass of the step, the passes one after the other (lax.map). 0: one member
     # per pass on CPU (XLA:CPU runs vmapped products as batched dots off its fast GEMM path: a 5-member step
-    # 1.13x faster one member at a time), all members in one pass on GPU / TPU. Members sharded over several
-    # devices want all of them in one pass: set it to `members` there.
+    # 1.13x faster one member at a time), all members in one pass on GPU / TPU (not measured there).
     members_per_pass: int = 0
 
     def __post_init__(self):
