@@ -4,7 +4,6 @@ import os
 import tempfile
 
 
-
 def xla_flags(devices: int) -> str:
     """XLA_FLAGS for a test process with `devices` fake CPU devices. XLA:CPU's older elemental emitters
     (fusion emitters off) compile a tiny train step in 2.7 s instead of 7 s at the reduced optimisation level

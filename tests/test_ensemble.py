@@ -46,7 +46,8 @@ def test_the_ensemble_step_equals_single_member_steps(tmp_path, per_pass):
             np.testing.assert_allclose(a, b, atol=1e-6)
     heads = [np.asarray(single.params["classifier"]["kernel"][...]) for single in singles]
     assert not np.allclose(heads[0], heads[1])  # fresh heads from each member's seed
-    with pytest.raises(ValueError, match=r"ensemble.members_per_pass=4: use 0 \(automatic\) or 1 .. ensemble.members=3"):
+    with pytest.raises(ValueError,
+                       match=r"ensemble.members_per_pass=4: use 0 \(automatic\) or 1 .. ensemble.members=3"):
         ensemble.EnsembleOptions(members=3, members_per_pass=4)
 
 

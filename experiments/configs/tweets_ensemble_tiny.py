@@ -20,4 +20,5 @@ def get_config() -> Config:
     spec = importlib.util.spec_from_file_location("tweets_tiny", Path(__file__).with_name("tweets_tiny.py"))
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
-    return dataclasses.replace(base.get_config(), method="ensemble", options=EnsembleOptions(members=5, members_per_pass=5))
+    return dataclasses.replace(base.get_config(), method="ensemble",
+                               options=EnsembleOptions(members=5, members_per_pass=5))

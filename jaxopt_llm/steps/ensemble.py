@@ -77,11 +77,10 @@ def vmapped(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     return optax.GradientTransformation(jax.vmap(tx.init), jax.vmap(tx.update))
 
 
-def over_members(fn: Callable, xs: Any, per_pass: int) -> Any:
+def over_members(fn: Callable, xs: tuple, per_pass: int | None = None) -> Any:
     """fn applied to each member's slice of `xs` (leading member axis): vmapped over `per_pass` members at a
-    time, the passes in sequence. The same values as one vmap over all members."""
-    members = jax.tree.leaves(xs)[0].shape[0]
-    if per_pass >= members:
+    time (None: all), the passes in sequence. The same values as one vmap over all members."""
+    if per_pass is None or per_pass >= jax.tree.leaves(xs)[0].shape[0]:
         return jax.vmap(fn)(*xs)
     return jax.lax.map(lambda x: fn(*x), xs, batch_size=per_pass if per_pass > 1 else None)
 
@@ -128,8 +127,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ta
             new, metrics = single(TrainState(state.step, params, opt_state), member_batch, member_key)
             return new.params, new.opt_state, metrics
 
-        params, opt_state, metrics = over_members(one, (state.params, state.opt_state, batch, keys),
-                                                  per_pass or members)
+        params, opt_state, metrics = over_members(one, (state.params, state.opt_state, batch, keys), per_pass)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -145,8 +143,7 @@ def make_eval_step(graphdef: nnx.GraphDef, task, how: str = "mean-prob", per_pas
             prepared = task.prepare(batch, None)
             return task.forward(model, model.embed(prepared.input_ids), batch, prepared.extra)
 
-        n = jax.tree.leaves(params)[0].shape[0]
-        logits = over_members(member_logits, (params,), per_pass or n)  # (N, b, c)
+        logits = over_members(member_logits, (params,), per_pass)  # (N, b, c)
         probs = combine(logits, how)
         metrics = task.eval_metrics(jnp.log(jnp.maximum(probs, 1e-30)), batch, None)
         valid = batch["weight"] > 0
@@ -221,9 +218,10 @@ def build(ctx: Context, options: EnsembleOptions) -> Recipe:
     def export(stacked):
         return [nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked)) for i in range(n)]
 
+    per_pass = options.per_pass()
     return Recipe(task=EnsembleTask(ctx.task, n), tx=tx, graphdef=graphdef, params=params,
-                  train_step=make_train_step(graphdef, ctx.tx, ctx.task, n, options.per_pass()),
-                  eval_step=make_eval_step(graphdef, ctx.task, per_pass=options.per_pass()), export=export,
+                  train_step=make_train_step(graphdef, ctx.tx, ctx.task, n, per_pass),
+                  eval_step=make_eval_step(graphdef, ctx.task, per_pass=per_pass), export=export,
                   batches=batches, members=n)
 
 
