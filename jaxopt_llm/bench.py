@@ -378,13 +378,22 @@ def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversaria
     return rows
 
 
+def _malloc() -> str:
+    """The process's allocator settings, which both libraries' steps run under."""
+    from jaxopt_llm import heap
+
+    return "glibc, freed memory kept (jaxopt_llm.heap)" if heap.applied() else "defaults"
+
+
 def print_table(c: BenchConfig, rows: list[dict], as_json: bool = False) -> None:
     if as_json:
-        print(json.dumps({"config": dataclasses.asdict(c), "device": jax.devices()[0].device_kind, "rows": rows}))
+        print(json.dumps({"config": dataclasses.asdict(c), "device": jax.devices()[0].device_kind,
+                          "malloc": _malloc(), "rows": rows}))
         return
     print(f"config: L={c.layers} H={c.hidden} heads={c.heads} FFN={c.ffn} vocab={c.vocab} batch={c.batch}x{c.seq} "
-          f"{c.dtype}; {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads={os.cpu_count()}")
+          f"{c.dtype}; {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads={os.cpu_count()}; "
+          f"malloc: {_malloc()}")
     print(f"{'row':<52}{'ours':>10}{'reference':>11}  {'unit':<8}{'ratio':>7}  target")
     for r in rows:
         print(f"{r['row']:<52}{r['ours']:>10.1f}{r['reference']:>11.1f}  {r['unit']:<8}{r['ratio']:>6.2f}x  {r['target']}")
-    print(json.dumps({"config": dataclasses.asdict(c), "rows": rows}))
+    print(json.dumps({"config": dataclasses.asdict(c), "malloc": _malloc(), "rows": rows}))

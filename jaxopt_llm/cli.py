@@ -524,6 +524,9 @@ def compile_cache() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from jaxopt_llm import heap
+
+    heap.keep_freed_memory()  # before anything starts JAX's threads
     from jaxopt_llm.bert.params import CheckpointError
 
     parser = build_parser()
