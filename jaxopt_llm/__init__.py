@@ -17,7 +17,7 @@ _EXPORTS = {
     "Predictor": "jaxopt_llm.predict",
     "Recipe": "jaxopt_llm.recipes", "Context": "jaxopt_llm.recipes", "Method": "jaxopt_llm.recipes",
     "register": "jaxopt_llm.recipes", "register_task": "jaxopt_llm.recipes",
-    "RunFolder": "jaxopt_llm.runs",
+    "RunFolder": "jaxopt_llm.runs", "keep_freed_memory": "jaxopt_llm.heap",
 }
 __all__ = sorted(_EXPORTS)
 
