@@ -49,7 +49,10 @@ def _run(mode: str, **env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+
+
+@linux_only
 def test_kept_memory_stops_the_page_faults_of_every_execution():
     default, kept = _run("default"), _run("keep")
     assert not default["applied"] and kept["applied"] and kept["warnings"] == []
@@ -61,6 +64,7 @@ def test_switched_off_by_the_environment():
     assert _run("keep", JAXOPT_LLM_MALLOC="0")["applied"] is False
 
 
+@linux_only
 def test_late_call_warns_that_jax_started(monkeypatch):
     import jax.numpy as jnp
 

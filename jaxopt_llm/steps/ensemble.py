@@ -1,8 +1,9 @@
 """Deep ensembles in one compiled step (Lakshminarayanan et al. 2017): N members of one architecture with
 their parameters and optimiser states stacked on a leading member axis, trained by one jitted step that
 runs the clean step for every member: vmapped over `members_per_pass` members at a time, the passes one after
-the other, each writing its members' new state back in place. Members differ by seed: a fresh head initialisation, their own
-dropout keys and their own data order (and, with `bootstrap`, their own resample of the training set).
+the other, each writing its members' new state back in place. Members differ by seed: a fresh head
+initialisation, their own dropout keys and their own data order (and, with `bootstrap`, their own resample of
+the training set).
 
 Evaluation combines the members' probabilities (mean; also mean logit or vote in prediction) and reports
 the ensemble's accuracy, NLL, ECE and Brier score, with the members' disagreement, their accuracy
@@ -110,15 +111,14 @@ def update_members(fn: Callable, carried: tuple, read: tuple, per_pass: int | No
     outs = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1 if k > 1 else 0:], s.dtype), shapes)
 
     def one_pass(start, size, state):
-        cur, outs = state
+        cur, done = state
         *new, out = apply(*take(cur, start, size), *take(read, start, size))
-        return put(cur, expand(tuple(new)), start), put(outs, expand(out), start)
+        return put(cur, expand(tuple(new)), start), put(done, expand(out), start)
 
     passes, rest = divmod(n, k)
     state = jax.lax.fori_loop(0, passes, lambda i, st: one_pass(i * k, k, st), (tuple(carried), outs))
     if rest:  # the last members, vmapped together
-        vm = jax.vmap(fn)
-        *new, out = vm(*take(state[0], n - rest, rest), *take(read, n - rest, rest))
+        *new, out = jax.vmap(fn)(*take(state[0], n - rest, rest), *take(read, n - rest, rest))
         state = (put(state[0], tuple(new), n - rest), put(state[1], out, n - rest))
     return (*state[0], state[1])
 
