@@ -31,12 +31,12 @@ _applied = False
 
 
 def _jax_started() -> bool:
-    if "jax" not in sys.modules:
+    if "jax" not in sys.modules:  # not imported: nothing started, and importing it here would be a side effect
         return False
     try:
         from jax._src import xla_bridge
 
-        return bool(xla_bridge._backends)
+        return xla_bridge.backends_are_initialized()
     except (ImportError, AttributeError):
         return False
 

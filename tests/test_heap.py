@@ -49,10 +49,9 @@ def _run(mode: str, **env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
-
-
-@linux_only
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="counts glibc's page faults, which exist on Linux only; elsewhere keep_freed_memory() "
+                           "changes nothing (test_other_platforms_keep_their_allocator)")
 def test_kept_memory_stops_the_page_faults_of_every_execution():
     default, kept = _run("default"), _run("keep")
     assert not default["applied"] and kept["applied"] and kept["warnings"] == []
@@ -64,12 +63,19 @@ def test_switched_off_by_the_environment():
     assert _run("keep", JAXOPT_LLM_MALLOC="0")["applied"] is False
 
 
-@linux_only
+def test_other_platforms_keep_their_allocator(monkeypatch):
+    monkeypatch.setattr(heap, "_applied", False)
+    monkeypatch.setattr(heap.sys, "platform", "darwin")
+    monkeypatch.setattr(heap.ctypes, "CDLL", _NoMallopt.refuse)  # never reached
+    assert heap.keep_freed_memory() is False and not heap.applied()
+
+
 def test_late_call_warns_that_jax_started(monkeypatch):
     import jax.numpy as jnp
 
     jnp.zeros(1).block_until_ready()  # this test process has started JAX
     monkeypatch.setattr(heap, "_applied", False)
+    monkeypatch.setattr(heap.sys, "platform", "linux")  # the glibc path, on any platform
     monkeypatch.setattr(heap.ctypes, "CDLL", _NoMallopt)
     with pytest.warns(UserWarning, match="after JAX started"):
         assert heap.keep_freed_memory() is False
@@ -84,3 +90,7 @@ class _NoMallopt:
     @staticmethod
     def mallopt(param, value):
         return 0
+
+    @staticmethod
+    def refuse(name):
+        raise AssertionError(f"libc {name!r} opened off Linux")
