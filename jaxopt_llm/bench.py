@@ -385,15 +385,35 @@ def _malloc() -> str:
     return "glibc, freed memory kept (jaxopt_llm.heap)" if heap.applied() else "defaults"
 
 
+def processor() -> str:
+    """The host CPU as /proc/cpuinfo names it (model, family, AVX-512 or not) and its core count: ratios
+    between the two libraries differ between CPUs, so every table says which one it came from."""
+    import platform
+
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    vector = "AVX-512" if "avx512f" in info.get("flags", "").split() else "no AVX-512"
+    return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family', '?')} model "
+            f"{info.get('model', '?')}, {vector}), {os.cpu_count()} cores")
+
+
 def print_table(c: BenchConfig, rows: list[dict], as_json: bool = False) -> None:
+    context = {"config": dataclasses.asdict(c), "device": jax.devices()[0].device_kind, "cpu": processor(),
+               "malloc": _malloc()}
     if as_json:
-        print(json.dumps({"config": dataclasses.asdict(c), "device": jax.devices()[0].device_kind,
-                          "malloc": _malloc(), "rows": rows}))
+        print(json.dumps({**context, "rows": rows}))
         return
     print(f"config: L={c.layers} H={c.hidden} heads={c.heads} FFN={c.ffn} vocab={c.vocab} batch={c.batch}x{c.seq} "
           f"{c.dtype}; {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads={os.cpu_count()}; "
           f"malloc: {_malloc()}")
+    print(f"cpu: {context['cpu']}")
     print(f"{'row':<52}{'ours':>10}{'reference':>11}  {'unit':<8}{'ratio':>7}  target")
     for r in rows:
         print(f"{r['row']:<52}{r['ours']:>10.1f}{r['reference']:>11.1f}  {r['unit']:<8}{r['ratio']:>6.2f}x  {r['target']}")
-    print(json.dumps({"config": dataclasses.asdict(c), "malloc": _malloc(), "rows": rows}))
+    print(json.dumps({**context, "rows": rows}))

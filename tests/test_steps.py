@@ -208,7 +208,11 @@ def test_eval_macro_f1_equals_sklearn_style_count(tiny_dirs):
     assert summary["f1"] == pytest.approx(np.mean(f1s), abs=1e-9)
 
 
-def test_bench_runs_both_sides_on_a_tiny_config():
+def test_bench_runs_both_sides_on_a_tiny_config(capsys):
+    import json
+    import os
+    import platform
+
     from jaxopt_llm import bench
 
     c = bench.BenchConfig(layers=2, hidden=32, heads=2, ffn=64, vocab=500, batch=4, seq=16, steps=1, warmup=1,
@@ -219,6 +223,13 @@ def test_bench_runs_both_sides_on_a_tiny_config():
     assert [r["row"] for r in rows] == ["train step: classify", "distill 2->1 layers",
                                         "ensemble: one 5-member step, 1 per pass"]
     assert all(r["ours"] > 0 and r["reference"] > 0 for r in rows)
+    bench.print_table(c, rows)  # the table names the CPU it came from, in text and JSON
+    lines = capsys.readouterr().out.splitlines()
+    cpu = next(line for line in lines if line.startswith("cpu: "))
+    assert cpu.endswith(f"{os.cpu_count()} cores") and json.loads(lines[-1])["cpu"] == cpu[len("cpu: "):]
+    if platform.system() == "Linux":
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        assert cpu.startswith(f"cpu: {model} (family ")
     with pytest.raises(ValueError, match=r"unknown bench rows \['classfy'\]: choose from classify, mlm"):
         bench.run(c, ("classfy",))
     # this test process keeps a persistent compilation cache (conftest): rows that time compilation refuse it
