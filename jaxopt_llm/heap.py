@@ -25,7 +25,7 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8
 SETTINGS = (
     (M_ARENA_MAX, 1),  # XLA allocates from its worker threads: every thread uses the main (brk) heap
     (M_MMAP_MAX, 0),  # no allocation is mmap'd, so none is unmapped when freed
-    (M_TRIM_THRESHOLD, 2**31 - 1),  # freed memory at the heap's top stays mapped (mallopt takes an int)
+    (M_TRIM_THRESHOLD, -1),  # never trim (mallopt(3)): freed memory at the heap's top stays mapped, however large
     (M_TOP_PAD, 64 << 20),  # the heap grows 64 MiB at a time, not page by page
 )
 
