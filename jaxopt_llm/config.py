@@ -36,6 +36,7 @@ class ModelConfig:
     attention_dropout: float | None = None
     scan_layers: bool = False  # encoder layers as one lax.scan (compile time flat in depth); checkpoints unchanged
     remat: str = "none"  # with scan_layers: none | full | dots (recompute activations in the backward pass)
+    scan_unroll: bool = False  # with scan_layers: the scan written out by XLA (faster step, compile grows with depth)
 
 
 @dataclasses.dataclass(frozen=True)

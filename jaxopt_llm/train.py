@@ -348,7 +348,7 @@ def loader(config: Config, head: str, labels: tuple[str, ...] | None, num_labels
     if m.attention_dropout is not None:
         changes["attention_probs_dropout_prob"] = m.attention_dropout
     if m.scan_layers:
-        changes.update(scan_layers=True, remat=m.remat)
+        changes.update(scan_layers=True, remat=m.remat, scan_unroll=m.scan_unroll)
 
     def load(reference: str, head_: str | None = None, seed: int | None = None):
         seed = config.train.seed if seed is None else seed  # the seed of freshly initialised heads

@@ -80,13 +80,32 @@ def test_scanned_layers_equal_unrolled_and_round_trip_through_transformers(hf_di
     # a train step with dropout and the last layer at [CLS] only, plain and with remat: the same update
     cls_dir = hf_dirs["sequence-classification"]
     outs = []
-    for changes in ({}, {"scan_layers": True}, {"scan_layers": True, "remat": "full"}):
+    for changes in ({}, {"scan_layers": True}, {"scan_layers": True, "remat": "full"},
+                    {"scan_layers": True, "scan_unroll": True}):
         graphdef, params = nnx.split(bert.from_pretrained(cls_dir, "sequence-classification", **changes))
         step = jax.jit(clean.make_train_step(graphdef, optax.sgd(0.5), task_for("sequence-classification")))
         new, _ = step(state_lib.create(params, optax.sgd(0.5)), make_batch(), jax.random.key(1))
         outs.append(np.asarray(new.params["classifier"]["kernel"][...]))
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-6)
     np.testing.assert_allclose(outs[2], outs[0], atol=1e-6)
+    np.testing.assert_allclose(outs[3], outs[0], atol=1e-6)
+
+
+def test_scan_unroll_leaves_no_layer_loop_after_compilation():
+    """scan_unroll: the compiled program has the unrolled encoder's loops, the plain scan two more (forward and
+    backward over layers 1 .. L-1); counted in the optimised HLO, where XLA has inlined one-trip loops."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    ids = jnp.ones((2, 8), jnp.int32)
+    loops = []
+    for changes in ({}, {"scan_layers": True}, {"scan_layers": True, "scan_unroll": True}):
+        config = bert.BertConfig.tiny(num_hidden_layers=4, **changes)
+        graphdef, params = nnx.split(bert.Bert(config, rngs=nnx.Rngs(0)))
+        grad = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(ids).sum()))
+        loops.append(grad.lower(params).compile().as_text().count(" while("))
+    assert loops[1] == loops[0] + 2 and loops[2] == loops[0], loops
 
 
 @pytest.mark.parametrize("k,n,tied", [(6, 10, False), (10, 6, False), (4, 9, True)])

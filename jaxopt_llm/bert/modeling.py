@@ -67,6 +67,10 @@ class BertConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False  # the encoder layers as one lax.scan over stacked parameters (compile time flat in depth)
     remat: str = "none"  # none | full | dots: recompute a scanned layer's activations in the backward pass
+    # with scan_layers: XLA writes the scan's loop out, layer after layer, over the same stacked parameters.
+    # Compile time then grows with depth (BERT-large: 31 s against 115 s unrolled in Python and 10 s looped) and
+    # the step runs as fast as the unrolled encoder's (2661 vs 2671 ms; the loop: 0.82 of it) on CPU.
+    scan_unroll: bool = False
     attention: str = "auto"  # auto: jax.nn.dot_product_attention when no attention dropout or probabilities
     #                          are needed (cuDNN on GPU, XLA elsewhere) | manual: always the explicit softmax
 
@@ -422,7 +426,8 @@ class Bert(nnx.Module):
         keys_l = None if keys[0] is None else jnp.stack(keys[:n - 1])
         head = jax.tree.map(lambda a: a[:n - 1], stacked)
         if n > 1:
-            x, (ys, probs) = jax.lax.scan(lambda c, xs: body(c, xs[0], xs[1]), x, (head, keys_l))
+            x, (ys, probs) = jax.lax.scan(lambda c, xs: body(c, xs[0], xs[1]), x, (head, keys_l),
+                                          unroll=bool(self.config.scan_unroll))
         last_state = jax.tree.map(lambda a: a[n - 1], stacked)
         last_attention = [] if want else None
         out = nnx.merge(graphdef, last_state)(x, bias_b1qt, deterministic, keys[n - 1], positions_bp, last_attention)

@@ -310,7 +310,7 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_
     config = BertConfig.from_hf_config(read_config(folder), **changes)
     tensors = read_weights(folder)
 
-    unrolled = config.replace(scan_layers=False, remat="none")  # checkpoints name layers one by one
+    unrolled = config.replace(scan_layers=False, remat="none", scan_unroll=False)  # checkpoints name layers one by one
     state = _abstract(unrolled, task)[1]
     graphdef = _abstract(config, task)[0]
     params, missing, unused = convert(tensors, config, task, _flat(state))
