@@ -414,8 +414,8 @@ def print_table(c: BenchConfig, rows: list[dict], as_json: bool = False) -> None
         print(json.dumps({**context, "rows": rows}))
         return
     print(f"config: L={c.layers} H={c.hidden} heads={c.heads} FFN={c.ffn} vocab={c.vocab} batch={c.batch}x{c.seq} "
-          f"{c.dtype}; {jax.devices()[0].device_kind} x{jax.device_count()}, torch threads={os.cpu_count()}; "
-          f"malloc: {_malloc()}")
+          f"{c.dtype}; {context['device']} x{jax.device_count()}, torch threads={os.cpu_count()}; "
+          f"malloc: {context['malloc']}")
     print(f"cpu: {context['cpu']}")
     print(f"{'row':<52}{'ours':>10}{'reference':>11}  {'unit':<8}{'ratio':>7}  target")
     for r in rows:

@@ -117,8 +117,8 @@ def test_a_late_call_warns_of_the_arenas_jax_already_has():
 
 
 @linux_only
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="builds a malloc shim with gcc, which is not installed")
 def test_another_allocator_gets_no_settings(tmp_path):
+    assert shutil.which("gcc"), "this test builds a malloc shim with gcc: install it (apt-get install -y gcc)"
     (tmp_path / "shim.c").write_text(textwrap.dedent("""
         #include <stddef.h>
         void *__libc_malloc(size_t); void __libc_free(void *); void *__libc_calloc(size_t, size_t);

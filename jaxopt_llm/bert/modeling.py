@@ -67,10 +67,8 @@ class BertConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False  # the encoder layers as one lax.scan over stacked parameters (compile time flat in depth)
     remat: str = "none"  # none | full | dots: recompute a scanned layer's activations in the backward pass
-    # with scan_layers: XLA writes the scan's loop out, layer after layer, over the same stacked parameters.
-    # Compile time then grows with depth (BERT-large: 31 s against 115 s unrolled in Python and 10 s looped) and
-    # the step runs as fast as the unrolled encoder's (2661 vs 2671 ms; the loop: 0.82 of it) on CPU.
-    scan_unroll: bool = False
+    scan_unroll: bool = False  # with scan_layers: XLA writes the loop out over the same stacked parameters
+    #                            (compile time grows with depth again; the README's Speed options: measured)
     attention: str = "auto"  # auto: jax.nn.dot_product_attention when no attention dropout or probabilities
     #                          are needed (cuDNN on GPU, XLA elsewhere) | manual: always the explicit softmax
 
