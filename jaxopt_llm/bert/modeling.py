@@ -343,10 +343,13 @@ class Bert(nnx.Module):
         self.config, self.task = config, task
         make = _Factory(config, rngs)
         self.embeddings = Embeddings(config, make)
-        if config.scan_layers:  # one Layer whose parameters carry a leading layer axis (L, ...)
-            states = [nnx.split(Layer(config, make))[1] for _ in range(config.num_hidden_layers)]
+        if config.scan_layers:  # layers 1 .. L-1 as one Layer whose parameters carry a leading axis (L-1, ...),
+            # the last apart: it runs at output positions only, and slicing it off a stack of all L would copy
+            # the whole stack in every step (and pad its gradient back in the backward pass)
+            states = [nnx.split(Layer(config, make))[1] for _ in range(config.num_hidden_layers - 1)]
             graphdef = nnx.split(Layer(config, _Factory(config, nnx.Rngs(0))))[0]
-            self.layers = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+            self.layers = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)) if states else None
+            self.last_layer = Layer(config, make)
         else:
             self.layers = nnx.List([Layer(config, make) for _ in range(config.num_hidden_layers)])
         has_pooler = task in ("base", "pretraining", "sequence-classification")
@@ -407,31 +410,29 @@ class Bert(nnx.Module):
 
     def _scan(self, x, bias_b1qt, deterministic, keys, positions_bp, collect):
         """Layers 1 .. L-1 as one lax.scan over the stacked parameters (one layer compiled, whatever the
-        depth); the last layer apart, so that it can run at `positions_bp` only."""
-        graphdef, stacked = nnx.split(self.layers)
+        depth), then the last layer, which can run at `positions_bp` only."""
         n = self.config.num_hidden_layers
         want = collect is not None
-        embeddings = x
-
-        def body(x, layer_state, key):
-            attention = [] if want else None
-            y = nnx.merge(graphdef, layer_state)(x, bias_b1qt, deterministic, key, None, attention)
-            return y, (y, attention[0] if want else None)
-
-        if self.config.remat != "none":
-            policy = jax.checkpoint_policies.dots_saveable if self.config.remat == "dots" else None
-            body = jax.checkpoint(body, policy=policy)
-        keys_l = None if keys[0] is None else jnp.stack(keys[:n - 1])
-        head = jax.tree.map(lambda a: a[:n - 1], stacked)
+        embeddings, inner, probs = x, [], []
         if n > 1:
-            x, (ys, probs) = jax.lax.scan(lambda c, xs: body(c, xs[0], xs[1]), x, (head, keys_l),
-                                          unroll=bool(self.config.scan_unroll))
-        last_state = jax.tree.map(lambda a: a[n - 1], stacked)
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x, layer_state, key):
+                attention = [] if want else None
+                y = nnx.merge(graphdef, layer_state)(x, bias_b1qt, deterministic, key, None, attention)
+                return y, (y, attention[0] if want else None)
+
+            if self.config.remat != "none":
+                policy = jax.checkpoint_policies.dots_saveable if self.config.remat == "dots" else None
+                body = jax.checkpoint(body, policy=policy)
+            keys_l = None if keys[0] is None else jnp.stack(keys[:n - 1])
+            x, (ys, ps) = jax.lax.scan(lambda c, xs: body(c, xs[0], xs[1]), x, (stacked, keys_l),
+                                       unroll=bool(self.config.scan_unroll))
+            if want:
+                inner, probs = [ys[i] for i in range(n - 1)], [ps[i] for i in range(n - 1)]
         last_attention = [] if want else None
-        out = nnx.merge(graphdef, last_state)(x, bias_b1qt, deterministic, keys[n - 1], positions_bp, last_attention)
+        out = self.last_layer(x, bias_b1qt, deterministic, keys[n - 1], positions_bp, last_attention)
         if want:
-            inner = [ys[i] for i in range(n - 1)] if n > 1 else []
-            probs = [probs[i] for i in range(n - 1)] if n > 1 else []
             collect["hidden"] = [embeddings, *inner, out]
             collect["attention"] = [*probs, *last_attention]
         return out

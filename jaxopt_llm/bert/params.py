@@ -378,21 +378,26 @@ def _tokenizer_class(folder: Path) -> Any:
 
 
 def stack_layers(flat: dict[str, Any], n: int) -> dict[str, Any]:
-    """{"layers.<i>.rest": a} -> {"layers.rest": stack over i}: the scanned encoder's layout."""
+    """{"layers.<i>.rest": a} -> {"layers.rest": stack over i < n-1, "last_layer.rest": layer n-1}: the scanned
+    encoder's layout."""
     out = {k: v for k, v in flat.items() if not k.startswith("layers.")}
     rests = sorted({k.split(".", 2)[2] for k in flat if k.startswith("layers.")})
     for rest in rests:
-        out[f"layers.{rest}"] = jnp.stack([jnp.asarray(flat[f"layers.{i}.{rest}"]) for i in range(n)])
+        if n > 1:
+            out[f"layers.{rest}"] = jnp.stack([jnp.asarray(flat[f"layers.{i}.{rest}"]) for i in range(n - 1)])
+        out[f"last_layer.{rest}"] = flat[f"layers.{n - 1}.{rest}"]
     return out
 
 
 def unstack_layers(flat: dict[str, Any], n: int) -> dict[str, Any]:
     """The inverse of stack_layers."""
-    out = {k: v for k, v in flat.items() if not k.startswith("layers.")}
+    out = {k: v for k, v in flat.items() if not k.startswith(("layers.", "last_layer."))}
     for k, v in flat.items():
         if k.startswith("layers."):
-            for i in range(n):
+            for i in range(n - 1):
                 out[f"layers.{i}.{k[len('layers.'):]}"] = np.asarray(v[...])[i]
+        elif k.startswith("last_layer."):
+            out[f"layers.{n - 1}.{k[len('last_layer.'):]}"] = np.asarray(v[...])
     return out
 
 
