@@ -372,6 +372,8 @@ def train(config: Config, workdir: str | Path) -> dict[str, float]:
     if run.record().get("config") and checkpoint.has_steps(run.checkpoints):
         first = run.record().get("history", [{}])[0].get("config") or run.record()["config"]
         changes = config_lib.resume_changes(first, config, str(workdir))
+    parallel = Parallel(config.parallel)  # bad device settings stop before the model is built (which compiles)
+    parallel.check_batch_size(config.train.batch_size)
     method = recipes.get(config.method)
     base = str(method.base_model(config.options) or config.model.name_or_path)
     base_folder = resolve(base)
@@ -396,6 +398,6 @@ def train(config: Config, workdir: str | Path) -> dict[str, float]:
                   load=loader(config, task.head, data.label_names, num_labels), labels=data.label_names,
                   tokenizer=tokenizer)
     recipe = method.build(ctx, config.options)
-    return fit(recipe, data, workdir, config.train, Parallel(config.parallel),
+    return fit(recipe, data, workdir, config.train, parallel,
                record={"config": config.to_dict(), "task": config.task, "method": config.method}, tokenizer=tokenizer,
                changes=changes)
