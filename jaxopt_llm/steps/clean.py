@@ -21,9 +21,9 @@ class Clean:
     """The clean method has no options."""
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, task) -> Callable:
-    """`train_step(state, batch, key, aux=None) -> (state, metrics)`: dropout (and MLM masks) from
-    fold_in(key, state.step)."""
+def make_grad_fn(graphdef: nnx.GraphDef, task) -> Callable:
+    """`grad_fn(params, batch, key, step) -> (grads, metrics)` of one clean step, this device's share: dropout
+    (and MLM masks) from fold_in(key, step)."""
 
     def loss_fn(params, batch, prepared):  # first argument is what is differentiated
         model = nnx.merge(graphdef, params)
@@ -31,9 +31,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ta
                            dropout_key=prepared.dropout_key)
         return task.loss(out, batch, prepared.extra)
 
+    def grad_fn(params, batch: dict, key: jax.Array, step: jax.Array) -> tuple[dict, Metrics]:
+        return jax.grad(loss_fn, has_aux=True)(params, batch, task.prepare(batch, step_key(key, step)))
+
+    return grad_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, task) -> Callable:
+    """`train_step(state, batch, key, aux=None) -> (state, metrics)`: dropout (and MLM masks) from
+    fold_in(key, state.step)."""
+    grad_fn = make_grad_fn(graphdef, task)
+
     def train_step(state: TrainState, batch: dict, key: jax.Array, aux=None) -> tuple[TrainState, Metrics]:
-        prepared = task.prepare(batch, step_key(key, state.step))
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, prepared)
+        grads, metrics = grad_fn(state.params, batch, key, state.step)
         return apply_gradients(state, global_sum(grads), tx), global_sum(metrics)
 
     return train_step

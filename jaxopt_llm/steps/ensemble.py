@@ -1,7 +1,7 @@
 """Deep ensembles in one compiled step (Lakshminarayanan et al. 2017): N members of one architecture with
 their parameters and optimiser states stacked on a leading member axis, trained by one jitted step that
-runs the clean step for every member: vmapped over `members_per_pass` members at a time, the passes one after
-the other, each writing its members' new state back in place. Members differ by seed: a fresh head
+computes the clean step's gradients for every member (vmapped over `members_per_pass` members at a time, the
+passes one after the other), then updates every member at once, in place. Members differ by seed: a fresh head
 initialisation, their own dropout keys and their own data order (and, with `bootstrap`, their own resample of
 the training set).
 
@@ -31,7 +31,7 @@ from jaxopt_llm.parallel import global_sum
 from jaxopt_llm.recipes import Context, Method, Recipe
 from jaxopt_llm.state import TrainState
 from jaxopt_llm.steps import clean
-from jaxopt_llm.steps.common import Metrics
+from jaxopt_llm.steps.common import Metrics, apply_gradients
 
 COMBINE = ("mean-prob", "mean-logit", "vote")
 
@@ -78,19 +78,14 @@ def vmapped(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     return optax.GradientTransformation(jax.vmap(tx.init), jax.vmap(tx.update))
 
 
-def over_members(fn: Callable, carried: tuple, read: tuple, per_pass: int | None = None) -> tuple:
-    """fn(*carried_i, *read_i) -> (*new carried_i, out_i) for each member i of the stacked trees (leading
-    member axis); returns (*new carried, outs stacked). `carried` may be empty (a forward pass only).
-    `per_pass` members are vmapped together (None: all), the passes in sequence; the same values as one vmap
-    over all members.
-
-    The passes run in a loop whose carry is `carried` itself, each pass writing its members back in place:
-    unlike `lax.map`, no second stack of parameters and optimiser state is zero-filled and copied out (one
-    5-member bench step: 3162 vs 3297 ms, median of 8 interleaved rounds)."""
-    n = jax.tree.leaves((carried, read))[0].shape[0]
+def over_members(fn: Callable, read: tuple, per_pass: int | None = None) -> Any:
+    """fn(*read_i) -> out_i for each member i of the stacked trees in `read` (leading member axis); returns the
+    outs stacked. `per_pass` members are vmapped together (None: all), the passes in sequence, each writing its
+    outs in place; the same values as one vmap over all members."""
+    n = jax.tree.leaves(read)[0].shape[0]
     k = n if per_pass is None else min(per_pass, n)
     if k == n:
-        return jax.vmap(fn)(*carried, *read)
+        return jax.vmap(fn)(*read)
     # one member a pass runs unbatched: under vmap XLA:CPU runs the products as batched dots, off YNNPACK
     apply = jax.vmap(fn) if k > 1 else (lambda *xs: fn(*jax.tree.map(lambda x: x[0], xs)))
     expand = (lambda t: t) if k > 1 else (lambda t: jax.tree.map(lambda x: x[None], t))
@@ -101,20 +96,13 @@ def over_members(fn: Callable, carried: tuple, read: tuple, per_pass: int | None
     def put(trees, new, start):
         return jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0), trees, new)
 
-    shapes = jax.eval_shape(apply, *take(carried, 0, k), *take(read, 0, k))[-1]
+    shapes = jax.eval_shape(apply, *take(read, 0, k))
     outs = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape[1 if k > 1 else 0:], s.dtype), shapes)
-
-    def one_pass(start, size, state):
-        cur, done = state
-        *new, out = apply(*take(cur, start, size), *take(read, start, size))
-        return put(cur, expand(tuple(new)), start), put(done, expand(out), start)
-
     passes, rest = divmod(n, k)
-    state = jax.lax.fori_loop(0, passes, lambda i, st: one_pass(i * k, k, st), (tuple(carried), outs))
+    outs = jax.lax.fori_loop(0, passes, lambda i, done: put(done, expand(apply(*take(read, i * k, k))), i * k), outs)
     if rest:  # the last members, vmapped together
-        *new, out = jax.vmap(fn)(*take(state[0], n - rest, rest), *take(read, n - rest, rest))
-        state = (put(state[0], tuple(new), n - rest), put(state[1], out, n - rest))
-    return (*state[0], state[1])
+        outs = put(outs, jax.vmap(fn)(*take(read, n - rest, rest)), n - rest)
+    return outs
 
 
 def combine(logits_nbc: jax.Array, how: str = "mean-prob") -> jax.Array:
@@ -148,19 +136,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ta
                     per_pass: int | None = None) -> Callable:
     """`train_step(state, batch, key, aux) -> (state, metrics)`; state.params and opt_state have a leading
     member axis, batch arrays are (N, b, ...) (each member's own batch). Member i's keys derive from
-    fold_in(key, i), so it draws what a single run with that key draws. `per_pass` members are vmapped
-    together (None: all)."""
-    single = clean.make_train_step(graphdef, tx, task)
+    fold_in(key, i), so it draws what a single run with that key draws. `per_pass` members' gradients are
+    computed vmapped together (None: all); then one update of every member at once (`tx` vmapped), in place:
+    slicing each member's optimiser state out of the stack and writing it back cost more than the update."""
+    grad_fn = clean.make_grad_fn(graphdef, task)
+    vtx = vmapped(tx)
 
     def train_step(state: TrainState, batch: dict, key: jax.Array, aux=None) -> tuple[TrainState, Metrics]:
         keys = jax.vmap(lambda i: member_key(key, i))(jnp.arange(members))
 
-        def one(params, opt_state, member_batch, member_key):
-            new, metrics = single(TrainState(state.step, params, opt_state), member_batch, member_key)
-            return new.params, new.opt_state, metrics
+        def one(params, member_batch, member_key):
+            grads, metrics = grad_fn(params, member_batch, member_key, state.step)
+            return global_sum(grads), global_sum(metrics)
 
-        params, opt_state, metrics = over_members(one, (state.params, state.opt_state), (batch, keys), per_pass)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        grads, metrics = over_members(one, (state.params, batch, keys), per_pass)
+        return apply_gradients(state, grads, vtx), metrics
 
     return train_step
 
@@ -173,9 +163,9 @@ def make_eval_step(graphdef: nnx.GraphDef, task, how: str = "mean-prob", per_pas
         def member_logits(p):
             model = nnx.merge(graphdef, p)
             prepared = task.prepare(batch, None)
-            return (task.forward(model, model.embed(prepared.input_ids), batch, prepared.extra),)
+            return task.forward(model, model.embed(prepared.input_ids), batch, prepared.extra)
 
-        (logits,) = over_members(member_logits, (), (params,), per_pass)  # (N, b, c)
+        logits = over_members(member_logits, (params,), per_pass)  # (N, b, c)
         probs = combine(logits, how)
         metrics = task.eval_metrics(jnp.log(jnp.maximum(probs, 1e-30)), batch, None)
         valid = batch["weight"] > 0
