@@ -425,7 +425,9 @@ def print_table(c: BenchConfig, rows: list[dict], as_json: bool = False) -> None
           f"{c.dtype}; {context['device']} x{jax.device_count()}, torch threads={os.cpu_count()}; "
           f"malloc: {context['malloc']}")
     print(f"cpu: {context['cpu']}")
-    print(f"{'row':<52}{'ours':>10}{'reference':>11}  {'unit':<8}{'ratio':>7}  target")
+    width = max([52, *(len(r["row"]) + 1 for r in rows)])
+    print(f"{'row':<{width}}{'ours':>10}{'reference':>11}  {'unit':<8}{'ratio':>7}  target")
     for r in rows:
-        print(f"{r['row']:<52}{r['ours']:>10.1f}{r['reference']:>11.1f}  {r['unit']:<8}{r['ratio']:>6.2f}x  {r['target']}")
+        print(f"{r['row']:<{width}}{r['ours']:>10.1f}{r['reference']:>11.1f}  {r['unit']:<8}{r['ratio']:>6.2f}x  "
+              f"{r['target']}")
     print(json.dumps({**context, "rows": rows}))
