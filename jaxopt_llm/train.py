@@ -184,11 +184,11 @@ def fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConf
 
 def _fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainConfig, parallel: Parallel, *,
          record: dict | None, tokenizer: Any, changes: dict | None, preemption: _Preemption) -> dict[str, float]:
+    parallel = parallel.for_members(recipe.members)
+    parallel.check_batch_size(cfg.batch_size)  # before the run folder exists (`train` checks before building too)
     run = RunFolder(workdir)
     run.path.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
-    parallel = parallel.for_members(recipe.members)
-    parallel.check_batch_size(cfg.batch_size)
     accum, total_micro = cfg.grad_accum, cfg.steps * cfg.grad_accum
     ckpts = checkpoint.Checkpoints(run.checkpoints, keep=cfg.keep_checkpoints)
     if ckpts.latest() == total_micro and ((run.model / "config.json").is_file() or run.members()):
@@ -372,8 +372,8 @@ def train(config: Config, workdir: str | Path) -> dict[str, float]:
     if run.record().get("config") and checkpoint.has_steps(run.checkpoints):
         first = run.record().get("history", [{}])[0].get("config") or run.record()["config"]
         changes = config_lib.resume_changes(first, config, str(workdir))
-    parallel = Parallel(config.parallel)  # bad device settings stop before the model is built (which compiles)
-    parallel.check_batch_size(config.train.batch_size)
+    parallel = Parallel(config.parallel)  # bad device settings stop before the model is built (which compiles);
+    parallel.check_batch_size(config.train.batch_size)  # fit checks again for its own callers
     method = recipes.get(config.method)
     base = str(method.base_model(config.options) or config.model.name_or_path)
     base_folder = resolve(base)

@@ -137,10 +137,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ta
     """`train_step(state, batch, key, aux) -> (state, metrics)`; state.params and opt_state have a leading
     member axis, batch arrays are (N, b, ...) (each member's own batch). Member i's keys derive from
     fold_in(key, i), so it draws what a single run with that key draws. `per_pass` members' gradients are
-    computed vmapped together (None: all); then one update of every member at once (`tx` vmapped), in place:
-    slicing each member's optimiser state out of the stack and writing it back cost more than the update."""
+    computed vmapped together (None: all); then one update of every member at once, in place, by `tx`, the
+    members' optimiser (`vmapped`, the one their state was made with): slicing each member's optimiser state
+    out of the stack and writing it back cost more than the update."""
     grad_fn = clean.make_grad_fn(graphdef, task)
-    vtx = vmapped(tx)
 
     def train_step(state: TrainState, batch: dict, key: jax.Array, aux=None) -> tuple[TrainState, Metrics]:
         keys = jax.vmap(lambda i: member_key(key, i))(jnp.arange(members))
@@ -150,7 +150,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ta
             return global_sum(grads), global_sum(metrics)
 
         grads, metrics = over_members(one, (state.params, batch, keys), per_pass)
-        return apply_gradients(state, grads, vtx), metrics
+        return apply_gradients(state, grads, tx), metrics
 
     return train_step
 
@@ -242,7 +242,7 @@ def build(ctx: Context, options: EnsembleOptions) -> Recipe:
 
     per_pass = options.per_pass()
     return Recipe(task=EnsembleTask(ctx.task, n), tx=tx, graphdef=graphdef, params=params,
-                  train_step=make_train_step(graphdef, ctx.tx, ctx.task, n, per_pass),
+                  train_step=make_train_step(graphdef, tx, ctx.task, n, per_pass),
                   eval_step=make_eval_step(graphdef, ctx.task, per_pass=per_pass), export=export,
                   batches=batches, members=n)
 
