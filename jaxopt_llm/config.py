@@ -379,3 +379,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.max_length={d.max_length}: must be at least 8.")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={config.model.dtype!r}: use float32 or bfloat16.")
+    m = config.model
+    for key, value, off in (("remat", m.remat, "none"), ("scan_unroll", m.scan_unroll, False)):
+        if value != off and not m.scan_layers:  # both shape the scan over layers: alone they would do nothing
+            raise ConfigError(f"model.{key}={value!r} applies to scanned layers only: set model.scan_layers=true "
+                              f"as well, or drop model.{key}.")

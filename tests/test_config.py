@@ -117,6 +117,8 @@ def test_experiment_pipelines_plan_with_every_stage_config_valid_and_start_with_
     (["method=nope"], "method='nope' is not registered"),
     (["task=token-classification"], "task='token-classification'"),
     (["method=adversarial", "adversarial.stepz=3"], r"unknown config key 'adversarial.stepz'.*adversarial\.epsilon"),
+    (["model.scan_unroll=true"], r"model.scan_unroll=True applies to scanned layers only: set model.scan_layers=true"),
+    (["model.remat=full"], r"model.remat='full' applies to scanned layers only"),
 ])
 def test_method_options_and_old_keys_get_one_clear_error(items, message):
     from jaxopt_llm import config as config_lib

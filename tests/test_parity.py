@@ -118,6 +118,8 @@ def test_scan_unroll_leaves_no_layer_loop_after_compilation():
         grad = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p)(ids).sum()))
         loops.append(grad.lower(params).compile().as_text().count(" while("))
     assert loops[1] == loops[0] + 2 and loops[2] == loops[0], loops
+    with pytest.raises(ValueError, match="set scan_layers=True as well"):  # alone it would change nothing
+        bert.BertConfig.tiny(num_hidden_layers=4, scan_unroll=True)
 
 
 @pytest.mark.parametrize("k,n,tied", [(6, 10, False), (10, 6, False), (4, 9, True)])

@@ -91,6 +91,9 @@ class BertConfig:
                 raise ValueError(f"BertConfig.{name}={value!r}: use 'float32', 'bfloat16' or 'float16'.")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"BertConfig.remat={self.remat!r}: use 'none', 'full' or 'dots'.")
+        if (self.remat != "none" or self.scan_unroll) and not self.scan_layers:
+            raise ValueError(f"BertConfig.remat={self.remat!r}, scan_unroll={self.scan_unroll}: both apply to "
+                             "scanned layers only; set scan_layers=True as well.")
         if self.attention not in ("auto", "manual"):
             raise ValueError(f"BertConfig.attention={self.attention!r}: use 'auto' or 'manual'.")
         if self.labels and len(self.labels) != self.num_labels:
