@@ -78,6 +78,37 @@ def test_nonfinite_update_is_skipped_and_counted():
     assert int(optim.skipped_updates(opt)) == 1
 
 
+def test_clipped_adamw_equals_the_optax_chain_and_a_skipped_step_is_as_if_absent():
+    """Reference: optax's clip_by_global_norm -> adamw(schedule, decay mask), fed the same steps minus the
+    non-finite ones. Steps below and above the clipping norm, warmup, decayed and undecayed leaves."""
+    cfg = TrainConfig(learning_rate=0.05, warmup_steps=2, steps=8, weight_decay=0.1, max_grad_norm=1.0)
+    reference = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(optim.schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, weight_decay=0.1,
+                    mask=optim.decay_mask))
+    keys = jax.random.split(jax.random.key(3), 4)
+    params = {"dense": {"kernel": jax.random.normal(keys[0], (3, 4)), "bias": jnp.zeros(4)}, "norm": {"scale": jnp.ones(4)}}
+    def grads(i, scale):
+        return jax.tree.map(lambda p, k: scale * jax.random.normal(k, p.shape), params,
+                            {"dense": {"kernel": keys[i], "bias": keys[i + 1]}, "norm": {"scale": keys[i - 1]}})
+    bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads(1, 1.0))
+    steps = [grads(1, 0.05), grads(2, 10.0), bad, jax.tree.map(lambda g: g.at[0].set(jnp.inf), bad), grads(3, 0.3)]
+    assert float(optax.tree.norm(steps[0])) < 1.0 < float(optax.tree.norm(steps[1]))
+    tx = optim.make(cfg)
+    ours, state = params, tx.init(params)
+    assert jax.tree.structure(state.inner) == jax.tree.structure(reference.init(params))  # one checkpoint layout
+    ref, ref_state = params, reference.init(params)
+    for g in steps:
+        updates, state = jax.jit(tx.update)(g, state, ours)
+        ours = optax.apply_updates(ours, updates)
+        if all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g)):
+            updates, ref_state = reference.update(g, ref_state, ref)
+            ref = optax.apply_updates(ref, updates)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ours, ref)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.inner, ref_state)
+    assert int(optim.skipped_updates(state)) == 2 and not np.array_equal(ours["dense"]["kernel"], params["dense"]["kernel"])
+
+
 def test_accumulation_of_two_halves_equals_one_full_batch():
     """AdamW on mean gradients: 2 accumulated half batches == 1 full batch (equal halves)."""
     x = jax.random.normal(jax.random.key(0), (8, 3))

@@ -118,7 +118,7 @@ def test_5_nan_and_null_texts_are_dropped_and_counted(tmp_path):
     assert texts == ["ok", "nan"] and report.empty_text == 2  # the word "nan" is a text; NaN is not
 
 
-def test_6_bad_learning_rates_are_refused_and_the_guard_checks_what_is_applied():
+def test_6_bad_learning_rates_are_refused_and_a_nan_rate_is_skipped():
     for value in ("nan", "-1e-4", "inf", "0"):
         with pytest.raises(config_lib.ConfigError, match=r"train.learning_rate="):
             config_lib.load(None, ["data.train_file=x.csv", f"train.learning_rate={value}"])
