@@ -52,7 +52,7 @@ def reference(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def clipped_adamw(cfg: TrainConfig) -> optax.GradientTransformation:
-    """`reference(cfg)`'s update, written as one elementwise pass per parameter, that skips a step whose
+    """`reference(cfg)`'s update, written as one elementwise expression per parameter, that skips a step whose
     gradient global norm or learning rate is not finite: the update is zero, the state is kept (counts too),
     and `skipped` counts it.
 
@@ -74,15 +74,17 @@ def clipped_adamw(cfg: TrainConfig) -> optax.GradientTransformation:
         norm = optax.tree.norm(grads)
         rate = rate_at(sched.count)
         ok = jnp.isfinite(norm) & jnp.isfinite(rate)
-        below = norm < max_norm
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
         count = optax.safe_increment(adam.count)
         fix1, fix2 = 1 - b1 ** count, 1 - b2 ** count
 
-        # Operation for operation as optax's clip_by_global_norm, scale_by_adam, add_decayed_weights and
-        # scale_by_learning_rate; the moments are selected before the update reads them, so one pass reads
-        # g, mu, nu and the parameter once.
+        # optax's clip_by_global_norm, scale_by_adam, add_decayed_weights and scale_by_learning_rate, operation
+        # for operation but the clip: g * (max_norm / norm), where optax writes (g / norm) * max_norm out as a
+        # clipped copy of g (within an ulp of it). The moments are selected before the update reads them, so
+        # the parameter pass reads the new moments and XLA never copies the old ones: per parameter, one read
+        # of g for the norm, then mu and nu (each reading g) and the parameter (reading both new moments).
         def leaf(g, mu, nu, p, decayed):
-            g = jax.lax.select(below, g, (g / norm.astype(g.dtype)) * max_norm)
+            g = g * scale.astype(g.dtype)
             mu = jnp.where(ok, (1 - b1) * g + b1 * mu, mu)
             nu = jnp.where(ok, (1 - b2) * (g ** 2) + b2 * nu, nu)
             u = (mu / fix1.astype(mu.dtype)) / (jnp.sqrt(nu / fix2.astype(nu.dtype) + 0.0) + eps)
