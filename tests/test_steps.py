@@ -237,6 +237,22 @@ def test_bench_runs_both_sides_on_a_tiny_config(capsys):
         bench.run(c, ("predict", "compile"))
 
 
+def test_optimizer_bench_script_times_the_same_parameters_on_both_sides(capsys):
+    """experiments/optimizer_bench.py on a tiny model: PyTorch's BERT has exactly our parameter count (the
+    same shapes are updated), and every optimiser gets a row."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "optimizer_bench.py"
+    spec = importlib.util.spec_from_file_location("optimizer_bench", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--layers", "1", "--hidden", "32", "--vocab", "300", "--steps", "1"])
+    assert result["parameters"]["ours"] == result["parameters"]["torch"] > 0
+    assert len(result["ms"]) == 4 and all(ms > 0 for ms in result["ms"].values())
+    assert capsys.readouterr().out.count(" ms   ours is ") == 4
+
+
 def test_gpu_bench_script_checks_parity_with_pytorch_then_times_both_sides(tmp_path):
     """experiments/gpu_bench.py (the prepared accelerator script) on a tiny float32 config on CPU: both sides
     load one checkpoint, and its pre-timing check measures our logits against PyTorch's."""
