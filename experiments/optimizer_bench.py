@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
         config = BertConfig.large(num_hidden_layers=args.layers or 24, num_labels=2, max_position_embeddings=512)
     else:
         hidden = args.hidden or c.hidden
-        config = BertConfig(vocab_size=args.vocab or c.vocab, hidden_size=hidden, num_hidden_layers=args.layers or c.layers,
-                            num_attention_heads=c.heads, intermediate_size=4 * hidden, num_labels=2,
-                            max_position_embeddings=512)
+        config = BertConfig(vocab_size=args.vocab or c.vocab, hidden_size=hidden,
+                            num_hidden_layers=args.layers or c.layers, num_attention_heads=c.heads,
+                            intermediate_size=4 * hidden, num_labels=2, max_position_embeddings=512)
     _, params = nnx.split(Bert(config, "sequence-classification", rngs=nnx.Rngs(0)))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
     hf = transformers.BertForSequenceClassification(config.to_hf_config())
