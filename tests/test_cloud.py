@@ -190,6 +190,19 @@ def get_pipeline():
 '''
 
 
+def free_port() -> int:
+    """A port free right now on every interface: the coordinator's gRPC server binds [::]:PORT (a fixed port
+    could be held, e.g. as another connection's ephemeral port, and the run would fail to start)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::", 0))
+            return s.getsockname()[1]
+    except OSError:  # no IPv6: the server binds IPv4 only
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+
 def test_two_processes_run_a_pipeline_in_the_bucket_as_one_process_does_with_one_writer(emulator, setup, tmp_path):
     """jax.distributed on two local processes (a pod slice's hosts), the pipeline folder in the bucket: the
     training stage trains on both and shares one checkpoint there; process 0 alone splits, measures,
@@ -198,11 +211,10 @@ def test_two_processes_run_a_pipeline_in_the_bucket_as_one_process_does_with_one
     train = pipeline_train(setup, devices=None, **{"train.steps": 4, "train.log_every": 1, "train.checkpoint_every": 3})
     file = tmp_path / "pair.py"
     file.write_text(PAIR.format(file=file, source=str(setup / "tweets.csv"), model=str(setup / "model"), train=train))
-    port = 21000 + os.getpid() % 20000
 
     def pair():
         env = {"XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2"}
         return [cli(["pipeline", "run", str(file), "--workdir", f"gs://{BUCKET}/two"], tmp_path,
                     {**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
 
