@@ -13,6 +13,7 @@ Needs torch (the test extra). Prints one line per optimiser: ms per update and o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -66,14 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    c = bench.BenchConfig()
     if args.large:
         config = BertConfig.large(num_hidden_layers=args.layers or 24, num_labels=2, max_position_embeddings=512)
-    else:
+    else:  # the bench's model, as `jaxopt-llm bench` builds it
+        c = bench.BenchConfig()
         hidden = args.hidden or c.hidden
-        config = BertConfig(vocab_size=args.vocab or c.vocab, hidden_size=hidden,
-                            num_hidden_layers=args.layers or c.layers, num_attention_heads=c.heads,
-                            intermediate_size=4 * hidden, num_labels=2, max_position_embeddings=512)
+        config = bench._bert_config(dataclasses.replace(c, hidden=hidden, ffn=c.ffn * hidden // c.hidden,
+                                                        vocab=args.vocab or c.vocab, layers=args.layers or c.layers))
     _, params = nnx.split(Bert(config, "sequence-classification", rngs=nnx.Rngs(0)))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
     hf = transformers.BertForSequenceClassification(config.to_hf_config())

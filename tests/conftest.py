@@ -25,6 +25,7 @@ os.environ["JAXOPT_LLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxopt-llm-xla-cac
 
 import csv  # noqa: E402
 import json  # noqa: E402
+import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -197,6 +198,19 @@ def overrides(setup, devices=1, **extra):
              "train.steps": 6, "train.log_every": 2, "train.eval_every": 3, "train.checkpoint_every": 3,
              **({"parallel.devices": devices} if devices else {}), **extra}
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def free_port() -> int:
+    """A port free right now on every interface (servers here bind 127.0.0.1, or [::] as jax.distributed's
+    coordinator does; a fixed port can be held, e.g. as another connection's ephemeral port)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::", 0))
+            return s.getsockname()[1]
+    except OSError:  # no IPv6
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
 
 
 def records(workdir, split):

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import overrides, xla_flags
+from conftest import free_port, overrides, xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "test-bucket"
@@ -24,9 +24,7 @@ BUCKET = "test-bucket"
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # The emulator serves from one thread with a listen backlog of 5 (tensorstore's parallel uploads then wait
     # out TCP SYN retries for minutes) and rewrites its whole metadata file on every write (quadratic in the
     # objects; that file only matters to an on-disk store). A deep backlog and no metadata file fix both.
@@ -188,19 +186,6 @@ def get_pipeline():
             Stage("deploy", "export", model="@calibrated"),
         ))
 '''
-
-
-def free_port() -> int:
-    """A port free right now on every interface: the coordinator's gRPC server binds [::]:PORT (a fixed port
-    could be held, e.g. as another connection's ephemeral port, and the run would fail to start)."""
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::", 0))
-            return s.getsockname()[1]
-    except OSError:  # no IPv6: the server binds IPv4 only
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
 
 
 def test_two_processes_run_a_pipeline_in_the_bucket_as_one_process_does_with_one_writer(emulator, setup, tmp_path):

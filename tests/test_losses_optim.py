@@ -99,8 +99,9 @@ def test_clipped_adamw_equals_the_optax_chain_and_a_skipped_step_is_as_if_absent
     ours, state = params, tx.init(params)
     assert jax.tree.structure(state.inner) == jax.tree.structure(reference.init(params))  # one checkpoint layout
     ref, ref_state = params, reference.init(params)
+    update = jax.jit(tx.update)
     for g in steps:
-        updates, state = jax.jit(tx.update)(g, state, ours)
+        updates, state = update(g, state, ours)
         ours = optax.apply_updates(ours, updates)
         if all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g)):
             updates, ref_state = reference.update(g, ref_state, ref)

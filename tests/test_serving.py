@@ -5,7 +5,6 @@ concurrent clients and malformed requests, and the drift statistics against scip
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import overrides
+from conftest import free_port, overrides
 from flax import nnx
 
 from jaxopt_llm import bert, cli
@@ -94,12 +93,6 @@ def test_a_changed_or_missing_file_is_one_clear_error(exported, tmp_path, tamper
         (art / "tokenizer.json").unlink()
     with pytest.raises(ArtifactError, match=rf"(golden.json|tokenizer.json) {message}"):
         Artifact.load(art)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(port, path, body=None, raw=None, method=None):
