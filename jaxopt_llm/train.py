@@ -340,7 +340,7 @@ def label_names_for(config: Config, run: RunFolder, base: str, needs) -> tuple[s
 def loader(config: Config, head: str, labels: tuple[str, ...] | None, num_labels: int | None) -> Callable:
     """`load(reference) -> Bert` with the run's head, label names, dtype, dropout and seed."""
     m = config.model
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {"dropout_rng": m.dropout_rng}
     if labels and num_labels and num_labels > 1 and len(labels) == num_labels:
         changes["labels"] = tuple(labels)
     if m.hidden_dropout is not None:

@@ -45,6 +45,7 @@ def test_hf_config_round_trip():
     (dict(hidden_act="gelu_fast"), "hidden_act='gelu_fast'"),
     (dict(num_labels=0), "num_labels=0"),
     (dict(dtype="int8"), "dtype='int8'"),
+    (dict(dropout_rng="philox"), "dropout_rng='philox': use 'hash' or 'threefry'"),
 ])
 def test_config_errors_name_the_value(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -68,6 +69,57 @@ def test_dropout_needs_explicit_key_and_is_reproducible():
     clean = np.asarray(model(ids))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c) and not np.allclose(a, clean)
+
+
+@pytest.mark.parametrize("rng", ["hash", "threefry"])
+def test_dropout_masks_are_bernoulli_at_the_exact_rate_and_vmap_per_key(rng):
+    """Closed-form references: the dropped count is Binomial(n, p) with p = round(rate * 2^16) / 2^16, kept
+    values are x / (1 - p); neighbouring elements, rows and keys are uncorrelated (|r| < 5 / sqrt(n)); vmapped
+    over keys, each key's own mask."""
+    from jaxopt_llm.bert.modeling import dropout
+
+    x = np.ones((64, 4096), np.float32)
+    p = round(0.1 * 65536) / 65536
+    keys = jax.random.split(jax.random.key(7), 3)
+    out = [np.asarray(dropout(x, 0.1, k, False, rng)) for k in keys]
+    n = x.size
+    for y in out:
+        assert abs((y == 0).sum() - n * p) < 5 * np.sqrt(n * p * (1 - p))
+        np.testing.assert_array_equal(y[y != 0], np.float32(1.0) / np.float32(1 - p))
+    kept = [(y != 0).astype(np.float64) for y in out]
+
+    def corr(a, b):
+        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+    m = kept[0]
+    for a, b in [(m[:, :-1], m[:, 1:]), (m[:, :-2], m[:, 2:]), (m[:-1], m[1:]), (kept[0], kept[1]), (kept[1], kept[2])]:
+        assert abs(corr(a, b)) < 5 / np.sqrt(a.size)
+    vmapped = np.asarray(jax.vmap(lambda k: dropout(x[:4], 0.1, k, False, rng))(keys))
+    np.testing.assert_array_equal(vmapped, np.stack([y[:4] for y in out]))
+
+
+def test_hash_bits_are_uniform_and_the_threefry_option_keeps_the_old_masks():
+    """The 16-bit halves that masks compare against the threshold: chi-square over all 65,536 values within
+    six standard deviations of its mean, every one of the 32 bit positions set half the time (5 sigma).
+    `dropout_rng="threefry"` reproduces the masks written from `jax.random.bits` as versions before 2026-12-02."""
+    from jaxopt_llm.bert.modeling import dropout, hash_bits
+
+    words = np.asarray(hash_bits(jax.random.key(11), (1024, 2048)))
+    halves = words.view(np.uint16).ravel()
+    counts = np.bincount(halves, minlength=65536)
+    expected = halves.size / 65536
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert abs(chi2 - 65535) < 6 * np.sqrt(2 * 65535)
+    bits = (words.ravel()[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    assert np.all(np.abs(bits.mean(0) - 0.5) < 5 * 0.5 / np.sqrt(words.size))
+    with pytest.raises(ValueError, match="exceed the 32-bit counter"):
+        hash_bits(jax.random.key(0), (2**16, 2**16))
+
+    key, x = jax.random.key(5), np.ones((3, 7), np.float32)
+    old = np.asarray(jax.random.bits(key, (3, 4), np.uint32)).view(np.uint16).reshape(3, 8)[:, :7]
+    keep = old >= round(0.25 * 65536)
+    np.testing.assert_array_equal(np.asarray(dropout(x, 0.25, key, False, "threefry")),
+                                  np.where(keep, x / np.float32(0.75), 0))
 
 
 def test_too_long_input_is_a_clear_error():
@@ -119,6 +171,7 @@ def test_experiment_pipelines_plan_with_every_stage_config_valid_and_start_with_
     (["method=adversarial", "adversarial.stepz=3"], r"unknown config key 'adversarial.stepz'.*adversarial\.epsilon"),
     (["model.scan_unroll=true"], r"model.scan_unroll=True applies to scanned layers only: set model.scan_layers=true"),
     (["model.remat=full"], r"model.remat='full' applies to scanned layers only"),
+    (["model.dropout_rng=philox"], r"model.dropout_rng='philox': use 'hash' or 'threefry'"),
 ])
 def test_method_options_and_old_keys_get_one_clear_error(items, message):
     from jaxopt_llm import config as config_lib

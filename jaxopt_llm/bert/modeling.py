@@ -35,6 +35,8 @@ _ACTIVATIONS = {
     "tanh": jnp.tanh,
 }
 
+DROPOUT_RNGS = ("hash", "threefry")  # BertConfig.dropout_rng
+
 # HF config keys that we read; everything else in a config.json is ignored.
 _HF_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -71,6 +73,7 @@ class BertConfig:
     #                            (compile time grows with depth again; the README's Speed options: measured)
     attention: str = "auto"  # auto: jax.nn.dot_product_attention when no attention dropout or probabilities
     #                          are needed (cuDNN on GPU, XLA elsewhere) | manual: always the explicit softmax
+    dropout_rng: str = "hash"  # the masks' random words: hash (`hash_bits`) | threefry (masks before 2026-12-02)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -96,6 +99,8 @@ class BertConfig:
                              "scanned layers only; set scan_layers=True as well.")
         if self.attention not in ("auto", "manual"):
             raise ValueError(f"BertConfig.attention={self.attention!r}: use 'auto' or 'manual'.")
+        if self.dropout_rng not in DROPOUT_RNGS:
+            raise ValueError(f"BertConfig.dropout_rng={self.dropout_rng!r}: use 'hash' or 'threefry'.")
         if self.labels and len(self.labels) != self.num_labels:
             raise ValueError(f"BertConfig.labels has {len(self.labels)} names but num_labels={self.num_labels}.")
 
@@ -161,20 +166,47 @@ class BertConfig:
         )
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: bool) -> jax.Array:
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: bool, rng: str = "hash") -> jax.Array:
     """Inverted dropout with an explicit key; identity when `deterministic` or `rate == 0`.
 
-    The mask takes 16 random bits per element, two from each 32-bit threefry word (a Bernoulli draw spends a
-    whole word on each): an element is dropped when its bits fall below round(rate * 2^16), and the kept ones
-    are scaled by the inverse of the exact keep probability, so the layer stays unbiased.
+    The mask takes 16 random bits per element, two from each 32-bit word (a Bernoulli draw spends a whole word
+    on each): an element is dropped when its bits fall below round(rate * 2^16), and the kept ones are scaled by
+    the inverse of the exact keep probability, so the layer stays unbiased. The words come from `rng`:
+    "hash" (`hash_bits`) or "threefry" (`jax.random.bits`, the masks of versions before 2026-12-02).
     """
     if deterministic or rate == 0.0:
         return x
     threshold = round(rate * 65536)
     last = x.shape[-1]
-    words = jax.random.bits(key, (*x.shape[:-1], (last + 1) // 2), jnp.uint32)
+    shape = (*x.shape[:-1], (last + 1) // 2)
+    words = hash_bits(key, shape) if rng == "hash" else jax.random.bits(key, shape, jnp.uint32)
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :last]
     return jnp.where(halves >= threshold, x / (1.0 - threshold / 65536), 0).astype(x.dtype)
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """Wellons' lowbias32: a bijection of uint32 with near-ideal avalanche, in seven elementwise operations."""
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """uint32 words of `shape` for dropout masks: word i = mix(mix(i * 0x9E3779B9 + k0) ^ k1), with (k0, k1)
+    the key's two words. Counter-based like threefry, but 14 integer operations a word instead of threefry's
+    20 rounds, and elementwise, so XLA fuses it into the mask's consumer (no bits are written to memory) and it
+    vmaps, scans and shards as any elementwise expression: vmapped over keys it gives each key's words.
+    For one key the words of distinct indices differ (a bijection of the index). Not for cryptography."""
+    n = math.prod(shape)
+    if n >= 2**32:
+        raise ValueError(f"hash_bits: {n} words exceed the 32-bit counter; draw masks for at most 2**32 - 1 "
+                         "words at a time.")
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    words = data.reshape(-1).astype(jnp.uint32)
+    k0, k1 = words[0::2], words[1::2]  # threefry: one word each; wider keys are folded by xor
+    k0, k1 = functools.reduce(jnp.bitwise_xor, list(k0)), functools.reduce(jnp.bitwise_xor, list(k1))
+    index = jax.lax.iota(jnp.uint32, n).reshape(shape)
+    return _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + k0) ^ k1)
 
 
 def _keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -245,7 +277,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v_bshk.dtype)
         if collect is not None:
             collect.append(probs)
-        probs = dropout(probs, cfg.attention_probs_dropout_prob, key, deterministic)
+        probs = dropout(probs, cfg.attention_probs_dropout_prob, key, deterministic, cfg.dropout_rng)
         ctx = jnp.einsum("bhqs,bshk->bqhk", probs, v_bshk)
         return self.out(ctx.reshape(b, ctx.shape[1], d))
 
@@ -308,9 +340,9 @@ class Layer(nnx.Module):
         a = self.attention(x_btd, bias_b1qt, deterministic, k_attn, positions_bp, collect)
         if positions_bp is not None:
             x_btd = jnp.take_along_axis(x_btd, positions_bp[..., None], axis=1)
-        x_btd = self.attention_norm(x_btd + dropout(a, rate, k_attn_out, deterministic))
+        x_btd = self.attention_norm(x_btd + dropout(a, rate, k_attn_out, deterministic, self.cfg.dropout_rng))
         h = _ACTIVATIONS[self.cfg.hidden_act](self.intermediate(x_btd))
-        return self.output_norm(x_btd + dropout(self.output(h), rate, k_out, deterministic))
+        return self.output_norm(x_btd + dropout(self.output(h), rate, k_out, deterministic, self.cfg.dropout_rng))
 
 
 class MaskedLMHead(nnx.Module):
@@ -397,7 +429,7 @@ class Bert(nnx.Module):
         emb = self.embeddings
         x = word_embeddings_btd + emb.position(position_ids_bt) + emb.token_type(token_type_ids_bt)
         keys = _keys(dropout_key, cfg.num_hidden_layers + 1)
-        x = dropout(emb.norm(x), cfg.hidden_dropout_prob, keys[0], deterministic)
+        x = dropout(emb.norm(x), cfg.hidden_dropout_prob, keys[0], deterministic, cfg.dropout_rng)
         mask_b1qt = attention_mask_bt[:, None, None, :] if attention_mask_bt.ndim == 2 else attention_mask_bt[:, None]
         bias_b1qt = jnp.where(mask_b1qt > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
         last = cfg.num_hidden_layers - 1
@@ -456,7 +488,7 @@ class Bert(nnx.Module):
         _check_dropout_key(deterministic, dropout_key)
         cfg = self.config
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        pooled = dropout(self.pool(hidden_btd), rate, dropout_key, deterministic)
+        pooled = dropout(self.pool(hidden_btd), rate, dropout_key, deterministic, cfg.dropout_rng)
         return self.classifier(pooled).astype(jnp.float32)
 
     def heads(self, hidden_btd: jax.Array, *, deterministic: bool = True,
