@@ -38,6 +38,7 @@ class BenchConfig:
     adversarial_steps: int = 1  # K of the adversarial step (Madry PGD, L-inf, adversarial loss only)
     student_layers: int = 2  # the distillation row: a student of this depth, the bench model as teacher
     members: int = 5  # the ensemble row: one step of this many members (ensemble.members_per_pass automatic)
+    dropout_rng: str = "hash"  # BertConfig.dropout_rng of our models (experiments/dropout_bench.py compares them)
 
 
 def model_flops(c: BenchConfig, task: str) -> float:
@@ -106,7 +107,7 @@ def _bert_config(c: BenchConfig, layers: int | None = None):
 
     return BertConfig(vocab_size=c.vocab, hidden_size=c.hidden, num_hidden_layers=layers or c.layers,
                       num_attention_heads=c.heads, intermediate_size=c.ffn, max_position_embeddings=max(512, c.seq),
-                      num_labels=2, dtype=c.dtype)
+                      num_labels=2, dtype=c.dtype, dropout_rng=c.dropout_rng)
 
 
 def _task(c: BenchConfig, name: str):
@@ -226,7 +227,7 @@ def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2) -> list[dict]
 
     def build(depth: int = layers, **changes) -> tuple[float, Callable[[], None]]:
         config = BertConfig.large(num_hidden_layers=depth, num_labels=2, dtype=c.dtype,
-                                  max_position_embeddings=max(512, c.seq), **changes)
+                                  max_position_embeddings=max(512, c.seq), dropout_rng=c.dropout_rng, **changes)
         graphdef, params = nnx.split(Bert(config, "sequence-classification", rngs=nnx.Rngs(0)))
         tx = optim.make(TrainConfig(learning_rate=1e-4, steps=1000))
         step = jax.jit(make_train_step(graphdef, tx, _task(c, "classify")), donate_argnums=0)

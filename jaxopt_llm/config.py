@@ -37,7 +37,7 @@ class ModelConfig:
     scan_layers: bool = False  # encoder layers as one lax.scan (compile time flat in depth); checkpoints unchanged
     remat: str = "none"  # with scan_layers: none | full | dots (recompute activations in the backward pass)
     scan_unroll: bool = False  # with scan_layers: the scan written out by XLA (faster step, compile grows with depth)
-    dropout_rng: str = "hash"  # dropout masks' random words: hash | threefry (the masks of versions before 2026-12-02)
+    dropout_rng: str = "hash"  # dropout masks' random words: hash | threefry (the masks of commits before 6cf3f01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,7 +383,7 @@ def validate(config: Config) -> None:
     m = config.model
     if m.dropout_rng not in ("hash", "threefry"):
         raise ConfigError(f"model.dropout_rng={m.dropout_rng!r}: use 'hash' or 'threefry' (the masks of versions "
-                          "before 2026-12-02).")
+                          "before commit 6cf3f01).")
     for key, value, off in (("remat", m.remat, "none"), ("scan_unroll", m.scan_unroll, False)):
         if value != off and not m.scan_layers:  # both shape the scan over layers: alone they would do nothing
             raise ConfigError(f"model.{key}={value!r} applies to scanned layers only: set model.scan_layers=true "

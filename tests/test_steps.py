@@ -253,6 +253,22 @@ def test_optimizer_bench_script_times_the_same_parameters_on_both_sides(capsys):
     assert capsys.readouterr().out.count(" ms   ours is ") == 4
 
 
+def test_dropout_bench_script_times_both_mask_generators(capsys):
+    """experiments/dropout_bench.py on a tiny model: a step time for each mask generator and one line for it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "dropout_bench.py"
+    spec = importlib.util.spec_from_file_location("dropout_bench", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--tasks", "classify", "--layers", "1", "--hidden", "32", "--vocab", "300",
+                          "--batch", "4", "--steps", "1", "--compile-layers", "0"])
+    assert set(result["step_ms"]["classify"]) == {"hash", "threefry"}
+    assert all(ms > 0 for ms in result["step_ms"]["classify"].values()) and result["compile_s"] == {}
+    assert capsys.readouterr().out.count("threefry / hash") == 1
+
+
 def test_gpu_bench_script_checks_parity_with_pytorch_then_times_both_sides(tmp_path):
     """experiments/gpu_bench.py (the prepared accelerator script) on a tiny float32 config on CPU: both sides
     load one checkpoint, and its pre-timing check measures our logits against PyTorch's."""
