@@ -205,7 +205,9 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     words = data.reshape(-1).astype(jnp.uint32)
     k0, k1 = words[0::2], words[1::2]  # threefry: one word each; wider keys are folded by xor
     k0, k1 = functools.reduce(jnp.bitwise_xor, list(k0)), functools.reduce(jnp.bitwise_xor, list(k1))
-    index = jax.lax.iota(jnp.uint32, n).reshape(shape)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    index = sum(jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)  # the row-major flat index,
+                for d, stride in enumerate(strides))  # as elementwise terms: each device makes its own shard's
     return _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + k0) ^ k1)
 
 
