@@ -194,7 +194,7 @@ def _mix32(x: jax.Array) -> jax.Array:
 def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """uint32 words of `shape` for dropout masks: word i = mix(mix(i * 0x9E3779B9 + k0) ^ k1), with (k0, k1)
     the key's two words. Counter-based like threefry, but 14 integer operations a word instead of threefry's
-    20 rounds, and elementwise, so XLA fuses it into the mask's consumer (no bits are written to memory) and it
+    20 rounds, and elementwise, so XLA fuses it into the mask (the words are never written to memory) and it
     vmaps, scans and shards as any elementwise expression: vmapped over keys it gives each key's words.
     For one key the words of distinct indices differ (a bijection of the index). Not for cryptography."""
     n = math.prod(shape)
