@@ -114,6 +114,8 @@ def test_hash_bits_are_uniform_and_the_threefry_option_keeps_the_old_masks():
     assert np.all(np.abs(bits.mean(0) - 0.5) < 5 * 0.5 / np.sqrt(words.size))
     with pytest.raises(ValueError, match="exceed the 32-bit counter"):
         hash_bits(jax.random.key(0), (2**16, 2**16))
+    with pytest.raises(ValueError, match="rng='philox'"):
+        dropout(np.ones(3, np.float32), 0.1, jax.random.key(0), False, "philox")
 
     key, x = jax.random.key(5), np.ones((3, 7), np.float32)
     old = np.asarray(jax.random.bits(key, (3, 4), np.uint32)).view(np.uint16).reshape(3, 8)[:, :7]

@@ -174,6 +174,8 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: boo
     the inverse of the exact keep probability, so the layer stays unbiased. The words come from `rng`:
     "hash" (`hash_bits`) or "threefry" (`jax.random.bits`, the masks of commits before 6cf3f01).
     """
+    if rng not in DROPOUT_RNGS:
+        raise ValueError(f"dropout rng={rng!r}: use 'hash' or 'threefry'.")
     if deterministic or rate == 0.0:
         return x
     threshold = round(rate * 65536)
