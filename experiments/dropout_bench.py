@@ -13,31 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
-import jax
-from flax import nnx
-
-from jaxopt_llm import bench, heap, optim
-from jaxopt_llm import state as state_lib
-from jaxopt_llm.bert import Bert, BertConfig
-from jaxopt_llm.config import TrainConfig
-from jaxopt_llm.steps.clean import make_train_step
+from jaxopt_llm import bench, heap
 
 RNGS = ("hash", "threefry")
-
-
-def compile_seconds(c: bench.BenchConfig, layers: int, rng: str, scan_layers: bool) -> float:
-    """`.lower().compile()` of the BERT-large classification train step at batch c.batch."""
-    config = BertConfig.large(num_hidden_layers=layers, num_labels=2, max_position_embeddings=max(512, c.seq),
-                              dropout_rng=rng, scan_layers=scan_layers)
-    graphdef, params = nnx.split(Bert(config, "sequence-classification", rngs=nnx.Rngs(0)))
-    tx = optim.make(TrainConfig(learning_rate=1e-4, steps=1000))
-    step = jax.jit(make_train_step(graphdef, tx, bench._task(c, "classify")), donate_argnums=0)
-    args = state_lib.create(params, tx), jax.device_put(bench._batch(c)), jax.random.key_data(jax.random.key(0))
-    start = time.perf_counter()
-    step.lower(*args).compile()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,11 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, default=None, help="the bench model's vocabulary, changed (tests)")
     parser.add_argument("--batch", type=int, default=None, help="the bench model's batch, changed (tests)")
     args = parser.parse_args(argv)
-    c = bench.BenchConfig()
-    hidden = args.hidden or c.hidden
-    c = dataclasses.replace(c, hidden=hidden, ffn=c.ffn * hidden // c.hidden, vocab=args.vocab or c.vocab,
-                            layers=args.layers or c.layers, batch=args.batch or c.batch,
-                            max_predictions=min(c.max_predictions, c.seq))
+    c = bench.resized(bench.BenchConfig(), hidden=args.hidden, vocab=args.vocab, layers=args.layers,
+                      batch=args.batch)
     result: dict = {"step_ms": {}, "compile_s": {}}
     for task in args.tasks.split(","):
         steps = {rng: bench.jax_step(dataclasses.replace(c, dropout_rng=rng), task) for rng in RNGS}
@@ -64,9 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"train step {task:8s}  hash {ms['hash']:8.1f} ms  threefry {ms['threefry']:8.1f} ms  "
               f"threefry / hash {ms['threefry'] / ms['hash']:.2f}", flush=True)
     if args.compile_layers:
-        small = dataclasses.replace(c, batch=args.compile_batch)
         for name, scan in (("unrolled", False), ("scanned", True)):
-            s = {rng: compile_seconds(small, args.compile_layers, rng, scan) for rng in RNGS}
+            s = {rng: bench.compile_step(dataclasses.replace(c, batch=args.compile_batch, dropout_rng=rng),
+                                         args.compile_layers, scan_layers=scan)[0] for rng in RNGS}
             result["compile_s"][name] = s
             print(f"compile {name:8s} ({args.compile_layers} layers)  hash {s['hash']:6.1f} s  "
                   f"threefry {s['threefry']:6.1f} s  threefry / hash {s['threefry'] / s['hash']:.2f}", flush=True)

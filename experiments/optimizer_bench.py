@@ -13,7 +13,6 @@ Needs torch (the test extra). Prints one line per optimiser: ms per update and o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -70,10 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.large:
         config = BertConfig.large(num_hidden_layers=args.layers or 24, num_labels=2, max_position_embeddings=512)
     else:  # the bench's model, as `jaxopt-llm bench` builds it
-        c = bench.BenchConfig()
-        hidden = args.hidden or c.hidden
-        config = bench._bert_config(dataclasses.replace(c, hidden=hidden, ffn=c.ffn * hidden // c.hidden,
-                                                        vocab=args.vocab or c.vocab, layers=args.layers or c.layers))
+        config = bench._bert_config(bench.resized(bench.BenchConfig(), hidden=args.hidden, vocab=args.vocab,
+                                                  layers=args.layers))
     _, params = nnx.split(Bert(config, "sequence-classification", rngs=nnx.Rngs(0)))
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
     hf = transformers.BertForSequenceClassification(config.to_hf_config())

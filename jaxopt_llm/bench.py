@@ -38,7 +38,7 @@ class BenchConfig:
     adversarial_steps: int = 1  # K of the adversarial step (Madry PGD, L-inf, adversarial loss only)
     student_layers: int = 2  # the distillation row: a student of this depth, the bench model as teacher
     members: int = 5  # the ensemble row: one step of this many members (ensemble.members_per_pass automatic)
-    dropout_rng: str = "hash"  # BertConfig.dropout_rng of our models (experiments/dropout_bench.py compares them)
+    dropout_rng: str = "hash"  # BertConfig.dropout_rng of our models (experiments/dropout_bench.py: both)
 
 
 def model_flops(c: BenchConfig, task: str) -> float:
@@ -100,6 +100,15 @@ def torch_step(c: BenchConfig, task: str) -> Callable[[], None]:
         opt.step()
 
     return step
+
+
+def resized(c: BenchConfig, *, hidden: int | None = None, vocab: int | None = None, layers: int | None = None,
+            batch: int | None = None) -> BenchConfig:
+    """`c` with another width (the FFN scaled with it), vocabulary, depth or batch; None keeps c's (the
+    experiment scripts' tiny models in the tests)."""
+    hidden = hidden or c.hidden
+    return dataclasses.replace(c, hidden=hidden, ffn=c.ffn * hidden // c.hidden, vocab=vocab or c.vocab,
+                               layers=layers or c.layers, batch=batch or c.batch)
 
 
 def _bert_config(c: BenchConfig, layers: int | None = None):
@@ -209,12 +218,9 @@ def _time_pair(ours: Callable[[], None], theirs: Callable[[], None], steps: int,
     return t["ours"], t["theirs"]
 
 
-def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2) -> list[dict]:
-    """BERT-large train step (classification, `layers` layers, batch x seq): compile seconds and step ms of the
-    encoder unrolled in Python against one lax.scan over stacked layers, and against that scan written out by
-    XLA (`scan_unroll`). Each is timed with the unrolled program in interleaved rounds, two programs in memory at
-    a time (three BERT-large train states and programs exceed 24 GB). Then how compile time grows with depth:
-    each of the three compiled again at a quarter of the layers."""
+def compile_step(c: BenchConfig, layers: int, **changes) -> tuple[float, Callable[[], None]]:
+    """A BERT-large classification train step of `layers` layers (BertConfig `changes`) at c.batch x c.seq,
+    jitted with the state donated and compiled: (compile seconds, one step as a callable)."""
     from flax import nnx
 
     from jaxopt_llm import optim
@@ -223,32 +229,37 @@ def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2) -> list[dict]
     from jaxopt_llm.config import TrainConfig
     from jaxopt_llm.steps.clean import make_train_step
 
-    large = BenchConfig(**{**dataclasses.asdict(c), "batch": batch})
+    config = BertConfig.large(num_hidden_layers=layers, num_labels=2, dtype=c.dtype,
+                              max_position_embeddings=max(512, c.seq), dropout_rng=c.dropout_rng, **changes)
+    graphdef, params = nnx.split(Bert(config, "sequence-classification", rngs=nnx.Rngs(0)))
+    tx = optim.make(TrainConfig(learning_rate=1e-4, steps=1000))
+    step = jax.jit(make_train_step(graphdef, tx, _task(c, "classify")), donate_argnums=0)
+    holder = {"state": state_lib.create(params, tx)}
+    batch_arrays = jax.device_put(_batch(c))
+    key = jax.random.key_data(jax.random.key(0))
+    start = time.perf_counter()
+    compiled = step.lower(holder["state"], batch_arrays, key).compile()
+    seconds = time.perf_counter() - start
 
-    def build(depth: int = layers, **changes) -> tuple[float, Callable[[], None]]:
-        config = BertConfig.large(num_hidden_layers=depth, num_labels=2, dtype=c.dtype,
-                                  max_position_embeddings=max(512, c.seq), dropout_rng=c.dropout_rng, **changes)
-        graphdef, params = nnx.split(Bert(config, "sequence-classification", rngs=nnx.Rngs(0)))
-        tx = optim.make(TrainConfig(learning_rate=1e-4, steps=1000))
-        step = jax.jit(make_train_step(graphdef, tx, _task(c, "classify")), donate_argnums=0)
-        holder = {"state": state_lib.create(params, tx)}
-        batch_arrays = jax.device_put(_batch(large))
-        key = jax.random.key_data(jax.random.key(0))
-        start = time.perf_counter()
-        compiled = step.lower(holder["state"], batch_arrays, key).compile()
-        seconds = time.perf_counter() - start
+    def one():
+        holder["state"], m = compiled(holder["state"], batch_arrays, key)
+        jax.block_until_ready(m)
 
-        def one():
-            holder["state"], m = compiled(holder["state"], batch_arrays, key)
-            jax.block_until_ready(m)
+    return seconds, one
 
-        return seconds, one
 
-    unrolled_compile, unrolled = build()
+def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2) -> list[dict]:
+    """BERT-large train step (classification, `layers` layers, batch x seq): compile seconds and step ms of the
+    encoder unrolled in Python against one lax.scan over stacked layers, and against that scan written out by
+    XLA (`scan_unroll`). Each is timed with the unrolled program in interleaved rounds, two programs in memory at
+    a time (three BERT-large train states and programs exceed 24 GB). Then how compile time grows with depth:
+    each of the three compiled again at a quarter of the layers."""
+    large = dataclasses.replace(c, batch=batch)
+    unrolled_compile, unrolled = compile_step(large, layers)
     compiled_at_depth, rows = {"unrolled": unrolled_compile}, []
     variants = {"scanned": {"scan_layers": True}, "scan_unroll": {"scan_layers": True, "scan_unroll": True}}
     for name, changes in variants.items():
-        seconds, scanned = build(**changes)
+        seconds, scanned = compile_step(large, layers, **changes)
         # two warm-up rounds: a program's first steps grow the heap that its later steps reuse (jaxopt_llm.heap)
         scanned_s, unrolled_s = _time_pair(scanned, unrolled, max(3, c.steps // 2), 2)
         del scanned  # its program and train state, before the next one is built
@@ -262,7 +273,7 @@ def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2) -> list[dict]
     del unrolled
     shallow = max(1, layers // 4)
     for name, changes in {**variants, "unrolled": {}}.items():
-        seconds = build(shallow, **changes)[0]  # compiled only: its program and state go with the unused closure
+        seconds = compile_step(large, shallow, **changes)[0]  # compiled only: program and state go with the closure
         deep = compiled_at_depth[name]
         rows.append({"row": f"compile: {name}, {layers} vs {shallow} layers", "ours": deep, "reference": seconds,
                      "unit": "s", "ratio": seconds / deep,

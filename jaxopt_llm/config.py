@@ -381,7 +381,7 @@ def validate(config: Config) -> None:
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={config.model.dtype!r}: use float32 or bfloat16.")
     m = config.model
-    if m.dropout_rng not in ("hash", "threefry"):
+    if m.dropout_rng not in ("hash", "threefry"):  # bert.modeling.DROPOUT_RNGS; checked here, at load, without jax
         raise ConfigError(f"model.dropout_rng={m.dropout_rng!r}: use 'hash' or 'threefry' (the masks of versions "
                           "before commit 6cf3f01).")
     for key, value, off in (("remat", m.remat, "none"), ("scan_unroll", m.scan_unroll, False)):

@@ -237,16 +237,22 @@ def test_bench_runs_both_sides_on_a_tiny_config(capsys):
         bench.run(c, ("predict", "compile"))
 
 
-def test_optimizer_bench_script_times_the_same_parameters_on_both_sides(capsys):
-    """experiments/optimizer_bench.py on a tiny model: PyTorch's BERT has exactly our parameter count (the
-    same shapes are updated), and every optimiser gets a row."""
+def _experiment(name: str):
+    """experiments/<name>.py as a module (the experiments folder is not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "optimizer_bench.py"
-    spec = importlib.util.spec_from_file_location("optimizer_bench", path)
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_optimizer_bench_script_times_the_same_parameters_on_both_sides(capsys):
+    """experiments/optimizer_bench.py on a tiny model: PyTorch's BERT has exactly our parameter count (the
+    same shapes are updated), and every optimiser gets a row."""
+    script = _experiment("optimizer_bench")
     result = script.main(["--layers", "1", "--hidden", "32", "--vocab", "300", "--steps", "1"])
     assert result["parameters"]["ours"] == result["parameters"]["torch"] > 0
     assert len(result["ms"]) == 4 and all(ms > 0 for ms in result["ms"].values())
@@ -255,13 +261,7 @@ def test_optimizer_bench_script_times_the_same_parameters_on_both_sides(capsys):
 
 def test_dropout_bench_script_times_both_mask_generators(capsys):
     """experiments/dropout_bench.py on a tiny model: a step time for each mask generator and one line for it."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "dropout_bench.py"
-    spec = importlib.util.spec_from_file_location("dropout_bench", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _experiment("dropout_bench")
     result = script.main(["--tasks", "classify", "--layers", "1", "--hidden", "32", "--vocab", "300",
                           "--batch", "4", "--steps", "1", "--compile-layers", "0"])
     assert set(result["step_ms"]["classify"]) == {"hash", "threefry"}
@@ -272,14 +272,9 @@ def test_dropout_bench_script_times_both_mask_generators(capsys):
 def test_gpu_bench_script_checks_parity_with_pytorch_then_times_both_sides(tmp_path):
     """experiments/gpu_bench.py (the prepared accelerator script) on a tiny float32 config on CPU: both sides
     load one checkpoint, and its pre-timing check measures our logits against PyTorch's."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "gpu_bench.py"
-    spec = importlib.util.spec_from_file_location("gpu_bench", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _experiment("gpu_bench")
     tiny = ["--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--vocab", "500", "--batch", "4",
             "--seq", "16", "--steps", "1", "--warmup", "1", "--dtype", "float32"]
     result = script.main([*tiny, "--peak-tflops", "2", "--json", str(tmp_path / "r.json")])

@@ -204,9 +204,8 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         raise ValueError(f"hash_bits: {n} words exceed the 32-bit counter; draw masks for at most 2**32 - 1 "
                          "words at a time.")
     data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    words = data.reshape(-1).astype(jnp.uint32)
-    k0, k1 = words[0::2], words[1::2]  # threefry: one word each; wider keys are folded by xor
-    k0, k1 = functools.reduce(jnp.bitwise_xor, list(k0)), functools.reduce(jnp.bitwise_xor, list(k1))
+    pairs = data.reshape(-1, 2).astype(jnp.uint32)  # threefry: one pair; wider keys' pairs are folded by xor
+    k0, k1 = jax.lax.reduce(pairs, jnp.uint32(0), jax.lax.bitwise_xor, (0,))
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
     index = sum(jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)  # the row-major flat index,
                 for d, stride in enumerate(strides))  # as elementwise terms: each device makes its own shard's
