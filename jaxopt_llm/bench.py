@@ -39,6 +39,7 @@ class BenchConfig:
     student_layers: int = 2  # the distillation row: a student of this depth, the bench model as teacher
     members: int = 5  # the ensemble row: one step of this many members (ensemble.members_per_pass automatic)
     dropout_rng: str = "hash"  # BertConfig.dropout_rng of our models (experiments/dropout_bench.py: both)
+    compile_rounds: int = 3  # the compile rows: median of this many compiles of each program, interleaved
 
 
 def model_flops(c: BenchConfig, task: str) -> float:
@@ -218,9 +219,10 @@ def _time_pair(ours: Callable[[], None], theirs: Callable[[], None], steps: int,
     return t["ours"], t["theirs"]
 
 
-def compile_step(c: BenchConfig, layers: int, **changes) -> tuple[float, Callable[[], None]]:
-    """A BERT-large classification train step of `layers` layers (BertConfig `changes`) at c.batch x c.seq,
-    jitted with the state donated and compiled: (compile seconds, one step as a callable)."""
+def _large_step(c: BenchConfig, layers: int, abstract: bool, **changes):
+    """A BERT-large classification train step of `layers` layers (BertConfig `changes`), jitted with the state
+    donated, and its arguments: (step, state, batch, key). `abstract`: shapes and dtypes only, allocated nowhere
+    (they lower to the same program as arrays do)."""
     from flax import nnx
 
     from jaxopt_llm import optim
@@ -231,14 +233,35 @@ def compile_step(c: BenchConfig, layers: int, **changes) -> tuple[float, Callabl
 
     config = BertConfig.large(num_hidden_layers=layers, num_labels=2, dtype=c.dtype,
                               max_position_embeddings=max(512, c.seq), dropout_rng=c.dropout_rng, **changes)
-    graphdef, params = nnx.split(Bert(config, "sequence-classification", rngs=nnx.Rngs(0)))
+    def model():
+        return Bert(config, "sequence-classification", rngs=nnx.Rngs(0))  # its Rngs inside eval_shape's trace
+
+    graphdef, params = nnx.split(nnx.eval_shape(model) if abstract else model())
     tx = optim.make(TrainConfig(learning_rate=1e-4, steps=1000))
     step = jax.jit(make_train_step(graphdef, tx, _task(c, "classify")), donate_argnums=0)
-    holder = {"state": state_lib.create(params, tx)}
-    batch_arrays = jax.device_put(_batch(c))
     key = jax.random.key_data(jax.random.key(0))
+    if abstract:
+        def shape(a):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+        return step, state_lib.abstract(params, tx), jax.tree.map(shape, _batch(c)), shape(key)
+    return step, state_lib.create(params, tx), jax.device_put(_batch(c)), key
+
+
+def compile_seconds(c: BenchConfig, layers: int, **changes) -> float:
+    """Seconds to trace, lower and compile `_large_step` (a fresh function each call: nothing cached)."""
+    step, *args = _large_step(c, layers, True, **changes)
     start = time.perf_counter()
-    compiled = step.lower(holder["state"], batch_arrays, key).compile()
+    step.lower(*args).compile()
+    return time.perf_counter() - start
+
+
+def compile_step(c: BenchConfig, layers: int, **changes) -> tuple[float, Callable[[], None]]:
+    """`_large_step` at c.batch x c.seq on arrays, compiled: (compile seconds, one step as a callable)."""
+    step, state, batch_arrays, key = _large_step(c, layers, False, **changes)
+    holder = {"state": state}
+    start = time.perf_counter()
+    compiled = step.lower(state, batch_arrays, key).compile()
     seconds = time.perf_counter() - start
 
     def one():
@@ -248,36 +271,57 @@ def compile_step(c: BenchConfig, layers: int, **changes) -> tuple[float, Callabl
     return seconds, one
 
 
-def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2) -> list[dict]:
-    """BERT-large train step (classification, `layers` layers, batch x seq): compile seconds and step ms of the
-    encoder unrolled in Python against one lax.scan over stacked layers, and against that scan written out by
-    XLA (`scan_unroll`). Each is timed with the unrolled program in interleaved rounds, two programs in memory at
-    a time (three BERT-large train states and programs exceed 24 GB). Then how compile time grows with depth:
-    each of the three compiled again at a quarter of the layers."""
-    large = dataclasses.replace(c, batch=batch)
-    unrolled_compile, unrolled = compile_step(large, layers)
-    compiled_at_depth, rows = {"unrolled": unrolled_compile}, []
-    variants = {"scanned": {"scan_layers": True}, "scan_unroll": {"scan_layers": True, "scan_unroll": True}}
-    for name, changes in variants.items():
-        seconds, scanned = compile_step(large, layers, **changes)
+COMPILE_VARIANTS = {"unrolled": {}, "scanned": {"scan_layers": True},
+                    "scan_unroll": {"scan_layers": True, "scan_unroll": True}}
+
+
+def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2, **model) -> list[dict]:
+    """BERT-large train step (classification, `layers` layers, batch x seq; BertConfig `model` changes): compile
+    seconds and step ms of the encoder unrolled in Python against one lax.scan over stacked layers, and against
+    that scan written out by XLA (`scan_unroll`); then how compile time grows with depth (a quarter of the layers).
+
+    Compile seconds are medians of `c.compile_rounds` compiles, interleaved (unrolled, scanned, scan_unroll,
+    unrolled, ...) as steps are: this machine's speed drifts by up to 1.8x, and one compile of each, minutes
+    apart, measured the drift. The first round compiles the programs the step rows time, each scanned one with
+    the unrolled one in interleaved rounds, two programs in memory at a time (three BERT-large train states and
+    programs exceed 24 GB); later rounds compile on shapes only. Each compile row keeps its `samples`."""
+    if c.compile_rounds < 1:
+        raise ValueError(f"compile_rounds={c.compile_rounds}: the compile rows need at least 1 compile of each "
+                         "program (3 by default).")
+    large, shallow = dataclasses.replace(c, batch=batch), max(1, layers // 4)
+    seconds = {(name, depth): [] for name in COMPILE_VARIANTS for depth in (layers, shallow)}
+    rows = []
+    unrolled_compile, unrolled = compile_step(large, layers, **model)
+    seconds["unrolled", layers].append(unrolled_compile)
+    steps = {}
+    for name in ("scanned", "scan_unroll"):
+        compile_s, scanned = compile_step(large, layers, **model, **COMPILE_VARIANTS[name])
+        seconds[name, layers].append(compile_s)
         # two warm-up rounds: a program's first steps grow the heap that its later steps reuse (jaxopt_llm.heap)
-        scanned_s, unrolled_s = _time_pair(scanned, unrolled, max(3, c.steps // 2), 2)
+        steps[name] = _time_pair(scanned, unrolled, max(3, c.steps // 2), 2)
         del scanned  # its program and train state, before the next one is built
-        rows += [{"row": f"compile: BERT-large ({layers} layers) train step, {name} vs unrolled", "ours": seconds,
-                  "reference": unrolled_compile, "unit": "s", "ratio": unrolled_compile / seconds,
-                  "target": ">= 3x faster"},
-                 {"row": f"step: BERT-large {batch}x{c.seq}, {name} vs unrolled", "ours": scanned_s * 1e3,
-                  "reference": unrolled_s * 1e3, "unit": "ms", "ratio": unrolled_s / scanned_s,
-                  "target": "within 5 % (0.95 - 1.05)"}]
-        compiled_at_depth[name] = seconds
     del unrolled
-    shallow = max(1, layers // 4)
-    for name, changes in {**variants, "unrolled": {}}.items():
-        seconds = compile_step(large, shallow, **changes)[0]  # compiled only: program and state go with the closure
-        deep = compiled_at_depth[name]
-        rows.append({"row": f"compile: {name}, {layers} vs {shallow} layers", "ours": deep, "reference": seconds,
-                     "unit": "s", "ratio": seconds / deep,
-                     "target": ">= 0.67: flat in depth" if name == "scanned" else "- (grows with depth)"})
+    for depth in (layers, shallow):
+        while len(seconds["unrolled", depth]) < c.compile_rounds:
+            for name, changes in COMPILE_VARIANTS.items():
+                seconds[name, depth].append(compile_seconds(large, depth, **model, **changes))
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    unrolled_s = median["unrolled", layers]
+    for name in ("scanned", "scan_unroll"):
+        scanned_step, unrolled_step = steps[name]
+        rows += [{"row": f"compile: BERT-large ({layers} layers) train step, {name} vs unrolled",
+                  "ours": median[name, layers], "reference": unrolled_s, "unit": "s",
+                  "ratio": unrolled_s / median[name, layers], "target": ">= 3x faster",
+                  "samples": {"ours": seconds[name, layers], "reference": seconds["unrolled", layers]}},
+                 {"row": f"step: BERT-large {batch}x{c.seq}, {name} vs unrolled", "ours": scanned_step * 1e3,
+                  "reference": unrolled_step * 1e3, "unit": "ms", "ratio": unrolled_step / scanned_step,
+                  "target": "within 5 % (0.95 - 1.05)"}]
+    for name in ("scanned", "scan_unroll", "unrolled"):
+        deep, low = median[name, layers], median[name, shallow]
+        rows.append({"row": f"compile: {name}, {layers} vs {shallow} layers", "ours": deep, "reference": low,
+                     "unit": "s", "ratio": low / deep,
+                     "target": ">= 0.67: flat in depth" if name == "scanned" else "- (grows with depth)",
+                     "samples": {"ours": seconds[name, layers], "reference": seconds[name, shallow]}})
     return rows
 
 

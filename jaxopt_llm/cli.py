@@ -313,7 +313,7 @@ def _bench(args: argparse.Namespace) -> None:
     c = bench.BenchConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn, batch=args.batch,
                           seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
                           adversarial_steps=args.adversarial_steps, student_layers=args.student_layers,
-                          members=args.members)
+                          members=args.members, compile_rounds=args.compile_rounds)
     rows = bench.run(c, tuple(args.tasks.split(",")) if args.tasks else bench.TASKS)
     bench.print_table(c, rows, as_json=args.json)
 
@@ -401,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--members", type=int, default=5, help="members of the ensemble row")
     b.add_argument("--student-layers", type=int, default=2, help="depth of the distillation row's student")
     b.add_argument("--adversarial-steps", type=int, default=1, help="K of the adversarial step")
+    b.add_argument("--compile-rounds", type=int, default=3,
+                   help="compile rows: the median of this many compiles of each program, interleaved")
     for name, default in (("layers", 4), ("hidden", 256), ("heads", 4), ("ffn", 1024), ("batch", 32), ("seq", 128),
                           ("steps", 10), ("warmup", 2)):
         b.add_argument(f"--{name}", type=int, default=default)

@@ -237,6 +237,57 @@ def test_bench_runs_both_sides_on_a_tiny_config(capsys):
         bench.run(c, ("predict", "compile"))
 
 
+def test_bench_compile_rows_take_medians_of_interleaved_compiles(monkeypatch):
+    """The compile rows' seconds: the median of `compile_rounds` compiles of each program, taken in interleaved
+    rounds (unrolled, scanned, scan_unroll, ...), the first round being the programs the step rows time."""
+    from jaxopt_llm import bench
+
+    c = bench.BenchConfig(steps=2, compile_rounds=3)
+    variant = {(): "unrolled", ("scan_layers",): "scanned", ("scan_layers", "scan_unroll"): "scan_unroll"}
+    base = {"unrolled": 20.0, "scanned": 5.0, "scan_unroll": 10.0}
+    calls, drift = [], iter([0.0, 3.0, -1.0, 9.0, 2.0, -2.0, 1.0, 4.0, 0.5] * 3)  # samples around each base
+
+    def fake(cfg, layers, **changes):
+        assert cfg.batch == 2 and changes.pop("hidden_size") == 64  # model changes reach every program
+        name = variant[tuple(sorted(changes))]
+        calls.append((name, layers))
+        return base[name] / (1 if layers == 8 else 2) + next(drift)
+
+    monkeypatch.setattr(bench, "compile_step", lambda cfg, layers, **ch: (fake(cfg, layers, **ch), lambda: None))
+    monkeypatch.setattr(bench, "compile_seconds", fake)
+    monkeypatch.setattr(bench, "_time_pair", lambda a, b, steps, warmup: (2.0, 1.5))
+    rows = bench.compile_rows(c, layers=8, hidden_size=64)
+    deep = [(n, 8) for n in ("unrolled", "scanned", "scan_unroll")]
+    assert calls == deep * 3 + [(n, 2) for n in ("unrolled", "scanned", "scan_unroll")] * 3
+    samples = {}
+    for (name, layers), x in zip(calls, [0.0, 3.0, -1.0, 9.0, 2.0, -2.0, 1.0, 4.0, 0.5] * 2):
+        samples.setdefault((name, layers), []).append(base[name] / (1 if layers == 8 else 2) + x)
+    med = {k: sorted(v)[1] for k, v in samples.items()}
+    by_row = {r["row"]: r for r in rows}
+    scanned = by_row["compile: BERT-large (8 layers) train step, scanned vs unrolled"]
+    assert scanned["ours"] == med["scanned", 8] == 8.0 and scanned["reference"] == med["unrolled", 8] == 21.0
+    assert scanned["ratio"] == pytest.approx(21.0 / 8.0)
+    assert scanned["samples"] == {"ours": samples["scanned", 8], "reference": samples["unrolled", 8]}
+    assert by_row["compile: scan_unroll, 8 vs 2 layers"]["reference"] == med["scan_unroll", 2] == 4.0
+    assert by_row["step: BERT-large 2x128, scanned vs unrolled"]["ratio"] == pytest.approx(0.75)
+    assert len(rows) == 7
+    with pytest.raises(ValueError, match=r"compile_rounds=0: the compile rows need at least 1"):
+        bench.compile_rows(bench.BenchConfig(compile_rounds=0))
+
+
+def test_bench_compiles_on_shapes_the_program_it_steps_on_arrays():
+    """compile_seconds lowers the train step on shapes only: the same program as on allocated arrays."""
+    from jaxopt_llm import bench
+
+    c = bench.BenchConfig(batch=2, seq=16)
+    tiny = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 200}
+    for changes in ({}, {"scan_layers": True}):
+        step, *arrays = bench._large_step(c, 3, False, **tiny, **changes)
+        shaped_step, *shapes = bench._large_step(c, 3, True, **tiny, **changes)
+        assert not any(isinstance(x, jax.Array) for x in jax.tree.leaves(shapes))
+        assert shaped_step.lower(*shapes).as_text() == step.lower(*arrays).as_text()
+
+
 def _experiment(name: str):
     """experiments/<name>.py as a module (the experiments folder is not a package)."""
     import importlib.util
