@@ -41,6 +41,11 @@ class BenchConfig:
     dropout_rng: str = "hash"  # BertConfig.dropout_rng of our models (experiments/dropout_bench.py: both)
     compile_rounds: int = 3  # the compile rows: median of this many compiles of each program, interleaved
 
+    def __post_init__(self):
+        if self.compile_rounds < 1:
+            raise ValueError(f"compile_rounds={self.compile_rounds} (--compile-rounds): the compile rows need at "
+                             "least 1 compile of each program; the default is 3.")
+
 
 def model_flops(c: BenchConfig, task: str) -> float:
     tokens = c.batch * c.seq
@@ -285,9 +290,6 @@ def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2, **model) -> l
     apart, measured the drift. The first round compiles the programs the step rows time, each scanned one with
     the unrolled one in interleaved rounds, two programs in memory at a time (three BERT-large train states and
     programs exceed 24 GB); later rounds compile on shapes only. Each compile row keeps its `samples`."""
-    if c.compile_rounds < 1:
-        raise ValueError(f"compile_rounds={c.compile_rounds}: the compile rows need at least 1 compile of each "
-                         "program (3 by default).")
     large, shallow = dataclasses.replace(c, batch=batch), max(1, layers // 4)
     seconds = {(name, depth): [] for name in COMPILE_VARIANTS for depth in (layers, shallow)}
     rows = []
