@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"threefry / hash {ms['threefry'] / ms['hash']:.2f}", flush=True)
     if args.compile_layers:
         for name, scan in (("unrolled", False), ("scanned", True)):
-            s = {rng: bench.compile_step(dataclasses.replace(c, batch=args.compile_batch, dropout_rng=rng),
-                                         args.compile_layers, scan_layers=scan)[0] for rng in RNGS}
+            s = {rng: bench.compile_seconds(dataclasses.replace(c, batch=args.compile_batch, dropout_rng=rng),
+                                            args.compile_layers, scan_layers=scan) for rng in RNGS}
             result["compile_s"][name] = s
             print(f"compile {name:8s} ({args.compile_layers} layers)  hash {s['hash']:6.1f} s  "
                   f"threefry {s['threefry']:6.1f} s  threefry / hash {s['threefry'] / s['hash']:.2f}", flush=True)

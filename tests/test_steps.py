@@ -311,13 +311,16 @@ def test_optimizer_bench_script_times_the_same_parameters_on_both_sides(capsys):
 
 
 def test_dropout_bench_script_times_both_mask_generators(capsys):
-    """experiments/dropout_bench.py on a tiny model: a step time for each mask generator and one line for it."""
+    """experiments/dropout_bench.py on a tiny model: a step time for each mask generator and one line for it; and
+    one BERT-large layer compiled (on shapes: nothing allocated), unrolled and scanned, for each."""
     script = _experiment("dropout_bench")
     result = script.main(["--tasks", "classify", "--layers", "1", "--hidden", "32", "--vocab", "300",
-                          "--batch", "4", "--steps", "1", "--compile-layers", "0"])
+                          "--batch", "4", "--steps", "1", "--compile-layers", "1", "--compile-batch", "1"])
     assert set(result["step_ms"]["classify"]) == {"hash", "threefry"}
-    assert all(ms > 0 for ms in result["step_ms"]["classify"].values()) and result["compile_s"] == {}
-    assert capsys.readouterr().out.count("threefry / hash") == 1
+    assert all(ms > 0 for ms in result["step_ms"]["classify"].values())
+    assert {name: set(s) for name, s in result["compile_s"].items()} == {"unrolled": {"hash", "threefry"},
+                                                                          "scanned": {"hash", "threefry"}}
+    assert capsys.readouterr().out.count("threefry / hash") == 3
 
 
 def test_gpu_bench_script_checks_parity_with_pytorch_then_times_both_sides(tmp_path):
