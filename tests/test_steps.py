@@ -323,6 +323,31 @@ def test_dropout_bench_script_times_both_mask_generators(capsys):
     assert capsys.readouterr().out.count("threefry / hash") == 3
 
 
+def test_step_profile_script_finds_the_loops_copies_in_the_scanned_step_only():
+    """experiments/step_profile.py (run as a script: XLA:CPU traces its operations only with a flag set before JAX
+    starts) on a 3-layer tiny model: the scanned step slices its layers out of the stack and writes their
+    gradients back, the unrolled one has no dynamic slice; both have forward and backward work."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "experiments" / "step_profile.py"), "--layers", "3",
+                          "--batch", "1", "--seq", "16", "--hidden", "64", "--vocab", "200", "--warmup", "1",
+                          "--variants", "unrolled,scanned"], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])["variants"]
+    for r in result.values():
+        assert sum(r["by_kind"].values()) == pytest.approx(r["ops_ms"])
+        assert sum(r["by_phase"].values()) == pytest.approx(r["ops_ms"])
+        assert r["by_kind"]["matmul"] > 0 and r["by_phase"]["forward"] > 0 and r["by_phase"]["backward"] > 0
+    assert result["unrolled"]["by_kind"]["dynamic-slice"] == 0
+    assert result["scanned"]["by_kind"]["dynamic-slice"] > 0 and result["scanned"]["by_kind"]["dynamic-update-slice"] > 0
+
+
 def test_gpu_bench_script_checks_parity_with_pytorch_then_times_both_sides(tmp_path):
     """experiments/gpu_bench.py (the prepared accelerator script) on a tiny float32 config on CPU: both sides
     load one checkpoint, and its pre-timing check measures our logits against PyTorch's."""
