@@ -67,7 +67,8 @@ def trace_events(folder: str) -> list[dict]:
     files = sorted(glob.glob(os.path.join(folder, "**", "*.json.gz"), recursive=True))
     if not files:
         raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {folder}")
-    data = json.load(gzip.open(files[-1]))
+    with gzip.open(files[-1]) as f:
+        data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     return [e for e in events if e.get("ph") == "X"]
 
