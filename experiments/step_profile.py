@@ -26,7 +26,13 @@ import tempfile
 import time
 
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
-VARIANTS = {"unrolled": {}, "scanned": {"scan_layers": True}, "scan_unroll": {"scan_layers": True, "scan_unroll": True}}
+if __name__ == "__main__" and TRACE_FLAG not in os.environ.get("XLA_FLAGS", ""):  # read when JAX starts, below
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TRACE_FLAG}".strip()
+
+import jax  # noqa: E402
+
+from jaxopt_llm import bench, heap  # noqa: E402
+
 KINDS = ("matmul", "dynamic-slice", "dynamic-update-slice", "fill", "copy", "loop control", "other")
 
 
@@ -74,22 +80,10 @@ def trace_events(folder: str) -> list[dict]:
 
 
 def profile(c, layers: int, warmup: int, **changes) -> dict:
-    """One traced step of `bench._large_step(c, layers, **changes)` after `warmup` steps: its wall ms and the
+    """One traced step of `bench.compile_step(c, layers, **changes)` after `warmup` steps: its wall ms and the
     ms of its operations, in all, by kind, by phase and the ten longest, and the page faults it took."""
-    import jax
-
-    from jaxopt_llm import bench
-
-    step, state, batch, key = bench._large_step(c, layers, False, **changes)
-    compiled = step.lower(state, batch, key).compile()
-    phase_of = phases(compiled.as_text())
-    holder = {"state": state}
-    del state
-
-    def one():
-        holder["state"], metrics = compiled(holder["state"], batch, key)
-        jax.block_until_ready(metrics)
-
+    program = bench.compile_step(c, layers, **changes)
+    phase_of, one = phases(program.compiled.as_text()), program.step
     # the first steps grow the heap that later steps reuse (jaxopt_llm.heap); page faults would be timed as the
     # zero fills' work, so warm-up goes on (up to 10 more steps) until a step faults no page in
     for done in range(warmup + 10):
@@ -128,17 +122,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--variants", default="unrolled,scanned", help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="unrolled,scanned",
+                        help=f"comma-separated: {', '.join(bench.COMPILE_VARIANTS)}")
     parser.add_argument("--warmup", type=int, default=4, help="steps before the traced one")
     parser.add_argument("--hidden", type=int, default=None, help="another width (heads of 64, FFN 4x; tests)")
     parser.add_argument("--vocab", type=int, default=None, help="another vocabulary (tests)")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    unknown = sorted(set(args.variants.split(",")) - set(bench.COMPILE_VARIANTS))
     if unknown:
-        parser.error(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
-
-    from jaxopt_llm import bench, heap
-
+        parser.error(f"unknown variants {unknown}: choose from {', '.join(bench.COMPILE_VARIANTS)}")
     heap.keep_freed_memory()  # as every jaxopt-llm command does, before the first JAX computation
     model = {}
     if args.hidden:
@@ -149,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     c = bench.BenchConfig(batch=args.batch, seq=args.seq)
     result = {"layers": args.layers, "batch": args.batch, "seq": args.seq, "variants": {}}
     for name in args.variants.split(","):
-        r = result["variants"][name] = profile(c, args.layers, args.warmup, **model, **VARIANTS[name])
+        r = result["variants"][name] = profile(c, args.layers, args.warmup, **model, **bench.COMPILE_VARIANTS[name])
         print(f"{name}: step {r['wall_ms']:.0f} ms traced ({r['page_faults']} page faults); operations "
               f"{r['ops_ms']:.0f} ms summed over threads")
         print("  by kind:  " + ", ".join(f"{k} {v:.0f}" for k, v in r["by_kind"].items()))
@@ -160,6 +152,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    if TRACE_FLAG not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TRACE_FLAG}".strip()
     main()

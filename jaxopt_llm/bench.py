@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -261,8 +262,14 @@ def compile_seconds(c: BenchConfig, layers: int, **changes) -> float:
     return time.perf_counter() - start
 
 
-def compile_step(c: BenchConfig, layers: int, **changes) -> tuple[float, Callable[[], None]]:
-    """`_large_step` at c.batch x c.seq on arrays, compiled: (compile seconds, one step as a callable)."""
+class CompiledStep(NamedTuple):
+    seconds: float  # to trace, lower and compile
+    step: Callable[[], None]  # one train step on its own state (donated and replaced), blocking until done
+    compiled: Any  # the jax.stages.Compiled program (its HLO: compiled.as_text())
+
+
+def compile_step(c: BenchConfig, layers: int, **changes) -> CompiledStep:
+    """`_large_step` at c.batch x c.seq on arrays, compiled."""
     step, state, batch_arrays, key = _large_step(c, layers, False, **changes)
     holder = {"state": state}
     start = time.perf_counter()
@@ -273,7 +280,7 @@ def compile_step(c: BenchConfig, layers: int, **changes) -> tuple[float, Callabl
         holder["state"], m = compiled(holder["state"], batch_arrays, key)
         jax.block_until_ready(m)
 
-    return seconds, one
+    return CompiledStep(seconds, one, compiled)
 
 
 COMPILE_VARIANTS = {"unrolled": {}, "scanned": {"scan_layers": True},
@@ -293,14 +300,14 @@ def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2, **model) -> l
     large, shallow = dataclasses.replace(c, batch=batch), max(1, layers // 4)
     seconds = {(name, depth): [] for name in COMPILE_VARIANTS for depth in (layers, shallow)}
     rows = []
-    unrolled_compile, unrolled = compile_step(large, layers, **model)
-    seconds["unrolled", layers].append(unrolled_compile)
+    unrolled = compile_step(large, layers, **model)
+    seconds["unrolled", layers].append(unrolled.seconds)
     steps = {}
     for name in ("scanned", "scan_unroll"):
-        compile_s, scanned = compile_step(large, layers, **model, **COMPILE_VARIANTS[name])
-        seconds[name, layers].append(compile_s)
+        scanned = compile_step(large, layers, **model, **COMPILE_VARIANTS[name])
+        seconds[name, layers].append(scanned.seconds)
         # two warm-up rounds: a program's first steps grow the heap that its later steps reuse (jaxopt_llm.heap)
-        steps[name] = _time_pair(scanned, unrolled, max(3, c.steps // 2), 2)
+        steps[name] = _time_pair(scanned.step, unrolled.step, max(3, c.steps // 2), 2)
         del scanned  # its program and train state, before the next one is built
     del unrolled
     for depth in (layers, shallow):

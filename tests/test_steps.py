@@ -253,7 +253,8 @@ def test_bench_compile_rows_take_medians_of_interleaved_compiles(monkeypatch):
         calls.append((name, layers))
         return base[name] / (1 if layers == 8 else 2) + next(drift)
 
-    monkeypatch.setattr(bench, "compile_step", lambda cfg, layers, **ch: (fake(cfg, layers, **ch), lambda: None))
+    monkeypatch.setattr(bench, "compile_step",
+                        lambda cfg, layers, **ch: bench.CompiledStep(fake(cfg, layers, **ch), lambda: None, None))
     monkeypatch.setattr(bench, "compile_seconds", fake)
     monkeypatch.setattr(bench, "_time_pair", lambda a, b, steps, warmup: (2.0, 1.5))
     rows = bench.compile_rows(c, layers=8, hidden_size=64)
