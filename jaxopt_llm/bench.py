@@ -287,7 +287,12 @@ COMPILE_VARIANTS = {"unrolled": {}, "scanned": {"scan_layers": True},
                     "scan_unroll": {"scan_layers": True, "scan_unroll": True}}
 
 
-def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2, **model) -> list[dict]:
+def _quiet(line: str) -> None:
+    """The default progress log: nothing."""
+
+
+def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2, log: Callable[[str], None] = _quiet,
+                 **model) -> list[dict]:
     """BERT-large train step (classification, `layers` layers, batch x seq; BertConfig `model` changes): compile
     seconds and step ms of the encoder unrolled in Python against one lax.scan over stacked layers, and against
     that scan written out by XLA (`scan_unroll`); then how compile time grows with depth (a quarter of the layers).
@@ -296,24 +301,32 @@ def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2, **model) -> l
     unrolled, ...) as steps are: this machine's speed drifts by up to 1.8x, and one compile of each, minutes
     apart, measured the drift. The first round compiles the programs the step rows time, each scanned one with
     the unrolled one in interleaved rounds, two programs in memory at a time (three BERT-large train states and
-    programs exceed 24 GB); later rounds compile on shapes only. Each compile row keeps its `samples`."""
+    programs exceed 24 GB); later rounds compile on shapes only. Each compile row keeps its `samples`.
+    `log` receives a line for each compile and each timed pair of steps, as they finish."""
     large, shallow = dataclasses.replace(c, batch=batch), max(1, layers // 4)
     seconds = {(name, depth): [] for name in COMPILE_VARIANTS for depth in (layers, shallow)}
     rows = []
+    def compiled(name: str, depth: int, value: float) -> None:
+        seconds[name, depth].append(value)
+        log(f"  compile {name}, {depth} layers, round {len(seconds[name, depth])} of {c.compile_rounds}: "
+            f"{value:.1f} s")
+
     unrolled = compile_step(large, layers, **model)
-    seconds["unrolled", layers].append(unrolled.seconds)
+    compiled("unrolled", layers, unrolled.seconds)
     steps = {}
     for name in ("scanned", "scan_unroll"):
         scanned = compile_step(large, layers, **model, **COMPILE_VARIANTS[name])
-        seconds[name, layers].append(scanned.seconds)
+        compiled(name, layers, scanned.seconds)
         # two warm-up rounds: a program's first steps grow the heap that its later steps reuse (jaxopt_llm.heap)
         steps[name] = _time_pair(scanned.step, unrolled.step, max(3, c.steps // 2), 2)
+        log(f"  step {name} vs unrolled, {layers} layers, batch {batch}: {steps[name][0] * 1e3:.0f} vs "
+            f"{steps[name][1] * 1e3:.0f} ms")
         del scanned  # its program and train state, before the next one is built
     del unrolled
     for depth in (layers, shallow):
         while len(seconds["unrolled", depth]) < c.compile_rounds:
             for name, changes in COMPILE_VARIANTS.items():
-                seconds[name, depth].append(compile_seconds(large, depth, **model, **changes))
+                compiled(name, depth, compile_seconds(large, depth, **model, **changes))
     median = {k: statistics.median(v) for k, v in seconds.items()}
     unrolled_s = median["unrolled", layers]
     for name in ("scanned", "scan_unroll"):
@@ -406,11 +419,13 @@ def cold_start_row(c: BenchConfig) -> dict:
 TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "cold-start")
 
 
-def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversarial", "distill")) -> list[dict]:
+def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversarial", "distill"),
+        log: Callable[[str], None] = _quiet) -> list[dict]:
     """Every row: ours against PyTorch (train steps in interleaved rounds, prediction), against budgets in our
     own steps (adversarial: (K + 1) clean steps; distillation: student step + 1.1 x teacher forward; ensemble:
     N single steps), compile times, prediction throughput and the cold start of `predict`. One dict per row: row,
-    ours, reference, unit, ratio, target."""
+    ours, reference, unit, ratio, target. `log` receives progress lines: each task as it starts, and its rows
+    with their ratios and the task's seconds as it ends (the compile task a line for each compile too)."""
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"unknown bench rows {unknown}: choose from {', '.join(TASKS)}")
@@ -420,49 +435,54 @@ def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversaria
                          f"({jax.config.jax_compilation_cache_dir}): run them in a process without it "
                          "(`jaxopt-llm bench` does not turn it on).")
     rows = []
-    for task in tasks:
-        if task == "compile":
-            rows += compile_rows(c)
-            continue
-        if task == "predict":
-            rows.append(predict_row(c))
-            continue
-        if task == "cold-start":
-            rows.append(cold_start_row(c))
-            continue
-        if task == "ensemble":  # its budget: N of our single clean steps (timed in interleaved rounds with it)
-            from jaxopt_llm.steps.ensemble import EnsembleOptions
-
-            options = EnsembleOptions(c.members)
-            ours, clean_s = _time_pair(_stepper(_recipe(c, "ensemble", _task(c, "classify"), options), c),
-                                       jax_step(c, "classify"), c.steps, c.warmup)
-            ours, clean_ms = ours * 1e3, clean_s * 1e3
-            rows.append({"row": f"ensemble: one {c.members}-member step, {options.per_pass()} per pass", "ours": ours,
-                         "reference": c.members * clean_ms, "unit": "ms", "ratio": c.members * clean_ms / ours,
-                         "target": f">= 1 (budget: {c.members} x our single step {clean_ms:.0f} ms)"})
-            continue
-        if task == "distill":  # its budget: the student's clean step + 1.1 x the teacher's forward pass (interleaved)
-            parts = {name: t * 1e3 for name, t in _time_rounds(kd_parts(c), c.steps, c.warmup).items()}
-            budget = parts["student"] + 1.1 * parts["teacher"]
-            rows.append({"row": f"distill {c.layers}->{c.student_layers} layers", "ours": parts["kd"], "reference": budget,
-                         "unit": "ms", "ratio": budget / parts["kd"],
-                         "target": f">= 1 (budget: student step {parts['student']:.0f} + 1.1 x teacher forward "
-                                   f"{parts['teacher']:.0f} ms)"})
-            continue
-        if task == "adversarial":  # its budget is (K + 1) clean steps of ours; PyTorch has no such step
-            ours, clean_s = _time_pair(jax_step(c, task), jax_step(c, "classify"), c.steps, c.warmup)
-            ours, clean_ms = ours * 1e3, clean_s * 1e3
-            budget = (c.adversarial_steps + 1) * clean_ms
-            rows.append({"row": f"adversarial PGD K={c.adversarial_steps}", "ours": ours, "reference": budget,
-                         "unit": "ms", "ratio": budget / ours,
-                         "target": f">= 1/1.1 (budget: (K+1) x our clean step {clean_ms:.0f} ms)"})
-            continue
-        ours, theirs = _time_pair(jax_step(c, task), torch_step(c, task), c.steps, c.warmup)
-        flops = model_flops(c, task)
-        rows.append({"row": f"train step: {task}", "ours": ours * 1e3, "reference": theirs * 1e3, "unit": "ms",
-                     "ratio": theirs / ours, "target": ">= 1.1x" if task == "classify" else ">= 3x",
-                     "ours_model_gflop_per_s": flops / ours / 1e9, "torch_model_gflop_per_s": flops / theirs / 1e9})
+    for number, task in enumerate(tasks, 1):
+        log(f"bench: {task} ({number} of {len(tasks)})")
+        start = time.perf_counter()
+        new = _task_rows(c, task, log)
+        for r in new:
+            log(f"  {r['row']}: {r['ours']:.1f} vs {r['reference']:.1f} {r['unit']}, ratio {r['ratio']:.2f}")
+        log(f"bench: {task} done in {time.perf_counter() - start:.0f} s")
+        rows += new
     return rows
+
+
+def _task_rows(c: BenchConfig, task: str, log: Callable[[str], None]) -> list[dict]:
+    """The rows of one bench task (see `run`)."""
+    if task == "compile":
+        return compile_rows(c, log=log)
+    if task == "predict":
+        return [predict_row(c)]
+    if task == "cold-start":
+        return [cold_start_row(c)]
+    if task == "ensemble":  # its budget: N of our single clean steps (timed in interleaved rounds with it)
+        from jaxopt_llm.steps.ensemble import EnsembleOptions
+
+        options = EnsembleOptions(c.members)
+        ours, clean_s = _time_pair(_stepper(_recipe(c, "ensemble", _task(c, "classify"), options), c),
+                                   jax_step(c, "classify"), c.steps, c.warmup)
+        ours, clean_ms = ours * 1e3, clean_s * 1e3
+        return [{"row": f"ensemble: one {c.members}-member step, {options.per_pass()} per pass", "ours": ours,
+                "reference": c.members * clean_ms, "unit": "ms", "ratio": c.members * clean_ms / ours,
+                "target": f">= 1 (budget: {c.members} x our single step {clean_ms:.0f} ms)"}]
+    if task == "distill":  # its budget: the student's clean step + 1.1 x the teacher's forward pass (interleaved)
+        parts = {name: t * 1e3 for name, t in _time_rounds(kd_parts(c), c.steps, c.warmup).items()}
+        budget = parts["student"] + 1.1 * parts["teacher"]
+        return [{"row": f"distill {c.layers}->{c.student_layers} layers", "ours": parts["kd"], "reference": budget,
+                "unit": "ms", "ratio": budget / parts["kd"],
+                "target": f">= 1 (budget: student step {parts['student']:.0f} + 1.1 x teacher forward "
+                          f"{parts['teacher']:.0f} ms)"}]
+    if task == "adversarial":  # its budget is (K + 1) clean steps of ours; PyTorch has no such step
+        ours, clean_s = _time_pair(jax_step(c, task), jax_step(c, "classify"), c.steps, c.warmup)
+        ours, clean_ms = ours * 1e3, clean_s * 1e3
+        budget = (c.adversarial_steps + 1) * clean_ms
+        return [{"row": f"adversarial PGD K={c.adversarial_steps}", "ours": ours, "reference": budget,
+                "unit": "ms", "ratio": budget / ours,
+                "target": f">= 1/1.1 (budget: (K+1) x our clean step {clean_ms:.0f} ms)"}]
+    ours, theirs = _time_pair(jax_step(c, task), torch_step(c, task), c.steps, c.warmup)
+    flops = model_flops(c, task)
+    return [{"row": f"train step: {task}", "ours": ours * 1e3, "reference": theirs * 1e3, "unit": "ms",
+            "ratio": theirs / ours, "target": ">= 1.1x" if task == "classify" else ">= 3x",
+            "ours_model_gflop_per_s": flops / ours / 1e9, "torch_model_gflop_per_s": flops / theirs / 1e9}]
 
 
 def _malloc() -> str:

@@ -314,7 +314,8 @@ def _bench(args: argparse.Namespace) -> None:
                           seq=args.seq, steps=args.steps, warmup=args.warmup, dtype=args.dtype,
                           adversarial_steps=args.adversarial_steps, student_layers=args.student_layers,
                           members=args.members, compile_rounds=args.compile_rounds)
-    rows = bench.run(c, tuple(args.tasks.split(",")) if args.tasks else bench.TASKS)
+    rows = bench.run(c, tuple(args.tasks.split(",")) if args.tasks else bench.TASKS,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))  # progress; the table on stdout
     bench.print_table(c, rows, as_json=args.json)
 
 

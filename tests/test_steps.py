@@ -219,10 +219,19 @@ def test_bench_runs_both_sides_on_a_tiny_config(capsys):
                           max_predictions=3, student_layers=1)
     # each kind of row once: against PyTorch, against a budget of our parts, against N of our steps (the MLM
     # and adversarial rows are these rows' code with another task)
-    rows = bench.run(c, ("classify", "distill", "ensemble"))
+    progress = []
+    rows = bench.run(c, ("classify", "distill", "ensemble"), log=progress.append)
     assert [r["row"] for r in rows] == ["train step: classify", "distill 2->1 layers",
                                         "ensemble: one 5-member step, 1 per pass"]
     assert all(r["ours"] > 0 and r["reference"] > 0 for r in rows)
+    # progress: each task as it starts, then its row with the row's own figures, then its time
+    expected = []
+    for number, (task, r) in enumerate(zip(("classify", "distill", "ensemble"), rows), 1):
+        expected += [f"bench: {task} ({number} of 3)",
+                     f"  {r['row']}: {r['ours']:.1f} vs {r['reference']:.1f} ms, ratio {r['ratio']:.2f}",
+                     f"bench: {task} done in"]
+    assert len(progress) == len(expected)
+    assert all(line.startswith(want) for line, want in zip(progress, expected)), progress
     bench.print_table(c, rows)  # the table names the CPU it came from, in text and JSON
     lines = capsys.readouterr().out.splitlines()
     cpu = next(line for line in lines if line.startswith("cpu: "))
@@ -257,9 +266,19 @@ def test_bench_compile_rows_take_medians_of_interleaved_compiles(monkeypatch):
                         lambda cfg, layers, **ch: bench.CompiledStep(fake(cfg, layers, **ch), lambda: None, None))
     monkeypatch.setattr(bench, "compile_seconds", fake)
     monkeypatch.setattr(bench, "_time_pair", lambda a, b, steps, warmup: (2.0, 1.5))
-    rows = bench.compile_rows(c, layers=8, hidden_size=64)
+    progress = []
+    rows = bench.compile_rows(c, layers=8, log=progress.append, hidden_size=64)
     deep = [(n, 8) for n in ("unrolled", "scanned", "scan_unroll")]
     assert calls == deep * 3 + [(n, 2) for n in ("unrolled", "scanned", "scan_unroll")] * 3
+    # a progress line for each compile, in the order made, with its seconds; one for each timed pair of steps
+    compiles = [line for line in progress if line.startswith("  compile ")]
+    made = [f"  compile {name}, {layers} layers, round {calls[:i + 1].count((name, layers))} of 3: "
+            f"{base[name] / (1 if layers == 8 else 2) + x:.1f} s"
+            for i, ((name, layers), x) in enumerate(zip(calls, [0.0, 3.0, -1.0, 9.0, 2.0, -2.0, 1.0, 4.0, 0.5] * 2))]
+    assert compiles == made
+    assert [line for line in progress if line.startswith("  step ")] == [
+        "  step scanned vs unrolled, 8 layers, batch 2: 2000 vs 1500 ms",
+        "  step scan_unroll vs unrolled, 8 layers, batch 2: 2000 vs 1500 ms"]
     samples = {}
     for (name, layers), x in zip(calls, [0.0, 3.0, -1.0, 9.0, 2.0, -2.0, 1.0, 4.0, 0.5] * 2):
         samples.setdefault((name, layers), []).append(base[name] / (1 if layers == 8 else 2) + x)
