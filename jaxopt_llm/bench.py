@@ -306,6 +306,7 @@ def compile_rows(c: BenchConfig, layers: int = 24, batch: int = 2, log: Callable
     large, shallow = dataclasses.replace(c, batch=batch), max(1, layers // 4)
     seconds = {(name, depth): [] for name in COMPILE_VARIANTS for depth in (layers, shallow)}
     rows = []
+
     def compiled(name: str, depth: int, value: float) -> None:
         seconds[name, depth].append(value)
         log(f"  compile {name}, {depth} layers, round {len(seconds[name, depth])} of {c.compile_rounds}: "
