@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"train step {task:8s}  hash {ms['hash']:8.1f} ms  threefry {ms['threefry']:8.1f} ms  "
               f"threefry / hash {ms['threefry'] / ms['hash']:.2f}", flush=True)
     if args.compile_layers:
-        for name, scan in (("unrolled", False), ("scanned", True)):
+        for name in ("unrolled", "scanned"):
             s = {rng: bench.compile_seconds(dataclasses.replace(c, batch=args.compile_batch, dropout_rng=rng),
-                                            args.compile_layers, scan_layers=scan) for rng in RNGS}
+                                            args.compile_layers, **bench.COMPILE_VARIANTS[name]) for rng in RNGS}
             result["compile_s"][name] = s
             print(f"compile {name:8s} ({args.compile_layers} layers)  hash {s['hash']:6.1f} s  "
                   f"threefry {s['threefry']:6.1f} s  threefry / hash {s['threefry'] / s['hash']:.2f}", flush=True)

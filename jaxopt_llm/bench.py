@@ -118,12 +118,17 @@ def resized(c: BenchConfig, *, hidden: int | None = None, vocab: int | None = No
                                layers=layers or c.layers, batch=batch or c.batch)
 
 
+def _run_fields(c: BenchConfig) -> dict:
+    """The BertConfig fields that every bench model takes from `c`, whatever its size."""
+    return {"num_labels": 2, "dtype": c.dtype, "max_position_embeddings": max(512, c.seq),
+            "dropout_rng": c.dropout_rng}
+
+
 def _bert_config(c: BenchConfig, layers: int | None = None):
     from jaxopt_llm.bert import BertConfig
 
     return BertConfig(vocab_size=c.vocab, hidden_size=c.hidden, num_hidden_layers=layers or c.layers,
-                      num_attention_heads=c.heads, intermediate_size=c.ffn, max_position_embeddings=max(512, c.seq),
-                      num_labels=2, dtype=c.dtype, dropout_rng=c.dropout_rng)
+                      num_attention_heads=c.heads, intermediate_size=c.ffn, **_run_fields(c))
 
 
 def _task(c: BenchConfig, name: str):
@@ -237,8 +242,8 @@ def _large_step(c: BenchConfig, layers: int, abstract: bool, **changes):
     from jaxopt_llm.config import TrainConfig
     from jaxopt_llm.steps.clean import make_train_step
 
-    config = BertConfig.large(num_hidden_layers=layers, num_labels=2, dtype=c.dtype,
-                              max_position_embeddings=max(512, c.seq), dropout_rng=c.dropout_rng, **changes)
+    config = BertConfig.large(num_hidden_layers=layers, **_run_fields(c), **changes)
+
     def model():
         return Bert(config, "sequence-classification", rngs=nnx.Rngs(0))  # its Rngs inside eval_shape's trace
 

@@ -254,7 +254,8 @@ def test_bench_compile_rows_take_medians_of_interleaved_compiles(monkeypatch):
     c = bench.BenchConfig(steps=2, compile_rounds=3)
     variant = {(): "unrolled", ("scan_layers",): "scanned", ("scan_layers", "scan_unroll"): "scan_unroll"}
     base = {"unrolled": 20.0, "scanned": 5.0, "scan_unroll": 10.0}
-    calls, drift = [], iter([0.0, 3.0, -1.0, 9.0, 2.0, -2.0, 1.0, 4.0, 0.5] * 3)  # samples around each base
+    offsets = [0.0, 3.0, -1.0, 9.0, 2.0, -2.0, 1.0, 4.0, 0.5]  # the samples around each base, in call order
+    calls, drift = [], iter(offsets * 3)
 
     def fake(cfg, layers, **changes):
         assert cfg.batch == 2 and changes.pop("hidden_size") == 64  # model changes reach every program
@@ -274,13 +275,13 @@ def test_bench_compile_rows_take_medians_of_interleaved_compiles(monkeypatch):
     compiles = [line for line in progress if line.startswith("  compile ")]
     made = [f"  compile {name}, {layers} layers, round {calls[:i + 1].count((name, layers))} of 3: "
             f"{base[name] / (1 if layers == 8 else 2) + x:.1f} s"
-            for i, ((name, layers), x) in enumerate(zip(calls, [0.0, 3.0, -1.0, 9.0, 2.0, -2.0, 1.0, 4.0, 0.5] * 2))]
+            for i, ((name, layers), x) in enumerate(zip(calls, offsets * 2))]
     assert compiles == made
     assert [line for line in progress if line.startswith("  step ")] == [
         "  step scanned vs unrolled, 8 layers, batch 2: 2000 vs 1500 ms",
         "  step scan_unroll vs unrolled, 8 layers, batch 2: 2000 vs 1500 ms"]
     samples = {}
-    for (name, layers), x in zip(calls, [0.0, 3.0, -1.0, 9.0, 2.0, -2.0, 1.0, 4.0, 0.5] * 2):
+    for (name, layers), x in zip(calls, offsets * 2):
         samples.setdefault((name, layers), []).append(base[name] / (1 if layers == 8 else 2) + x)
     med = {k: sorted(v)[1] for k, v in samples.items()}
     by_row = {r["row"]: r for r in rows}

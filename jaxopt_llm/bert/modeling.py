@@ -36,6 +36,7 @@ _ACTIVATIONS = {
 }
 
 DROPOUT_RNGS = ("hash", "threefry")  # BertConfig.dropout_rng
+_RNG_CHOICES = " or ".join(map(repr, DROPOUT_RNGS))
 
 # HF config keys that we read; everything else in a config.json is ignored.
 _HF_FIELDS = (
@@ -100,7 +101,7 @@ class BertConfig:
         if self.attention not in ("auto", "manual"):
             raise ValueError(f"BertConfig.attention={self.attention!r}: use 'auto' or 'manual'.")
         if self.dropout_rng not in DROPOUT_RNGS:
-            raise ValueError(f"BertConfig.dropout_rng={self.dropout_rng!r}: use 'hash' or 'threefry'.")
+            raise ValueError(f"BertConfig.dropout_rng={self.dropout_rng!r}: use {_RNG_CHOICES}.")
         if self.labels and len(self.labels) != self.num_labels:
             raise ValueError(f"BertConfig.labels has {len(self.labels)} names but num_labels={self.num_labels}.")
 
@@ -175,7 +176,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: boo
     "hash" (`hash_bits`) or "threefry" (`jax.random.bits`, the masks of commits before 6cf3f01).
     """
     if rng not in DROPOUT_RNGS:
-        raise ValueError(f"dropout rng={rng!r}: use 'hash' or 'threefry'.")
+        raise ValueError(f"dropout rng={rng!r}: use {_RNG_CHOICES}.")
     if deterministic or rate == 0.0:
         return x
     threshold = round(rate * 65536)
