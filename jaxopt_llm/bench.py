@@ -259,12 +259,16 @@ def _large_step(c: BenchConfig, layers: int, abstract: bool, **changes):
     return step, state_lib.create(params, tx), jax.device_put(_batch(c)), key
 
 
+def _timed_compile(step, *args) -> tuple[float, Any]:
+    """(seconds to trace, lower and compile `step` on `args`, the jax.stages.Compiled program)."""
+    start = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    return time.perf_counter() - start, compiled
+
+
 def compile_seconds(c: BenchConfig, layers: int, **changes) -> float:
     """Seconds to trace, lower and compile `_large_step` (a fresh function each call: nothing cached)."""
-    step, *args = _large_step(c, layers, True, **changes)
-    start = time.perf_counter()
-    step.lower(*args).compile()
-    return time.perf_counter() - start
+    return _timed_compile(*_large_step(c, layers, True, **changes))[0]
 
 
 class CompiledStep(NamedTuple):
@@ -277,9 +281,7 @@ def compile_step(c: BenchConfig, layers: int, **changes) -> CompiledStep:
     """`_large_step` at c.batch x c.seq on arrays, compiled."""
     step, state, batch_arrays, key = _large_step(c, layers, False, **changes)
     holder = {"state": state}
-    start = time.perf_counter()
-    compiled = step.lower(state, batch_arrays, key).compile()
-    seconds = time.perf_counter() - start
+    seconds, compiled = _timed_compile(step, state, batch_arrays, key)
 
     def one():
         holder["state"], m = compiled(holder["state"], batch_arrays, key)
