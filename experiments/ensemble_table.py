@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxopt_llm import calibration
+from jaxopt_llm import calibration, inference
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
+from jaxopt_llm import metrics as metrics_lib
 from jaxopt_llm.assets import tweets_csv_path
 from jaxopt_llm.bert import load_tokenizer
-from jaxopt_llm.predict import Predictor
-from jaxopt_llm.steps.classify import macro_f1
+from jaxopt_llm.commands import calibrate_run
 from jaxopt_llm.steps.task import DataNeeds
 
 CONFIG = Path(__file__).parent / "configs" / "tweets_tiny.py"
@@ -46,10 +46,9 @@ def calibration_file(texts_seen: set[str], out: Path, n: int = 1000) -> Path:
 
 
 def score(probs, labels) -> dict:
-    m = calibration.metrics(probs, labels)
-    confusion = np.zeros((probs.shape[1],) * 2)
-    np.add.at(confusion, (labels, probs.argmax(-1)), 1)
-    return {**m, "f1": macro_f1(confusion)}
+    m = metrics_lib.classification(probs, labels)
+    m.pop("confusion")
+    return m
 
 
 def main(single: str, ensemble: str, student: str) -> None:
@@ -68,9 +67,9 @@ def main(single: str, ensemble: str, student: str) -> None:
                                  ("ensemble distilled into one", student, False)):
         temperature = 1.0
         if calibrate:  # writes RUN/temperature.json, which prediction applies
-            record = calibration.calibrate_run(run, list(calib_data.texts["eval"]), calib_data.eval["labels"])
+            record = calibrate_run(run, list(calib_data.texts["eval"]), calib_data.eval["labels"])
             temperature = record["temperature"]
-        probs = np.asarray([r["scores"] for r in Predictor.from_pretrained(run).classify(texts)])
+        probs = inference.load(run).probs(texts)
         if calibrate:  # kept, but out of the way of the uncalibrated rows
             (Path(run) / "temperature.json").replace(Path(run) / "temperature.fitted.json")
         rows.append({"model": name, "temperature": temperature, **score(probs, labels)})

@@ -16,10 +16,10 @@ import numpy as np
 
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
+from jaxopt_llm import inference
 from jaxopt_llm.bert import load_tokenizer
 from jaxopt_llm.cli import compile_cache
-from jaxopt_llm.predict import PromptEnsemble
-from jaxopt_llm.steps.classify import macro_f1
+from jaxopt_llm.metrics import macro_f1
 from jaxopt_llm.steps.prompt import Prompt
 from jaxopt_llm.steps.task import DataNeeds
 from jaxopt_llm.train import train
@@ -64,7 +64,7 @@ def main() -> None:
             if k == 0:
                 if seed == 0 and ("prompt", 0, 0) not in done:  # zero-shot has no seed
                     prompts = [Prompt.parse(p, VERBALIZER) for p in PATTERNS]
-                    members = PromptEnsemble.from_model(base.model.name_or_path, prompts, max_length=64).member_probs(texts)
+                    members = inference.prompt_ensemble(base.model.name_or_path, prompts, max_length=64).member_probs(texts)
                     record("prompt", 0, 0, scores(members[0], labels))
                     record("ensemble", 0, 0, scores(members.mean(0), labels))
                 continue
@@ -80,7 +80,7 @@ def main() -> None:
                 if i == 0 and ("prompt", k, seed) not in done:
                     record("prompt", k, seed, metrics)
             if ("ensemble", k, seed) not in done:
-                ensemble = PromptEnsemble.from_runs(runs)
+                ensemble = inference.prompt_ensemble(runs=runs)
                 config = config_lib.load(CONFIG, common)
                 few = data_lib.load(config.data, tokenizer, DataNeeds(labels=True), names=ensemble.labels, seed=seed)
                 ensemble.fit_weights(list(few.texts["train"]), few.train["labels"])  # PET: accuracy on the k-shot set

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import tempfile
-import time
 from pathlib import Path
 
 # dense bf16 peak, TFLOP/s, by the device_kind JAX reports (first match of the key in the name)

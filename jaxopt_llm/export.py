@@ -21,7 +21,6 @@ over it and averages probabilities).
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -32,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_llm import paths
-from jaxopt_llm.runs import RunFolder, write_json
+from jaxopt_llm import packing, paths
+from jaxopt_llm.bert.params import resolve
+from jaxopt_llm.errors import UserError
+from jaxopt_llm.runs import write_json
 
 CALLING = 1  # our calling convention: (flat weights..., inputs...) -> (probs, cls); bump on change
 BUCKETS = (16, 32, 64, 128)
@@ -41,75 +42,74 @@ CLASSIFY_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PROMPT_INPUTS = ("prompt_ids", "prompt_mask", "prompt_types", "prompt_slots")
 
 
-def sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def buckets_for(requested: Sequence[int] | None, max_length: int) -> tuple[int, ...]:
+    """The length buckets of an export: those asked for (default `BUCKETS`) below the run's max_length, then
+    max_length itself, so every text is cut where training cut it. A list that stops short is refused."""
+    if requested is None:
+        return packing.buckets_for(max_length, BUCKETS)
+    requested = tuple(requested)
+    bad = [b for b in requested if isinstance(b, bool) or not isinstance(b, int) or b < 1]
+    if not requested or bad:
+        raise UserError(f"--buckets {','.join(map(str, requested))}: every bucket must be a positive whole number "
+                         "of tokens.")
+    if max(requested) < max_length:
+        raise UserError(f"--buckets {','.join(map(str, requested))} do not cover the model's max_length="
+                         f"{max_length} tokens (what it was trained on): add {max_length}, or leave --buckets out "
+                         "for the default.")
+    return packing.buckets_for(max_length, requested)
 
 
-def _model_function(reference: str):
-    """(kind, graphdef, params, fn(params, batch) -> (probs, cls) at temperature 1, labels, tokenizer, extra)."""
-    from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve
-    from jaxopt_llm.predict import stack_models
-    from jaxopt_llm.steps import prompt as prompt_lib
+def _model_function(model):
+    """(params, fn(params, batch) -> (probs at temperature 1, [CLS] embedding), extra manifest fields) of an
+    `inference.Inference`."""
     from jaxopt_llm.steps.ensemble import combine
 
-    run = RunFolder.of(reference)
-    if run is not None and run.members():
-        models = [from_pretrained(m, "sequence-classification", required=("classifier",)) for m in run.members()]
-        graphdef, params = stack_models(models, [str(m) for m in run.members()])
-        tokenizer = load_tokenizer(run.members()[0], models[0].config.vocab_size)
-
+    engine = model.engine
+    graphdef, params = engine.graphdef, engine.state
+    if model.kind == "ensemble":
         def fn(p, batch):
             def member(q):
-                model = nnx.merge(graphdef, q)
-                hidden = model.encode(model.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
-                return model.classify_logits(hidden), hidden[:, 0]
+                m = nnx.merge(graphdef, q)
+                hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+                return m.classify_logits(hidden), hidden[:, 0]
 
             logits, cls = jax.vmap(member)(p)
             return combine(logits, "mean-prob"), cls.mean(0)
 
-        return "ensemble", params, fn, models[0].config.label_names, tokenizer, {
-            "members": len(models), "positions": models[0].config.max_position_embeddings}
-    folder = resolve(reference)
-    record = run.read("prompt.json") if run is not None else None
-    if record is not None:
-        model = from_pretrained(folder, "masked-lm", required=("mlm",))
-        tokenizer = load_tokenizer(folder, model.config.vocab_size)
-        task = prompt_lib.from_json(record, tokenizer)
-        graphdef, params = nnx.split(model)
+        return params, fn, {"members": engine.members}
+    if model.kind == "prompt":
+        task = engine.prompt
 
         def fn(p, batch):
-            model = nnx.merge(graphdef, p)
-            emb = model.embed(batch["prompt_ids"])
-            scores = task.forward(model, emb, batch, None)
+            m = nnx.merge(graphdef, p)
+            emb = m.embed(batch["prompt_ids"])
+            scores = task.forward(m, emb, batch, None)
             t = task.encoded.max_length  # the first block's [CLS], through the encoder
-            hidden = model.encode(emb[:, :t], batch["prompt_mask"][:, :t], batch["prompt_types"][:, :t])
+            hidden = m.encode(emb[:, :t], batch["prompt_mask"][:, :t], batch["prompt_types"][:, :t])
             return jax.nn.softmax(scores, -1), hidden[:, 0]
 
-        return "prompt", params, fn, task.encoded.prompt.labels, tokenizer, {
-            "prompt": task.encoded.to_json(), "positions": model.config.max_position_embeddings}
-    model = from_pretrained(folder, "sequence-classification", required=("classifier",))
-    tokenizer = load_tokenizer(folder, model.config.vocab_size)
-    graphdef, params = nnx.split(model)
+        return params, fn, {"prompt": task.encoded.to_json()}
+    if model.kind != "classifier":
+        raise UserError(f"{model.reference!r} is a {model.kind} model; export serves classifiers, ensembles and "
+                         "prompt runs.")
+    if len(model.labels) < 2:
+        raise UserError(f"{model.reference!r} is a regression model; export serves classifiers.")
 
     def fn(p, batch):
-        model = nnx.merge(graphdef, p)
-        hidden = model.encode(model.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
-        return jax.nn.softmax(model.classify_logits(hidden), -1), hidden[:, 0]
+        m = nnx.merge(graphdef, p)
+        hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+        return jax.nn.softmax(m.classify_logits(hidden), -1), hidden[:, 0]
 
-    if model.config.num_labels < 2:
-        raise ValueError(f"{reference!r} is a regression model; export serves classifiers.")
-    return "classifier", params, fn, model.config.label_names, tokenizer, {
-        "positions": model.config.max_position_embeddings}
+    return params, fn, {}
 
 
-def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu",), buckets: Sequence[int] = BUCKETS,
-           reference_texts: Sequence[str] = (), golden_texts: Sequence[str] = ()) -> Path:
+def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu",),
+           buckets: Sequence[int] | None = None, reference_texts: Sequence[str] = (),
+           golden_texts: Sequence[str] = (), max_length: int | None = None) -> Path:
     """Write the artifact of a run (single classifier, ensemble or prompt run) to `out`, whole or not at all.
-    `reference_texts` (e.g. the eval split) give the drift reference; `golden_texts` are checked on load."""
+    Texts are cut to the run's max_length (`max_length` for a bare model folder; default its positions);
+    `buckets` must reach it (default: 16, 32, 64, 128 below it, then it). `reference_texts` (e.g. the eval
+    split) give the drift reference; `golden_texts` are checked on load."""
     from jax import export as jax_export
     from safetensors.numpy import save_file
 
@@ -117,24 +117,23 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
 
     if paths.is_remote(out):  # written locally, then uploaded with manifest.json last: no manifest, no artifact
         if paths.Path(out).exists():
-            raise ValueError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
+            raise UserError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
         with tempfile.TemporaryDirectory() as local:
             written = export(reference, Path(local) / "artifact", platforms=platforms, buckets=buckets,
-                             reference_texts=reference_texts, golden_texts=golden_texts)
+                             reference_texts=reference_texts, golden_texts=golden_texts, max_length=max_length)
             for item in sorted(written.iterdir(), key=lambda p: p.name == "manifest.json"):
                 paths.copy(item, paths.Path(out) / item.name)
         return paths.Path(out)
     out = Path(out)
     if out.exists():
-        raise ValueError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
-    run = RunFolder.of(reference)
-    temperature = run.temperature() if run is not None else 1.0
-    kind, params, fn, labels, tokenizer, extra = _model_function(reference)
+        raise UserError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
+    from jaxopt_llm import inference
+
+    model = inference.load(reference, kind="classifier", max_length=max_length)
+    kind, labels, tokenizer, temperature = model.kind, model.labels, model.tokenizer, model.temperature
+    params, fn, extra = _model_function(model)
+    buckets = (model.max_length,) if kind == "prompt" else buckets_for(buckets, model.max_length)
     flat, treedef = jax.tree.flatten(params)
-    if kind == "prompt":
-        buckets = (extra["prompt"]["max_length"],)
-    limit = min(max(buckets), extra["positions"])
-    buckets = tuple(sorted(b for b in buckets if b <= limit)) or (limit,)
     inputs = PROMPT_INPUTS if kind == "prompt" else CLASSIFY_INPUTS
 
     def predict(flat_params, *arrays):
@@ -157,24 +156,20 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
         exported = jax_export.export(jax.jit(predict), platforms=tuple(platforms))(weight_specs, *specs)
         (tmp / "functions" / f"predict_{t}.jax").write_bytes(exported.serialize())
     save_file({f"w{i:05d}": np.asarray(x) for i, x in enumerate(flat)}, str(tmp / "weights.safetensors"))
-    backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.no_padding()  # the padding / truncation a training run left set are not the artifact's
-    backend.no_truncation()
-    backend.save(str(tmp / "tokenizer.json"))
+    # the padding / truncation a training run left set are not the artifact's: it cuts at manifest max_length
+    packing.truncating(tokenizer.backend_tokenizer, None).save(str(tmp / "tokenizer.json"))
     if kind == "prompt":
         write_json(tmp / "prompt.json", extra["prompt"])
     # the Hugging Face export of the same model, beside it
     if kind == "ensemble":
-        for i, member in enumerate(run.members()):
+        for i, member in enumerate(model.members):
             shutil.copytree(paths.local_copy(member), tmp / "hf" / "members" / str(i))
     else:
-        from jaxopt_llm.bert.params import resolve
-
         shutil.copytree(resolve(reference), tmp / "hf")
     special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id,
                "mask": tokenizer.mask_token_id}
     manifest = {"format": "jaxopt-llm-artifact", "calling_convention": CALLING, "kind": kind, "labels": list(labels),
-                "buckets": list(buckets), "inputs": list(inputs), "platforms": list(platforms),
+                "buckets": list(buckets), "max_length": model.max_length, "inputs": list(inputs), "platforms": list(platforms),
                 "temperature": temperature, "members": extra.get("members"), "special": special,
                 "weights": len(flat), "source": str(reference),
                 "jax_export_calling_convention": int(jax_export.deserialize(
@@ -196,7 +191,7 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     golden = list(golden_texts) or texts[:8] or ["golden input"]
     golden_probs, _ = artifact.predict(golden)
     write_json(tmp / "golden.json", {"texts": golden, "probabilities": golden_probs.tolist(), "tolerance": 1e-4})
-    manifest["files"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*"))
+    manifest["files"] = {str(p.relative_to(tmp)): paths.sha256(p) for p in sorted(tmp.rglob("*"))
                          if p.is_file() and p.name != "manifest.json"}
     write_json(tmp / "manifest.json", manifest)
     tmp.rename(out)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from typing import Any, NamedTuple
-
 from jaxopt_llm.config import TrainConfig
+from jaxopt_llm.errors import UserError
 
 _NO_DECAY = ("bias", "scale")  # biases and LayerNorm scales: no weight decay (as in BERT)
 
@@ -69,7 +70,7 @@ def clipped_adamw(cfg: TrainConfig) -> optax.GradientTransformation:
 
     def update(grads, state, params=None):
         if params is None:
-            raise ValueError("clipped_adamw needs the parameters (weight decay): call update(grads, state, params).")
+            raise UserError("clipped_adamw needs the parameters (weight decay): call update(grads, state, params).")
         clip_state, (adam, masked, sched) = state.inner
         norm = optax.tree.norm(grads)
         rate = rate_at(sched.count)

@@ -1,4 +1,10 @@
-"""Packing cloze prompts into fixed-shape rows (numpy only: an exported artifact packs with it too).
+"""Texts into fixed-shape rows for inference: the one truncation rule, length buckets, and cloze prompts.
+numpy and a `tokenizers.Tokenizer` only: an exported artifact encodes with it too, so every path that
+predicts cuts the same text to the same tokens.
+
+Truncation: a model's texts are cut to its `max_length` tokens, special tokens included, by the tokenizer's
+own truncation (what `tokenizer(texts, truncation=True, max_length=...)` does in training). Rows are padded
+to the smallest length bucket that holds the longest text of their batch.
 
 A prompt's pieces are token-id tuples (literal text), "text", "text_pair" or "mask". For every word length
 k in `lengths` the text is laid out once with k [MASK] tokens at the slot; the variants sit side by side in
@@ -11,6 +17,76 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+# Padded lengths: steps of 8 tokens up to 64, then 16, 32, 64: a text gains at most 7 pad tokens up to 64
+# tokens, at most 25 % beyond that.
+LENGTH_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def buckets_for(max_length: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> tuple[int, ...]:
+    """The buckets below `max_length`, then `max_length` itself: every text fits the last one."""
+    return tuple(b for b in sorted(set(buckets)) if b < max_length) + (max_length,)
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds n tokens (the largest when none does)."""
+    return next((b for b in buckets if b >= n), buckets[-1])
+
+
+def truncating(backend, max_length: int | None):
+    """A copy of a `tokenizers.Tokenizer` that cuts texts to `max_length` tokens (None: never) and never pads."""
+    copy = backend.__class__.from_str(backend.to_str())
+    copy.no_padding()
+    if max_length is None:
+        copy.no_truncation()
+    else:
+        copy.enable_truncation(int(max_length))
+    return copy
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    """`texts` as a list; one string or a non-string item is a TypeError naming it."""
+    if isinstance(texts, str):
+        raise TypeError("pass a list of texts, not one string.")
+    texts = list(texts)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"text {bad} is a {type(texts[bad]).__name__}, not a string.")
+    return texts
+
+
+def encode(backend, texts: Sequence[str], special_tokens: bool = True) -> list:
+    """`tokenizers` encodings of texts (ids, type_ids), cut by the backend's truncation."""
+    return backend.encode_batch(check_texts(texts), add_special_tokens=special_tokens)
+
+
+def rows(encodings: Sequence, length: int, pad: int, batch: int | None = None) -> dict[str, np.ndarray]:
+    """input_ids, attention_mask, token_type_ids (batch, length) int32 of encodings no longer than `length`;
+    rows past the encodings (up to `batch`) repeat the first, so a batch keeps a fixed shape."""
+    n = len(encodings)
+    out = {"input_ids": np.full((n, length), pad, np.int32), "attention_mask": np.zeros((n, length), np.int32),
+           "token_type_ids": np.zeros((n, length), np.int32)}
+    for r, e in enumerate(encodings):
+        ids = e.ids
+        if len(ids) > length:
+            raise ValueError(f"an encoding of {len(ids)} tokens does not fit rows of {length}.")
+        out["input_ids"][r, :len(ids)] = ids
+        out["attention_mask"][r, :len(ids)] = 1
+        out["token_type_ids"][r, :len(ids)] = e.type_ids
+    return pad_rows(out, batch) if batch else out
+
+
+def pad_rows(arrays: dict[str, np.ndarray], b: int) -> dict[str, np.ndarray]:
+    """Rows padded (with copies of the first row) to the batch size b: fixed shapes, no recompiles."""
+    n = len(next(iter(arrays.values())))
+    return {k: np.concatenate([v, np.repeat(v[:1], b - n, 0)]) if b > n else v for k, v in arrays.items()}
+
+
+def power_of_two(n: int, cap: int | None = None) -> int:
+    """The batch size n texts are padded to: the next power of two (at most `cap`)."""
+    b = 1 << (max(n, 1) - 1).bit_length()
+    return min(b, cap) if cap else b
 
 
 def truncate(text: list[int], pair: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:

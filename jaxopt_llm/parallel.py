@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxopt_llm.config import ParallelConfig
+from jaxopt_llm.errors import UserError
 
 AXIS = "data"
 _compiles = [0]
@@ -132,10 +133,10 @@ def _chosen_devices(count: int | None) -> list:
     if count is None:
         return devices
     if jax.process_count() > 1:
-        raise ValueError(f"parallel.devices={count} picks devices of one process; with {jax.process_count()} "
+        raise UserError(f"parallel.devices={count} picks devices of one process; with {jax.process_count()} "
                          "processes every device takes part: leave parallel.devices unset.")
     if not 1 <= count <= len(devices):
-        raise ValueError(f"parallel.devices={count}: this machine has {len(devices)} devices; use 1 to "
+        raise UserError(f"parallel.devices={count}: this machine has {len(devices)} devices; use 1 to "
                          f"{len(devices)}, or leave it unset for all.")
     return devices[:count]
 
@@ -152,7 +153,7 @@ class Parallel:
         # an ensemble's members: states and batches carry a leading member axis of this size
         self.members = members
         if members and self.pmap:
-            raise ValueError("an ensemble (a leading member axis) runs under parallel.backend=jit, not pmap.")
+            raise UserError("an ensemble (a leading member axis) runs under parallel.backend=jit, not pmap.")
 
     @property
     def _pmap_devices(self) -> list | None:
@@ -172,7 +173,7 @@ class Parallel:
     def check_batch_size(self, batch_size: int, name: str = "train.batch_size") -> None:
         n = len(self.devices)
         if batch_size % n:
-            raise ValueError(f"{name}={batch_size} is not divisible by the {n} devices: use a multiple of {n}.")
+            raise UserError(f"{name}={batch_size} is not divisible by the {n} devices: use a multiple of {n}.")
 
     # ---- placement -----------------------------------------------------------------------------
     def _leaf_sharding(self, x) -> NamedSharding:

@@ -19,10 +19,12 @@ import shutil
 import tempfile
 from typing import Any
 
+from jaxopt_llm.errors import UserError
+
 _CLIENTS = {"gs": ("gcsfs", "gcsfs"), "s3": ("s3fs", "s3fs"), "az": ("adlfs", "adlfs"), "abfs": ("adlfs", "adlfs")}
 
 
-class PathError(ValueError):
+class PathError(UserError):
     """A path cannot be used (a missing client library, a folder that is not there)."""
 
 
@@ -47,6 +49,15 @@ def Path(path: Any):  # noqa: N802 - a constructor, like pathlib.Path
     from etils import epath
 
     return epath.Path(str(path))
+
+
+def sha256(file: Any) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(file).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_text(path: Any, text: str) -> None:

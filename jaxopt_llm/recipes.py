@@ -16,6 +16,8 @@ from typing import Any
 
 import optax
 
+from jaxopt_llm.errors import UserError
+
 _TASKS: dict[str, Any] = {
     "classification": "jaxopt_llm.steps.classify",
     "masked-lm": "jaxopt_llm.steps.mlm",
@@ -109,7 +111,7 @@ def register_task(name: str, from_config: Callable, options: type | None = None)
 def _task(name: str) -> TaskEntry:
     entry = _TASKS.get(name)
     if entry is None:
-        raise ValueError(f"task={name!r} is not registered; tasks: {', '.join(_TASKS)}.")
+        raise UserError(f"task={name!r} is not registered; tasks: {', '.join(_TASKS)}.")
     if isinstance(entry, str):
         module = importlib.import_module(entry)
         entry = _TASKS[name] = TaskEntry(module.task_from_config, getattr(module, "OPTIONS", None))
@@ -132,7 +134,7 @@ def task_names() -> list[str]:
 def get(name: str) -> Method:
     entry = _METHODS.get(name)
     if entry is None:
-        raise ValueError(f"method={name!r} is not registered; methods: {', '.join(_METHODS)}.")
+        raise UserError(f"method={name!r} is not registered; methods: {', '.join(_METHODS)}.")
     if isinstance(entry, str):
         entry = _METHODS[name] = importlib.import_module(entry).METHOD
     return entry

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_llm import losses
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.steps.adversarial import Adversary, attack
 from jaxopt_llm.steps.classify import ClassificationTask
 
@@ -44,10 +45,10 @@ def robust_accuracy(model, arrays: dict[str, np.ndarray], epsilons: Sequence[flo
     from jaxopt_llm import sweep
 
     if model.classifier is None or model.config.num_labels < 2:
-        raise ValueError("robust_accuracy needs a sequence-classification model with at least 2 labels.")
+        raise UserError("robust_accuracy needs a sequence-classification model with at least 2 labels.")
     graphdef, params = nnx.split(model)
     stack = sweep.Stack(graphdef, jax.tree.map(lambda x: np.asarray(x)[None], params), ["model"], [None],
-                        model.config.label_names, None)
+                        model.config.label_names, None, None)
     rows = sweep.evaluate(stack, arrays, (1.0,), list(epsilons), steps, norm, batch_size)
     n = len(next(iter(arrays.values())))
     return [{"epsilon": r["epsilon"], "accuracy": r["robust_accuracy"], "n": n} for r in rows if "epsilon" in r]

@@ -70,6 +70,23 @@ class RunFolder:
     def task(self) -> str | None:
         return self.record().get("config", {}).get("task")
 
+    def kind(self) -> str:
+        """What the run holds: "ensemble" (members/), "prompt" (prompt.json: a cloze classifier on the MLM
+        head), "masked-lm" (a pretraining run) or "classifier". The one place that decides it."""
+        if self.members():
+            return "ensemble"
+        if (self.path / "prompt.json").is_file():
+            return "prompt"
+        if self.task() == "masked-lm":
+            return "masked-lm"
+        return "classifier"
+
+    def max_length(self) -> int | None:
+        """The sequence length the run was trained with (data.max_length), which every path that predicts
+        with it cuts texts to; None for a run that records none."""
+        value = self.record().get("config", {}).get("data", {}).get("max_length")
+        return int(value) if value is not None else None
+
     def temperature(self) -> float:
         """The calibration temperature fitted for the run (1.0 when none was)."""
         record = self.read("temperature.json")

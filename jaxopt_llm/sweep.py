@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_llm import calibration
+from jaxopt_llm import metrics as metrics_lib
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.steps.adversarial import Adversary, attack
-from jaxopt_llm.steps.classify import confusion_matrix, macro_f1
 
 
 @dataclasses.dataclass
@@ -38,20 +38,8 @@ class Stack:
     names: list[str]
     steps: list[int | None]
     labels: tuple[str, ...]
-    folder: Path  # a model folder of the stack (tokenizer, config)
-
-
-def _check_same(models, names):
-    first = models[0]
-    for model, name in zip(models[1:], names[1:]):
-        if model.config.label_names != first.config.label_names:
-            raise ValueError(f"{name!r} has labels {list(model.config.label_names)} but {names[0]!r} has "
-                             f"{list(first.config.label_names)}: a sweep stacks runs of one label set.")
-        shapes_a = jax.tree.map(np.shape, nnx.state(model))
-        if jax.tree.structure(shapes_a) != jax.tree.structure(nnx.state(first)) or shapes_a != jax.tree.map(
-                np.shape, nnx.state(first)):
-            raise ValueError(f"{name!r} and {names[0]!r} differ in architecture (layers, sizes or heads): a sweep "
-                             "stacks runs of one architecture; sweep them separately.")
+    tokenizer: object
+    max_length: int  # the models' sequence length: eval data is cut to it
 
 
 def checkpoint_params(run: str, template, every: int | None = None) -> list[tuple[int, object]]:
@@ -65,10 +53,10 @@ def checkpoint_params(run: str, template, every: int | None = None) -> list[tupl
 
     folder = RunFolder.of(run)
     if folder is None or not checkpoint.has_steps(folder.checkpoints):
-        raise ValueError(f"{run!r} has no checkpoints to sweep (a run folder with checkpoints/ is needed).")
+        raise UserError(f"{run!r} has no checkpoints to sweep (a run folder with checkpoints/ is needed).")
     record = folder.record()
     if record.get("method") not in ("clean", "adversarial"):
-        raise ValueError(f"{run!r} is a {record.get('method')} run: checkpoint sweeps take runs whose state is the "
+        raise UserError(f"{run!r} is a {record.get('method')} run: checkpoint sweeps take runs whose state is the "
                          "model itself (finetune, prompt, adversarial); sweep its exported model instead.")
     train = TrainConfig(**{k: v for k, v in record["config"]["train"].items() if k in TrainConfig.__dataclass_fields__})
     tx = optim.make(train)
@@ -89,33 +77,40 @@ def checkpoint_params(run: str, template, every: int | None = None) -> list[tupl
 
 def stack(models: Sequence[str], checkpoints: str | None = None) -> Stack:
     """The listed runs / model folders (each its exported model), or, with `checkpoints` ("all" or
-    "every:N"), every checkpoint of each listed run, on one model axis."""
-    from jaxopt_llm.bert.params import from_pretrained, resolve, task_of
+    "every:N"), every checkpoint of each listed run, on one model axis. They must share an architecture, a
+    label set and the sequence length they cut texts to."""
+    from jaxopt_llm import inference
 
-    loaded, names, steps, params = [], [], [], []
-    for ref in models:
-        folder = resolve(ref)
-        task = task_of(folder)
-        if task not in ("sequence-classification",):
-            raise ValueError(f"{ref!r} is a {task} model; sweeps evaluate classifiers.")
-        model = from_pretrained(folder, task, required=("classifier",))
-        loaded.append(model)
-        if checkpoints:
-            every = int(checkpoints.split(":", 1)[1]) if checkpoints.startswith("every:") else None
-            if checkpoints != "all" and every is None:
-                raise ValueError(f"--checkpoints {checkpoints!r}: use all or every:N.")
-            for step, p in checkpoint_params(str(ref), model, every):
-                names.append(str(ref))
-                steps.append(step)
-                params.append(p)
-        else:
-            names.append(str(ref))
-            steps.append(None)
-            params.append(nnx.state(model))
-    _check_same(loaded, [str(m) for m in models])
-    graphdef = nnx.split(loaded[0])[0]
-    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *params)  # host: chunks slice freely
-    return Stack(graphdef, stacked, names, steps, loaded[0].config.label_names, resolve(models[0]))
+    every = None
+    if checkpoints:
+        every = int(checkpoints.split(":", 1)[1]) if checkpoints.startswith("every:") and \
+            checkpoints.split(":", 1)[1].isdigit() else None
+        if checkpoints != "all" and not every:
+            raise UserError(f"--checkpoints {checkpoints!r}: use all or every:N (N >= 1).")
+    loaded = [inference.load(ref) for ref in models]
+    for model in loaded:
+        if model.kind != "classifier":
+            raise UserError(f"{model.reference!r} is a {model.kind} model; sweeps evaluate single classifiers (name "
+                             "an ensemble's members one by one).")
+    first = loaded[0]
+    metrics_lib.stack([m.engine.state for m in loaded], [m.reference for m in loaded], error=UserError)
+    for model in loaded[1:]:
+        if model.labels != first.labels:
+            raise UserError(f"{model.reference!r} has labels {list(model.labels)} but {first.reference!r} has "
+                             f"{list(first.labels)}: a sweep stacks runs of one label set.")
+        if model.max_length != first.max_length:
+            raise UserError(f"{model.reference!r} cuts texts to {model.max_length} tokens but {first.reference!r} "
+                             f"to {first.max_length}: a sweep stacks runs of one sequence length; sweep them apart.")
+    names, steps, params = [], [], []
+    for model in loaded:
+        found = checkpoint_params(model.reference, model.engine.model, every) if checkpoints else [
+            (None, model.engine.state)]
+        for step, p in found:
+            names.append(model.reference)
+            steps.append(step)
+            params.append(p)
+    stacked = metrics_lib.stack(params, names, host=True)  # host: chunks slice freely
+    return Stack(first.engine.graphdef, stacked, names, steps, first.labels, first.tokenizer, first.max_length)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "norm"))
@@ -137,11 +132,11 @@ def sweep_batch(graphdef, params_m, batch, temperatures_k, epsilons_e, steps: in
             probs = jax.nn.softmax(logits / t, -1)
             nll = -jnp.sum(jnp.where(valid, jnp.take_along_axis(jax.nn.log_softmax(logits / t, -1),
                                                                 batch["labels"][:, None], -1)[:, 0], 0.0))
-            brier = jnp.sum(jnp.where(valid, calibration.brier(probs, batch["labels"]), 0.0))
-            return nll, brier, calibration.bin_sums(probs, batch["labels"], weight)
+            brier = jnp.sum(jnp.where(valid, metrics_lib.brier(probs, batch["labels"]), 0.0))
+            return nll, brier, metrics_lib.bin_sums(probs, batch["labels"], weight)
 
         nll, brier, bins = jax.vmap(at_temperature)(temperatures_k)
-        confusion = confusion_matrix(logits, batch["labels"], weight)
+        confusion = metrics_lib.confusion_matrix(logits, batch["labels"], weight)
 
         def robust(eps):
             adv = Adversary(method="pgd", norm=norm, epsilon=0.0, inner_steps=steps, init="zero")
@@ -190,11 +185,11 @@ def evaluate(s: Stack, arrays: dict, temperatures: Sequence[float] = (1.0,), eps
     for i in range(m):
         confusion = totals["confusion"][i]
         accuracy = float(np.trace(confusion) / n)
-        f1 = macro_f1(confusion)
+        f1 = metrics_lib.macro_f1(confusion)
         for k, t in enumerate(temperatures):
             rows.append({"model": s.names[i], "step": s.steps[i], "temperature": float(t), "accuracy": accuracy,
                          "f1": f1, "nll": float(totals["nll"][i, k] / n), "brier": float(totals["brier"][i, k] / n),
-                         "ece": calibration.ece_from_bins(totals["bins"][i, k])})
+                         "ece": metrics_lib.ece_from_bins(totals["bins"][i, k])})
         for e, value in enumerate(epsilons):
             rows.append({"model": s.names[i], "step": s.steps[i], "epsilon": float(value),
                          "robust_accuracy": float(totals["robust"][i, e] / n)})

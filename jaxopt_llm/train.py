@@ -33,12 +33,13 @@ from jaxopt_llm import state as state_lib
 from jaxopt_llm.bert.modeling import BertConfig
 from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, read_config, resolve, save_pretrained
 from jaxopt_llm.config import Config, TrainConfig
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.parallel import Parallel, compile_count, initialize_distributed
 from jaxopt_llm.recipes import Context, Recipe
 from jaxopt_llm.runs import RunFolder, write_json
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
     """A run cannot go on as configured; the message says why and what to change."""
 
 

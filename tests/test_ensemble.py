@@ -12,10 +12,10 @@ import pytest
 from conftest import hf_model, make_batch, overrides, task_for
 from flax import nnx
 
-from jaxopt_llm import bert, calibration, cli
+from jaxopt_llm import bert, calibration, cli, inference
 from jaxopt_llm import config as config_lib
+from jaxopt_llm import metrics as metrics_lib
 from jaxopt_llm import state as state_lib
-from jaxopt_llm.predict import EnsemblePredictor, Predictor
 from jaxopt_llm.recipes import Context
 from jaxopt_llm.steps import clean, ensemble
 from jaxopt_llm.train import train
@@ -54,15 +54,18 @@ def test_the_ensemble_step_equals_single_member_steps(tmp_path, per_pass):
 def test_calibration_metrics_by_hand():
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.55, 0.45]])
     labels = np.array([0, 1, 1, 0])
-    got = calibration.metrics(probs, labels)
+    got = metrics_lib.classification(probs, labels)
     # confidences 0.9, 0.6, 0.7, 0.55 (correct 1, 0, 1, 1) in bins of width 1/15: (13/15, 14/15] holds 0.9,
     # (8/15, 9/15] holds 0.6 and 0.55, (10/15, 11/15] holds 0.7; ECE = sum over bins |correct - confidence| / n
     ece = (abs(1 - 0.9) + abs((0 + 1) - (0.6 + 0.55)) + abs(1 - 0.7)) / 4
     nll = -(np.log(0.9) + np.log(0.4) + np.log(0.7) + np.log(0.55)) / 4
     brier = ((0.1 ** 2 * 2) + (0.6 ** 2 * 2) + (0.3 ** 2 * 2) + (0.45 ** 2 * 2)) / 4
-    assert got == pytest.approx({"accuracy": 0.75, "nll": nll, "ece": ece, "brier": brier}, abs=1e-6)
+    assert {k: got[k] for k in ("accuracy", "nll", "ece", "brier")} == pytest.approx(
+        {"accuracy": 0.75, "nll": nll, "ece": ece, "brier": brier}, abs=1e-6)
+    assert got["confusion"] == [[2, 0], [1, 1]]  # [true, predicted]
+    assert got["f1"] == pytest.approx((2 / 3 + 4 / 5) / 2, abs=1e-12)
     # two examples in one bin: |mean correct - mean confidence| weighted by the bin's share
-    same_bin = calibration.metrics(np.array([[0.62, 0.38], [0.64, 0.36]]), np.array([0, 1]))
+    same_bin = metrics_lib.classification(np.array([[0.62, 0.38], [0.64, 0.36]]), np.array([0, 1]))
     assert same_bin["ece"] == pytest.approx(abs(0.5 - 0.63), abs=1e-6)
 
 
@@ -112,18 +115,18 @@ def test_members_sharded_over_two_devices_train_as_on_one(runs, setup, tmp_path,
 
 def test_ensemble_prediction_combines_members_and_from_runs_of_one_run_is_that_run(runs, capsys):
     texts = ["love it", "hate it", "it is a phone"]
-    ens = Predictor.from_pretrained(runs / "ens")
-    assert isinstance(ens, EnsemblePredictor) and ens.members == 2
+    ens = inference.load(runs / "ens")
+    assert ens.kind == "ensemble" and ens.engine.members == 2
     members = ens.member_probs(texts)
-    one = [Predictor.from_pretrained(runs / "ens" / "members" / str(i)).classify(texts) for i in range(2)]
+    one = [inference.load(runs / "ens" / "members" / str(i)).classify(texts) for i in range(2)]
     np.testing.assert_allclose(members, [[r["scores"] for r in m] for m in one], atol=1e-6)
     np.testing.assert_allclose([r["scores"] for r in ens.classify(texts)], members.mean(0), atol=1e-6)
-    vote = EnsemblePredictor.from_runs([runs / "ens" / "members" / "0", runs / "ens" / "members" / "1"],
-                                       combine="vote").classify(texts)
+    vote = inference.ensemble([runs / "ens" / "members" / "0", runs / "ens" / "members" / "1"],
+                              combine="vote").classify(texts)
     assert all(sum(r["scores"]) == pytest.approx(1.0) for r in vote)
-    alone = EnsemblePredictor.from_runs([runs / "single"]).classify(texts)
+    alone = inference.ensemble([runs / "single"]).classify(texts)
     np.testing.assert_allclose([r["scores"] for r in alone],
-                               [r["scores"] for r in Predictor.from_pretrained(runs / "single").classify(texts)],
+                               [r["scores"] for r in inference.load(runs / "single").classify(texts)],
                                atol=1e-6)
     capsys.readouterr()
     cli.main(["predict", "classify", "--model", str(runs / "ens"), *texts])
@@ -139,10 +142,10 @@ def test_members_of_another_architecture_or_label_set_are_one_clear_error(runs, 
     train(config_lib.load(None, overrides(setup, **{"train.steps": 1, "data.train_file": tmp_path / "renamed.csv"})),
           tmp_path / "other_labels")
     with pytest.raises(ValueError, match=r"other_labels' has labels .* members of one ensemble share one label set"):
-        EnsemblePredictor.from_runs([runs / "single", tmp_path / "other_labels"])
+        inference.ensemble([runs / "single", tmp_path / "other_labels"])
     hf_model("sequence-classification", num_hidden_layers=1, vocab_size=30522).save_pretrained(tmp_path / "small")
     with pytest.raises(ValueError, match="differ in architecture"):
-        EnsemblePredictor.from_runs([runs / "single", tmp_path / "small"])
+        inference.ensemble([runs / "single", tmp_path / "small"])
     message = None
     with pytest.raises(SystemExit):
         cli.main(["stack", "--out", str(tmp_path / "bad"), str(runs / "single"), str(tmp_path / "small")])
@@ -153,14 +156,14 @@ def test_members_of_another_architecture_or_label_set_are_one_clear_error(runs, 
 @pytest.mark.parametrize("name", ["single", "ens"])
 def test_calibrate_writes_a_temperature_that_prediction_applies(runs, setup, capsys, name):
     run = runs / name
-    before = Predictor.from_pretrained(run).classify(["good", "bad"])
+    before = inference.load(run).classify(["good", "bad"])
     capsys.readouterr()
     cli.main(["calibrate", "--model", str(run), "--data", str(setup / "tweets.csv"), "data.label_column=sentiment",
               "data.max_length=32"])
     record = json.loads((run / "temperature.json").read_text())
     assert record["after"]["nll"] <= record["before"]["nll"] + 1e-9 and (run / "reliability.png").is_file()
     assert record["after"]["accuracy"] == record["before"]["accuracy"]  # temperature never changes the class
-    after = Predictor.from_pretrained(run).classify(["good", "bad"])
+    after = inference.load(run).classify(["good", "bad"])
     t = record["temperature"]
     for b, a in zip(before, after):
         expected = np.exp(np.log(b["scores"]) / t)
@@ -193,7 +196,7 @@ def test_combine_rules():
 
 
 def test_nnx_state_of_a_stacked_ensemble_has_the_member_axis(runs):
-    ens = Predictor.from_pretrained(runs / "ens")
+    ens = inference.load(runs / "ens").engine
     assert jax.tree.leaves(ens.state)[0].shape[0] == 2
     assert isinstance(nnx.merge(ens.graphdef, jax.tree.map(lambda x: x[1], ens.state)), bert.Bert)
 
@@ -207,5 +210,5 @@ def test_an_ensemble_run_exports_with_its_member_axis(runs, tmp_path):
     art = Artifact.load(tmp_path / "art")
     assert art.manifest["kind"] == "ensemble" and art.manifest["members"] == 2
     assert (tmp_path / "art" / "hf" / "members" / "1" / "config.json").is_file()
-    expected = [r["scores"] for r in Predictor.from_pretrained(runs / "ens").classify(texts)]
+    expected = [r["scores"] for r in inference.load(runs / "ens").classify(texts)]
     np.testing.assert_allclose(art.predict(texts)[0], expected, atol=1e-5)

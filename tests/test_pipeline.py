@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import xla_flags
+
 from jaxopt_llm import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ class _Cells(html.parser.HTMLParser):
 
 
 def test_the_report_opens_in_headless_chromium_without_errors_and_shows_metrics_json(ran):
-    from jaxopt_llm.pipeline_report import COLUMNS, cell
+    from jaxopt_llm.pipeline.report import COLUMNS, cell
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is needed (apt-get install -y chromium; `make test` installs it)"

@@ -8,9 +8,10 @@ import torch
 import transformers
 from conftest import TINY
 
-from jaxopt_llm import cli
+from jaxopt_llm import cli, inference
 from jaxopt_llm.assets import minilm_path
-from jaxopt_llm.predict import LENGTH_BUCKETS, Predictor, _bucket, compile_count
+from jaxopt_llm.packing import LENGTH_BUCKETS, bucket
+from jaxopt_llm.predict import compile_count
 
 TEXTS = ["The [MASK] runs through the park.", "Paris is the [MASK] of France.",
          "I [MASK] this movie so much, it was [MASK]!"]
@@ -58,7 +59,7 @@ def torch_topk(model, tokenizer, text, k):
 
 def test_fill_mask_matches_torch_topk(mlm, tokenizer):
     folder, ref = mlm
-    out = Predictor.from_pretrained(folder, "masked-lm").fill_mask(TEXTS, top_k=5)
+    out = inference.load(folder, kind="masked-lm").fill_mask(TEXTS, top_k=5)
     for text, preds in zip(TEXTS, out):
         ids, scores = torch_topk(ref, tokenizer, text, 5)
         per_mask = preds if isinstance(preds[0], list) else [preds]
@@ -71,7 +72,7 @@ def test_fill_mask_matches_torch_topk(mlm, tokenizer):
 
 def test_new_batch_same_bucket_does_not_recompile(mlm):
     folder, _ = mlm
-    predictor = Predictor.from_pretrained(folder, "masked-lm", batch_size=4)
+    predictor = inference.load(folder, kind="masked-lm", batch_size=4)
     predictor.fill_mask(["A [MASK] day.", "Hello [MASK]."], top_k=3)
     before = compile_count()
     predictor.fill_mask(["The [MASK] is blue today.", "We [MASK] home."], top_k=3)
@@ -80,20 +81,20 @@ def test_new_batch_same_bucket_does_not_recompile(mlm):
 
 def test_length_buckets_pad_at_most_7_tokens_up_to_64_and_a_quarter_beyond():
     for n in range(1, 513):
-        padded = _bucket(n, LENGTH_BUCKETS)
+        padded = bucket(n, LENGTH_BUCKETS)
         assert n <= padded and (padded - n <= 7 if n <= 64 else padded <= 1.25 * n), (n, padded)
 
 
 def test_fill_mask_needs_a_mask(mlm):
     folder, _ = mlm
     with pytest.raises(ValueError, match=r"'no mask here' has no \[MASK\]"):
-        Predictor.from_pretrained(folder, "masked-lm").fill_mask(["no mask here"])
+        inference.load(folder, kind="masked-lm").fill_mask(["no mask here"])
 
 
 def test_classify_matches_torch(classifier, tokenizer):
     folder, ref = classifier
     texts = ["great phone, love it", "worst service ever", "it is a car.", "meh"] * 3
-    out = Predictor.from_pretrained(folder, "sequence-classification", batch_size=8).classify(texts)
+    out = inference.load(folder, kind="classifier", batch_size=8).classify(texts)
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         probs = ref(**enc).logits.softmax(-1).numpy()
@@ -105,7 +106,7 @@ def test_classify_matches_torch(classifier, tokenizer):
 def test_embed_matches_sentence_transformers_recipe():
     texts = ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awesome."]
     folder = minilm_path()
-    ours = Predictor.from_pretrained(folder).embed(texts)
+    ours = inference.load(folder).embed(texts)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():

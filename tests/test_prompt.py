@@ -11,11 +11,10 @@ import transformers
 from conftest import TINY, overrides
 from flax import nnx
 
-from jaxopt_llm import bert, cli
+from jaxopt_llm import bert, cli, inference
 from jaxopt_llm import config as config_lib
 from jaxopt_llm.assets import minilm_path
 from jaxopt_llm.parallel import compile_count
-from jaxopt_llm.predict import Predictor, PromptEnsemble
 from jaxopt_llm.steps import prompt as P
 from jaxopt_llm.train import train
 
@@ -87,12 +86,12 @@ def test_truncation_shortens_the_text_never_the_pattern(mlm):
 def test_pattern_ensemble_is_one_program_equal_to_a_loop(mlm, capsys):
     folder, _, tok = mlm
     prompts = [P.Prompt.parse(p, VERBALIZER) for p in PATTERNS]
-    ensemble = PromptEnsemble.from_model(folder, prompts, max_length=40, batch_size=4)
+    ensemble = inference.prompt_ensemble(folder, prompts, max_length=40, batch_size=4)
     before = compile_count()
     members = ensemble.member_probs(TEXTS)
     assert compile_count() - before == 1 and members.shape == (2, 4, 3)
     for p, prompt in enumerate(prompts):
-        single = Predictor.from_pretrained(folder, prompt=prompt, max_length=40, batch_size=4).classify(TEXTS)
+        single = inference.load(folder, prompt=prompt, max_length=40, batch_size=4).classify(TEXTS)
         np.testing.assert_allclose(members[p], [r["scores"] for r in single], atol=1e-6)
     capsys.readouterr()
     cli.main(["predict", "classify", "--model", str(folder), "--pattern", PATTERNS[0], "--pattern", PATTERNS[1],
@@ -120,8 +119,8 @@ def test_a_prompt_run_reloads_from_its_folder_and_predicts_the_same(prompt_run, 
     assert record["pattern"] == "{text} Overall it was [MASK]." and record["max_length"] == 32
     assert record["word_tokens"]["negative"]["mediocre"] == [19960, 3695, 16748]
     assert json.loads((prompt_run / "labels.json").read_text()) == ["negative", "neutral", "positive"]
-    reloaded = Predictor.from_pretrained(prompt_run).classify(TEXTS)
-    by_hand = Predictor.from_pretrained(prompt_run / "model", prompt=P.Prompt.parse(
+    reloaded = inference.load(prompt_run).classify(TEXTS)
+    by_hand = inference.load(prompt_run / "model", prompt=P.Prompt.parse(
         record["pattern"], record["verbalizer"]), max_length=32).classify(TEXTS)
     assert reloaded == by_hand
     capsys.readouterr()
@@ -187,5 +186,5 @@ def test_a_prompt_run_exports_and_the_artifact_predicts_the_same(prompt_run, tmp
     export(str(prompt_run), tmp_path / "art", golden_texts=TEXTS)
     art = Artifact.load(tmp_path / "art")
     assert art.manifest["kind"] == "prompt" and art.labels == ["negative", "neutral", "positive"]
-    expected = [r["scores"] for r in Predictor.from_pretrained(prompt_run).classify(TEXTS)]
+    expected = [r["scores"] for r in inference.load(prompt_run).classify(TEXTS)]
     np.testing.assert_allclose(art.predict(TEXTS)[0], expected, atol=1e-5)

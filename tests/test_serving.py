@@ -19,9 +19,8 @@ import pytest
 from conftest import free_port, overrides
 from flax import nnx
 
-from jaxopt_llm import bert, cli
+from jaxopt_llm import bert, cli, inference
 from jaxopt_llm import config as config_lib
-from jaxopt_llm.predict import Predictor
 from jaxopt_llm.serving import drift
 from jaxopt_llm.serving.artifact import Artifact, ArtifactError
 from jaxopt_llm.train import train
@@ -66,7 +65,7 @@ def test_every_bucket_equals_in_process_prediction_at_batch_1_3_32(exported):
     manifest = json.loads((exported / "art" / "manifest.json").read_text())
     assert manifest["platforms"] == ["cpu", "cuda", "tpu"] and manifest["labels"] == ["negative", "neutral", "positive"]
     assert (exported / "art" / "hf" / "model.safetensors").is_file()  # the HF export beside it
-    expected = [r["scores"] for r in Predictor.from_pretrained(exported / "run").classify(TEXTS)]
+    expected = [r["scores"] for r in inference.load(exported / "run").classify(TEXTS)]
     np.testing.assert_allclose(art.predict(TEXTS)[0], expected, atol=1e-5)  # texts in, same as predict
 
 

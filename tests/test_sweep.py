@@ -7,11 +7,11 @@ import pytest
 from conftest import overrides
 from flax import nnx
 
-from jaxopt_llm import bert, calibration, cli, sweep
+from jaxopt_llm import bert, cli, sweep
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
+from jaxopt_llm import metrics as metrics_lib
 from jaxopt_llm.parallel import compile_count
-from jaxopt_llm.steps.classify import macro_f1
 from jaxopt_llm.steps.task import DataNeeds
 from jaxopt_llm.train import train
 
@@ -54,7 +54,7 @@ def test_three_checkpoints_by_four_temperatures_equal_twelve_evaluations(run, ev
             z = logits / t
             p = np.exp(z - z.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
-            expected = {**calibration.metrics(p, labels), "f1": macro_f1(confusion)}
+            expected = metrics_lib.classification(p, labels)
             got = rows[i * 4 + k]
             assert (got["step"], got["temperature"]) == (s.steps[i], t)
             for key in ("accuracy", "f1", "nll", "ece", "brier"):
@@ -81,11 +81,15 @@ def test_chunked_equals_unchunked_and_the_cli_writes_every_point(run, eval_data,
 def test_runs_of_other_labels_or_architecture_are_one_clear_error(run, setup, tmp_path):
     from conftest import hf_model
 
-    hf_model("sequence-classification", vocab_size=30522).save_pretrained(tmp_path / "labels")  # LABEL_0..2
+    tokenizer = bert.load_tokenizer(run)
+    hf_model("sequence-classification", vocab_size=30522, max_position_embeddings=64).save_pretrained(
+        tmp_path / "labels")  # LABEL_0..2
+    tokenizer.save_pretrained(tmp_path / "labels")
     with pytest.raises(ValueError, match=r"labels .* a sweep stacks runs of one label set"):
         sweep.stack([str(run), str(tmp_path / "labels")])
     hf_model("sequence-classification", vocab_size=30522, num_hidden_layers=1,
              id2label={0: "negative", 1: "neutral", 2: "positive"},
              label2id={"negative": 0, "neutral": 1, "positive": 2}).save_pretrained(tmp_path / "small")
+    tokenizer.save_pretrained(tmp_path / "small")
     with pytest.raises(ValueError, match="differ in architecture"):
         sweep.stack([str(run), str(tmp_path / "small")])

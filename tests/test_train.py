@@ -199,8 +199,7 @@ def test_a_toy_method_registered_in_a_test_trains_through_loop_and_cli(setup, tm
 
 
 def test_a_run_folder_is_accepted_wherever_a_model_is(setup, tmp_path, capsys):
-    from jaxopt_llm import cli
-    from jaxopt_llm.predict import Predictor
+    from jaxopt_llm import cli, inference
 
     train(config_lib.load(None, overrides(setup, **{"train.steps": 2})), tmp_path / "first")
     # as the starting model of another run: its head and label ids are kept
@@ -212,7 +211,8 @@ def test_a_run_folder_is_accepted_wherever_a_model_is(setup, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(first(ids)),
                                   np.asarray(bert.from_pretrained(tmp_path / "first" / "model",
                                                                   "sequence-classification")(ids)))
-    predictor = Predictor.from_pretrained(tmp_path / "second")  # the head the run was trained for
-    assert predictor.model.task == "sequence-classification"
+    model = inference.load(tmp_path / "second")  # the head the run was trained for
+    assert model.kind == "classifier" and model.engine.model.task == "sequence-classification"
+    assert model.max_length == 32  # the run's data.max_length, not the model's 64 positions
     cli.main(["similarity", "--model", str(tmp_path / "second"), "one text", "another text"])
     assert "closest to sentence 0" in capsys.readouterr().out

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxopt_llm.errors import UserError
+
 TASKS = ("base", "masked-lm", "pretraining", "sequence-classification")
 
 
@@ -81,29 +83,29 @@ class BertConfig:
                      "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"BertConfig.{name}={value!r}: must be a positive integer.")
+                raise UserError(f"BertConfig.{name}={value!r}: must be a positive integer.")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise UserError(
                 f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}: pick sizes with hidden_size % heads == 0.")
         if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"BertConfig.hidden_act={self.hidden_act!r} is not supported; use one of "
+            raise UserError(f"BertConfig.hidden_act={self.hidden_act!r} is not supported; use one of "
                              f"{sorted(_ACTIVATIONS)}.")
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
             if value not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"BertConfig.{name}={value!r}: use 'float32', 'bfloat16' or 'float16'.")
+                raise UserError(f"BertConfig.{name}={value!r}: use 'float32', 'bfloat16' or 'float16'.")
         if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"BertConfig.remat={self.remat!r}: use 'none', 'full' or 'dots'.")
+            raise UserError(f"BertConfig.remat={self.remat!r}: use 'none', 'full' or 'dots'.")
         if (self.remat != "none" or self.scan_unroll) and not self.scan_layers:
-            raise ValueError(f"BertConfig.remat={self.remat!r}, scan_unroll={self.scan_unroll}: both apply to "
+            raise UserError(f"BertConfig.remat={self.remat!r}, scan_unroll={self.scan_unroll}: both apply to "
                              "scanned layers only; set scan_layers=True as well.")
         if self.attention not in ("auto", "manual"):
-            raise ValueError(f"BertConfig.attention={self.attention!r}: use 'auto' or 'manual'.")
+            raise UserError(f"BertConfig.attention={self.attention!r}: use 'auto' or 'manual'.")
         if self.dropout_rng not in DROPOUT_RNGS:
-            raise ValueError(f"BertConfig.dropout_rng={self.dropout_rng!r}: use {_RNG_CHOICES}.")
+            raise UserError(f"BertConfig.dropout_rng={self.dropout_rng!r}: use {_RNG_CHOICES}.")
         if self.labels and len(self.labels) != self.num_labels:
-            raise ValueError(f"BertConfig.labels has {len(self.labels)} names but num_labels={self.num_labels}.")
+            raise UserError(f"BertConfig.labels has {len(self.labels)} names but num_labels={self.num_labels}.")
 
     @property
     def head_dim(self) -> int:
@@ -135,10 +137,10 @@ class BertConfig:
         """From a `transformers.BertConfig` or the dict of a config.json."""
         d = hf if isinstance(hf, dict) else hf.to_dict()
         if d.get("model_type", "bert") != "bert":
-            raise ValueError(f"config model_type={d.get('model_type')!r}: jaxopt_llm loads BERT checkpoints "
+            raise UserError(f"config model_type={d.get('model_type')!r}: jaxopt_llm loads BERT checkpoints "
                              "(model_type 'bert') only.")
         if d.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type={d['position_embedding_type']!r} is not supported; "
+            raise UserError(f"position_embedding_type={d['position_embedding_type']!r} is not supported; "
                              "only 'absolute' position embeddings are.")
         kwargs = {k: d[k] for k in _HF_FIELDS if k in d and (d[k] is not None or k == "classifier_dropout")}
         id2label = d.get("id2label") or {}
@@ -176,7 +178,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: boo
     "hash" (`hash_bits`) or "threefry" (`jax.random.bits`, the masks of commits before 6cf3f01).
     """
     if rng not in DROPOUT_RNGS:
-        raise ValueError(f"dropout rng={rng!r}: use {_RNG_CHOICES}.")
+        raise UserError(f"dropout rng={rng!r}: use {_RNG_CHOICES}.")
     if deterministic or rate == 0.0:
         return x
     threshold = round(rate * 65536)
@@ -202,7 +204,7 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     For one key the words of distinct indices differ (a bijection of the index). Not for cryptography."""
     n = math.prod(shape)
     if n >= 2**32:
-        raise ValueError(f"hash_bits: {n} words exceed the 32-bit counter; draw masks for at most 2**32 - 1 "
+        raise UserError(f"hash_bits: {n} words exceed the 32-bit counter; draw masks for at most 2**32 - 1 "
                          "words at a time.")
     data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     pairs = data.reshape(-1, 2).astype(jnp.uint32)  # threefry: one pair; wider keys' pairs are folded by xor
@@ -378,7 +380,7 @@ class Bert(nnx.Module):
 
     def __init__(self, config: BertConfig, task: str = "base", *, rngs: nnx.Rngs):
         if task not in TASKS:
-            raise ValueError(f"task={task!r} is not one of {TASKS}.")
+            raise UserError(f"task={task!r} is not one of {TASKS}.")
         self.config, self.task = config, task
         make = _Factory(config, rngs)
         self.embeddings = Embeddings(config, make)
@@ -422,7 +424,7 @@ class Bert(nnx.Module):
         attention_mask_bt, token_type_ids_bt, output_positions_bp = attention_mask, token_type_ids, output_positions
         b, t, _ = word_embeddings_btd.shape
         if position_ids_bt is None and t > cfg.max_position_embeddings:  # given positions are the caller's
-            raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
+            raise UserError(f"sequence length {t} exceeds max_position_embeddings="
                              f"{cfg.max_position_embeddings}: truncate inputs to at most that many tokens.")
         if position_ids_bt is None:
             position_ids_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -518,4 +520,4 @@ class Bert(nnx.Module):
 
 def _check_dropout_key(deterministic: bool, key: jax.Array | None) -> None:
     if not deterministic and key is None:
-        raise ValueError("deterministic=False needs dropout_key=jax.random.key(...): dropout keys are explicit.")
+        raise UserError("deterministic=False needs dropout_key=jax.random.key(...): dropout keys are explicit.")

@@ -22,9 +22,10 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_llm.bert.modeling import TASKS, Bert, BertConfig
+from jaxopt_llm.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint cannot be read or does not fit the model; the message says what to change."""
 
 

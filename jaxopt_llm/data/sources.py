@@ -15,15 +15,15 @@ import re
 import sys
 from pathlib import Path
 
-
 from jaxopt_llm import paths
 from jaxopt_llm.config import PACKAGED_TWEETS, DataConfig
+from jaxopt_llm.errors import UserError
 
 _UNDECODED = re.compile("[\udc80-\udcff]")  # bytes kept by surrogateescape
 _FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data cannot be used as configured; the message names the value and the fix."""
 
 

@@ -1,13 +1,13 @@
 """Load and run an exported artifact (see jaxopt_llm/export.py) with jax, numpy and tokenizers only.
 
 `Artifact.load(path)` checks the sha256 of every file against the manifest and the golden outputs against
-a fresh run of the functions; a changed or missing file is one clear error. `predict(texts)` pads to the
-smallest length bucket and a power-of-two batch, so new requests reuse compiled programs.
+a fresh run of the functions; a changed or missing file is one clear error. `predict(texts)` cuts texts to
+the run's max_length (the manifest's) and pads to the smallest length bucket and a power-of-two batch, so
+new requests reuse compiled programs. `jaxopt_llm.inference.load(path)` wraps it like any other model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Sequence
@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxopt_llm.errors import UserError
+
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I32": np.int32, "I64": np.int64}
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """An artifact is incomplete, changed or does not reproduce its golden outputs."""
 
 
@@ -40,14 +42,6 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Artifact:
     def __init__(self, path: Path, manifest: dict, functions: dict, weights: list, tokenizer, prompt: dict | None,
                  reference: dict | None, reference_cls: np.ndarray | None):
@@ -56,7 +50,12 @@ class Artifact:
         self.reference, self.reference_cls = reference, reference_cls
         self.labels: list[str] = manifest["labels"]
         self.buckets: list[int] = manifest["buckets"]
+        # artifacts written before the length was recorded cut at their largest bucket
+        self.max_length: int = int(manifest.get("max_length") or max(self.buckets))
         self.name = path.name
+        from jaxopt_llm import packing
+
+        self.backend = packing.truncating(tokenizer, None if prompt is not None else self.max_length)
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> Artifact:
@@ -79,7 +78,7 @@ class Artifact:
                 file = path / name
                 if not file.is_file():
                     problems.append(f"{name} is missing")
-                elif _sha256(file) != digest:
+                elif paths.sha256(file) != digest:
                     problems.append(f"{name} has changed (sha256 differs from the manifest)")
             if problems:
                 raise ArtifactError(f"artifact {str(path)!r} is not as exported: {'; '.join(problems[:10])}. "
@@ -89,8 +88,6 @@ class Artifact:
         tensors = read_safetensors(path / "weights.safetensors")
         weights = [jax.device_put(tensors[f"w{i:05d}"]) for i in range(manifest["weights"])]
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        tokenizer.no_padding()  # shapes are ours: buckets and power-of-two batches
-        tokenizer.no_truncation()
         prompt = json.loads((path / "prompt.json").read_text()) if (path / "prompt.json").is_file() else None
         reference = json.loads((path / "reference.json").read_text()) if (path / "reference.json").is_file() else None
         ref_cls = (read_safetensors(path / "reference.safetensors")["cls"]
@@ -110,47 +107,49 @@ class Artifact:
                                 f"{self.manifest['platforms']} mismatch, or the files were altered.")
 
     # ---- inputs ------------------------------------------------------------------------------------------
-    def _encode(self, texts: Sequence[str]) -> tuple[int, dict[str, np.ndarray]]:
-        if self.prompt is not None:
-            from jaxopt_llm.packing import pack
+    def batches(self, texts: Sequence[str], max_batch: int = 64):
+        """(rows of texts, padded arrays) in order: chunks of `max_batch`, each cut to the artifact's
+        max_length (`packing`'s rule, as in training) and padded to the smallest bucket holding its longest
+        text. A prompt artifact packs its pattern at its own length."""
+        from jaxopt_llm import packing
 
-            ids = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-            p = self.prompt
-            pieces = [x if isinstance(x, str) else tuple(x) for x in p["pieces"]]
-            arrays = pack(pieces, p["lengths"], p["special"], p["max_length"], ids)
-            return p["max_length"], arrays
-        limit = max(self.buckets)
-        encodings = self.tokenizer.encode_batch(list(texts))
-        longest = max(min(len(e.ids), limit) for e in encodings)
-        t = next((b for b in self.buckets if b >= longest), limit)
-        pad = self.manifest["special"]["pad"]
-        arrays = {"input_ids": np.full((len(texts), t), pad, np.int32),
-                  "attention_mask": np.zeros((len(texts), t), np.int32),
-                  "token_type_ids": np.zeros((len(texts), t), np.int32)}
-        sep = self.manifest["special"]["sep"]
-        for r, e in enumerate(encodings):
-            ids = list(e.ids)
-            if len(ids) > t:  # truncate, keeping the final [SEP]
-                ids = ids[:t - 1] + [sep]
-            arrays["input_ids"][r, :len(ids)] = ids
-            arrays["attention_mask"][r, :len(ids)] = 1
-            arrays["token_type_ids"][r, :len(ids)] = list(e.type_ids)[:len(ids)]
-        return t, arrays
+        texts = packing.check_texts(texts)
+        for start in range(0, len(texts), max_batch):
+            chunk = texts[start:start + max_batch]
+            rows = np.arange(start, start + len(chunk))
+            if self.prompt is not None:
+                p = self.prompt
+                ids = [e.ids for e in packing.encode(self.backend, chunk, special_tokens=False)]
+                pieces = [x if isinstance(x, str) else tuple(x) for x in p["pieces"]]
+                yield rows, packing.pack(pieces, p["lengths"], p["special"], p["max_length"], ids)
+                continue
+            encodings = packing.encode(self.backend, chunk)
+            t = packing.bucket(max(len(e.ids) for e in encodings), self.buckets)
+            yield rows, packing.rows(encodings, t, self.manifest["special"]["pad"])
+
+    def run(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (b, c), [CLS] embeddings (b, d)) of token arrays whose length is a bucket; the
+        batch is padded to a power of two so new requests reuse compiled programs."""
+        from jaxopt_llm import packing
+
+        names = self.manifest["inputs"]
+        t = self.prompt["max_length"] if self.prompt is not None else arrays[names[0]].shape[1]
+        if t not in self.functions:
+            raise ArtifactError(f"token arrays of length {t}: this artifact runs lengths {sorted(self.functions)}.")
+        n = len(arrays[names[0]])
+        padded = packing.pad_rows({k: np.asarray(arrays[k], np.int32) for k in names}, packing.power_of_two(n))
+        p, c = self.functions[t].call(self.weights, *(padded[k] for k in names))
+        return np.asarray(p)[:n], np.asarray(c)[:n]
 
     def predict(self, texts: Sequence[str], max_batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities (n, c), [CLS] embeddings (n, d)) for texts; batches are padded to a power of two."""
-        if isinstance(texts, str):
-            raise TypeError("pass a list of texts, not one string.")
+        """(probabilities (n, c), [CLS] embeddings (n, d)) for texts."""
         probs, cls = [], []
-        for start in range(0, len(texts), max_batch):
-            chunk = list(texts[start:start + max_batch])
-            t, arrays = self._encode(chunk)
-            b = 1 << (len(chunk) - 1).bit_length()
-            padded = [np.concatenate([a, np.repeat(a[:1], b - len(chunk), 0)]) if b > len(chunk) else a
-                      for a in (arrays[k] for k in self.manifest["inputs"])]
-            p, c = self.functions[t].call(self.weights, *padded)
-            probs.append(np.asarray(p)[:len(chunk)])
-            cls.append(np.asarray(c)[:len(chunk)])
+        for _, arrays in self.batches(texts, max_batch):
+            p, c = self.run(arrays)
+            probs.append(p)
+            cls.append(c)
+        if not probs:
+            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
         return np.concatenate(probs), np.concatenate(cls)
 
     def classify(self, texts: Sequence[str], top_k: int = 1) -> list[list[dict]]:

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.serving.drift import DriftMonitor
 
 
 def monitor_report(artifact, log: str, out: str, window: int = 200) -> dict:
     rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
     if not rows:
-        raise ValueError(f"{log!r} holds no predictions; serve with --log to write one.")
+        raise UserError(f"{log!r} holds no predictions; serve with --log to write one.")
     if artifact.reference is None:
-        raise ValueError(f"{artifact.path} has no drift reference: export it with --config or --data.")
+        raise UserError(f"{artifact.path} has no drift reference: export it with --config or --data.")
     probs = np.asarray([r["probabilities"] for r in rows])
     cls = np.asarray([r["cls"] for r in rows])
     windows = []

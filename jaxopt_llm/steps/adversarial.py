@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from jaxopt_llm import losses
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.parallel import global_mean, global_sum
 from jaxopt_llm.recipes import Context, Method, Recipe
 from jaxopt_llm.state import TrainState
@@ -52,26 +53,26 @@ class Adversary:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"adversarial.method={self.method!r}: use one of {METHODS}.")
+            raise UserError(f"adversarial.method={self.method!r}: use one of {METHODS}.")
         if self.norm not in NORMS:
-            raise ValueError(f"adversarial.norm={self.norm!r}: use one of {NORMS}.")
+            raise UserError(f"adversarial.norm={self.norm!r}: use one of {NORMS}.")
         if not (math.isfinite(self.epsilon) and self.epsilon >= 0):  # NaN fails every comparison
-            raise ValueError(f"adversarial.epsilon={self.epsilon}: must be a finite number >= 0.")
+            raise UserError(f"adversarial.epsilon={self.epsilon}: must be a finite number >= 0.")
         if self.inner_steps < 0:
-            raise ValueError(f"adversarial.inner_steps={self.inner_steps}: must be >= 0.")
+            raise UserError(f"adversarial.inner_steps={self.inner_steps}: must be >= 0.")
         if self.inner_lr is not None and not (math.isfinite(self.inner_lr) and self.inner_lr > 0):
-            raise ValueError(f"adversarial.inner_lr={self.inner_lr}: must be a finite number > 0 (or None).")
+            raise UserError(f"adversarial.inner_lr={self.inner_lr}: must be a finite number > 0 (or None).")
         if not (math.isfinite(self.smart_weight) and self.smart_weight >= 0):
-            raise ValueError(f"adversarial.smart_weight={self.smart_weight}: must be a finite number >= 0.")
+            raise UserError(f"adversarial.smart_weight={self.smart_weight}: must be a finite number >= 0.")
         if self.init not in ("zero", "uniform"):
-            raise ValueError(f"adversarial.init={self.init!r}: use 'zero' or 'uniform'.")
+            raise UserError(f"adversarial.init={self.init!r}: use 'zero' or 'uniform'.")
         if not 0.0 <= self.clean_weight <= 1.0:  # False for NaN
-            raise ValueError(f"adversarial.clean_weight={self.clean_weight}: must be in [0, 1].")
+            raise UserError(f"adversarial.clean_weight={self.clean_weight}: must be in [0, 1].")
         if self.method == "smart" and self.init == "zero" and self.inner_tx is None:
-            raise ValueError("adversarial.method=smart with init=zero cannot move: the symmetric KL has zero "
+            raise UserError("adversarial.method=smart with init=zero cannot move: the symmetric KL has zero "
                              "gradient at delta = 0. Use adversarial.init=uniform.")
         if self.method == "freelb" and self.inner_steps < 1:
-            raise ValueError("adversarial.method=freelb needs adversarial.inner_steps >= 1.")
+            raise UserError("adversarial.method=freelb needs adversarial.inner_steps >= 1.")
 
 
 def ascent(adv: Adversary, epsilon) -> optax.GradientTransformation:

@@ -13,26 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_llm import calibration, losses
+from jaxopt_llm import losses
+from jaxopt_llm import metrics as metrics_lib
 from jaxopt_llm.parallel import global_mean
 from jaxopt_llm.steps.common import Metrics, mean_metrics
 from jaxopt_llm.steps.task import DataNeeds, Prepared, Targets
-
-
-def macro_f1(confusion: np.ndarray) -> float:
-    """Mean F1 over the classes that occur (as label or prediction) in `confusion` [true, predicted]."""
-    c = np.asarray(confusion, np.float64)
-    tp, fp, fn = np.diag(c), c.sum(0) - np.diag(c), c.sum(1) - np.diag(c)
-    denominator = 2 * tp + fp + fn
-    present = denominator > 0
-    return float(np.mean(2 * tp[present] / denominator[present])) if present.any() else float("nan")
-
-
-def confusion_matrix(logits_bc: jax.Array, labels_b: jax.Array, weight_b: jax.Array) -> jax.Array:
-    """(c, c) float32 counts [true label, predicted label], rows weighted by `weight_b`."""
-    c = logits_bc.shape[-1]
-    pairs = labels_b * c + jnp.argmax(logits_bc, -1)
-    return jnp.zeros(c * c, jnp.float32).at[pairs].add(weight_b).reshape(c, c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +61,9 @@ class ClassificationTask:
             valid = batch["weight"] > 0
             probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
             count = metrics["loss"][1]
-            metrics["confusion"] = (confusion_matrix(logits, batch["labels"], batch["weight"]), count)
-            metrics["calibration"] = (calibration.bin_sums(probs, batch["labels"], batch["weight"]), count)
-            metrics["brier"] = losses.masked_sum(calibration.brier(probs, batch["labels"]), valid)
+            metrics["confusion"] = (metrics_lib.confusion_matrix(logits, batch["labels"], batch["weight"]), count)
+            metrics["calibration"] = (metrics_lib.bin_sums(probs, batch["labels"], batch["weight"]), count)
+            metrics["brier"] = losses.masked_sum(metrics_lib.brier(probs, batch["labels"]), valid)
         return metrics
 
     def summarize(self, sums: Metrics) -> dict[str, float]:
@@ -89,10 +74,10 @@ class ClassificationTask:
         out = mean_metrics(sums)
         if confusion is not None:
             c = np.asarray(jax.device_get(confusion[0]), np.float64)
-            out["f1"] = macro_f1(c.reshape(-1, *c.shape[-2:]).sum(0))
+            out["f1"] = metrics_lib.macro_f1(c.reshape(-1, *c.shape[-2:]).sum(0))
         if bins is not None:
             b = np.asarray(jax.device_get(bins[0]), np.float64)
-            out["ece"] = calibration.ece_from_bins(b.reshape(-1, *b.shape[-2:]).sum(0))
+            out["ece"] = metrics_lib.ece_from_bins(b.reshape(-1, *b.shape[-2:]).sum(0))
         return out
 
     def files(self):

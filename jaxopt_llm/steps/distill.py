@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxopt_llm import losses
 from jaxopt_llm.bert.modeling import Bert, BertConfig
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.parallel import global_mean, global_sum
 from jaxopt_llm.recipes import Context, Method, Recipe
 from jaxopt_llm.state import TrainState
@@ -43,22 +44,22 @@ class Distillation:
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"distill.alpha={self.alpha}: must be in [0, 1].")
+            raise UserError(f"distill.alpha={self.alpha}: must be in [0, 1].")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"distill.temperature={self.temperature}: must be a finite number > 0.")
+            raise UserError(f"distill.temperature={self.temperature}: must be a finite number > 0.")
         for name in ("hidden_weight", "attention_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"distill.{name}={value}: must be a finite number >= 0.")
+                raise UserError(f"distill.{name}={value}: must be a finite number >= 0.")
         if self.init not in ("teacher-layers", "random"):
-            raise ValueError(f"distill.init={self.init!r}: use teacher-layers or random.")
+            raise UserError(f"distill.init={self.init!r}: use teacher-layers or random.")
         if self.student_layers < 1:
-            raise ValueError(f"distill.student_layers={self.student_layers}: must be at least 1.")
+            raise UserError(f"distill.student_layers={self.student_layers}: must be at least 1.")
 
     def check(self) -> None:
         """What a run needs beyond valid values (called once, when the config is validated)."""
         if not self.teachers:
-            raise ValueError("distillation needs distill.teacher: a run folder written by finetune, an HF folder "
+            raise UserError("distillation needs distill.teacher: a run folder written by finetune, an HF folder "
                              "or a hub id (several, comma-separated, are averaged).")
 
     @property
@@ -70,7 +71,7 @@ class Distillation:
         out = []
         for ref in (t.strip() for t in (self.teacher or "").split(",") if t.strip()):
             run = RunFolder.of(ref)
-            out += [str(m) for m in run.members()] if run is not None and run.members() else [ref]
+            out += [str(m) for m in run.members()] if run is not None and run.kind() == "ensemble" else [ref]
         return out
 
 
@@ -88,7 +89,7 @@ class Student(nnx.Module):
 def student_config(teacher: BertConfig, num_hidden_layers: int, **changes) -> BertConfig:
     """The teacher's config with fewer layers (and any other change, e.g. hidden_size for a random init)."""
     if not 1 <= num_hidden_layers:
-        raise ValueError(f"distill.student_layers={num_hidden_layers}: must be at least 1.")
+        raise UserError(f"distill.student_layers={num_hidden_layers}: must be at least 1.")
     return teacher.replace(num_hidden_layers=num_hidden_layers, **changes)
 
 
@@ -105,9 +106,9 @@ def init_student(teacher: Bert, config: BertConfig, init: str, seed: int, head: 
     if init == "random":
         return student
     if init != "teacher-layers":
-        raise ValueError(f"distill.init={init!r}: use 'teacher-layers' or 'random'.")
+        raise UserError(f"distill.init={init!r}: use 'teacher-layers' or 'random'.")
     if config.hidden_size != teacher.config.hidden_size or config.num_hidden_layers > teacher.config.num_hidden_layers:
-        raise ValueError(f"distill.init=teacher-layers needs the teacher's width ({teacher.config.hidden_size}) and "
+        raise UserError(f"distill.init=teacher-layers needs the teacher's width ({teacher.config.hidden_size}) and "
                          f"at most its {teacher.config.num_hidden_layers} layers; use distill.init=random.")
     source = nnx.state(teacher, nnx.Param)
     target = nnx.state(student, nnx.Param)
@@ -144,7 +145,7 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdefs: dict[str,
     teacher_tasks = teacher_tasks or {}
     want_inner = kd.hidden_weight > 0 or kd.attention_weight > 0
     if want_inner and (len(teacher_graphdefs) != 1 or teacher_tasks):
-        raise ValueError("distill.hidden_weight / distill.attention_weight need exactly one teacher of the "
+        raise UserError("distill.hidden_weight / distill.attention_weight need exactly one teacher of the "
                          "student's task.")
 
     def run(model, prepared, batch, deterministic, key, collect):
@@ -242,9 +243,8 @@ def teacher_tasks(kd: Distillation, tokenizer) -> dict[str, Any]:
     out = {}
     for name, ref in zip(_names(kd), kd.teachers):
         run = RunFolder.of(ref)
-        record = run.read("prompt.json") if run is not None else None
-        if record is not None:
-            out[name] = prompt.from_json(record, tokenizer, prefix=name)
+        if run is not None and run.kind() == "prompt":
+            out[name] = prompt.from_json(run.read("prompt.json"), tokenizer, prefix=name)
     return out
 
 

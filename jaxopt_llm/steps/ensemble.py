@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxopt_llm import losses
 from jaxopt_llm.data import Batches
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.parallel import global_sum
 from jaxopt_llm.recipes import Context, Method, Recipe
 from jaxopt_llm.state import TrainState
@@ -49,9 +50,9 @@ class EnsembleOptions:
 
     def __post_init__(self):
         if self.members < 1:
-            raise ValueError(f"ensemble.members={self.members}: must be at least 1.")
+            raise UserError(f"ensemble.members={self.members}: must be at least 1.")
         if not 0 <= self.members_per_pass <= self.members:
-            raise ValueError(f"ensemble.members_per_pass={self.members_per_pass}: use 0 (automatic) or 1 .. "
+            raise UserError(f"ensemble.members_per_pass={self.members_per_pass}: use 0 (automatic) or 1 .. "
                              f"ensemble.members={self.members}.")
 
     def per_pass(self) -> int:
@@ -114,7 +115,7 @@ def combine(logits_nbc: jax.Array, how: str = "mean-prob") -> jax.Array:
     if how == "vote":
         votes = jax.nn.one_hot(jnp.argmax(logits_nbc, -1), logits_nbc.shape[-1]).mean(0)
         return votes
-    raise ValueError(f"combine={how!r}: use one of {COMBINE}.")
+    raise UserError(f"combine={how!r}: use one of {COMBINE}.")
 
 
 def uncertainty(logits_nbc: jax.Array) -> dict[str, jax.Array]:

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm import packing
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.parallel import global_mean
 from jaxopt_llm.steps.classify import ClassificationTask
-from jaxopt_llm.steps.mlm import Masking, MaskedLMTask
+from jaxopt_llm.steps.mlm import MaskedLMTask, Masking
 from jaxopt_llm.steps.task import DataNeeds, Prepared, Targets
 
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
@@ -39,7 +40,7 @@ _MASK = "[MASK]"
 COMBINE = ("logsumexp", "mean")
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A pattern or verbalizer cannot work; the message names the value and the fix."""
 
 

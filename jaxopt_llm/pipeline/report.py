@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from jaxopt_llm.paths import write_text
-from jaxopt_llm.pipeline import TIMED_BATCHES
+from jaxopt_llm.pipeline.measure import TIMED_BATCHES
 
 COLUMNS = (("accuracy", "accuracy", 4), ("f1", "macro-F1", 4), ("nll", "NLL", 4), ("ece", "ECE", 4),
            ("robust_accuracy", "robust acc.", 4), ("mlm_accuracy", "MLM acc.", 4), ("latency_ms", "ms / text", 2),
@@ -83,8 +83,8 @@ figure{{display:inline-block;margin:0 1em 1em 0}}</style></head>
 <p>Every stage is measured on the same {data['test_examples']} held-out test texts of {html.escape(data['source'])}
 (majority class: {data['majority_class_accuracy']:.4f}); robust accuracy is accuracy under an L-inf PGD attack of
 {pipeline.pgd_steps} steps on the word embeddings at &epsilon; = {pipeline.epsilon:g}{_robust_on(pipeline, data)}; latency is
-the mean per text over the first {TIMED_BATCHES * pipeline.batch_size} test texts in batches of {pipeline.batch_size} on
-{html.escape(_device())}, after compilation.</p>
+the mean per text over the first {TIMED_BATCHES * pipeline.batch_size} test texts in batches of {pipeline.batch_size}, after
+compilation, on the device each stage was measured on: {html.escape(_devices(stages))}.</p>
 <table id="stages"><thead><tr><th>stage</th><th>kind</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <ul>{notes}</ul>
 {plots}
@@ -112,10 +112,16 @@ def _robust_on(pipeline, data: dict | None = None) -> str:
     return f", on the first {pipeline.robust_examples}{of} test texts"
 
 
-def _device() -> str:
-    import jax
-
-    return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+def _devices(stages: list[dict]) -> str:
+    """Where the stages' latencies were measured, as their metrics.json recorded it at measure time."""
+    seen: dict[str, list[str]] = {}
+    for r in stages:
+        m = r["metrics"]
+        where = ", ".join(str(m[k]) for k in ("device", "cpu") if m.get(k)) or "not recorded"
+        seen.setdefault(where, []).append(r["name"])
+    if len(seen) == 1:
+        return next(iter(seen))
+    return "; ".join(f"{where} ({', '.join(names)})" for where, names in seen.items())
 
 
 def model_card(pipeline, stages: list[dict], data: dict) -> str:
@@ -145,5 +151,5 @@ def model_card(pipeline, stages: list[dict], data: dict) -> str:
         lines.append(f"| {r['name']} | {r['kind']} | "
                      + " | ".join(cell(r["metrics"].get(k), d) for k, _, d in COLUMNS) + " |")
     lines += ["", "Robust accuracy: L-inf PGD on word embeddings, "
-              f"epsilon {pipeline.epsilon:g}, {pipeline.pgd_steps} steps{_robust_on(pipeline)}. Latency on {_device()}.", ""]
+              f"epsilon {pipeline.epsilon:g}, {pipeline.pgd_steps} steps{_robust_on(pipeline)}. Latency measured on {_devices(stages)}.", ""]
     return "\n".join(lines)
