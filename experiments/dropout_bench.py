@@ -1,5 +1,5 @@
 """Dropout masks from the counter hash (`BertConfig.dropout_rng="hash"`, the default) against threefry bits
-(`"threefry"`, the masks of commits before 6cf3f01), in one process: the bench model's train steps timed in
+(`"threefry"`, the earlier default), in one process: the bench model's train steps timed in
 interleaved rounds (median), then the compile time of a BERT-large classification train step, unrolled and
 scanned, for each.
 

@@ -38,7 +38,7 @@ class ModelConfig:
     scan_layers: bool = False  # encoder layers as one lax.scan (compile time flat in depth); checkpoints unchanged
     remat: str = "none"  # with scan_layers: none | full | dots (recompute activations in the backward pass)
     scan_unroll: bool = False  # with scan_layers: the scan written out by XLA (faster step, compile grows with depth)
-    dropout_rng: str = "hash"  # dropout masks' random words: hash | threefry (the masks of commits before 6cf3f01)
+    dropout_rng: str = "hash"  # dropout masks' random words: hash | threefry (the masks of `jax.random.bits`, the earlier default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,8 +383,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.dtype={config.model.dtype!r}: use float32 or bfloat16.")
     m = config.model
     if m.dropout_rng not in ("hash", "threefry"):  # bert.modeling.DROPOUT_RNGS; checked here, at load, without jax
-        raise ConfigError(f"model.dropout_rng={m.dropout_rng!r}: use 'hash' or 'threefry' (the masks of versions "
-                          "before commit 6cf3f01).")
+        raise ConfigError(f"model.dropout_rng={m.dropout_rng!r}: use 'hash' or 'threefry' (masks from "
+                          "jax.random.bits, the earlier default).")
     for key, value, off in (("remat", m.remat, "none"), ("scan_unroll", m.scan_unroll, False)):
         if value != off and not m.scan_layers:  # both shape the scan over layers: alone they would do nothing
             raise ConfigError(f"model.{key}={value!r} applies to scanned layers only: set model.scan_layers=true "

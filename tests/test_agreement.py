@@ -20,7 +20,7 @@ import transformers
 from conftest import TINY, free_port, overrides
 from flax import nnx
 
-from jaxopt_llm import bert, inference, pipeline
+from jaxopt_llm import bert, cli, inference, pipeline
 from jaxopt_llm import config as config_lib
 from jaxopt_llm.assets import minilm_path
 from jaxopt_llm.data.batches import tokenize
@@ -127,7 +127,7 @@ class Server:
 
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(create_app(artifact), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+                                                    log_level="warning", log_config=None))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60
@@ -150,7 +150,7 @@ class Server:
 
 
 @pytest.mark.parametrize("kind", ["classifier", "ensemble", "prompt"])
-def test_every_path_gives_the_same_probabilities_on_texts_of_every_length(runs, kind):
+def test_every_path_gives_the_same_probabilities_on_texts_of_every_length(runs, kind, capsys):
     root, tok = runs
     artifact = Artifact.load(root / f"{kind}.art")
     assert artifact.max_length == MAX_LENGTH
@@ -171,6 +171,11 @@ def test_every_path_gives_the_same_probabilities_on_texts_of_every_length(runs, 
     np.testing.assert_allclose(loaded.probs(texts), expected, atol=1e-5)
     ours, theirs = model.logits(texts), loaded.logits(texts)  # equal up to a constant per row
     np.testing.assert_allclose(theirs - theirs.max(-1, keepdims=True), ours - ours.max(-1, keepdims=True), atol=1e-4)
+    for model_ref in (root / kind, root / f"{kind}.art"):  # the command line, on the run and on its artifact
+        capsys.readouterr()
+        cli.main(["predict", "classify", "--model", str(model_ref), *texts[:5]])
+        printed = [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()]
+        np.testing.assert_allclose(printed, expected[:5], atol=1e-5)
     server = Server(artifact)
     try:
         np.testing.assert_allclose(in_batches(server.probs, texts, rng), expected, atol=1e-5)

@@ -101,7 +101,7 @@ def test_dropout_masks_are_bernoulli_at_the_exact_rate_and_vmap_per_key(rng):
 def test_hash_bits_are_uniform_and_the_threefry_option_keeps_the_old_masks():
     """The 16-bit halves that masks compare against the threshold: chi-square over all 65,536 values within
     six standard deviations of its mean, every one of the 32 bit positions set half the time (5 sigma).
-    `dropout_rng="threefry"` reproduces the masks written from `jax.random.bits` as commits before 6cf3f01 did."""
+    `dropout_rng="threefry"` reproduces the masks written from `jax.random.bits` as the earlier default did."""
     from jaxopt_llm.bert.modeling import dropout, hash_bits
 
     words = np.asarray(hash_bits(jax.random.key(11), (1024, 2048)))

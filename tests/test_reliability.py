@@ -1,4 +1,4 @@
-"""Nothing silently wrong: each defect found by a bad-input probe (commit 314f64e), then each class behind
+"""Nothing silently wrong: each defect found by a bad-input probe, then each class behind
 them as a table — errors for people (one message, exit code 2, no traceback) and nothing half-written."""
 
 import json

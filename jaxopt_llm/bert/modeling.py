@@ -76,7 +76,7 @@ class BertConfig:
     #                            (compile time grows with depth again; the README's Speed options: measured)
     attention: str = "auto"  # auto: jax.nn.dot_product_attention when no attention dropout or probabilities
     #                          are needed (cuDNN on GPU, XLA elsewhere) | manual: always the explicit softmax
-    dropout_rng: str = "hash"  # masks' random words: hash (`hash_bits`) | threefry (the masks before 6cf3f01)
+    dropout_rng: str = "hash"  # masks' random words: hash (`hash_bits`) | threefry (`jax.random.bits`, the earlier default)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -175,7 +175,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: boo
     The mask takes 16 random bits per element, two from each 32-bit word (a Bernoulli draw spends a whole word
     on each): an element is dropped when its bits fall below round(rate * 2^16), and the kept ones are scaled by
     the inverse of the exact keep probability, so the layer stays unbiased. The words come from `rng`:
-    "hash" (`hash_bits`) or "threefry" (`jax.random.bits`, the masks of commits before 6cf3f01).
+    "hash" (`hash_bits`) or "threefry" (`jax.random.bits`, the earlier default).
     """
     if rng not in DROPOUT_RNGS:
         raise UserError(f"dropout rng={rng!r}: use {_RNG_CHOICES}.")
