@@ -278,16 +278,41 @@ def _artifact(reference: str, verify: bool = True):
     return inference.load(reference, verify=verify).engine
 
 
+def _check(args: argparse.Namespace, **rules: tuple[float, float | None]) -> None:
+    """Each named option a finite number within [low, high] (high None: no bound), else one error naming it."""
+    import math
+
+    for name, (low, high) in rules.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool) or not math.isfinite(value) or value < low or (high is not None and value > high):
+            bound = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
+            raise UsageError(f"{flag} {value}: must be a finite number {bound}.")
+
+
 def _serve(args: argparse.Namespace) -> None:
+    import socket
+
     import uvicorn
 
     from jaxopt_llm.serving.app import Limits, create_app
 
+    _check(args, port=(1, 65535), max_batch=(1, None), max_wait_ms=(0, 60_000), max_texts=(1, None),
+           max_chars=(1, None), max_body=(1, None), window=(1, None), body_seconds=(0.001, 3600))
+    try:
+        socket.getaddrinfo(args.host, args.port)
+    except (socket.gaierror, UnicodeError):
+        raise UsageError(f"--host {args.host!r} is not an address or a name this machine resolves; use e.g. "
+                         "127.0.0.1 or 0.0.0.0.") from None
+    if args.log and not Path(args.log).expanduser().resolve().parent.is_dir():
+        raise UsageError(f"--log {args.log!r}: its folder does not exist.")
     start = time.perf_counter()
     artifact = _artifact(args.artifact)
     print(f"loaded {args.artifact} ({artifact.manifest['kind']}, labels {artifact.labels}) in "
           f"{time.perf_counter() - start:.1f} s; serving on http://{args.host}:{args.port}", file=sys.stderr)
-    app = create_app(artifact, Limits(args.max_body, args.max_texts, args.max_chars), args.max_batch,
+    app = create_app(artifact, Limits(args.max_body, args.max_texts, args.max_chars, args.body_seconds), args.max_batch,
                      args.max_wait_ms / 1000, args.window, args.log)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
 
@@ -486,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-texts", type=int, default=64, help="texts per request")
     srv.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
     srv.add_argument("--max-body", type=int, default=1 << 20, help="bytes per request body")
+    srv.add_argument("--body-seconds", type=float, default=10.0,
+                     help="a request body must arrive whole within this many seconds (408 otherwise)")
     srv.add_argument("--window", type=int, default=500, help="predictions in the drift window")
     srv.add_argument("--log", help="append every prediction to this JSON-lines file (for `monitor`)")
     srv.set_defaults(run=_serve)

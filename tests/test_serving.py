@@ -111,7 +111,7 @@ def server(exported, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "requests.jsonl"
     process = subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", "serve", str(exported / "art"), "--port",
                                 str(port), "--max-texts", "8", "--max-chars", "200", "--max-body", "4000", "--log",
-                                str(log)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                str(log), "--body-seconds", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
@@ -171,7 +171,15 @@ BAD = [
     ("/predict", {"inputs": "hi", "parameters": {"top_k": 9}}, None, 422, "top_k"),
     ("/predict", None, b'{"inputs": "' + b"y" * 5000 + b'"}', 413, "over the limit of 4000"),
     ("/v2/models/nope/infer", {"inputs": []}, None, 404, "no model 'nope'"),
-    ("/v2/models/art/infer", {"inputs": [{"datatype": "FP32", "data": [1]}]}, None, 422, "BYTES"),
+    ("/v2/models/art/infer", {"inputs": [{"name": "text", "datatype": "FP32", "data": [1]}]}, None, 422, "BYTES"),
+    ("/v2/models/art/infer", {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": ["a", "b"]}]},
+     None, 422, "shape [3] does not match its 2 texts"),
+    ("/v2/models/art/infer", {"inputs": [{"name": "txt", "shape": [1], "datatype": "BYTES", "data": ["a"]}]},
+     None, 422, "input name 'txt'"),
+    ("/predict", None, b'{"inputs": "x \\ud800 y"}', 422, "text 0 holds a lone surrogate (U+D800)"),
+    ("/predict", {"inputs": ["fine", "\x00\x01\x02"]}, None, 422, "text 1 has no printable character"),
+    ("/predict", None, b'{"inputs": ' + b"[" * 40 + b'"a"' + b"]" * 40 + b"}", 400, "nested deeper than 32"),
+    ("/predict", None, b"[" * 1500 + b"]" * 1500, 400, "nested deeper than 32"),
 ]
 
 
@@ -181,6 +189,71 @@ def test_malformed_requests_get_a_4xx_and_the_server_stays_up(server, path, body
     got, text = call(port, path, body, raw, method="POST")
     assert got == status and message in json.loads(text)["error"]
     assert call(port, "/predict", {"inputs": "still up?"})[0] == 200
+
+
+HOSTILE = [
+    (None, b'{"inputs": ["x \\ud800 y", "ok"]}'),  # a lone surrogate beside a good text
+    ({"inputs": "\x00\x07"}, None),  # control characters only
+    (None, b"[" * 2000 + b"]" * 2000),  # nesting
+    (None, b'{"inputs": ["unterminated'),  # malformed
+    ({"inputs": [{"nested": 1}]}, None),  # wrong type
+]
+
+
+def test_hostile_clients_never_touch_the_good_ones(server, exported):
+    """8 good clients and 4 hostile ones at once: every good request answers 200 with what the artifact
+    predicts for its text alone; every hostile one gets its own 4xx."""
+    port, _ = server
+    art = Artifact.load(exported / "art")
+    goods = [f"{t} ({i})" for i in range(4) for t in TEXTS][:40]
+    expected = {t: art.predict([t])[0][0] for t in goods}
+    good_results, bad_results = [], []
+
+    def good(chunk):
+        for text in chunk:
+            status, body = call(port, "/predict", {"inputs": [text], "parameters": {"top_k": 3}})
+            good_results.append((text, status, json.loads(body)))
+
+    def hostile(i):
+        body, raw = HOSTILE[i % len(HOSTILE)]
+        for _ in range(10):
+            bad_results.append(call(port, "/predict", body, raw, method="POST")[0])
+
+    threads = ([threading.Thread(target=good, args=(goods[i::8],)) for i in range(8)]
+               + [threading.Thread(target=hostile, args=(i,)) for i in range(4)])
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(good_results) == len(goods) and len(bad_results) == 40
+    for text, status, rows in good_results:
+        assert status == 200, (text, rows)
+        got = {r["label"]: r["score"] for r in rows[0]}
+        assert got == pytest.approx(dict(zip(art.labels, expected[text])), abs=1e-5)
+    assert all(400 <= s < 500 for s in bad_results), bad_results
+
+
+def test_a_stalled_body_gets_408_and_a_hung_up_upload_is_no_server_error(server):
+    import socket
+
+    port, _ = server
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:  # promises 100 bytes, sends 10
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"inputs\":")
+        reply = b""
+        while b"}" not in reply:  # the status line and headers, then the JSON body
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in reply
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:  # hangs up mid-body
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"in")
+    time.sleep(0.5)
+    text = call(port, "/metrics")[1].decode()
+    assert 'jaxopt_client_aborts_total{route="/predict"} 1.0' in text
+    assert 'status="500"' not in text
 
 
 def test_metrics_and_the_monitor_report(server, exported, tmp_path):

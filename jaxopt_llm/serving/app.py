@@ -7,12 +7,19 @@ metrics and drift live in their own modules.
                                    the KServe Open Inference Protocol v2
   GET  /metrics                    Prometheus text format
 
-Bad requests (malformed JSON, wrong types, empty input, too many texts, texts or bodies over the limits)
-get a 4xx JSON {"error": message}; the server stays up.
+Bad requests get a 4xx JSON {"error": message} and touch no other request: malformed JSON (400), JSON nested
+deeper than 32 levels (400), a body that stalls for longer than `Limits.body_seconds` (408), wrong types,
+empty input or a KServe tensor whose name, datatype or shape does not match its data (422), too many texts,
+texts or bodies over the limits (413). Each request's texts are checked and encoded on their own before they
+join a batch: a text with a lone surrogate (invalid Unicode, e.g. "\ud800"), or with no printable character at
+all (only control characters or spaces), is refused with 422 naming the text. A client that hangs up while
+sending is counted in `jaxopt_client_aborts`, not as an error, and its wait stays out of the latency
+histogram. `/metrics` computes the drift statistics in a worker thread, off the request path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -21,7 +28,7 @@ import time
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -30,11 +37,15 @@ from jaxopt_llm.serving.drift import DriftMonitor
 from jaxopt_llm.serving.monitoring import Metrics
 
 
+MAX_DEPTH = 32  # JSON nesting a request may use
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 1 << 20
     max_texts: int = 64
     max_chars: int = 10_000
+    body_seconds: float = 10.0  # a body must arrive whole within this time (408 otherwise)
 
 
 class BadRequest(Exception):
@@ -48,14 +59,39 @@ async def _json(request: Request, limits: Limits):
     if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
         raise BadRequest(f"body of {length} bytes is over the limit of {limits.max_body_bytes}.", 413)
     body = b""
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    deadline = time.monotonic() + limits.body_seconds
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), max(deadline - time.monotonic(), 0.0))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise BadRequest(f"the body did not arrive within {limits.body_seconds:g} s.", 408) from None
         body += chunk
         if len(body) > limits.max_body_bytes:
             raise BadRequest(f"body is over the limit of {limits.max_body_bytes} bytes.", 413)
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadRequest(f"body is not valid JSON ({err}).") from None
+    except RecursionError:
+        raise BadRequest(f"the JSON is nested deeper than {MAX_DEPTH} levels.") from None
+    if _depth(value) > MAX_DEPTH:
+        raise BadRequest(f"the JSON is nested deeper than {MAX_DEPTH} levels.")
+    return value
+
+
+def _depth(value) -> int:
+    """How deeply lists and objects nest in a JSON value (iteratively: no recursion to exhaust)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:
+                todo += [(x, level + 1) for x in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 def _texts(value, limits: Limits, what: str = '"inputs"') -> list[str]:
@@ -69,6 +105,13 @@ def _texts(value, limits: Limits, what: str = '"inputs"') -> list[str]:
     long = [i for i, t in enumerate(texts) if len(t) > limits.max_chars]
     if long:
         raise BadRequest(f"text(s) {long[:5]} are longer than {limits.max_chars} characters.", 413)
+    for i, t in enumerate(texts):
+        bad = next((c for c in t if 0xD800 <= ord(c) <= 0xDFFF), None)
+        if bad is not None:
+            raise BadRequest(f"text {i} holds a lone surrogate (U+{ord(bad):04X}), which is not valid Unicode; send "
+                             "the text as UTF-8 or with paired surrogates.", 422)
+        if not any(c.isprintable() and not c.isspace() for c in t):
+            raise BadRequest(f"text {i} has no printable character (only spaces or control characters).", 422)
     return texts
 
 
@@ -76,11 +119,15 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
                window: int = 500, log_file: str | None = None) -> Starlette:
     drift = DriftMonitor(artifact.reference, artifact.reference_cls, window=window)
     metrics = Metrics(artifact.labels, drift)
-    batcher = MicroBatcher(artifact.predict, max_batch, max_wait, on_batch=metrics.observe_batch)
+    batcher = MicroBatcher(artifact.predict_encoded, max_batch, max_wait, on_batch=metrics.observe_batch)
     log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed at shutdown
 
     async def run(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        probs, cls = await batcher.submit(texts)
+        try:  # each request encoded on its own: a text the tokenizer refuses fails this request only
+            encodings = await asyncio.get_running_loop().run_in_executor(None, artifact.encode, texts)
+        except Exception as err:
+            raise BadRequest(f"the texts could not be tokenized ({type(err).__name__}: {err}).", 422) from None
+        probs, cls = await batcher.submit(encodings)
         metrics.observe_predictions(probs, cls)
         if log is not None:
             for t, p, c in zip(texts, probs, cls):
@@ -94,6 +141,9 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
             start = time.perf_counter()
             try:
                 response = await handler(request)
+            except ClientDisconnect:  # the client hung up while sending: no one to answer, not a server error
+                metrics.aborts.labels(route).inc()
+                return Response(status_code=499)
             except BadRequest as err:
                 response = JSONResponse({"error": str(err)}, status_code=err.status)
             except Exception as err:  # the server stays up; the client learns what failed
@@ -148,17 +198,24 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
         if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
             raise BadRequest('"inputs" must be a list with one tensor {"name", "shape", "datatype", "data"}.', 422)
         tensor = inputs[0]
+        if tensor.get("name") != "text":
+            raise BadRequest(f'input name {tensor.get("name")!r}: this model takes one input named "text".', 422)
         if tensor.get("datatype") != "BYTES":
             raise BadRequest(f'input datatype {tensor.get("datatype")!r}: send the texts as "BYTES".', 422)
         texts = _texts(tensor.get("data"), limits, '"data"')
+        shape = tensor.get("shape")
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+                or shape not in ([len(texts)], [len(texts), 1])):
+            raise BadRequest(f'input shape {shape!r} does not match its {len(texts)} texts: send [{len(texts)}].', 422)
         probs, _ = await run(texts)
         return JSONResponse({"model_name": artifact.name, "id": body.get("id"), "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape), "data": probs.ravel().tolist()},
             {"name": "label", "datatype": "BYTES", "shape": [len(texts)],
              "data": [artifact.labels[int(i)] for i in probs.argmax(-1)]}]})
 
-    async def prometheus(request: Request) -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    async def prometheus(request: Request) -> Response:  # drift statistics in a worker thread
+        body = await asyncio.get_running_loop().run_in_executor(None, metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

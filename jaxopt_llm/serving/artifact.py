@@ -107,25 +107,31 @@ class Artifact:
                                 f"{self.manifest['platforms']} mismatch, or the files were altered.")
 
     # ---- inputs ------------------------------------------------------------------------------------------
-    def batches(self, texts: Sequence[str], max_batch: int = 64):
-        """(rows of texts, padded arrays) in order: chunks of `max_batch`, each cut to the artifact's
-        max_length (`packing`'s rule, as in training) and padded to the smallest bucket holding its longest
-        text. A prompt artifact packs its pattern at its own length."""
+    def encode(self, texts: Sequence[str]) -> list:
+        """The texts' encodings, cut to the artifact's max_length (`packing`'s rule, as in training); a text
+        the tokenizer cannot take fails here, apart from any batch it would join."""
         from jaxopt_llm import packing
 
-        texts = packing.check_texts(texts)
-        for start in range(0, len(texts), max_batch):
-            chunk = texts[start:start + max_batch]
+        return packing.encode(self.backend, texts, special_tokens=self.prompt is None)
+
+    def batches(self, texts: Sequence[str], max_batch: int = 64):
+        """(rows of texts, padded arrays) in order: chunks of `max_batch`, each padded to the smallest bucket
+        holding its longest text. A prompt artifact packs its pattern at its own length."""
+        return self.batches_of(self.encode(texts), max_batch)
+
+    def batches_of(self, encodings: Sequence, max_batch: int = 64):
+        from jaxopt_llm import packing
+
+        for start in range(0, len(encodings), max_batch):
+            chunk = list(encodings[start:start + max_batch])
             rows = np.arange(start, start + len(chunk))
             if self.prompt is not None:
                 p = self.prompt
-                ids = [e.ids for e in packing.encode(self.backend, chunk, special_tokens=False)]
                 pieces = [x if isinstance(x, str) else tuple(x) for x in p["pieces"]]
-                yield rows, packing.pack(pieces, p["lengths"], p["special"], p["max_length"], ids)
-                continue
-            encodings = packing.encode(self.backend, chunk)
-            t = packing.bucket(max(len(e.ids) for e in encodings), self.buckets)
-            yield rows, packing.rows(encodings, t, self.manifest["special"]["pad"])
+                yield rows, packing.pack(pieces, p["lengths"], p["special"], p["max_length"], [e.ids for e in chunk])
+            else:
+                t = packing.bucket(max(len(e.ids) for e in chunk), self.buckets)
+                yield rows, packing.rows(chunk, t, self.manifest["special"]["pad"])
 
     def run(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities (b, c), [CLS] embeddings (b, d)) of token arrays whose length is a bucket; the
@@ -143,8 +149,12 @@ class Artifact:
 
     def predict(self, texts: Sequence[str], max_batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities (n, c), [CLS] embeddings (n, d)) for texts."""
+        return self.predict_encoded(self.encode(texts), max_batch)
+
+    def predict_encoded(self, encodings: Sequence, max_batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (n, c), [CLS] embeddings (n, d)) for encodings made by `encode`."""
         probs, cls = [], []
-        for _, arrays in self.batches(texts, max_batch):
+        for _, arrays in self.batches_of(encodings, max_batch):
             p, c = self.run(arrays)
             probs.append(p)
             cls.append(c)

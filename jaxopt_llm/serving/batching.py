@@ -1,5 +1,8 @@
-"""Dynamic micro-batching: concurrent requests are queued and run together, up to `max_batch` texts or
-`max_wait` seconds after the first arrives, in one worker thread (the model call releases the GIL)."""
+"""Dynamic micro-batching: concurrent requests are queued and run together, up to `max_batch` items or
+`max_wait` seconds after the first arrives, in one worker thread (the model call releases the GIL).
+
+Isolation: a batch whose model call fails is run again one request at a time, so only the request that
+fails gets the error; every other request gets the answer it would have had alone."""
 
 from __future__ import annotations
 
@@ -53,10 +56,20 @@ class MicroBatcher:
             start = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(None, self.predict, texts)
-            except Exception as err:  # one bad batch fails its requests, never the server
-                for _, future in items:
-                    if not future.done():
-                        future.set_exception(err)
+            except Exception as err:  # the batch failed: each request alone, so only the culprit fails
+                if len(items) == 1:
+                    if not items[0][1].done():
+                        items[0][1].set_exception(err)
+                else:
+                    for texts_i, future in items:
+                        try:
+                            alone = await loop.run_in_executor(None, self.predict, list(texts_i))
+                        except Exception as err_i:
+                            if not future.done():
+                                future.set_exception(err_i)
+                        else:
+                            if not future.done():
+                                future.set_result(alone)
             else:
                 if self.on_batch is not None:
                     self.on_batch(len(texts), time.perf_counter() - start)

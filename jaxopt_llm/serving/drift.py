@@ -10,6 +10,7 @@ Small p-values say the live window differs from the reference.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 
 import numpy as np
@@ -63,20 +64,24 @@ class DriftMonitor:
         self.reference, self.reference_cls = reference, reference_cls
         self.confidence, self.classes = deque(maxlen=window), deque(maxlen=window)
         self.cls = deque(maxlen=embedding_sample)
+        self.lock = threading.Lock()
 
     def add(self, probs: np.ndarray, cls: np.ndarray) -> None:
-        self.confidence.extend(probs.max(-1).tolist())
-        self.classes.extend(probs.argmax(-1).tolist())
-        self.cls.extend(list(cls))
+        with self.lock:
+            self.confidence.extend(probs.max(-1).tolist())
+            self.classes.extend(probs.argmax(-1).tolist())
+            self.cls.extend(list(cls))
 
     def report(self, min_window: int = 30) -> dict[str, float]:
-        """{statistic: value} for whatever the window and the reference allow ({} before min_window)."""
-        if self.reference is None or len(self.confidence) < min_window:
+        """{statistic: value} for whatever the window and the reference allow ({} before min_window). Safe to
+        call from another thread than `add`: it works on a copy of the window."""
+        with self.lock:
+            confidence, classes, cls = np.asarray(self.confidence), np.asarray(self.classes, int), list(self.cls)
+        if self.reference is None or len(confidence) < min_window:
             return {}
         out = {}
-        out["ks_statistic"], out["ks_pvalue"] = ks(np.asarray(self.confidence), np.asarray(self.reference["confidence"]))
-        out["chi2_statistic"], out["chi2_pvalue"] = chi2(np.asarray(self.classes, int),
-                                                         np.asarray(self.reference["class_distribution"]))
-        if self.reference_cls is not None and len(self.cls) >= min_window:
-            out["mmd"], out["mmd_pvalue"] = mmd(np.asarray(self.cls), self.reference_cls[:len(self.cls)], permutations=100)
+        out["ks_statistic"], out["ks_pvalue"] = ks(confidence, np.asarray(self.reference["confidence"]))
+        out["chi2_statistic"], out["chi2_pvalue"] = chi2(classes, np.asarray(self.reference["class_distribution"]))
+        if self.reference_cls is not None and len(cls) >= min_window:
+            out["mmd"], out["mmd_pvalue"] = mmd(np.asarray(cls), self.reference_cls[:len(cls)], permutations=100)
         return out

@@ -15,6 +15,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("jaxopt_requests", "HTTP requests", ["route", "status"], registry=r)
         self.errors = Counter("jaxopt_errors", "requests answered with an error", ["route", "status"], registry=r)
+        self.aborts = Counter("jaxopt_client_aborts", "requests whose client hung up while sending", ["route"],
+                              registry=r)
         self.latency = Histogram("jaxopt_request_latency_seconds", "request latency", ["route"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.batch = Histogram("jaxopt_batch_size", "texts per model call", registry=r,
