@@ -369,9 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = predict.add_subparsers(dest="kind", required=True)
     for kind in ("fill-mask", "classify"):
         p = kinds.add_parser(kind)
-        p.add_argument("--model", required=True,
-                       help="run folder, HF folder, Hugging Face hub id" + (" or exported artifact" if kind == "classify"
-                                                                           else ""))
+        what = "run folder, HF folder, Hugging Face hub id" + (" or exported artifact" if kind == "classify" else "")
+        p.add_argument("--model", required=True, help=what)
         p.add_argument("--file", help="text file, one text per line")
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--max-length", type=int,

@@ -35,11 +35,21 @@ from jaxopt_llm import packing, paths
 from jaxopt_llm.bert.params import resolve
 from jaxopt_llm.errors import UserError
 from jaxopt_llm.runs import write_json
+from jaxopt_llm.serving.artifact import MANIFEST_SUM, manifest_digests
 
 CALLING = 1  # our calling convention: (flat weights..., inputs...) -> (probs, cls); bump on change
 BUCKETS = (16, 32, 64, 128)
 CLASSIFY_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PROMPT_INPUTS = ("prompt_ids", "prompt_mask", "prompt_types", "prompt_slots")
+
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
+
+
+def check_platforms(platforms: Sequence[str]) -> None:
+    if isinstance(platforms, str) or not platforms or any(p not in PLATFORMS for p in platforms):
+        given = platforms if isinstance(platforms, str) else ",".join(map(str, platforms))
+        raise UserError(f"--platforms {given!r}: use one or more of {', '.join(PLATFORMS)}, comma-separated.")
 
 
 def buckets_for(requested: Sequence[int] | None, max_length: int) -> tuple[int, ...]:
@@ -127,6 +137,12 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     out = Path(out)
     if out.exists():
         raise UserError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {str(out)!r}: its folder {str(out.parent)!r} does not exist.")
+    check_platforms(platforms)
+    for what, texts in (("reference", reference_texts), ("golden", golden_texts)):
+        if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise UserError(f"the {what} texts must be a list of non-empty strings.")
     from jaxopt_llm import inference
 
     model = inference.load(reference, kind="classifier", max_length=max_length)
@@ -144,57 +160,64 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "functions").mkdir(parents=True)
-    weight_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat]
-    (b,) = jax_export.symbolic_shape("b")
-    for t in buckets:
+    try:  # whole or not at all: a failure leaves no .tmp folder behind
+        (tmp / "functions").mkdir(parents=True)
+        weight_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat]
+        (b,) = jax_export.symbolic_shape("b")
+        for t in buckets:
+            if kind == "prompt":
+                L, K = len(extra["prompt"]["lengths"]), max(extra["prompt"]["lengths"])
+                specs = ([jax.ShapeDtypeStruct((b, L * t), jnp.int32)] * 3
+                         + [jax.ShapeDtypeStruct((b, L, K), jnp.int32)])
+            else:
+                specs = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 3
+            exported = jax_export.export(jax.jit(predict), platforms=tuple(platforms))(weight_specs, *specs)
+            (tmp / "functions" / f"predict_{t}.jax").write_bytes(exported.serialize())
+        save_file({f"w{i:05d}": np.asarray(x) for i, x in enumerate(flat)}, str(tmp / "weights.safetensors"))
+        # the padding / truncation a training run left set are not the artifact's: it cuts at manifest max_length
+        packing.truncating(tokenizer.backend_tokenizer, None).save(str(tmp / "tokenizer.json"))
         if kind == "prompt":
-            L, K = len(extra["prompt"]["lengths"]), max(extra["prompt"]["lengths"])
-            specs = [jax.ShapeDtypeStruct((b, L * t), jnp.int32)] * 3 + [jax.ShapeDtypeStruct((b, L, K), jnp.int32)]
+            write_json(tmp / "prompt.json", extra["prompt"])
+        # the Hugging Face export of the same model, beside it
+        if kind == "ensemble":
+            for i, member in enumerate(model.members):
+                shutil.copytree(paths.local_copy(member), tmp / "hf" / "members" / str(i))
         else:
-            specs = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 3
-        exported = jax_export.export(jax.jit(predict), platforms=tuple(platforms))(weight_specs, *specs)
-        (tmp / "functions" / f"predict_{t}.jax").write_bytes(exported.serialize())
-    save_file({f"w{i:05d}": np.asarray(x) for i, x in enumerate(flat)}, str(tmp / "weights.safetensors"))
-    # the padding / truncation a training run left set are not the artifact's: it cuts at manifest max_length
-    packing.truncating(tokenizer.backend_tokenizer, None).save(str(tmp / "tokenizer.json"))
-    if kind == "prompt":
-        write_json(tmp / "prompt.json", extra["prompt"])
-    # the Hugging Face export of the same model, beside it
-    if kind == "ensemble":
-        for i, member in enumerate(model.members):
-            shutil.copytree(paths.local_copy(member), tmp / "hf" / "members" / str(i))
-    else:
-        shutil.copytree(resolve(reference), tmp / "hf")
-    special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id,
-               "mask": tokenizer.mask_token_id}
-    manifest = {"format": "jaxopt-llm-artifact", "calling_convention": CALLING, "kind": kind, "labels": list(labels),
-                "buckets": list(buckets), "max_length": model.max_length, "inputs": list(inputs), "platforms": list(platforms),
-                "temperature": temperature, "members": extra.get("members"), "special": special,
-                "weights": len(flat), "source": str(reference),
-                "jax_export_calling_convention": int(jax_export.deserialize(
-                    (tmp / "functions" / f"predict_{buckets[0]}.jax").read_bytes()).calling_convention_version),
-                "versions": {"jax": jax.__version__, "jaxlib": _version("jaxlib"), "jaxopt_llm": _version("jaxopt_llm")}}
-    write_json(tmp / "manifest.json", {**manifest, "files": {}})
-    artifact = Artifact.load(tmp, verify=False)  # the loader itself computes what the checks compare against
-    texts = list(reference_texts) or list(golden_texts)
-    if texts:
-        probs, cls = artifact.predict(texts)
-        rng = np.random.default_rng(0)
-        sample = cls[rng.permutation(len(cls))[:256]]
-        from safetensors.numpy import save_file as save
+            shutil.copytree(resolve(reference), tmp / "hf")
+        special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id,
+                   "mask": tokenizer.mask_token_id}
+        first = jax_export.deserialize((tmp / "functions" / f"predict_{buckets[0]}.jax").read_bytes())
+        manifest = {"format": "jaxopt-llm-artifact", "calling_convention": CALLING, "kind": kind,
+                    "labels": list(labels), "buckets": list(buckets), "max_length": model.max_length,
+                    "inputs": list(inputs), "platforms": list(platforms), "temperature": temperature,
+                    "members": extra.get("members"), "special": special, "weights": len(flat), "source": str(reference),
+                    "jax_export_calling_convention": int(first.calling_convention_version),
+                    "versions": {"jax": jax.__version__, "jaxlib": _version("jaxlib"),
+                                 "jaxopt_llm": _version("jaxopt_llm")}}
+        write_json(tmp / "manifest.json", {**manifest, "files": {}})
+        artifact = Artifact.load(tmp, verify=False)  # the loader itself computes what the checks compare against
+        texts = list(reference_texts) or list(golden_texts)
+        if texts:
+            probs, cls = artifact.predict(texts)
+            rng = np.random.default_rng(0)
+            sample = cls[rng.permutation(len(cls))[:256]]
+            from safetensors.numpy import save_file as save
 
-        save({"cls": sample.astype(np.float32)}, str(tmp / "reference.safetensors"))
-        write_json(tmp / "reference.json", {"confidence": [round(float(x), 6) for x in probs.max(-1)],
-                                            "class_distribution": np.bincount(probs.argmax(-1), minlength=len(labels))
-                                            .astype(float).__truediv__(len(probs)).tolist(), "examples": len(probs)})
-    golden = list(golden_texts) or texts[:8] or ["golden input"]
-    golden_probs, _ = artifact.predict(golden)
-    write_json(tmp / "golden.json", {"texts": golden, "probabilities": golden_probs.tolist(), "tolerance": 1e-4})
-    manifest["files"] = {str(p.relative_to(tmp)): paths.sha256(p) for p in sorted(tmp.rglob("*"))
-                         if p.is_file() and p.name != "manifest.json"}
-    write_json(tmp / "manifest.json", manifest)
-    tmp.rename(out)
+            save({"cls": sample.astype(np.float32)}, str(tmp / "reference.safetensors"))
+            shares = np.bincount(probs.argmax(-1), minlength=len(labels)) / len(probs)
+            write_json(tmp / "reference.json", {"confidence": [round(float(x), 6) for x in probs.max(-1)],
+                                                "class_distribution": shares.tolist(), "examples": len(probs)})
+        golden = list(golden_texts) or texts[:8] or ["golden input"]
+        golden_probs, _ = artifact.predict(golden)
+        write_json(tmp / "golden.json", {"texts": golden, "probabilities": golden_probs.tolist(), "tolerance": 1e-4})
+        manifest["files"] = {str(p.relative_to(tmp)): paths.sha256(p) for p in sorted(tmp.rglob("*"))
+                             if p.is_file() and p.name != "manifest.json"}
+        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / MANIFEST_SUM, manifest_digests(manifest))  # covers the manifest itself
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

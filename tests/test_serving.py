@@ -291,3 +291,42 @@ def test_drift_statistics_agree_with_scipy_and_detect_a_shift():
     x_ref = rng.normal(size=(80, 8))
     assert drift.mmd(rng.normal(size=(60, 8)), x_ref)[1] > 0.01
     assert drift.mmd(rng.normal(0.8, 1, size=(60, 8)), x_ref)[1] < 0.02
+
+
+@pytest.mark.parametrize("field, change", [("labels", lambda m: m["labels"].reverse()),
+                                           ("temperature", lambda m: m.update(temperature=2.0)),
+                                           ("buckets", lambda m: m.update(buckets=[16])),
+                                           ("special", lambda m: m["special"].update(pad=1))])
+def test_a_changed_manifest_field_is_one_error_naming_it(exported, tmp_path, field, change):
+    art = tmp_path / "art"
+    shutil.copytree(exported / "art", art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    change(manifest)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=rf"manifest.json has changed since export \(field\(s\) {field}\)"):
+        Artifact.load(art)
+    (art / "manifest.sha256").unlink()
+    with pytest.raises(ArtifactError, match="has no manifest.sha256"):
+        Artifact.load(art)
+
+
+def test_export_options_are_checked_before_anything_is_written_and_a_failure_leaves_nothing(exported, tmp_path,
+                                                                                          monkeypatch, capsys):
+    from jaxopt_llm import export as export_lib
+
+    for argv, message in ((["--platforms", "cpu,gpu"], "--platforms 'cpu,gpu': use one or more of cpu, cuda"),
+                          (["--buckets", "0"], "--buckets 0: every bucket must be a positive whole number"),
+                          (["--buckets", "a,b"], "--buckets 'a,b': give comma-separated token counts")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            cli.main(["export", str(exported / "run"), "--out", str(tmp_path / "art"), *argv])
+        assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.numpy.save_file", broken)  # after every check, in the middle of writing
+    with pytest.raises(OSError, match="disk full"):
+        export_lib.export(str(exported / "run"), tmp_path / "art")
+    assert list(tmp_path.iterdir()) == []  # no artifact and no .tmp folder

@@ -82,9 +82,10 @@ figure{{display:inline-block;margin:0 1em 1em 0}}</style></head>
 <body><h1>{html.escape(pipeline.name)}</h1>
 <p>Every stage is measured on the same {data['test_examples']} held-out test texts of {html.escape(data['source'])}
 (majority class: {data['majority_class_accuracy']:.4f}); robust accuracy is accuracy under an L-inf PGD attack of
-{pipeline.pgd_steps} steps on the word embeddings at &epsilon; = {pipeline.epsilon:g}{_robust_on(pipeline, data)}; latency is
-the mean per text over the first {TIMED_BATCHES * pipeline.batch_size} test texts in batches of {pipeline.batch_size}, after
-compilation, on the device each stage was measured on: {html.escape(_devices(stages))}.</p>
+{pipeline.pgd_steps} steps on the word embeddings at &epsilon; = {pipeline.epsilon:g}{_robust_on(pipeline, data)};
+latency is the mean per text over the first {TIMED_BATCHES * pipeline.batch_size} test texts in batches of
+{pipeline.batch_size}, after compilation, on the device each stage was measured on:
+{html.escape(_devices(stages))}.</p>
 <table id="stages"><thead><tr><th>stage</th><th>kind</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <ul>{notes}</ul>
 {plots}

@@ -36,7 +36,6 @@ from jaxopt_llm.serving.batching import MicroBatcher
 from jaxopt_llm.serving.drift import DriftMonitor
 from jaxopt_llm.serving.monitoring import Metrics
 
-
 MAX_DEPTH = 32  # JSON nesting a request may use
 
 

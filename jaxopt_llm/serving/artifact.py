@@ -24,6 +24,42 @@ class ArtifactError(UserError):
     """An artifact is incomplete, changed or does not reproduce its golden outputs."""
 
 
+MANIFEST_SUM = "manifest.sha256"  # JSON: the sha256 of the manifest's canonical form and of each of its fields
+
+
+def _canonical(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def manifest_digests(manifest: dict) -> dict:
+    """What manifest.sha256 holds: the digest of the whole manifest (canonical JSON) and one per field, so a
+    change is reported by the names of the fields it touched."""
+    import hashlib
+
+    return {"manifest": hashlib.sha256(_canonical(manifest)).hexdigest(),
+            "fields": {k: hashlib.sha256(_canonical(v)).hexdigest() for k, v in sorted(manifest.items())}}
+
+
+def check_manifest(path: Path, manifest: dict, required: bool) -> None:
+    """The manifest against manifest.sha256: any change is one error naming the changed fields."""
+    file = path / MANIFEST_SUM
+    if not file.is_file():
+        if required:
+            raise ArtifactError(f"artifact {str(path)!r} has no {MANIFEST_SUM}: its manifest cannot be checked. "
+                                "Export it again.")
+        return
+    try:
+        recorded = json.loads(file.read_text())
+        fields = recorded["fields"]
+    except (ValueError, KeyError, TypeError):
+        raise ArtifactError(f"{file} is not a manifest checksum file. Export the artifact again.") from None
+    now = manifest_digests(manifest)
+    if now["manifest"] != recorded.get("manifest"):
+        changed = sorted(k for k in set(fields) | set(now["fields"]) if fields.get(k) != now["fields"].get(k))
+        raise ArtifactError(f"artifact {str(path)!r}: manifest.json has changed since export (field(s) "
+                            f"{', '.join(changed) or 'unknown'}). Export it again.")
+
+
 def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     """A safetensors file as numpy arrays: an 8-byte little-endian header length, a JSON header, raw data."""
     raw = file.read_bytes()
@@ -69,9 +105,18 @@ class Artifact:
         if not (path / "manifest.json").is_file():
             raise ArtifactError(f"{str(path)!r} is not an artifact (no manifest.json); write one with "
                                 "`jaxopt-llm export RUN --out ART`.")
-        manifest = json.loads((path / "manifest.json").read_text())
-        if manifest.get("format") != "jaxopt-llm-artifact":
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except ValueError as err:
+            raise ArtifactError(f"{path / 'manifest.json'} is not valid JSON ({err}). Export the artifact again.") \
+                from None
+        if not isinstance(manifest, dict) or manifest.get("format") != "jaxopt-llm-artifact":
             raise ArtifactError(f"{path / 'manifest.json'} is not a jaxopt-llm artifact manifest.")
+        check_manifest(path, manifest, required=verify)
+        missing = [k for k in ("kind", "labels", "buckets", "inputs", "weights", "special", "files")
+                   if k not in manifest]
+        if missing:
+            raise ArtifactError(f"{path / 'manifest.json'} lacks {', '.join(missing)}. Export the artifact again.")
         if verify:
             problems = []
             for name, digest in manifest["files"].items():
