@@ -252,31 +252,88 @@ def write_items(items: list[dict], out: str | Path, fmt: str, labels: Sequence[s
     paths.write_text(path, text)
 
 
-def read_answers(file: str | Path) -> dict[str, str | None]:
+class Answers(dict):
+    """{pool id: label, or None when skipped}, with `lines`: {pool id: where it was in the file} for errors."""
+
+    def __init__(self, items=(), lines=None):
+        super().__init__(items)
+        self.lines: dict[str, str] = dict(lines or {})
+
+
+def read_answers(file: str | Path) -> Answers:
     """{pool id: label, or None when the item was skipped} from a labelled CSV, JSON-lines or Label Studio
-    export. Label Studio: the last annotation that was not cancelled; none -> skipped."""
+    export. Label Studio: the last annotation that was not cancelled; none -> skipped. A file with no answers,
+    an id answered twice, or a record of the wrong shape is one error naming the file and the line (task)."""
     path = paths.Path(file)
     if not path.is_file():
         raise LabelError(f"label file {str(file)!r} does not exist.")
     text = path.read_text(encoding="utf-8-sig")
-    try:
-        if text.lstrip().startswith("["):
-            out = {}
-            for task in json.loads(text):
-                rid = str(task.get("data", {}).get("pool_id", task.get("id")))
-                labels = [r["value"]["choices"][0] for a in task.get("annotations", []) if not a.get("was_cancelled")
-                          for r in a.get("result", []) if r.get("value", {}).get("choices")]
-                out[rid] = labels[-1] if labels else None
-            return out
+    pairs: list[tuple[str, str | None, str]] = []  # (id, label, where)
+    if text.lstrip().startswith("["):
+        try:
+            tasks = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LabelError(f"{str(file)!r} is not valid JSON ({err}).") from None
+        if not isinstance(tasks, list):
+            raise LabelError(f"{str(file)!r}: a Label Studio export is a list of tasks.")
+        for n, task in enumerate(tasks, 1):
+            where = f"task {n}"
+            try:
+                data = task.get("data", {})
+                rid = str(data.get("pool_id", task.get("id")))
+                labels = []
+                for a in task.get("annotations", []):
+                    if a.get("was_cancelled"):
+                        continue
+                    for r in a.get("result", []):
+                        choices = r.get("value", {}).get("choices")
+                        if choices:
+                            if not isinstance(choices, list) or not isinstance(choices[0], str):
+                                raise TypeError("choices must be a list of label names")
+                            labels.append(choices[0])
+            except (AttributeError, TypeError) as err:
+                raise LabelError(f"{str(file)!r} {where}: not a Label Studio task of this tool's shape ({err}).") \
+                    from None
+            if rid == "None":
+                raise LabelError(f"{str(file)!r} {where}: no data.pool_id or id.")
+            pairs.append((rid, labels[-1] if labels else None, where))
+    else:
         if path.suffix.lower() == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise LabelError(f"{str(file)!r} line {n}: not valid JSON ({err}).") from None
+                if not isinstance(row, dict):
+                    raise LabelError(f"{str(file)!r} line {n}: a record must be an object with id and label.")
+                rows.append((f"line {n}", row))
         else:
-            rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as err:
-        raise LabelError(f"{str(file)!r} is not a label file this tool wrote ({type(err).__name__}: {err}).") from None
-    if rows and ("id" not in rows[0] or "label" not in rows[0]):
-        raise LabelError(f"{str(file)!r} needs the columns id and label; it has {sorted(rows[0])}.")
-    return {str(r["id"]): (str(r["label"]).strip() or None) if r.get("label") is not None else None for r in rows}
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            rows = [(f"line {reader.line_num}", row) for row in reader]
+            if reader.fieldnames and ("id" not in reader.fieldnames or "label" not in reader.fieldnames):
+                raise LabelError(f"{str(file)!r} needs the columns id and label; it has {sorted(reader.fieldnames)}.")
+        for where, row in rows:
+            if "id" not in row or "label" not in row:
+                raise LabelError(f"{str(file)!r} {where} needs id and label; it has {sorted(row)}.")
+            label = row["label"]
+            if label is not None and not isinstance(label, (str, int, float)):
+                raise LabelError(f"{str(file)!r} {where}: label {label!r} is not a label name.")
+            pairs.append((str(row["id"]), (str(label).strip() or None) if label is not None else None, where))
+    if not pairs:
+        raise LabelError(f"{str(file)!r} holds no answers (an empty file, or a header alone): nothing to import.")
+    seen: dict[str, str] = {}
+    twice = []
+    for rid, _, where in pairs:
+        if rid in seen:
+            twice.append(f"{rid!r} ({seen[rid]} and {where})")
+        seen.setdefault(rid, where)
+    if twice:
+        raise LabelError(f"{str(file)!r} answers the same id more than once: {', '.join(twice[:10])}. Keep one "
+                         "answer per id and import it again.")
+    return Answers(((rid, label) for rid, label, _ in pairs), {rid: where for rid, _, where in pairs})
 
 
 # ---- the state folder ----------------------------------------------------------------------------------------
@@ -387,17 +444,23 @@ class Rounds:
     # -- import -----------------------------------------------------------------------------------------
     def import_answers(self, answers: dict[str, str | None]) -> dict:
         """Merge a person's answers: checked whole first (every id known, every label one of the run's);
-        skipped items stay in the pool; a new label for a labelled id replaces it."""
+        skipped items stay in the pool; a new label for a labelled id replaces it. Importing the same answers
+        again changes nothing; an import that adds or changes no label leaves the round open."""
         state, k = self.state(), self.round()
         pool = {row["id"]: row for row in read_pool(state["pool"])}
-        unknown_ids = sorted(i for i in answers if i not in pool)
-        unknown_labels = sorted({v for v in answers.values() if v is not None and v not in state["labels"]})
+        lines = getattr(answers, "lines", {})
+
+        def at(rid):
+            return f"{rid!r} ({lines[rid]})" if rid in lines else repr(rid)
+
+        unknown_ids = [at(i) for i in answers if i not in pool]
+        unknown_labels = [f"{v!r} for {at(i)}" for i, v in answers.items() if v is not None and v not in state["labels"]]
         if unknown_ids or unknown_labels:
             problems = []
             if unknown_ids:
-                problems.append(f"ids not in the pool: {unknown_ids[:20]}")
+                problems.append(f"ids not in the pool: {', '.join(unknown_ids[:20])}")
             if unknown_labels:
-                problems.append(f"labels not among {state['labels']}: {unknown_labels}")
+                problems.append(f"labels not among {state['labels']}: {', '.join(unknown_labels[:20])}")
             raise LabelError("nothing imported: " + "; ".join(problems) + ". Fix the file and import it again.")
         records = {r["id"]: r for r in self.labelled()}
         added = replaced = skipped = 0
@@ -409,7 +472,14 @@ class Rounds:
                 replaced += 1
             elif rid not in records:
                 added += 1
-            records[rid] = {"id": rid, "text": pool[rid]["text"], "label": label, "round": k}
+            records[rid] = {**records.get(rid, {}), "id": rid, "text": pool[rid]["text"], "label": label,
+                            "round": records[rid]["round"] if rid in records and records[rid]["label"] == label else k}
+        if not added and not replaced:
+            if self._imported(k) or self.queries(k) is None:  # the same answers again: nothing changes
+                return {"round": k, "added": 0, "replaced": 0, "skipped": skipped, "labelled": len(records),
+                        "unchanged": True}
+            raise LabelError(f"the answers add no label ({skipped} skipped, {len(answers) - skipped} already "
+                             f"labelled alike): round {k} stays open. Label the queried items and import again.")
         paths.write_text(self.labelled_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                      for r in records.values()))
         if self.queries(k) is not None:

@@ -109,15 +109,42 @@ def test_a_crash_between_query_and_import_loses_nothing(pool, tmp_path, monkeypa
     assert {r["id"]: r["label"] for r in rounds.labelled()} == {first[0]["id"]: "neutral", first[2]["id"]: "positive"}
 
 
+def test_label_rounds_are_idempotent_and_an_empty_import_leaves_the_round_open(pool, tmp_path):
+    rounds = active.Rounds.init(tmp_path / "al", str(pool), ["negative", "neutral", "positive"], None, None, "random")
+    first = rounds.query(3)
+    with pytest.raises(active.LabelError, match="add no label .*round 0 stays open"):
+        rounds.import_answers({first[0]["id"]: None, first[1]["id"]: None})  # all skipped
+    assert rounds.round() == 0 and not rounds.labelled_file.exists()
+    answers = {first[0]["id"]: "negative", first[1]["id"]: "positive", first[2]["id"]: None}
+    assert rounds.import_answers(answers)["added"] == 2 and rounds.round() == 1
+    before = rounds.labelled_file.read_bytes()
+    again = rounds.import_answers(answers)  # the same file twice: nothing changes
+    assert again["unchanged"] and rounds.labelled_file.read_bytes() == before and rounds.round() == 1
+
+
 @pytest.mark.parametrize("content, message", [
-    ('{"id": "nope", "label": "negative"}\n{"id": "p1", "label": "negative"}\n', r"ids not in the pool: \['nope'\]"),
-    ('{"id": "p1", "label": "angry"}\n{"id": "p2", "label": "glad"}\n', r"labels not among .*: \['angry', 'glad'\]"),
-    ('{"id": "p1", "sentiment": "negative"}\n', r"needs the columns id and label"),
-    ("[{broken", r"is not a label file this tool wrote"),
+    ('{"id": "nope", "label": "negative"}\n{"id": "p1", "label": "negative"}\n',
+     r"ids not in the pool: 'nope' \(line 1\)"),
+    ('{"id": "p1", "label": "angry"}\n{"id": "p2", "label": "glad"}\n',
+     r"labels not among .*: 'angry' for 'p1' \(line 1\), 'glad' for 'p2' \(line 2\)"),
+    ('{"id": "p1", "sentiment": "negative"}\n', r"line 1 needs id and label"),
+    ("[{broken", r"is not valid JSON"),
+    ("", r"holds no answers"),
+    ('{"id": "p1", "label": "negative"}\n{"id": "p1", "label": "positive"}\n',
+     r"answers the same id more than once: 'p1' \(line 1 and line 2\)"),
+    ('[{"data": {"pool_id": "p1"}, "annotations": [{"result": [{"value": {"choices": ["negative"]}}]}]},'
+     ' {"data": {"pool_id": "p1"}}]', r"answers the same id more than once: 'p1' \(task 1 and task 2\)"),
+    ('[{"data": {"pool_id": "p1"}, "annotations": "negative"}]', r"task 1: not a Label Studio task"),
+    ('[{"data": {"pool_id": "p1"}, "annotations": [{"result": [{"value": {"choices": [3]}}]}]}]',
+     r"task 1: not a Label Studio task .*choices must be a list of label names"),
+    ("{", r"line 1: not valid JSON"),
 ])
 def test_bad_label_files_are_one_clear_error_and_import_nothing(pool, tmp_path, capsys, content, message):
     active.Rounds.init(tmp_path / "al", str(pool), ["negative", "neutral", "positive"], None, None, "random")
     file = tmp_path / ("answers.json" if content.startswith("[") else "answers.jsonl")
+    if content == "":
+        file = tmp_path / "answers.csv"
+        content = "id,label\n"  # a header alone
     file.write_text(content)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
