@@ -9,6 +9,12 @@ The server micro-batches concurrent requests; the PyTorch side is called by the 
 threads, one call at a time under a lock (a pipeline object is not thread-safe), batch size 1 per call --
 what a minimal PyTorch server does without a batching layer. Also: artifact size and the server's cold start
 (process start to first answer).
+
+    python experiments/serving_bench.py ARTIFACT --texts TEST.csv --hostile 4 --no-torch
+
+`--hostile M` adds M clients that send bad requests back to back (a lone surrogate beside a good text, control
+characters only, deep nesting, malformed JSON) while the good clients run: the table then shows the good
+clients' figures under attack, how many good requests failed (0 is the promise) and the hostile replies' codes.
 """
 
 import argparse
@@ -19,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -37,9 +44,39 @@ def post(url: str, text: str) -> None:
         response.read()
 
 
+HOSTILE = (b'{"inputs": ["x \\ud800 y", "fine"]}', b'{"inputs": "\\u0000\\u0007"}', b"[" * 2000 + b"]" * 2000,
+           b'{"inputs": ["unterminated')
+
+
+def hostile_clients(url: str, m: int):
+    """M threads sending bad requests until stopped; (stop(), the status codes they got)."""
+    codes, stop = [], threading.Event()
+
+    def worker(i):
+        while not stop.is_set():
+            request = urllib.request.Request(url, HOSTILE[i % len(HOSTILE)], {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    codes.append(response.status)
+            except urllib.error.HTTPError as err:
+                codes.append(err.code)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(m)]
+    for t in threads:
+        t.start()
+
+    def end():
+        stop.set()
+        for t in threads:
+            t.join()
+        return codes
+
+    return end
+
+
 def load(call, texts: list[str], clients: int) -> dict:
     """`clients` threads share the texts; per-request latencies and the wall time."""
-    latencies, lock, next_index = [], threading.Lock(), [0]
+    latencies, lock, next_index, failed = [], threading.Lock(), [0], [0]
 
     def worker():
         while True:
@@ -49,7 +86,11 @@ def load(call, texts: list[str], clients: int) -> dict:
             if i >= len(texts):
                 return
             start = time.perf_counter()
-            call(texts[i])
+            try:
+                call(texts[i])
+            except urllib.error.HTTPError:
+                with lock:
+                    failed[0] += 1
             latency = time.perf_counter() - start
             with lock:
                 latencies.append(latency)
@@ -63,7 +104,7 @@ def load(call, texts: list[str], clients: int) -> dict:
     wall = time.perf_counter() - start
     ms = np.asarray(latencies) * 1000
     return {"clients": clients, "texts_per_s": len(texts) / wall, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99))}
+            "p99_ms": float(np.percentile(ms, 99)), "failed": failed[0]}
 
 
 def main() -> None:
@@ -72,6 +113,8 @@ def main() -> None:
     parser.add_argument("--texts", required=True, help="csv with a text column")
     parser.add_argument("--n", type=int, default=400)
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--hostile", type=int, default=0, help="clients sending bad requests meanwhile")
+    parser.add_argument("--no-torch", action="store_true", help="our server only")
     args = parser.parse_args()
     with open(args.texts, newline="", encoding="utf-8") as f:
         texts = [row["text"] for row in csv.DictReader(f)][:args.n]
@@ -94,10 +137,22 @@ def main() -> None:
         cold = time.perf_counter() - start
         for n in (1, 8, 32):  # every batch bucket compiled before timing
             load(lambda t: post(url, t), texts[:64], n)
+        end = hostile_clients(url, args.hostile) if args.hostile else None
         ours = [load(lambda t: post(url, t), texts, int(c)) for c in args.clients.split(",")]
+        codes = end() if end else []
     finally:
         server.terminate()
         server.wait(timeout=30)
+    if args.hostile:
+        print(f"{args.hostile} hostile clients sent {len(codes)} bad requests meanwhile; replies: "
+              f"{dict(sorted((c, codes.count(c)) for c in set(codes)))}")
+    if args.no_torch:
+        print(f"{'clients':>8} {'texts/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'good requests failed':>21}")
+        for a in ours:
+            print(f"{a['clients']:>8} {a['texts_per_s']:>9.1f} {a['p50_ms']:>8.1f} {a['p99_ms']:>8.1f} {a['failed']:>21}")
+        print(json.dumps({"artifact_bytes": size, "cold_start_s": cold, "ours": ours, "hostile": args.hostile,
+                          "hostile_codes": codes}))
+        return
     import torch
     import transformers
 

@@ -463,6 +463,7 @@ class Rounds:
                 problems.append(f"labels not among {state['labels']}: {', '.join(unknown_labels[:20])}")
             raise LabelError("nothing imported: " + "; ".join(problems) + ". Fix the file and import it again.")
         records = {r["id"]: r for r in self.labelled()}
+        before = dict(records)
         added = replaced = skipped = 0
         for rid, label in answers.items():
             if label is None:
@@ -474,14 +475,16 @@ class Rounds:
                 added += 1
             records[rid] = {**records.get(rid, {}), "id": rid, "text": pool[rid]["text"], "label": label,
                             "round": records[rid]["round"] if rid in records and records[rid]["label"] == label else k}
-        if not added and not replaced:
-            if self._imported(k) or self.queries(k) is None:  # the same answers again: nothing changes
+        queried = set(self.queries(k) or ())
+        if not added and not replaced and not (queried & {i for i, v in answers.items() if v is not None}):
+            if self._imported(k) or not queried:  # the same answers again: nothing changes
                 return {"round": k, "added": 0, "replaced": 0, "skipped": skipped, "labelled": len(records),
                         "unchanged": True}
             raise LabelError(f"the answers add no label ({skipped} skipped, {len(answers) - skipped} already "
                              f"labelled alike): round {k} stays open. Label the queried items and import again.")
-        paths.write_text(self.labelled_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                     for r in records.values()))
+        if records != before:
+            paths.write_text(self.labelled_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                         for r in records.values()))
         if self.queries(k) is not None:
             write_json(self.path / "queries" / f"{k}.done", {"added": added, "replaced": replaced, "skipped": skipped})
         return {"round": k, "added": added, "replaced": replaced, "skipped": skipped, "labelled": len(records)}

@@ -40,6 +40,7 @@ def _texts(args: argparse.Namespace) -> list[str]:
 def _predict(args: argparse.Namespace) -> None:
     from jaxopt_llm import inference
 
+    _check(args, batch_size=(1, None), max_length=(1, None), top_k=(1, None))
     texts = _texts(args)
     patterns = getattr(args, "pattern", None) or []
     if patterns:  # zero-shot cloze classification with an MLM model: one pattern, or an ensemble of several
@@ -115,6 +116,7 @@ def _grid(args: argparse.Namespace, key: str, default) -> list[float]:
 def _sweep(args: argparse.Namespace) -> None:
     from jaxopt_llm import sweep
 
+    _check(args, batch_size=(1, None), chunk=(1, None), steps=(1, None))
     epsilons = _grid(args, "eps|epsilon", ())
     temperatures = _grid(args, "temperature|t", (1.0,))
     if args.kind == "robustness" and not epsilons:
@@ -210,6 +212,7 @@ def _stack(args: argparse.Namespace) -> None:
 def _label(args: argparse.Namespace) -> None:
     from jaxopt_llm import active
 
+    _check(args, n=(1, None), steps=(1, None))
     if args.action == "init":
         rounds = active.Rounds.init(args.state, args.pool, [x.strip() for x in args.labels.split(",") if x.strip()],
                                     args.config, args.eval_file, args.strategy, args.seed, args.overrides)
@@ -240,7 +243,12 @@ def _label(args: argparse.Namespace) -> None:
         pool = active.read_pool(rounds.state()["pool"])
         if args.gold_column not in pool[0]:
             raise UsageError(f"--gold-column {args.gold_column!r} is not a column of the pool.")
-        budgets = [int(x) for x in args.budgets.split(",")]
+        try:
+            budgets = [int(x) for x in args.budgets.split(",")]
+        except ValueError:
+            raise UsageError(f"--budgets {args.budgets!r}: give comma-separated counts, e.g. 50,100,200.") from None
+        if any(b < 1 for b in budgets) or budgets != sorted(set(budgets)):
+            raise UsageError(f"--budgets {args.budgets!r}: counts must be at least 1 and increasing.")
         rows = active.simulate(rounds, active.answers_from_gold(pool, args.gold_column), budgets, args.strategy,
                                steps=args.steps)
         print(json.dumps(rows))
@@ -250,6 +258,7 @@ def _export(args: argparse.Namespace) -> None:
     from jaxopt_llm import inference
     from jaxopt_llm.export import export
 
+    _check(args, max_length=(1, None))
     buckets = None
     if args.buckets is not None:
         try:
@@ -320,6 +329,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _monitor(args: argparse.Namespace) -> None:
     from jaxopt_llm.serving.report import monitor_report
 
+    _check(args, window=(1, None))
     artifact = _artifact(args.artifact, verify=False)
     print(json.dumps(monitor_report(artifact, args.log, args.out, args.window)))
 
@@ -590,6 +600,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # files are written whole (temporary name, then rename): nothing is half-written
+        if debug:
+            raise
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

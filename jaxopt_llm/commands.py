@@ -41,9 +41,20 @@ def calibrate_run(reference: str, texts: Sequence[str], labels: np.ndarray, plot
     after = calibration.softmax(logits, t)
     record = {"temperature": t, "examples": int(len(labels)), "before": _summary(probs, labels),
               "after": _summary(after, labels)}
-    if plot:
-        calibration.reliability_diagram({"before": (probs, labels), f"after (T = {t:.2f})": (after, labels)}, plot)
-    run.write("temperature.json", record)  # last: a failure above leaves the run uncalibrated
+    drawn = None
+    if plot:  # drawn beside its place, renamed once the temperature is written: all or nothing
+        target = Path(plot).expanduser()
+        drawn = target.with_name(f".{target.stem}.tmp{target.suffix}")
+        calibration.reliability_diagram({"before": (probs, labels), f"after (T = {t:.2f})": (after, labels)},
+                                        str(drawn))
+    try:
+        run.write("temperature.json", record)  # a failure above leaves the run uncalibrated
+    except BaseException:
+        if drawn is not None:
+            drawn.unlink(missing_ok=True)
+        raise
+    if drawn is not None:
+        drawn.replace(target)
     return record
 
 

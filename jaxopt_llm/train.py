@@ -57,23 +57,28 @@ class Preempted(Exception):
 
 
 class _Preemption:
-    """Notes SIGTERM instead of dying; `requested()` is agreed by all processes (any one told to stop stops
-    them all, at the same step)."""
+    """Notes SIGTERM and SIGINT (Ctrl-C) instead of dying mid-write; `requested()` is agreed by all processes
+    (any one told to stop stops them all, at the same step). After the step in flight is checkpointed, SIGTERM
+    ends the run with `Preempted`, SIGINT with KeyboardInterrupt; a second SIGINT interrupts at once."""
 
     def __init__(self):
-        self.flag, self.previous = False, None
+        self.flag, self.interrupted, self.previous = False, False, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._note)
+            self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _note(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
         self.flag = True
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def requested(self) -> bool:
         if jax.process_count() == 1:
@@ -287,10 +292,12 @@ def _fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainCon
             # the log interval's running sums travel with the state: a resumed run logs what a straight one does
             ckpts.save(micro, parallel.host_state(state), {"update": update, "interval_steps": interval_steps,
                                                           "interval": None if interval is None else _to_json(interval)})
-        if stop:  # SIGTERM: this step is saved; stop here, all processes at the same step
+        if stop:  # SIGTERM or SIGINT: this step is saved; stop here, all processes at the same step
             ckpts.wait()
             ckpts.close()
             log.close()
+            if preemption.interrupted:
+                raise KeyboardInterrupt
             raise Preempted(update, run.path)
     bar.close()  # SIGTERM from here on: the run is finished anyway, so it completes
     ckpts.wait()

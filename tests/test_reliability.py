@@ -17,6 +17,7 @@ from jaxopt_llm import bert, cli, optim, runs
 from jaxopt_llm import config as config_lib
 from jaxopt_llm.config import DataConfig, TrainConfig
 from jaxopt_llm.data.sources import read_rows
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.train import MetricsLog, read_metrics, train
 
 
@@ -194,6 +195,28 @@ ERRORS = [  # (what, the input made in tmp_path, argv, message)
      "data.train_file={setup}/lines.txt"], r"holds a classification / clean run.*task: 'classification' -> 'masked-lm'"),
     ("predict with an untrained head", None, ["predict", "classify", "--model", "{setup}/model", "hi"],
      r"has no trained classifier head weights.*--allow-untrained-head"),
+    # every numeric option: out of range or non-finite is one error naming it
+    ("sweep batch size 0", None, ["sweep", "eval", "--model", "{finished}", "--data", "{setup}/tweets.csv",
+                                  "--batch-size", "0", "data.label_column=sentiment"], r"--batch-size 0: must be"),
+    ("sweep negative chunk", None, ["sweep", "eval", "--model", "{finished}", "--data", "{setup}/tweets.csv",
+                                    "--chunk", "-3", "data.label_column=sentiment"], r"--chunk -3: must be"),
+    ("predict batch size 0", None, ["predict", "classify", "--model", "{finished}", "--batch-size", "0", "hi"],
+     r"--batch-size 0: must be a finite number at least 1"),
+    ("predict max-length 0", None, ["predict", "classify", "--model", "{finished}", "--max-length", "0", "hi"],
+     r"--max-length 0: must be"),
+    ("serve port out of range", None, ["serve", "{tmp}/none", "--port", "70000"], r"--port 70000: must be a finite "
+     r"number from 1 to 65535"),
+    ("serve nan wait", None, ["serve", "{tmp}/none", "--max-wait-ms", "nan"], r"--max-wait-ms nan: must be"),
+    ("serve bad host", None, ["serve", "{tmp}/none", "--host", "no such host..x"], r"--host 'no such host..x'"),
+    ("monitor negative window", None, ["monitor", "{tmp}/none", "--log", "{tmp}/log.jsonl", "--window", "-5"],
+     r"--window -5: must be"),
+    ("label query n 0", None, ["label", "query", "--run", "{tmp}/al", "--n", "0", "--out", "{tmp}/q.csv"],
+     r"--n 0: must be"),
+    ("pipeline workdir is a file", "pipe.py:from jaxopt_llm.pipeline import Pipeline, Stage\n\ndef get_pipeline():\n"
+     "    return Pipeline(stages=(Stage('f', 'finetune', model='x'),))\n",
+     ["pipeline", "run", "{file}", "--workdir", "{file}"], r"--workdir .* is a file"),
+    ("pipeline without stages", "pipe.py:from jaxopt_llm.pipeline import Pipeline\n\ndef get_pipeline():\n"
+     "    return Pipeline(stages=())\n", ["pipeline", "run", "{file}", "--workdir", "{tmp}/r"], r"has no stages"),
 ]
 
 
@@ -275,3 +298,122 @@ def test_rerunning_a_finished_run_says_so_and_rewrites_nothing(finished, setup, 
     assert json.loads(out)["eval"] == {k: v for k, v in records(finished, "eval")[-1].items()
                                        if k not in ("step", "split")} != {}
     assert (finished / "run.json").read_bytes() == record and (finished / "metrics.jsonl").read_bytes() == metrics
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"probabilities": [NaN, 0.5, 0.5], "cls": [0.1, 0.2]}', r"log.jsonl:2: probabilities or cls hold NaN"),
+    ('[1, 2, 3]', r"log.jsonl:2: a record must be an object with probabilities and cls"),
+    ('{"probabilities": [0.2, 0.8], "cls": [0.1, 0.2]}', r"log.jsonl:2: 2 probabilities .* the artifact has 3 labels"),
+    ('{"cls": [0.1, 0.2]}', r"log.jsonl:2: a record must be an object"),
+    ('{"probabilities": "abc", "cls": [0.1]}', r"log.jsonl:2: probabilities and cls must be lists of numbers"),
+])
+def test_a_bad_monitor_log_record_names_its_line(tmp_path, line, message):
+    from types import SimpleNamespace
+
+    from jaxopt_llm.errors import UserError
+    from jaxopt_llm.serving.report import monitor_report
+
+    good = '{"probabilities": [0.2, 0.3, 0.5], "cls": [0.1, 0.2]}'
+    (tmp_path / "log.jsonl").write_text(good + "\n" + line + "\n")
+    artifact = SimpleNamespace(labels=["a", "b", "c"], reference={"confidence": [0.5], "class_distribution": [1, 0, 0],
+                                                                  "examples": 1}, reference_cls=None, path=tmp_path)
+    with pytest.raises(UserError, match=message):
+        monitor_report(artifact, str(tmp_path / "log.jsonl"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_and_stack_leave_the_folder_as_it_was_when_they_fail(finished, setup, tmp_path, monkeypatch):
+    """A failure injected after every check: calibrate writes no temperature and no plot; stack no folder."""
+    from jaxopt_llm import calibration, commands, inference
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = sorted(p.name for p in run.iterdir())
+    model = inference.load(run)
+    texts, labels = ["good", "bad", "fine", "awful"], np.array([2, 0, 1, 0])
+    assert model.kind == "classifier"
+    with pytest.raises(UserError, match="--plot .*its folder does not exist"):
+        commands.calibrate_run(str(run), texts, labels, str(tmp_path / "no" / "plot.png"))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(calibration, "reliability_diagram", broken)
+    with pytest.raises(OSError, match="disk full"):
+        commands.calibrate_run(str(run), texts, labels, str(run / "reliability.png"))
+    assert sorted(p.name for p in run.iterdir()) == before  # no temperature.json
+    monkeypatch.undo()
+    monkeypatch.setattr(runs.RunFolder, "write", broken)
+    with pytest.raises(OSError, match="disk full"):
+        commands.calibrate_run(str(run), texts, labels, str(run / "reliability.png"))
+    assert sorted(p.name for p in run.iterdir()) == before  # and the plot drawn first is gone with it
+    monkeypatch.undo()
+    record = commands.calibrate_run(str(run), texts, labels, str(run / "reliability.png"))
+    assert (run / "temperature.json").is_file() and (run / "reliability.png").is_file() and record["temperature"] > 0
+    calls = []
+
+    def copy_then_fail(src, dst, *args, **kwargs):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return shutil.copytree.__wrapped__(src, dst, *args, **kwargs) if hasattr(shutil.copytree, "__wrapped__") \
+            else original(src, dst, *args, **kwargs)
+
+    original = shutil.copytree
+    monkeypatch.setattr(shutil, "copytree", copy_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        commands.stack_runs([str(finished), str(run)], str(tmp_path / "ens"))
+    monkeypatch.undo()
+    assert not (tmp_path / "ens").exists() and not list(tmp_path.glob(".ens*"))
+
+
+def test_label_import_interrupted_before_closing_its_round_closes_it_when_run_again(setup, tmp_path, monkeypatch):
+    from jaxopt_llm import active
+
+    pool = tmp_path / "pool.csv"
+    pool.write_text("id,text\n" + "".join(f"p{i},text number {i}\n" for i in range(20)))
+    rounds = active.Rounds.init(tmp_path / "al", str(pool), ["neg", "pos"], None, None, "random")
+    items = rounds.query(3)
+    answers = {it["id"]: "neg" for it in items}
+    real = active.write_json
+
+    def crash(file, value, *args, **kwargs):
+        if str(file).endswith(".done"):
+            raise KeyboardInterrupt
+        return real(file, value, *args, **kwargs)
+
+    monkeypatch.setattr(active, "write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        rounds.import_answers(answers)
+    monkeypatch.undo()
+    assert rounds.round() == 0 and len(rounds.labelled()) == 3  # labels in, round still open
+    result = rounds.import_answers(answers)  # the same command again
+    assert rounds.round() == 1 and result["labelled"] == 3
+
+
+def test_sigint_is_one_line_exit_130_with_the_step_in_flight_checkpointed(setup, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from conftest import xla_flags
+
+    root = Path(__file__).resolve().parents[1]
+    workdir = tmp_path / "run"
+    argv = [sys.executable, "-m", "jaxopt_llm.cli", "finetune", "--workdir", str(workdir),
+            *overrides(setup, **{"train.steps": 400, "train.checkpoint_every": 2, "train.eval_every": 1000})]
+    env = {**os.environ, "PYTHONPATH": str(root), "XLA_FLAGS": xla_flags(1)}
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not (workdir / "checkpoints" / "2").is_dir():
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+    assert not list(workdir.rglob("*.tmp*"))  # nothing half-written
+    from jaxopt_llm import checkpoint
+
+    assert checkpoint.has_steps(workdir / "checkpoints")  # the same command resumes from here

@@ -18,6 +18,8 @@ from jaxopt_llm.pipeline.split import source_file
 def order(pipeline: Pipeline) -> list[Stage]:
     """Stages in run order (file order where the references allow); every error before anything runs."""
     kinds = stages_lib.kinds()
+    if not pipeline.stages:
+        raise PipelineError(f"pipeline {pipeline.name!r} has no stages: give stages=(Stage(...), ...).")
     names = [s.name for s in pipeline.stages]
     for stage in pipeline.stages:
         if stage.name == "data" or not stage.name.replace("_", "").replace("-", "").isalnum():
@@ -90,6 +92,8 @@ def plan(pipeline: Pipeline, workdir: Path, *, from_: str | None = None, only: s
          force: Sequence[str] = ()) -> list[dict]:
     """Per stage: name, kind, key, folder, action (skip | run | resume | rerun) and why."""
     stages = order(pipeline)
+    if paths.Path(workdir).exists() and not paths.Path(workdir).is_dir():
+        raise PipelineError(f"--workdir {str(workdir)!r} is a file; pass a folder (new or a pipeline's).")
     names = ["data"] + [s.name for s in stages]
     for flag, value in (("--from", from_), ("--only", only), *(("--force", f) for f in force)):
         if value is not None and value not in names:

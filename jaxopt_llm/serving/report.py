@@ -12,25 +12,57 @@ from jaxopt_llm.errors import UserError
 from jaxopt_llm.serving.drift import DriftMonitor
 
 
-def monitor_report(artifact, log: str, out: str, window: int = 200) -> dict:
-    rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
-    if not rows:
+def read_log(log: str, labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (n, labels), [CLS] (n, d)) of a `serve --log` file; a record that is not an object with
+    `labels` finite probabilities and a finite [CLS] vector of one width is one error naming its line."""
+    path = Path(log)
+    if not path.is_file():
+        raise UserError(f"--log {log!r} does not exist; serve with --log FILE to write one.")
+    probs, cls = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{log}:{n}: not valid JSON ({err.msg}).") from None
+        if not isinstance(row, dict) or "probabilities" not in row or "cls" not in row:
+            raise UserError(f"{log}:{n}: a record must be an object with probabilities and cls (as serve --log "
+                            "writes it).")
+        try:
+            p, c = np.asarray(row["probabilities"], np.float64), np.asarray(row["cls"], np.float64)
+        except (TypeError, ValueError):
+            raise UserError(f"{log}:{n}: probabilities and cls must be lists of numbers.") from None
+        if p.shape != (labels,) or c.ndim != 1 or (cls and c.shape != cls[0].shape):
+            raise UserError(f"{log}:{n}: {p.shape[0] if p.ndim == 1 else p.shape} probabilities and a [CLS] of "
+                            f"shape {c.shape}; the artifact has {labels} labels"
+                            + (f" and [CLS] width {cls[0].shape[0]}." if cls else "."))
+        if not (np.isfinite(p).all() and np.isfinite(c).all()):
+            raise UserError(f"{log}:{n}: probabilities or cls hold NaN or infinity.")
+        probs.append(p)
+        cls.append(c)
+    if not probs:
         raise UserError(f"{log!r} holds no predictions; serve with --log to write one.")
+    return np.stack(probs), np.stack(cls)
+
+
+def monitor_report(artifact, log: str, out: str, window: int = 200) -> dict:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(f"--window {window}: must be a whole number of predictions, at least 1.")
     if artifact.reference is None:
         raise UserError(f"{artifact.path} has no drift reference: export it with --config or --data.")
-    probs = np.asarray([r["probabilities"] for r in rows])
-    cls = np.asarray([r["cls"] for r in rows])
+    probs, cls = read_log(log, len(artifact.labels))
     windows = []
-    for start in range(0, len(rows), window):
+    for start in range(0, len(probs), window):
         monitor = DriftMonitor(artifact.reference, artifact.reference_cls, window=window)
         monitor.add(probs[start:start + window], cls[start:start + window])
         stats = monitor.report(min_window=min(30, window))
         if stats:
-            windows.append({"from": start, "to": min(start + window, len(rows)), **stats})
+            windows.append({"from": start, "to": min(start + window, len(probs)), **stats})
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot(artifact, probs, windows, out_dir / "drift.png")
-    lines = [f"# Drift report: {len(rows)} predictions of {artifact.path.name}", "",
+    lines = [f"# Drift report: {len(probs)} predictions of {artifact.path.name}", "",
              f"Reference: {artifact.reference['examples']} texts of the export. Windows of {window} predictions; "
              "small p-values mean the window differs from the reference.", "",
              "| predictions | KS p (confidence) | chi-squared p (classes) | MMD p ([CLS]) |", "|---|---|---|---|"]
@@ -43,7 +75,7 @@ def monitor_report(artifact, log: str, out: str, window: int = 200) -> dict:
               zip(artifact.labels, artifact.reference["class_distribution"], live)]
     lines += ["", "![drift](drift.png)", ""]
     (out_dir / "report.md").write_text("\n".join(lines))
-    return {"predictions": len(rows), "windows": windows, "report": str(out_dir / "report.md")}
+    return {"predictions": len(probs), "windows": windows, "report": str(out_dir / "report.md")}
 
 
 def _plot(artifact, probs: np.ndarray, windows: list[dict], file: Path) -> None:
