@@ -151,7 +151,7 @@ def main() -> None:
         for a in ours:
             print(f"{a['clients']:>8} {a['texts_per_s']:>9.1f} {a['p50_ms']:>8.1f} {a['p99_ms']:>8.1f} {a['failed']:>21}")
         print(json.dumps({"artifact_bytes": size, "cold_start_s": cold, "ours": ours, "hostile": args.hostile,
-                          "hostile_codes": codes}))
+                          "hostile_codes": {str(c): codes.count(c) for c in sorted(set(codes))}}))
         return
     import torch
     import transformers
