@@ -66,7 +66,7 @@ def _summary(probs: np.ndarray, labels: np.ndarray) -> dict:
 def stack_runs(runs: Sequence[str], out: str) -> Path:
     """An ensemble run folder at `out` from classification runs of one architecture and label set: their
     models under members/, and the sequence length they were trained with (they must agree)."""
-    from jaxopt_llm.bert.params import resolve
+    from jaxopt_llm.models import resolve
 
     target = paths.Path(out)
     if target.exists():

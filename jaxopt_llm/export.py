@@ -32,8 +32,8 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_llm import packing, paths
-from jaxopt_llm.bert.params import resolve
 from jaxopt_llm.errors import UserError
+from jaxopt_llm.models import resolve
 from jaxopt_llm.runs import write_json
 from jaxopt_llm.serving.artifact import MANIFEST_SUM, manifest_digests
 

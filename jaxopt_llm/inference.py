@@ -165,7 +165,7 @@ def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: i
 
 
 def _single(reference, run, held, temperature, prompt, allow_untrained_head, options) -> Inference:
-    from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve, task_of
+    from jaxopt_llm.models import from_pretrained, load_tokenizer, resolve, task_of
     from jaxopt_llm.predict import Predictor, prompt_task
     from jaxopt_llm.steps import prompt as prompt_lib
 
@@ -178,9 +178,9 @@ def _single(reference, run, held, temperature, prompt, allow_untrained_head, opt
     required = () if allow_untrained_head else _REQUIRED.get(head, ())
     model = from_pretrained(folder, head, required=required)
     tokenizer = load_tokenizer(folder, model.config.vocab_size)
-    max_length = options["max_length"] or model.config.max_position_embeddings
-    if max_length > model.config.max_position_embeddings:
-        raise UserError(f"max_length={max_length} is more than the model's {model.config.max_position_embeddings} "
+    max_length = options["max_length"] or model.config.max_tokens
+    if max_length > model.config.max_tokens:
+        raise UserError(f"max_length={max_length} is more than the model's {model.config.max_tokens} "
                          f"positions ({folder}).")
     task = None
     if held == "prompt":
@@ -227,7 +227,7 @@ def ensemble_engine(references: Sequence, *, combine: str = "mean-prob", max_len
     from flax import nnx
 
     from jaxopt_llm import metrics
-    from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve
+    from jaxopt_llm.models import from_pretrained, load_tokenizer, resolve
     from jaxopt_llm.predict import EnsemblePredictor
 
     names = [str(r) for r in references]
@@ -250,7 +250,7 @@ def prompt_ensemble(model: str | None = None, prompts: Sequence = (), runs: Sequ
     from flax import nnx
 
     from jaxopt_llm import metrics
-    from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, resolve
+    from jaxopt_llm.models import from_pretrained, load_tokenizer, resolve
     from jaxopt_llm.predict import PromptEnsemble, prompt_task
     from jaxopt_llm.steps import prompt as prompt_lib
 

@@ -110,7 +110,7 @@ class Predictor:
                  length_buckets: Sequence[int] = LENGTH_BUCKETS, prompt: Any = None):
         if batch_size < 1:
             raise UserError(f"batch_size={batch_size}: must be at least 1.")
-        positions = model.config.max_position_embeddings
+        positions = model.config.max_tokens
         max_length = positions if max_length is None else int(max_length)
         if not 1 <= max_length <= positions:
             raise UserError(f"max_length={max_length}: must be between 1 and the model's {positions} positions.")

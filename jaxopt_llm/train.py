@@ -30,10 +30,9 @@ from jaxopt_llm import checkpoint, optim, paths, recipes
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
 from jaxopt_llm import state as state_lib
-from jaxopt_llm.bert.modeling import BertConfig
-from jaxopt_llm.bert.params import from_pretrained, load_tokenizer, read_config, resolve, save_pretrained
 from jaxopt_llm.config import Config, TrainConfig
 from jaxopt_llm.errors import UserError
+from jaxopt_llm.models import config_of, from_pretrained, load_tokenizer, resolve, save_pretrained
 from jaxopt_llm.parallel import Parallel, compile_count, initialize_distributed
 from jaxopt_llm.recipes import Context, Recipe
 from jaxopt_llm.runs import RunFolder, write_json
@@ -342,7 +341,7 @@ def label_names_for(config: Config, run: RunFolder, base: str, needs) -> tuple[s
     base_run = RunFolder.of(base)
     if base_run is not None and base_run.labels():
         return base_run.labels()
-    return BertConfig.from_hf_config(read_config(resolve(base))).labels or None
+    return config_of(resolve(base)).labels or None
 
 
 def loader(config: Config, head: str, labels: tuple[str, ...] | None, num_labels: int | None) -> Callable:
@@ -385,11 +384,10 @@ def train(config: Config, workdir: str | Path) -> dict[str, float]:
     method = recipes.get(config.method)
     base = str(method.base_model(config.options) or config.model.name_or_path)
     base_folder = resolve(base)
-    base_config = read_config(base_folder)
-    positions = int(base_config.get("max_position_embeddings", 512))
+    positions = config_of(base_folder).max_tokens  # the tokens a sequence may hold (RoBERTa: positions - 2)
     if config.data.max_length > positions:
         raise config_lib.ConfigError(f"data.max_length={config.data.max_length} is more than the model's "
-                                     f"{positions} positions (max_position_embeddings of {base_folder}): set "
+                                     f"{positions} positions ({base_folder}): set "
                                      f"data.max_length <= {positions}.")
     tokenizer = load_tokenizer(base_folder)
     task = recipes.make_task(config, tokenizer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +78,9 @@ class BertConfig:
     #                          are needed (cuDNN on GPU, XLA elsewhere) | manual: always the explicit softmax
     dropout_rng: str = "hash"  # masks' random words: hash (`hash_bits`) | threefry (`jax.random.bits`, the earlier default)
 
+    MODEL_TYPE: ClassVar[str] = "bert"  # the HF model_type this config reads and writes
+    HF_CONFIG: ClassVar[str] = "BertConfig"
+
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
@@ -108,6 +111,11 @@ class BertConfig:
             raise UserError(f"BertConfig.labels has {len(self.labels)} names but num_labels={self.num_labels}.")
 
     @property
+    def max_tokens(self) -> int:
+        """The longest sequence the position embeddings cover."""
+        return self.max_position_embeddings
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
@@ -136,9 +144,9 @@ class BertConfig:
     def from_hf_config(cls, hf: Any, **changes: Any) -> BertConfig:
         """From a `transformers.BertConfig` or the dict of a config.json."""
         d = hf if isinstance(hf, dict) else hf.to_dict()
-        if d.get("model_type", "bert") != "bert":
-            raise UserError(f"config model_type={d.get('model_type')!r}: jaxopt_llm loads BERT checkpoints "
-                             "(model_type 'bert') only.")
+        if d.get("model_type", cls.MODEL_TYPE) != cls.MODEL_TYPE:
+            raise UserError(f"config model_type={d.get('model_type')!r}: {cls.__name__} reads model_type "
+                             f"{cls.MODEL_TYPE!r}; load other families with jaxopt_llm.models.from_pretrained.")
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise UserError(f"position_embedding_type={d['position_embedding_type']!r} is not supported; "
                              "only 'absolute' position embeddings are.")
@@ -155,12 +163,12 @@ class BertConfig:
         return cls(**kwargs)
 
     def to_hf_config(self, architectures: tuple[str, ...] = ()) -> Any:
-        """As a `transformers.BertConfig`."""
+        """As the transformers config class of the family (`transformers.BertConfig` here)."""
         import transformers
 
         fields = {k: getattr(self, k) for k in _HF_FIELDS}
         names = self.label_names
-        return transformers.BertConfig(
+        return getattr(transformers, self.HF_CONFIG)(
             **fields,
             architectures=list(architectures) or None,
             id2label={i: n for i, n in enumerate(names)},
@@ -423,11 +431,10 @@ class Bert(nnx.Module):
         word_embeddings_btd, position_ids_bt = word_embeddings, position_ids
         attention_mask_bt, token_type_ids_bt, output_positions_bp = attention_mask, token_type_ids, output_positions
         b, t, _ = word_embeddings_btd.shape
-        if position_ids_bt is None and t > cfg.max_position_embeddings:  # given positions are the caller's
-            raise UserError(f"sequence length {t} exceeds max_position_embeddings="
-                             f"{cfg.max_position_embeddings}: truncate inputs to at most that many tokens.")
-        if position_ids_bt is None:
-            position_ids_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if position_ids_bt is None and t > cfg.max_tokens:  # given positions are the caller's
+            raise UserError(f"sequence length {t} exceeds the model's {cfg.max_tokens} positions: truncate inputs "
+                             "to at most that many tokens.")
+        position_ids_bt = self.positions(attention_mask_bt, position_ids_bt, b, t)
         if token_type_ids_bt is None:
             token_type_ids_bt = jnp.zeros((b, t), jnp.int32)
         if attention_mask_bt is None:
@@ -448,6 +455,10 @@ class Bert(nnx.Module):
         if collect is not None:
             collect["hidden"], collect["attention"] = hidden, attention
         return x
+
+    def positions(self, attention_mask, position_ids, b: int, t: int) -> jax.Array:
+        """Position ids (b, t): 0 .. t-1, or the caller's."""
+        return jnp.broadcast_to(jnp.arange(t), (b, t)) if position_ids is None else position_ids
 
     def _scan(self, x, bias_b1qt, deterministic, keys, positions_bp, collect):
         """Layers 1 .. L-1 as one lax.scan over the stacked parameters (one layer compiled, whatever the

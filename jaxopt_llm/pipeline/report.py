@@ -95,15 +95,15 @@ latency is the mean per text over the first {TIMED_BATCHES * pipeline.batch_size
 <p>Stage folders: {', '.join(html.escape(r['folder'].name) for r in rows)}.</p>
 </body></html>
 """
-    report = workdir / "report.html"
-    write_text(report, page)
-    (workdir / "plots").mkdir(exist_ok=True)
+    # everything is rendered before the first file is written: a failure leaves the last report as it was
+    files = {"report.html": page, "model_card.md": model_card(pipeline, stages, data)}
     for metric, title in PLOTS:  # the same charts as files, for READMEs and slides
         svg = bar_chart(stages, metric, title)
         if svg:
-            write_text(workdir / "plots" / f"{metric}.svg", svg)
-    write_text(workdir / "model_card.md", model_card(pipeline, stages, data))
-    return report
+            files[f"plots/{metric}.svg"] = svg
+    for name, text in files.items():
+        write_text(workdir / name, text)
+    return workdir / "report.html"
 
 
 def _robust_on(pipeline, data: dict | None = None) -> str:

@@ -1,0 +1,104 @@
+"""Model families: RoBERTa and XLM-RoBERTa against transformers' PyTorch classes (tiny random configs saved
+with save_pretrained, a byte-level BPE tokenizer trained offline), loaded, predicted, saved back and reloaded
+by transformers; a fine-tune through the command line predicts and exports like BERT."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import overrides
+
+from jaxopt_llm import cli, inference, models
+from jaxopt_llm.serving.artifact import Artifact
+
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "a man is eating food", "what a lovely day it is",
+             "the service was slow and the food cold", "love this airline", "worst flight ever, lost my bag"]
+TINY = dict(vocab_size=300, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
+            max_position_embeddings=40, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            initializer_range=0.1)
+CLASSES = {"roberta": ("RobertaConfig", "Roberta"), "xlm-roberta": ("XLMRobertaConfig", "XLMRoberta")}
+HEADS = {"base": "Model", "masked-lm": "ForMaskedLM", "sequence-classification": "ForSequenceClassification"}
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A byte-level BPE of 300 tokens trained here, as a RobertaTokenizer (<s>=0, <pad>=1, </s>=2, <mask>=4)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    folder = tmp_path_factory.mktemp("bpe")
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(SENTENCES * 20, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.save_model(str(folder))
+    return transformers.RobertaTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+
+
+def hf(family: str, task: str, seed: int = 0, **changes):
+    config_cls, prefix = CLASSES[family]
+    config = getattr(transformers, config_cls)(**{**TINY, "num_labels": 3, **changes})
+    torch.manual_seed(seed)
+    return getattr(transformers, prefix + HEADS[task])(config).eval()
+
+
+def torch_out(model, task, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    return out.last_hidden_state.numpy() if task == "base" else out.logits.numpy()
+
+
+def batch(tokenizer):
+    enc = tokenizer(SENTENCES[:4], padding=True)  # rows of different lengths: padding in three of them
+    return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
+
+
+@pytest.mark.parametrize("family", list(CLASSES))
+@pytest.mark.parametrize("task", list(HEADS))
+def test_parity_and_round_trip_with_transformers(family, task, bpe, tmp_path):
+    ref = hf(family, task)
+    ref.save_pretrained(tmp_path / "hf")
+    bpe.save_pretrained(tmp_path / "hf")
+    ids, mask = batch(bpe)
+    assert (mask == 0).any()
+    ours = models.from_pretrained(tmp_path / "hf", task)
+    assert type(ours).__name__ == CLASSES[family][1] and models.of_model(ours).model_type == family
+    np.testing.assert_allclose(np.asarray(ours(ids, attention_mask=mask)), torch_out(ref, task, ids, mask),
+                               atol=1e-5)
+    models.save_pretrained(ours, tmp_path / "ours")  # back to transformers, which reloads it exactly
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == [CLASSES[family][1] + HEADS[task]]
+    again = getattr(transformers, CLASSES[family][1] + HEADS[task]).from_pretrained(tmp_path / "ours").eval()
+    np.testing.assert_allclose(torch_out(again, task, ids, mask), torch_out(ref, task, ids, mask), atol=1e-6)
+
+
+def test_roberta_cuts_texts_at_its_usable_positions_and_predicts_as_transformers(bpe, tmp_path):
+    ref = hf("roberta", "sequence-classification", seed=1)
+    ref.save_pretrained(tmp_path / "hf")
+    bpe.save_pretrained(tmp_path / "hf")
+    model = inference.load(tmp_path / "hf")
+    assert model.kind == "classifier" and model.max_length == TINY["max_position_embeddings"] - 2
+    texts = [" ".join(SENTENCES)] + SENTENCES[:3]  # the first longer than the 38 tokens the positions allow
+    enc = bpe(texts, truncation=True, max_length=38, padding=True, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == 38
+    with torch.no_grad():
+        expected = ref(**enc).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(model.probs(texts), expected, atol=1e-5)
+
+
+def test_a_roberta_finetune_runs_predicts_and_exports(bpe, setup, tmp_path, capsys):
+    hf("roberta", "base", seed=2).save_pretrained(tmp_path / "hf")
+    bpe.save_pretrained(tmp_path / "hf")
+    items = overrides(setup, **{"model.name_or_path": tmp_path / "hf", "train.steps": 2, "data.max_length": 24})
+    cli.main(["finetune", "--workdir", str(tmp_path / "run"), *items])
+    capsys.readouterr()
+    texts = ["love this airline", " ".join(SENTENCES)]
+    cli.main(["predict", "classify", "--model", str(tmp_path / "run"), *texts])
+    printed = [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()]
+    reloaded = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path / "run" / "model").eval()
+    enc = bpe(texts, truncation=True, max_length=24, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(printed, reloaded(**enc).logits.softmax(-1).numpy(), atol=1e-5)
+    cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "art")])
+    art = Artifact.load(tmp_path / "art")
+    assert art.manifest["max_length"] == 24 and art.manifest["special"]["pad"] == 1
+    np.testing.assert_allclose(art.predict(texts)[0], printed, atol=1e-5)
