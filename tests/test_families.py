@@ -1,4 +1,4 @@
-"""Model families: RoBERTa and XLM-RoBERTa against transformers' PyTorch classes (tiny random configs saved
+"""Model families: RoBERTa, XLM-RoBERTa and DistilBERT against transformers' PyTorch classes (tiny random configs saved
 with save_pretrained, a byte-level BPE tokenizer trained offline), loaded, predicted, saved back and reloaded
 by transformers; a fine-tune through the command line predicts and exports like BERT."""
 
@@ -18,7 +18,10 @@ SENTENCES = ["the quick brown fox jumps over the lazy dog", "a man is eating foo
 TINY = dict(vocab_size=300, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
             max_position_embeddings=40, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
             initializer_range=0.1)
-CLASSES = {"roberta": ("RobertaConfig", "Roberta"), "xlm-roberta": ("XLMRobertaConfig", "XLMRoberta")}
+CLASSES = {"roberta": ("RobertaConfig", "Roberta"), "xlm-roberta": ("XLMRobertaConfig", "XLMRoberta"),
+           "distilbert": ("DistilBertConfig", "DistilBert")}
+DISTIL_NAMES = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                "intermediate_size": "hidden_dim"}
 HEADS = {"base": "Model", "masked-lm": "ForMaskedLM", "sequence-classification": "ForSequenceClassification"}
 
 
@@ -36,7 +39,10 @@ def bpe(tmp_path_factory):
 
 def hf(family: str, task: str, seed: int = 0, **changes):
     config_cls, prefix = CLASSES[family]
-    config = getattr(transformers, config_cls)(**{**TINY, "num_labels": 3, **changes})
+    fields = {**TINY, "num_labels": 3, **changes}
+    if family == "distilbert":  # its own names, and its pad id is BERT's
+        fields = {DISTIL_NAMES.get(k, k): v for k, v in fields.items() if k != "type_vocab_size"}
+    config = getattr(transformers, config_cls)(**fields)
     torch.manual_seed(seed)
     return getattr(transformers, prefix + HEADS[task])(config).eval()
 
@@ -85,8 +91,9 @@ def test_roberta_cuts_texts_at_its_usable_positions_and_predicts_as_transformers
     np.testing.assert_allclose(model.probs(texts), expected, atol=1e-5)
 
 
-def test_a_roberta_finetune_runs_predicts_and_exports(bpe, setup, tmp_path, capsys):
-    hf("roberta", "base", seed=2).save_pretrained(tmp_path / "hf")
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_a_finetune_of_another_family_runs_predicts_and_exports(family, bpe, setup, tmp_path, capsys):
+    hf(family, "base", seed=2).save_pretrained(tmp_path / "hf")
     bpe.save_pretrained(tmp_path / "hf")
     items = overrides(setup, **{"model.name_or_path": tmp_path / "hf", "train.steps": 2, "data.max_length": 24})
     cli.main(["finetune", "--workdir", str(tmp_path / "run"), *items])
@@ -94,7 +101,8 @@ def test_a_roberta_finetune_runs_predicts_and_exports(bpe, setup, tmp_path, caps
     texts = ["love this airline", " ".join(SENTENCES)]
     cli.main(["predict", "classify", "--model", str(tmp_path / "run"), *texts])
     printed = [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()]
-    reloaded = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path / "run" / "model").eval()
+    cls = getattr(transformers, CLASSES[family][1] + HEADS["sequence-classification"])
+    reloaded = cls.from_pretrained(tmp_path / "run" / "model").eval()
     enc = bpe(texts, truncation=True, max_length=24, padding=True, return_tensors="pt")
     with torch.no_grad():
         np.testing.assert_allclose(printed, reloaded(**enc).logits.softmax(-1).numpy(), atol=1e-5)
@@ -102,3 +110,19 @@ def test_a_roberta_finetune_runs_predicts_and_exports(bpe, setup, tmp_path, caps
     art = Artifact.load(tmp_path / "art")
     assert art.manifest["max_length"] == 24 and art.manifest["special"]["pad"] == 1
     np.testing.assert_allclose(art.predict(texts)[0], printed, atol=1e-5)
+
+
+def test_a_roberta_teacher_distils_into_a_roberta_student(bpe, setup, tmp_path):
+    hf("roberta", "sequence-classification", seed=3, id2label={0: "negative", 1: "neutral", 2: "positive"},
+       label2id={"negative": 0, "neutral": 1, "positive": 2}).save_pretrained(tmp_path / "teacher")
+    bpe.save_pretrained(tmp_path / "teacher")
+    items = overrides(setup, **{"model.name_or_path": tmp_path / "teacher", "train.steps": 2, "data.max_length": 24})
+    cli.main(["distill", "--workdir", str(tmp_path / "kd"), *items, f"distill.teacher={tmp_path / 'teacher'}",
+              "distill.student_layers=1"])
+    config = json.loads((tmp_path / "kd" / "model" / "config.json").read_text())
+    assert config["model_type"] == "roberta" and config["num_hidden_layers"] == 1
+    student = transformers.RobertaForSequenceClassification.from_pretrained(tmp_path / "kd" / "model").eval()
+    ours = inference.load(tmp_path / "kd")
+    enc = bpe(SENTENCES[:3], truncation=True, max_length=24, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(ours.probs(SENTENCES[:3]), student(**enc).logits.softmax(-1).numpy(), atol=1e-5)

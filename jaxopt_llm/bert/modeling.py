@@ -85,8 +85,9 @@ class BertConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"BertConfig.{name}={value!r}: must be a positive integer.")
+            low = 0 if name == "type_vocab_size" else 1  # 0: no token types (DistilBERT)
+            if not isinstance(value, int) or value < low:
+                raise UserError(f"{type(self).__name__}.{name}={value!r}: must be an integer >= {low}.")
         if self.hidden_size % self.num_attention_heads:
             raise UserError(
                 f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
@@ -251,7 +252,7 @@ class Embeddings(nnx.Module):
     def __init__(self, cfg: BertConfig, make: _Factory):
         self.word = make.embed(cfg.vocab_size)
         self.position = make.embed(cfg.max_position_embeddings)
-        self.token_type = make.embed(cfg.type_vocab_size)
+        self.token_type = make.embed(cfg.type_vocab_size) if cfg.type_vocab_size else None
         self.norm = make.norm()
 
 
@@ -440,7 +441,9 @@ class Bert(nnx.Module):
         if attention_mask_bt is None:
             attention_mask_bt = jnp.ones((b, t), jnp.int32)
         emb = self.embeddings
-        x = word_embeddings_btd + emb.position(position_ids_bt) + emb.token_type(token_type_ids_bt)
+        x = word_embeddings_btd + emb.position(position_ids_bt)
+        if emb.token_type is not None:
+            x = x + emb.token_type(token_type_ids_bt)
         keys = _keys(dropout_key, cfg.num_hidden_layers + 1)
         x = dropout(emb.norm(x), cfg.hidden_dropout_prob, keys[0], deterministic, cfg.dropout_rng)
         mask_b1qt = attention_mask_bt[:, None, None, :] if attention_mask_bt.ndim == 2 else attention_mask_bt[:, None]

@@ -1,4 +1,4 @@
-"""Model families keyed by Hugging Face `model_type` (BERT, RoBERTa, XLM-RoBERTa), and the checkpoint and
+"""Model families keyed by Hugging Face `model_type` (BERT, RoBERTa, XLM-RoBERTa, DistilBERT), and the checkpoint and
 tokenizer handling every family shares. Nothing outside a family's own folder names the family: load with
 `from_pretrained` (the family comes from config.json), save with `save_pretrained`.
 

@@ -13,6 +13,7 @@ _FAMILIES: dict[str, Any] = {
     "bert": "jaxopt_llm.bert.params:FAMILY",
     "roberta": "jaxopt_llm.models.roberta.params:ROBERTA",
     "xlm-roberta": "jaxopt_llm.models.roberta.params:XLM_ROBERTA",
+    "distilbert": "jaxopt_llm.models.distilbert.params:DISTILBERT",
 }
 
 

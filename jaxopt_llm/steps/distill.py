@@ -102,7 +102,7 @@ def init_student(teacher: Bert, config: BertConfig, init: str, seed: int, head: 
     """A student with `head` (default: the teacher's): "teacher-layers" copies embeddings, every k-th layer,
     and the pooler and heads both have from the teacher (DistilBERT); "random" is a fresh initialisation
     from `seed`."""
-    student = Bert(config, head or teacher.task, rngs=nnx.Rngs(seed))
+    student = type(teacher)(config, head or teacher.task, rngs=nnx.Rngs(seed))  # the teacher's family
     if init == "random":
         return student
     if init != "teacher-layers":
