@@ -1,4 +1,5 @@
-"""Model families: RoBERTa, XLM-RoBERTa and DistilBERT against transformers' PyTorch classes (tiny random configs saved
+"""Model families: RoBERTa, XLM-RoBERTa, DistilBERT and ELECTRA (with and without the embedding projection)
+against transformers' PyTorch classes (tiny random configs saved
 with save_pretrained, a byte-level BPE tokenizer trained offline), loaded, predicted, saved back and reloaded
 by transformers; a fine-tune through the command line predicts and exports like BERT."""
 
@@ -19,7 +20,8 @@ TINY = dict(vocab_size=300, hidden_size=24, num_hidden_layers=2, num_attention_h
             max_position_embeddings=40, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
             initializer_range=0.1)
 CLASSES = {"roberta": ("RobertaConfig", "Roberta"), "xlm-roberta": ("XLMRobertaConfig", "XLMRoberta"),
-           "distilbert": ("DistilBertConfig", "DistilBert")}
+           "distilbert": ("DistilBertConfig", "DistilBert"), "electra": ("ElectraConfig", "Electra"),
+           "electra-projected": ("ElectraConfig", "Electra")}
 DISTIL_NAMES = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
                 "intermediate_size": "hidden_dim"}
 HEADS = {"base": "Model", "masked-lm": "ForMaskedLM", "sequence-classification": "ForSequenceClassification"}
@@ -40,8 +42,12 @@ def bpe(tmp_path_factory):
 def hf(family: str, task: str, seed: int = 0, **changes):
     config_cls, prefix = CLASSES[family]
     fields = {**TINY, "num_labels": 3, **changes}
-    if family == "distilbert":  # its own names, and its pad id is BERT's
+    if family == "distilbert":  # its own names
         fields = {DISTIL_NAMES.get(k, k): v for k, v in fields.items() if k != "type_vocab_size"}
+    if family == "electra-projected":  # embeddings narrower than the hidden size: projected
+        fields["embedding_size"] = 12
+    if family.startswith("electra"):
+        fields["type_vocab_size"] = 2
     config = getattr(transformers, config_cls)(**fields)
     torch.manual_seed(seed)
     return getattr(transformers, prefix + HEADS[task])(config).eval()
@@ -67,12 +73,14 @@ def test_parity_and_round_trip_with_transformers(family, task, bpe, tmp_path):
     ids, mask = batch(bpe)
     assert (mask == 0).any()
     ours = models.from_pretrained(tmp_path / "hf", task)
-    assert type(ours).__name__ == CLASSES[family][1] and models.of_model(ours).model_type == family
+    assert type(ours).__name__ == CLASSES[family][1]
+    assert models.of_model(ours).model_type == family.replace("-projected", "")
     np.testing.assert_allclose(np.asarray(ours(ids, attention_mask=mask)), torch_out(ref, task, ids, mask),
                                atol=1e-5)
     models.save_pretrained(ours, tmp_path / "ours")  # back to transformers, which reloads it exactly
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
-    assert config["model_type"] == family and config["architectures"] == [CLASSES[family][1] + HEADS[task]]
+    assert config["model_type"] == family.replace("-projected", "")
+    assert config["architectures"] == [CLASSES[family][1] + HEADS[task]]
     again = getattr(transformers, CLASSES[family][1] + HEADS[task]).from_pretrained(tmp_path / "ours").eval()
     np.testing.assert_allclose(torch_out(again, task, ids, mask), torch_out(ref, task, ids, mask), atol=1e-6)
 
@@ -91,7 +99,7 @@ def test_roberta_cuts_texts_at_its_usable_positions_and_predicts_as_transformers
     np.testing.assert_allclose(model.probs(texts), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "electra-projected"])
 def test_a_finetune_of_another_family_runs_predicts_and_exports(family, bpe, setup, tmp_path, capsys):
     hf(family, "base", seed=2).save_pretrained(tmp_path / "hf")
     bpe.save_pretrained(tmp_path / "hf")

@@ -76,7 +76,7 @@ class BertConfig:
     #                            (compile time grows with depth again; the README's Speed options: measured)
     attention: str = "auto"  # auto: jax.nn.dot_product_attention when no attention dropout or probabilities
     #                          are needed (cuDNN on GPU, XLA elsewhere) | manual: always the explicit softmax
-    dropout_rng: str = "hash"  # masks' random words: hash (`hash_bits`) | threefry (`jax.random.bits`, the earlier default)
+    dropout_rng: str = "hash"  # masks' random words: hash (`hash_bits`) | threefry (`jax.random.bits`, earlier)
 
     MODEL_TYPE: ClassVar[str] = "bert"  # the HF model_type this config reads and writes
     HF_CONFIG: ClassVar[str] = "BertConfig"
@@ -239,21 +239,23 @@ class _Factory:
         return Linear(n_in, n_out, kernel_init=self.init, dtype=self.cfg.dtype,
                           param_dtype=self.cfg.param_dtype, rngs=self.rngs)
 
-    def norm(self) -> nnx.LayerNorm:
-        return nnx.LayerNorm(self.cfg.hidden_size, epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype,
+    def norm(self, width: int | None = None) -> nnx.LayerNorm:
+        return nnx.LayerNorm(width or self.cfg.hidden_size, epsilon=self.cfg.layer_norm_eps, dtype=self.cfg.dtype,
                              param_dtype=self.cfg.param_dtype, use_fast_variance=False, rngs=self.rngs)
 
-    def embed(self, n: int) -> nnx.Embed:
-        return nnx.Embed(n, self.cfg.hidden_size, embedding_init=self.init, dtype=self.cfg.dtype,
+    def embed(self, n: int, width: int | None = None) -> nnx.Embed:
+        return nnx.Embed(n, width or self.cfg.hidden_size, embedding_init=self.init, dtype=self.cfg.dtype,
                          param_dtype=self.cfg.param_dtype, rngs=self.rngs)
 
 
 class Embeddings(nnx.Module):
-    def __init__(self, cfg: BertConfig, make: _Factory):
-        self.word = make.embed(cfg.vocab_size)
-        self.position = make.embed(cfg.max_position_embeddings)
-        self.token_type = make.embed(cfg.type_vocab_size) if cfg.type_vocab_size else None
-        self.norm = make.norm()
+    """Word, position and token-type tables and their LayerNorm, `width` wide (default: the hidden size)."""
+
+    def __init__(self, cfg: BertConfig, make: _Factory, width: int | None = None):
+        self.word = make.embed(cfg.vocab_size, width)
+        self.position = make.embed(cfg.max_position_embeddings, width)
+        self.token_type = make.embed(cfg.type_vocab_size, width) if cfg.type_vocab_size else None
+        self.norm = make.norm(width)
 
 
 class Attention(nnx.Module):
@@ -361,12 +363,13 @@ class Layer(nnx.Module):
 
 
 class MaskedLMHead(nnx.Module):
-    """transform -> activation -> LayerNorm -> decoder tied to the word embeddings (+ bias)."""
+    """transform -> activation -> LayerNorm -> decoder tied to the word embeddings (+ bias); `width`: the word
+    embeddings' (default: the hidden size)."""
 
-    def __init__(self, cfg: BertConfig, make: _Factory):
+    def __init__(self, cfg: BertConfig, make: _Factory, width: int | None = None):
         self.cfg = cfg
-        self.transform = make.linear(cfg.hidden_size, cfg.hidden_size)
-        self.norm = make.norm()
+        self.transform = make.linear(cfg.hidden_size, width or cfg.hidden_size)
+        self.norm = make.norm(width)
         self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.param_dtype))
 
     def __call__(self, x_bd, word_embedding_vd):
@@ -445,7 +448,7 @@ class Bert(nnx.Module):
         if emb.token_type is not None:
             x = x + emb.token_type(token_type_ids_bt)
         keys = _keys(dropout_key, cfg.num_hidden_layers + 1)
-        x = dropout(emb.norm(x), cfg.hidden_dropout_prob, keys[0], deterministic, cfg.dropout_rng)
+        x = self.project(dropout(emb.norm(x), cfg.hidden_dropout_prob, keys[0], deterministic, cfg.dropout_rng))
         mask_b1qt = attention_mask_bt[:, None, None, :] if attention_mask_bt.ndim == 2 else attention_mask_bt[:, None]
         bias_b1qt = jnp.where(mask_b1qt > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
         last = cfg.num_hidden_layers - 1
@@ -458,6 +461,10 @@ class Bert(nnx.Module):
         if collect is not None:
             collect["hidden"], collect["attention"] = hidden, attention
         return x
+
+    def project(self, x_bte: jax.Array) -> jax.Array:
+        """Embeddings into the encoder's width (identity here; ELECTRA projects narrower embeddings)."""
+        return x_bte
 
     def positions(self, attention_mask, position_ids, b: int, t: int) -> jax.Array:
         """Position ids (b, t): 0 .. t-1, or the caller's."""

@@ -124,7 +124,8 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_
     hf = read_config(folder)
     family = registry.of_config(hf, str(folder))
     if task not in family.architectures:
-        raise CheckpointError(f"task={task!r}: a {family.model_type} model has the tasks {sorted(family.architectures)}.")
+        raise CheckpointError(f"task={task!r}: a {family.model_type} model has the tasks "
+                              f"{sorted(family.architectures)}.")
     changes = {"dtype": dtype, "param_dtype": param_dtype, **config_changes}
     if num_labels is not None:
         changes["num_labels"] = num_labels

@@ -43,7 +43,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             if (candidate / "config.json").is_file():
                 return paths.local_copy(candidate)
         if (remote / "members" / "0" / "config.json").is_file():
-            raise CheckpointError(f"{name_or_path!s} is an ensemble run: name a member, e.g. {remote / 'members' / '0'}.")
+            raise CheckpointError(f"{name_or_path!s} is an ensemble run: name a member, e.g. "
+                                  f"{remote / 'members' / '0'}.")
         raise CheckpointError(f"{name_or_path!s} holds no model (config.json, or a run folder's model/).")
     path = Path(name_or_path).expanduser()
     if path.is_dir():

@@ -14,6 +14,7 @@ _FAMILIES: dict[str, Any] = {
     "roberta": "jaxopt_llm.models.roberta.params:ROBERTA",
     "xlm-roberta": "jaxopt_llm.models.roberta.params:XLM_ROBERTA",
     "distilbert": "jaxopt_llm.models.distilbert.params:DISTILBERT",
+    "electra": "jaxopt_llm.models.electra.params:ELECTRA",
 }
 
 

@@ -1,0 +1,86 @@
+"""ELECTRA in Flax NNX: BERT's layers (the same computation) with
+
+- embeddings `embedding_size` wide, LayerNorm'd there, then projected to the hidden size when the two differ
+  (`embeddings_project`);
+- the classification head dense -> GELU -> out_proj on [CLS], dropout before and after the dense (our
+  `pooler` is its dense, our `classifier` its out_proj) -- a discriminator fine-tunes with it;
+- the generator's masked-LM head: dense to the embedding size -> activation -> LayerNorm -> the word
+  embeddings tied as decoder, plus a bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxopt_llm.bert.modeling import (
+    Bert,
+    BertConfig,
+    Embeddings,
+    MaskedLMHead,
+    _check_dropout_key,
+    _erf_gelu,
+    _Factory,
+    _keys,
+    dropout,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElectraConfig(BertConfig):
+    embedding_size: int | None = None  # None: the hidden size (no projection)
+
+    MODEL_TYPE: ClassVar[str] = "electra"
+    HF_CONFIG: ClassVar[str] = "ElectraConfig"
+
+    @property
+    def embedding_width(self) -> int:
+        return self.embedding_size or self.hidden_size
+
+    @classmethod
+    def from_hf_config(cls, hf: Any, **changes: Any) -> ElectraConfig:
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        config = super().from_hf_config(d, **changes)
+        size = d.get("embedding_size")
+        return config.replace(embedding_size=None if size in (None, config.hidden_size) else int(size))
+
+    def to_hf_config(self, architectures: tuple[str, ...] = ()) -> Any:
+        hf = super().to_hf_config(architectures)
+        hf.embedding_size = self.embedding_width
+        return hf
+
+
+class Electra(Bert):
+    """`Bert` with ELECTRA's embeddings, classification head and generator head; tasks base, masked-lm and
+    sequence-classification."""
+
+    def __init__(self, config: ElectraConfig, task: str = "base", *, rngs: nnx.Rngs):
+        super().__init__(config, task, rngs=rngs)
+        width = config.embedding_width
+        make = _Factory(config, rngs)
+        if width != config.hidden_size:
+            self.embeddings = Embeddings(config, make, width)
+            self.embeddings_project = make.linear(width, config.hidden_size)
+            if self.mlm is not None:
+                self.mlm = MaskedLMHead(config, make, width)
+        else:
+            self.embeddings_project = None
+        if task == "base":
+            self.pooler = None  # ElectraModel has none
+
+    def project(self, x_bte: jax.Array) -> jax.Array:
+        return x_bte if self.embeddings_project is None else self.embeddings_project(x_bte)
+
+    def classify_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
+                        dropout_key: jax.Array | None = None) -> jax.Array:
+        _check_dropout_key(deterministic, dropout_key)
+        cfg = self.config
+        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        k_in, k_out = _keys(dropout_key, 2)
+        x = dropout(hidden_btd[:, 0], rate, k_in, deterministic, cfg.dropout_rng)
+        x = dropout(_erf_gelu(self.pooler(x)), rate, k_out, deterministic, cfg.dropout_rng)
+        return self.classifier(x).astype(jnp.float32)

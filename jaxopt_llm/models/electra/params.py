@@ -1,0 +1,31 @@
+"""ELECTRA's Hugging Face key table: the encoder's keys are BERT's under "electra.", plus the embedding
+projection and ELECTRA's heads."""
+
+from __future__ import annotations
+
+from jaxopt_llm.bert.params import _TABLE as _BERT_TABLE
+from jaxopt_llm.models.electra.modeling import Electra, ElectraConfig
+from jaxopt_llm.models.family import Family
+
+_ENCODER = tuple(row for row in _BERT_TABLE if not row[0].startswith(("cls.", "classifier.", "pooler.")))
+_TABLE = _ENCODER + (
+    ("embeddings_project.weight", "embeddings_project.kernel", True),
+    ("embeddings_project.bias", "embeddings_project.bias", False),
+    ("classifier.dense.weight", "pooler.kernel", True),  # ElectraClassificationHead: dense -> GELU -> out_proj
+    ("classifier.dense.bias", "pooler.bias", False),
+    ("classifier.out_proj.weight", "classifier.kernel", True),
+    ("classifier.out_proj.bias", "classifier.bias", False),
+    ("generator_predictions.dense.weight", "mlm.transform.kernel", True),
+    ("generator_predictions.dense.bias", "mlm.transform.bias", False),
+    ("generator_predictions.LayerNorm.weight", "mlm.norm.scale", False),
+    ("generator_predictions.LayerNorm.bias", "mlm.norm.bias", False),
+    ("generator_lm_head.bias", "mlm.bias", False),
+)
+
+ELECTRA = Family(
+    model_type="electra", config=ElectraConfig, module=Electra, table=_TABLE, prefix="electra.",
+    head_keys=("classifier.", "generator_", "discriminator_"),
+    derived=("embeddings.position_ids", "embeddings.token_type_ids", "generator_lm_head.weight"),
+    heads=("pooler", "mlm", "classifier"),
+    architectures={"base": "ElectraModel", "masked-lm": "ElectraForMaskedLM",
+                   "sequence-classification": "ElectraForSequenceClassification"})
