@@ -134,3 +134,69 @@ def test_a_roberta_teacher_distils_into_a_roberta_student(bpe, setup, tmp_path):
     enc = bpe(SENTENCES[:3], truncation=True, max_length=24, padding=True, return_tensors="pt")
     with torch.no_grad():
         np.testing.assert_allclose(ours.probs(SENTENCES[:3]), student(**enc).logits.softmax(-1).numpy(), atol=1e-5)
+
+
+def test_a_family_registered_from_outside_trains_predicts_and_exports(setup, tmp_path, capsys):
+    """A toy variant of BERT (its own model_type, config and module classes) registered by this test: the
+    package is not changed, and fine-tune, predict, save and export all take it."""
+    import dataclasses
+    from typing import ClassVar
+
+    from conftest import TINY as BERT_TINY
+
+    from jaxopt_llm.bert.modeling import Bert, BertConfig
+    from jaxopt_llm.bert.params import FAMILY as BERT
+
+    class ToyHF(transformers.BertConfig):
+        model_type = "toy-bert"
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyConfig(BertConfig):
+        MODEL_TYPE: ClassVar[str] = "toy-bert"
+
+        def to_hf_config(self, architectures=()):
+            return ToyHF(**super().to_hf_config(architectures).to_dict())
+
+    class ToyBert(Bert):
+        pass
+
+    models.register(dataclasses.replace(BERT, model_type="toy-bert", config=ToyConfig, module=ToyBert))
+    tok = transformers.AutoTokenizer.from_pretrained(setup / "model")
+    ref = transformers.BertForSequenceClassification(transformers.BertConfig(
+        **{**BERT_TINY, "vocab_size": tok.vocab_size, "max_position_embeddings": 64, "num_labels": 3}))
+    ref.save_pretrained(tmp_path / "toy")
+    tok.save_pretrained(tmp_path / "toy")
+    config = json.loads((tmp_path / "toy" / "config.json").read_text())
+    (tmp_path / "toy" / "config.json").write_text(json.dumps({**config, "model_type": "toy-bert"}))
+    assert type(models.from_pretrained(tmp_path / "toy", "sequence-classification")) is ToyBert
+    cli.main(["finetune", "--workdir", str(tmp_path / "run"), *overrides(setup, **{
+        "model.name_or_path": tmp_path / "toy", "train.steps": 2})])
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["model_type"] == "toy-bert"
+    capsys.readouterr()
+    cli.main(["predict", "classify", "--model", str(tmp_path / "run"), "love this airline", "lost my bag"])
+    printed = [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()]
+    cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "art")])
+    np.testing.assert_allclose(Artifact.load(tmp_path / "art").predict(["love this airline", "lost my bag"])[0],
+                               printed, atol=1e-5)
+
+
+def test_adversarial_ensemble_prompt_and_sweep_take_a_roberta(bpe, setup, tmp_path, capsys):
+    hf("roberta", "masked-lm", seed=4).save_pretrained(tmp_path / "hf")
+    bpe.save_pretrained(tmp_path / "hf")
+    base = overrides(setup, **{"model.name_or_path": tmp_path / "hf", "train.steps": 2, "data.max_length": 24})
+    cli.main(["adversarial", "--workdir", str(tmp_path / "adv"), *base, "adversarial.epsilon=0.01"])
+    cli.main(["finetune", "--workdir", str(tmp_path / "ens"), *base, "method=ensemble", "ensemble.members=2"])
+    cli.main(["prompt", "--workdir", str(tmp_path / "prompt"), *base, "prompt.pattern={text} It was [MASK].",
+              "prompt.verbalizer=negative=bad;neutral=okay;positive=great"])
+    for run, kind in (("adv", "classifier"), ("ens", "ensemble"), ("prompt", "prompt")):
+        model = inference.load(tmp_path / run)
+        assert (model.kind, model.max_length) == (kind, 24)
+        probs = model.probs(SENTENCES[:3])
+        assert probs.shape == (3, 3) and np.allclose(probs.sum(-1), 1, atol=1e-5)
+    members = inference.load(tmp_path / "ens").member_probs(SENTENCES[:3])  # each member a RoBERTa
+    one = inference.load(tmp_path / "ens" / "members" / "0", max_length=24).probs(SENTENCES[:3])
+    np.testing.assert_allclose(members[0], one, atol=1e-5)
+    capsys.readouterr()
+    cli.main(["sweep", "eval", "--model", str(tmp_path / "adv"), "--data", str(setup / "tweets.csv"),
+              "data.label_column=sentiment", "temperature=1,2"])
+    assert "2 temperature(s)" in capsys.readouterr().out
