@@ -80,20 +80,24 @@ def _hf_config(c: BenchConfig):
                                    max_position_embeddings=max(512, c.seq), num_labels=2)
 
 
-def torch_step(c: BenchConfig, task: str) -> Callable[[], None]:
-    """transformers BertForSequenceClassification / BertForMaskedLM + torch.optim.AdamW, one step."""
+def torch_step(c: BenchConfig, task: str, model: Any = None) -> Callable[[], None]:
+    """transformers BertForSequenceClassification / BertForMaskedLM (or `model`, of any family) +
+    torch.optim.AdamW, one step."""
     import torch
     import transformers
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    cls = transformers.BertForSequenceClassification if task == "classify" else transformers.BertForMaskedLM
-    model = cls(_hf_config(c)).train()
+    if model is None:
+        cls = transformers.BertForSequenceClassification if task == "classify" else transformers.BertForMaskedLM
+        model = cls(_hf_config(c))
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     b = _batch(c)
     ids = torch.tensor(b["input_ids"], dtype=torch.long)
-    inputs = {"input_ids": ids, "attention_mask": torch.tensor(b["attention_mask"]),
-              "token_type_ids": torch.tensor(b["token_type_ids"])}
+    inputs = {"input_ids": ids, "attention_mask": torch.tensor(b["attention_mask"])}
+    if getattr(model.config, "type_vocab_size", 0):  # DistilBERT has no token types
+        inputs["token_type_ids"] = torch.tensor(b["token_type_ids"])
     if task == "classify":
         labels = torch.tensor(b["labels"], dtype=torch.long)
     else:
@@ -143,9 +147,9 @@ def _task(c: BenchConfig, name: str):
     return ClassificationTask()
 
 
-def _recipe(c: BenchConfig, method: str, task, options=None, layers: int | None = None):
+def _recipe(c: BenchConfig, method: str, task, options=None, layers: int | None = None, load=None):
     """A method's recipe from the registry, on a random model of the bench's config (as `train` builds it
-    from a checkpoint)."""
+    from a checkpoint), or on what `load(ref, head, seed)` gives."""
     from flax import nnx
 
     from jaxopt_llm import optim, recipes
@@ -155,8 +159,8 @@ def _recipe(c: BenchConfig, method: str, task, options=None, layers: int | None 
     entry = recipes.get(method)
     tx = optim.make(TrainConfig(learning_rate=1e-4, warmup_steps=0, steps=1000, weight_decay=0.0))
     ctx = recipes.Context(task=task, tx=tx, seed=0, model="random",
-                          load=lambda ref, head=None, seed=None: Bert(_bert_config(c, layers), head or task.head,
-                                                                      rngs=nnx.Rngs(seed or 0)))
+                          load=load or (lambda ref, head=None, seed=None: Bert(
+                              _bert_config(c, layers), head or task.head, rngs=nnx.Rngs(seed or 0))))
     return entry.build(ctx, options if options is not None else entry.options())
 
 
@@ -426,7 +430,47 @@ def cold_start_row(c: BenchConfig) -> dict:
             "unit": "s", "ratio": seconds[0] / seconds[1], "target": "reference = 1st call, empty compilation cache"}
 
 
-TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "cold-start")
+TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "cold-start", "families")
+# the other families' classification steps against their own transformers classes (HF config class, model class)
+FAMILY_CLASSES = {"roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
+                  "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification"),
+                  "electra": ("ElectraConfig", "ElectraForSequenceClassification")}
+
+
+def family_rows(c: BenchConfig) -> list[dict]:
+    """A classification train step per family (the bench's sizes, random weights): ours, loaded through the
+    family registry from the checkpoint transformers saved, against that transformers class, interleaved."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import torch
+    import transformers
+
+    from jaxopt_llm import models
+
+    rows = []
+    for family, (config_name, class_name) in FAMILY_CLASSES.items():
+        sizes = {"vocab_size": c.vocab, "hidden_size": c.hidden, "num_hidden_layers": c.layers,
+                 "num_attention_heads": c.heads, "intermediate_size": c.ffn, "num_labels": 2,
+                 "max_position_embeddings": max(512, c.seq) + 2}
+        if family == "distilbert":
+            sizes = {{"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                      "intermediate_size": "hidden_dim"}.get(k, k): v for k, v in sizes.items()}
+        torch.manual_seed(0)
+        model = getattr(transformers, class_name)(getattr(transformers, config_name)(**sizes))
+        folder = Path(tempfile.mkdtemp(prefix=f"bench-{family}-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        model.save_pretrained(folder)
+
+        def load(ref, head=None, seed=None, folder=folder):
+            return models.from_pretrained(folder, head or "sequence-classification", dtype=c.dtype)
+
+        ours, theirs = _time_pair(_stepper(_recipe(c, "clean", _task(c, "classify"), load=load), c),
+                                  torch_step(c, "classify", model), c.steps, c.warmup)
+        rows.append({"row": f"train step: classify, {family}", "ours": ours * 1e3, "reference": theirs * 1e3,
+                     "unit": "ms", "ratio": theirs / ours, "target": ">= 1.1x (as BERT's)"})
+    return rows
 
 
 def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversarial", "distill"),
@@ -464,6 +508,8 @@ def _task_rows(c: BenchConfig, task: str, log: Callable[[str], None]) -> list[di
         return [predict_row(c)]
     if task == "cold-start":
         return [cold_start_row(c)]
+    if task == "families":
+        return family_rows(c)
     if task == "ensemble":  # its budget: N of our single clean steps (timed in interleaved rounds with it)
         from jaxopt_llm.steps.ensemble import EnsembleOptions
 
