@@ -200,3 +200,52 @@ def test_adversarial_ensemble_prompt_and_sweep_take_a_roberta(bpe, setup, tmp_pa
     cli.main(["sweep", "eval", "--model", str(tmp_path / "adv"), "--data", str(setup / "tweets.csv"),
               "data.label_column=sentiment", "temperature=1,2"])
     assert "2 temperature(s)" in capsys.readouterr().out
+
+
+DEBERTA = {  # tiny versions of the two configurations in use
+    "v3": dict(relative_attention=True, position_buckets=8, max_relative_positions=-1, share_att_key=True,
+               pos_att_type="p2c|c2p", position_biased_input=False, norm_rel_ebd="layer_norm", type_vocab_size=0),
+    "v2": dict(relative_attention=True, position_buckets=-1, max_relative_positions=16, share_att_key=False,
+               pos_att_type="c2p|p2c", position_biased_input=True, norm_rel_ebd="none", type_vocab_size=2,
+               embedding_size=12),
+}
+
+
+@pytest.mark.parametrize("variant", list(DEBERTA))
+@pytest.mark.parametrize("task", ["base", "sequence-classification"])
+def test_deberta_v2_and_v3_parity_and_round_trip(variant, task, bpe, tmp_path):
+    fields = {**TINY, "num_labels": 3, **DEBERTA[variant]}
+    config = transformers.DebertaV2Config(**fields)
+    torch.manual_seed(5)
+    cls = transformers.DebertaV2Model if task == "base" else transformers.DebertaV2ForSequenceClassification
+    ref = cls(config).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    bpe.save_pretrained(tmp_path / "hf")
+    enc = bpe([" ".join(SENTENCES)[:150]] + SENTENCES[:3], padding=True, truncation=True, max_length=40)
+    ids, mask = np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
+    assert ids.shape[1] > 2 * DEBERTA["v3"]["position_buckets"]  # distances past the log buckets' linear part
+    ours = models.from_pretrained(tmp_path / "hf", task)
+    expected = torch_out(ref, task, ids, mask)
+    np.testing.assert_allclose(np.asarray(ours(ids, attention_mask=mask)), expected, atol=1e-5)
+    models.save_pretrained(ours, tmp_path / "ours")
+    again = cls.from_pretrained(tmp_path / "ours").eval()
+    np.testing.assert_allclose(torch_out(again, task, ids, mask), expected, atol=1e-6)
+
+
+def test_a_deberta_v3_finetune_runs_predicts_and_exports(bpe, setup, tmp_path, capsys):
+    torch.manual_seed(6)
+    transformers.DebertaV2Model(transformers.DebertaV2Config(**{**TINY, **DEBERTA["v3"]})).save_pretrained(
+        tmp_path / "hf")
+    bpe.save_pretrained(tmp_path / "hf")
+    items = overrides(setup, **{"model.name_or_path": tmp_path / "hf", "train.steps": 2, "data.max_length": 24})
+    cli.main(["finetune", "--workdir", str(tmp_path / "run"), *items])
+    capsys.readouterr()
+    texts = ["love this airline", " ".join(SENTENCES)]
+    cli.main(["predict", "classify", "--model", str(tmp_path / "run"), *texts])
+    printed = [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()]
+    reloaded = transformers.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "run" / "model").eval()
+    enc = bpe(texts, truncation=True, max_length=24, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(printed, reloaded(**enc).logits.softmax(-1).numpy(), atol=1e-5)
+    cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "art")])
+    np.testing.assert_allclose(Artifact.load(tmp_path / "art").predict(texts)[0], printed, atol=1e-5)

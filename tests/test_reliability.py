@@ -417,3 +417,25 @@ def test_sigint_is_one_line_exit_130_with_the_step_in_flight_checkpointed(setup,
     from jaxopt_llm import checkpoint
 
     assert checkpoint.has_steps(workdir / "checkpoints")  # the same command resumes from here
+
+
+def test_a_report_that_fails_to_render_leaves_the_last_one_as_it_was(tmp_path, monkeypatch):
+    from jaxopt_llm.pipeline import Pipeline
+    from jaxopt_llm.pipeline import report as report_lib
+
+    data = {"test_examples": 2, "source": "tweets.csv", "majority_class_accuracy": 0.5, "labels": ["a", "b"]}
+    rows = [{"name": "data", "kind": "split", "metrics": data, "folder": tmp_path / "data-1"},
+            {"name": "finetune", "kind": "finetune", "metrics": {"accuracy": 0.5, "model": "m", "note": None},
+             "folder": tmp_path / "finetune-1"}]
+    pipeline = Pipeline(stages=(), name="p")
+    report_lib.write(pipeline, tmp_path, rows)
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    rows[1]["metrics"]["accuracy"] = 0.75
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("card failed")
+
+    monkeypatch.setattr(report_lib, "model_card", broken)  # after the page is rendered, before anything is written
+    with pytest.raises(RuntimeError, match="card failed"):
+        report_lib.write(pipeline, tmp_path, rows)
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

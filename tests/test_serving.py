@@ -330,3 +330,40 @@ def test_export_options_are_checked_before_anything_is_written_and_a_failure_lea
     with pytest.raises(OSError, match="disk full"):
         export_lib.export(str(exported / "run"), tmp_path / "art")
     assert list(tmp_path.iterdir()) == []  # no artifact and no .tmp folder
+
+
+def test_metrics_are_computed_off_the_request_path(exported):
+    """A slow drift computation (2 s, as a large window's MMD can take) holds /metrics only: a /predict sent
+    while it runs answers at once."""
+    import uvicorn
+
+    from jaxopt_llm.serving.app import create_app
+
+    art = Artifact.load(exported / "art")
+    app = create_app(art)
+    monitor = app.state.metrics.drift
+
+    def slow_report(min_window=30):
+        time.sleep(2.0)
+        return {}
+
+    monitor.report = slow_report
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        assert call(port, "/predict", {"inputs": "warm up"})[0] == 200
+        scrape = threading.Thread(target=call, args=(port, "/metrics"))
+        scrape.start()
+        time.sleep(0.3)  # the scrape is computing its drift statistics now
+        start = time.perf_counter()
+        assert call(port, "/predict", {"inputs": "love this airline"})[0] == 200
+        waited = time.perf_counter() - start
+        assert scrape.is_alive() and waited < 1.0, waited
+        scrape.join()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

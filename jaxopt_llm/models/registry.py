@@ -15,6 +15,7 @@ _FAMILIES: dict[str, Any] = {
     "xlm-roberta": "jaxopt_llm.models.roberta.params:XLM_ROBERTA",
     "distilbert": "jaxopt_llm.models.distilbert.params:DISTILBERT",
     "electra": "jaxopt_llm.models.electra.params:ELECTRA",
+    "deberta-v2": "jaxopt_llm.models.deberta_v2.params:DEBERTA_V2",
 }
 
 

@@ -114,8 +114,8 @@ def init_student(teacher: Bert, config: BertConfig, init: str, seed: int, head: 
     target = nnx.state(student, nnx.Param)
     for i, j in enumerate(layer_map(config.num_hidden_layers, teacher.config.num_hidden_layers)):
         target["layers"][i] = source["layers"][j]
-    for name in ("embeddings", "pooler", "mlm", "nsp", "classifier"):
-        if name in source and name in target:
+    for name in source:  # embeddings, heads and whatever else a family has beside its layers
+        if name not in ("layers", "last_layer") and name in target:
             target[name] = source[name]
     nnx.update(student, jax.tree.map(lambda x: jnp.array(x, copy=True), target))
     return student
