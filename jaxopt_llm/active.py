@@ -252,6 +252,13 @@ def write_items(items: list[dict], out: str | Path, fmt: str, labels: Sequence[s
     paths.write_text(path, text)
 
 
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LabelError(f"{where} not valid JSON ({err}).") from None
+
+
 class Answers(dict):
     """{pool id: label, or None when skipped}, with `lines`: {pool id: where it was in the file} for errors."""
 
@@ -270,10 +277,7 @@ def read_answers(file: str | Path) -> Answers:
     text = path.read_text(encoding="utf-8-sig")
     pairs: list[tuple[str, str | None, str]] = []  # (id, label, where)
     if text.lstrip().startswith("["):
-        try:
-            tasks = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise LabelError(f"{str(file)!r} is not valid JSON ({err}).") from None
+        tasks = _json(text, f"{str(file)!r} is")
         if not isinstance(tasks, list):
             raise LabelError(f"{str(file)!r}: a Label Studio export is a list of tasks.")
         for n, task in enumerate(tasks, 1):
@@ -303,10 +307,7 @@ def read_answers(file: str | Path) -> Answers:
             for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise LabelError(f"{str(file)!r} line {n}: not valid JSON ({err}).") from None
+                row = _json(line, f"{str(file)!r} line {n}:")
                 if not isinstance(row, dict):
                     raise LabelError(f"{str(file)!r} line {n}: a record must be an object with id and label.")
                 rows.append((f"line {n}", row))

@@ -103,13 +103,19 @@ def test_roberta_cuts_texts_at_its_usable_positions_and_predicts_as_transformers
 def test_a_finetune_of_another_family_runs_predicts_and_exports(family, bpe, setup, tmp_path, capsys):
     hf(family, "base", seed=2).save_pretrained(tmp_path / "hf")
     bpe.save_pretrained(tmp_path / "hf")
+    finetune_predict_export(getattr(transformers, CLASSES[family][1] + HEADS["sequence-classification"]), bpe,
+                            setup, tmp_path, capsys)
+
+
+def finetune_predict_export(cls, bpe, setup, tmp_path, capsys):
+    """Fine-tune the model in tmp_path/hf through the command line; `predict` equals transformers' `cls` on the
+    saved run, and the exported artifact equals `predict`."""
     items = overrides(setup, **{"model.name_or_path": tmp_path / "hf", "train.steps": 2, "data.max_length": 24})
     cli.main(["finetune", "--workdir", str(tmp_path / "run"), *items])
     capsys.readouterr()
     texts = ["love this airline", " ".join(SENTENCES)]
     cli.main(["predict", "classify", "--model", str(tmp_path / "run"), *texts])
     printed = [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()]
-    cls = getattr(transformers, CLASSES[family][1] + HEADS["sequence-classification"])
     reloaded = cls.from_pretrained(tmp_path / "run" / "model").eval()
     enc = bpe(texts, truncation=True, max_length=24, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -237,15 +243,4 @@ def test_a_deberta_v3_finetune_runs_predicts_and_exports(bpe, setup, tmp_path, c
     transformers.DebertaV2Model(transformers.DebertaV2Config(**{**TINY, **DEBERTA["v3"]})).save_pretrained(
         tmp_path / "hf")
     bpe.save_pretrained(tmp_path / "hf")
-    items = overrides(setup, **{"model.name_or_path": tmp_path / "hf", "train.steps": 2, "data.max_length": 24})
-    cli.main(["finetune", "--workdir", str(tmp_path / "run"), *items])
-    capsys.readouterr()
-    texts = ["love this airline", " ".join(SENTENCES)]
-    cli.main(["predict", "classify", "--model", str(tmp_path / "run"), *texts])
-    printed = [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()]
-    reloaded = transformers.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "run" / "model").eval()
-    enc = bpe(texts, truncation=True, max_length=24, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        np.testing.assert_allclose(printed, reloaded(**enc).logits.softmax(-1).numpy(), atol=1e-5)
-    cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "art")])
-    np.testing.assert_allclose(Artifact.load(tmp_path / "art").predict(texts)[0], printed, atol=1e-5)
+    finetune_predict_export(transformers.DebertaV2ForSequenceClassification, bpe, setup, tmp_path, capsys)

@@ -518,6 +518,18 @@ class Bert(nnx.Module):
         pooled = dropout(self.pool(hidden_btd), rate, dropout_key, deterministic, cfg.dropout_rng)
         return self.classifier(pooled).astype(jnp.float32)
 
+    def dense_head_logits(self, hidden_btd: jax.Array, activation, deterministic: bool,
+                          dropout_key: jax.Array | None) -> jax.Array:
+        """RoBERTa / ELECTRA's classification head on [CLS]: dropout -> dense (our pooler) -> `activation` ->
+        dropout -> out_proj (our classifier)."""
+        _check_dropout_key(deterministic, dropout_key)
+        cfg = self.config
+        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        k_in, k_out = _keys(dropout_key, 2)
+        x = dropout(hidden_btd[:, 0], rate, k_in, deterministic, cfg.dropout_rng)
+        x = dropout(activation(self.pooler(x)), rate, k_out, deterministic, cfg.dropout_rng)
+        return self.classifier(x).astype(jnp.float32)
+
     def heads(self, hidden_btd: jax.Array, *, deterministic: bool = True,
               dropout_key: jax.Array | None = None) -> Any:
         if self.task == "base":

@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any, ClassVar
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxopt_llm.bert.modeling import (
@@ -22,11 +21,8 @@ from jaxopt_llm.bert.modeling import (
     BertConfig,
     Embeddings,
     MaskedLMHead,
-    _check_dropout_key,
     _erf_gelu,
     _Factory,
-    _keys,
-    dropout,
 )
 
 
@@ -77,10 +73,4 @@ class Electra(Bert):
 
     def classify_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
                         dropout_key: jax.Array | None = None) -> jax.Array:
-        _check_dropout_key(deterministic, dropout_key)
-        cfg = self.config
-        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        k_in, k_out = _keys(dropout_key, 2)
-        x = dropout(hidden_btd[:, 0], rate, k_in, deterministic, cfg.dropout_rng)
-        x = dropout(_erf_gelu(self.pooler(x)), rate, k_out, deterministic, cfg.dropout_rng)
-        return self.classifier(x).astype(jnp.float32)
+        return self.dense_head_logits(hidden_btd, _erf_gelu, deterministic, dropout_key)

@@ -16,7 +16,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxopt_llm.bert.modeling import Bert, BertConfig, _check_dropout_key, _keys, dropout
+from jaxopt_llm.bert.modeling import Bert, BertConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +56,7 @@ class Roberta(Bert):
 
     def classify_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
                         dropout_key: jax.Array | None = None) -> jax.Array:
-        _check_dropout_key(deterministic, dropout_key)
-        cfg = self.config
-        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        k_in, k_out = _keys(dropout_key, 2)
-        x = dropout(hidden_btd[:, 0], rate, k_in, deterministic, cfg.dropout_rng)
-        x = dropout(jnp.tanh(self.pooler(x)), rate, k_out, deterministic, cfg.dropout_rng)
-        return self.classifier(x).astype(jnp.float32)
+        return self.dense_head_logits(hidden_btd, jnp.tanh, deterministic, dropout_key)
 
 
 class XLMRoberta(Roberta):
