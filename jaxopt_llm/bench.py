@@ -434,7 +434,14 @@ TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "pr
 # the other families' classification steps against their own transformers classes (HF config class, model class)
 FAMILY_CLASSES = {"roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
                   "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification"),
-                  "electra": ("ElectraConfig", "ElectraForSequenceClassification")}
+                  "electra": ("ElectraConfig", "ElectraForSequenceClassification"),
+                  "deberta-v3": ("DebertaV2Config", "DebertaV2ForSequenceClassification"),
+                  "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification")}
+FAMILY_FIELDS = {"deberta-v3": {"relative_attention": True, "position_buckets": 256, "share_att_key": True,
+                                "pos_att_type": "p2c|c2p", "position_biased_input": False,
+                                "norm_rel_ebd": "layer_norm"},  # DeBERTa-v3's configuration
+                 "modernbert": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1,
+                                "sep_token_id": 2}}  # special ids inside any vocabulary
 
 
 def family_rows(c: BenchConfig) -> list[dict]:
@@ -457,6 +464,7 @@ def family_rows(c: BenchConfig) -> list[dict]:
         if family == "distilbert":
             sizes = {{"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
                       "intermediate_size": "hidden_dim"}.get(k, k): v for k, v in sizes.items()}
+        sizes.update(FAMILY_FIELDS.get(family, {}))
         torch.manual_seed(0)
         model = getattr(transformers, class_name)(getattr(transformers, config_name)(**sizes))
         folder = Path(tempfile.mkdtemp(prefix=f"bench-{family}-"))

@@ -244,3 +244,41 @@ def test_a_deberta_v3_finetune_runs_predicts_and_exports(bpe, setup, tmp_path, c
         tmp_path / "hf")
     bpe.save_pretrained(tmp_path / "hf")
     finetune_predict_export(transformers.DebertaV2ForSequenceClassification, bpe, setup, tmp_path, capsys)
+
+
+MODERN = dict(vocab_size=300, hidden_size=24, intermediate_size=40, num_hidden_layers=4, num_attention_heads=3,
+              max_position_embeddings=64, local_attention=8, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+              cls_token_id=0, sep_token_id=2, initializer_range=0.1)
+
+
+@pytest.mark.parametrize("biases", [False, True])
+@pytest.mark.parametrize("task", list(HEADS))
+def test_modernbert_parity_past_its_local_window_and_round_trip(task, biases, bpe, tmp_path):
+    fields = {**MODERN, "num_labels": 3}
+    if biases:
+        fields.update(norm_bias=True, attention_bias=True, mlp_bias=True, classifier_bias=True)
+    config = transformers.ModernBertConfig(**fields)
+    cls = getattr(transformers, "ModernBert" + HEADS[task])
+    torch.manual_seed(7)
+    ref = cls(config).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    bpe.save_pretrained(tmp_path / "hf")
+    enc = bpe([" ".join(SENTENCES)[:120]] + SENTENCES[:3], padding=True, truncation=True, max_length=64)
+    ids, mask = np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
+    assert ids.shape[1] > 2 * MODERN["local_attention"]  # the local layers see only part of the row
+    ours = models.from_pretrained(tmp_path / "hf", task)
+    expected = torch_out(ref, task, ids, mask)
+    got = np.asarray(ours(ids, attention_mask=mask))
+    if task != "sequence-classification":  # padded positions' outputs are the attention kernel's: real tokens
+        got, expected = got[mask > 0], expected[mask > 0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    models.save_pretrained(ours, tmp_path / "ours")
+    again = cls.from_pretrained(tmp_path / "ours").eval()
+    np.testing.assert_allclose(torch_out(again, task, ids, mask), torch_out(ref, task, ids, mask), atol=1e-6)
+
+
+def test_a_modernbert_finetune_runs_predicts_and_exports(bpe, setup, tmp_path, capsys):
+    torch.manual_seed(8)
+    transformers.ModernBertModel(transformers.ModernBertConfig(**MODERN)).save_pretrained(tmp_path / "hf")
+    bpe.save_pretrained(tmp_path / "hf")
+    finetune_predict_export(transformers.ModernBertForSequenceClassification, bpe, setup, tmp_path, capsys)

@@ -1,7 +1,7 @@
 """Model families keyed by Hugging Face `model_type` (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA,
-DeBERTa-v2/v3), and the checkpoint and tokenizer handling every family shares. Nothing outside a family's own
-folder names the family: load with `from_pretrained` (the family comes from config.json), save with
-`save_pretrained`.
+DeBERTa-v2/v3, ModernBERT), and the checkpoint and tokenizer handling every family shares. Nothing outside a
+family's own folder names the family: load with `from_pretrained` (the family comes from config.json), save
+with `save_pretrained`.
 
 Adding a family: `models/<family>/modeling.py` (a config dataclass and an NNX module with the encoder
 protocol: `embed`, `encode`, `heads`, `classify_logits`, `mlm_logits`), `params.py` (its `Family`: the HF

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -94,8 +95,10 @@ def convert(family: Family, tensors: dict[str, np.ndarray], config: Any, task: s
             f"hidden_size={config.hidden_size}, num_labels={config.num_labels}, ...):\n" + "\n".join(mismatches)
             + "\nUse the config.json that belongs to these weights, or pass the num_labels the head was trained with.")
     missing = []
+    fused = [re.compile(ours.replace(".", r"\.").replace("{i}", r"\d+")) for hf, ours, _ in family.rows(task)
+             if "{part}" in hf]  # parameters filled in thirds (a fused qkv)
     for path, leaf in template.items():
-        parts = family.parts if path.endswith(("qkv.kernel", "qkv.bias")) else (None,)
+        parts = family.parts if any(p.fullmatch(path) for p in fused) else (None,)
         if any((path, str(_slot(family, path, p, width)[1])) not in filled for p in parts):
             missing.append(path)
     return params, missing, unused

@@ -16,6 +16,7 @@ _FAMILIES: dict[str, Any] = {
     "distilbert": "jaxopt_llm.models.distilbert.params:DISTILBERT",
     "electra": "jaxopt_llm.models.electra.params:ELECTRA",
     "deberta-v2": "jaxopt_llm.models.deberta_v2.params:DEBERTA_V2",
+    "modernbert": "jaxopt_llm.models.modernbert.params:MODERNBERT",
 }
 
 

@@ -1,0 +1,250 @@
+"""ModernBERT in Flax NNX (Warner et al. 2024).
+
+Pre-norm layers (no norm before the first layer's attention), no biases unless the config asks for them,
+rotary position embeddings (theta per layer type), a GeGLU feed-forward (act(x W_in) * (x W_gate)), and
+attention that is global in every `global_attn_every_n_layers`-th layer and local elsewhere: a query sees the
+keys within `local_attention // 2` positions. The local layers here mask the full score matrix (the same
+numbers as transformers' eager path; not yet a banded computation). Heads: the prediction head (dense ->
+activation -> LayerNorm) then the tied decoder for masked LM, or [CLS] pooling -> head -> classifier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxopt_llm.bert.modeling import _ACTIVATIONS, BertConfig, _check_dropout_key, _keys, dropout
+from jaxopt_llm.errors import UserError
+
+TASKS = ("base", "masked-lm", "sequence-classification")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModernBertConfig(BertConfig):
+    type_vocab_size: int = 0
+    layer_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    layer_types: tuple[str, ...] = ()  # per layer: "full_attention" | "sliding_attention"
+    local_attention: int = 128
+    global_rope_theta: float = 160_000.0
+    local_rope_theta: float = 10_000.0
+    norm_bias: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    decoder_bias: bool = True
+    classifier_bias: bool = False
+    classifier_activation: str = "gelu"
+    classifier_pooling: str = "cls"
+
+    MODEL_TYPE: ClassVar[str] = "modernbert"
+    HF_CONFIG: ClassVar[str] = "ModernBertConfig"
+    _EXTRA: ClassVar[tuple[str, ...]] = ("local_attention", "norm_bias", "attention_bias", "mlp_bias", "decoder_bias",
+                                         "classifier_bias", "classifier_activation", "classifier_pooling")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.scan_layers:
+            raise UserError("ModernBertConfig.scan_layers=True: ModernBERT's layers run unrolled; set it to false.")
+        if self.classifier_pooling != "cls":
+            raise UserError(f"classifier_pooling={self.classifier_pooling!r}: only 'cls' pooling is supported.")
+        if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
+            raise UserError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers.")
+
+    @classmethod
+    def from_hf_config(cls, hf: Any, **changes: Any) -> ModernBertConfig:
+        d = dict(hf if isinstance(hf, dict) else hf.to_dict())
+        d["hidden_act"] = d.get("hidden_activation", "gelu")
+        d["layer_norm_eps"] = d.get("norm_eps", 1e-5)
+        d["hidden_dropout_prob"] = d.get("mlp_dropout", 0.0)
+        d["attention_probs_dropout_prob"] = d.get("attention_dropout", 0.0)
+        d["type_vocab_size"] = 0
+        config = super().from_hf_config(d, **changes)
+        rope = d.get("rope_parameters") or {}
+        every = d.get("global_attn_every_n_layers", 3)
+        types = d.get("layer_types") or ["sliding_attention" if i % every else "full_attention"
+                                         for i in range(config.num_hidden_layers)]
+        extra = {k: d[k] for k in cls._EXTRA if d.get(k) is not None}
+        full = rope.get("full_attention", {}).get("rope_theta", d.get("global_rope_theta", 160000.0))
+        local = rope.get("sliding_attention", {}).get("rope_theta", d.get("local_rope_theta", 10000.0))
+        return config.replace(**extra, layer_types=tuple(types), global_rope_theta=float(full),
+                              local_rope_theta=float(local))
+
+    def to_hf_config(self, architectures: tuple[str, ...] = ()) -> Any:
+        import transformers
+
+        names = self.label_names
+        return transformers.ModernBertConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            hidden_activation=self.hidden_act, max_position_embeddings=self.max_position_embeddings,
+            initializer_range=self.initializer_range, norm_eps=self.layer_norm_eps, pad_token_id=self.pad_token_id,
+            attention_dropout=self.attention_probs_dropout_prob, mlp_dropout=self.hidden_dropout_prob,
+            layer_types=list(self.layer_types), classifier_dropout=self.classifier_dropout or 0.0,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": self.global_rope_theta},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta}},
+            **{k: getattr(self, k) for k in self._EXTRA}, architectures=list(architectures) or None,
+            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return self.layer_types or tuple("sliding_attention" if i % 3 else "full_attention"
+                                         for i in range(self.num_hidden_layers))
+
+
+class _Make:
+    def __init__(self, cfg: ModernBertConfig, rngs: nnx.Rngs):
+        self.cfg, self.rngs = cfg, rngs
+        self.init = nnx.initializers.normal(cfg.initializer_range)
+
+    def linear(self, n_in: int, n_out: int, bias: bool) -> nnx.Linear:
+        return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=self.init, dtype=self.cfg.dtype,
+                          param_dtype=self.cfg.param_dtype, rngs=self.rngs)
+
+    def norm(self) -> nnx.LayerNorm:
+        return nnx.LayerNorm(self.cfg.hidden_size, epsilon=self.cfg.layer_norm_eps, use_bias=self.cfg.norm_bias,
+                             dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype, use_fast_variance=False,
+                             rngs=self.rngs)
+
+
+def rotary(x_bthk: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding at positions 0 .. t-1 (rotate_half layout), in float32."""
+    t, k = x_bthk.shape[1], x_bthk.shape[-1]
+    inv = 1.0 / (theta ** (np.arange(0, k, 2, dtype=np.float32) / k))
+    freqs = np.arange(t, dtype=np.float32)[:, None] * inv[None]
+    emb = np.concatenate([freqs, freqs], -1)
+    cos, sin = jnp.asarray(np.cos(emb))[None, :, None], jnp.asarray(np.sin(emb))[None, :, None]
+    x = x_bthk.astype(jnp.float32)
+    half = jnp.concatenate([-x[..., k // 2:], x[..., :k // 2]], -1)
+    return (x * cos + half * sin).astype(x_bthk.dtype)
+
+
+class Layer(nnx.Module):
+    def __init__(self, cfg: ModernBertConfig, make: _Make, index: int):
+        self.cfg, self.local = cfg, cfg.kinds[index] == "sliding_attention"
+        self.attn_norm = make.norm() if index else None
+        self.wqkv = make.linear(cfg.hidden_size, 3 * cfg.hidden_size, cfg.attention_bias)
+        self.out = make.linear(cfg.hidden_size, cfg.hidden_size, cfg.attention_bias)
+        self.mlp_norm = make.norm()
+        self.wi = make.linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias)
+        self.wo = make.linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
+
+    def __call__(self, x_btd, keep_b1qt, deterministic, key, collect=None):
+        cfg = self.cfg
+        b, t, d = x_btd.shape
+        n, k = cfg.num_attention_heads, cfg.head_dim
+        k_attn, k_out, k_mlp = _keys(key, 3)
+        h = x_btd if self.attn_norm is None else self.attn_norm(x_btd)
+        qkv = self.wqkv(h).reshape(b, t, 3, n, k)
+        theta = cfg.local_rope_theta if self.local else cfg.global_rope_theta
+        q, kk, v = rotary(qkv[:, :, 0], theta), rotary(qkv[:, :, 1], theta), qkv[:, :, 2]
+        scores = jnp.einsum("bqhk,bshk->bhqs", q, kk, preferred_element_type=jnp.float32) / math.sqrt(k)
+        keep = keep_b1qt
+        if self.local:
+            distance = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :])
+            keep = keep & jnp.asarray(distance <= cfg.local_attention // 2)[None, None]
+        probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), -1).astype(v.dtype)
+        if collect is not None:
+            collect.append(probs)
+        probs = dropout(probs, cfg.attention_probs_dropout_prob, k_attn, deterministic, cfg.dropout_rng)
+        a = self.out(jnp.einsum("bhqs,bshk->bqhk", probs, v).reshape(b, t, d))
+        x_btd = x_btd + dropout(a, cfg.attention_probs_dropout_prob, k_out, deterministic, cfg.dropout_rng)
+        gate_in, gate = jnp.split(self.wi(self.mlp_norm(x_btd)), 2, axis=-1)
+        m = dropout(_ACTIVATIONS[cfg.hidden_act](gate_in) * gate, cfg.hidden_dropout_prob, k_mlp, deterministic,
+                    cfg.dropout_rng)
+        return x_btd + self.wo(m)
+
+
+class Head(nnx.Module):
+    def __init__(self, cfg: ModernBertConfig, make: _Make):
+        self.dense = make.linear(cfg.hidden_size, cfg.hidden_size, cfg.classifier_bias)
+        self.norm = make.norm()
+        self.act = cfg.classifier_activation
+
+    def __call__(self, x):
+        return self.norm(_ACTIVATIONS[self.act](self.dense(x)))
+
+
+class ModernBert(nnx.Module):
+    """A ModernBERT encoder with the heads of one task, with the encoder protocol of `Bert`."""
+
+    def __init__(self, config: ModernBertConfig, task: str = "base", *, rngs: nnx.Rngs):
+        if task not in TASKS:
+            raise UserError(f"task={task!r}: ModernBERT supports {TASKS}.")
+        self.config, self.task = config, task
+        make = _Make(config, rngs)
+        self.word = nnx.Embed(config.vocab_size, config.hidden_size, embedding_init=make.init, dtype=config.dtype,
+                              param_dtype=config.param_dtype, rngs=rngs)
+        self.embedding_norm = make.norm()
+        self.layers = nnx.List([Layer(config, make, i) for i in range(config.num_hidden_layers)])
+        self.final_norm = make.norm()
+        self.head = Head(config, make) if task != "base" else None
+        self.decoder_bias = (nnx.Param(jnp.zeros((config.vocab_size,), config.param_dtype))
+                             if task == "masked-lm" and config.decoder_bias else None)
+        is_classifier = task == "sequence-classification"
+        self.classifier = make.linear(config.hidden_size, config.num_labels, True) if is_classifier else None
+
+    @property
+    def mlm(self):
+        """The masked-LM head (the prediction head of a masked-LM model), or None."""
+        return self.head if self.task == "masked-lm" else None
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.word(input_ids)
+
+    def encode(self, word_embeddings, attention_mask=None, token_type_ids=None, position_ids=None, *,
+               deterministic: bool = True, dropout_key=None, output_positions=None, collect=None):
+        cfg = self.config
+        _check_dropout_key(deterministic, dropout_key)
+        b, t, _ = word_embeddings.shape
+        if position_ids is not None:
+            raise UserError("ModernBERT's rotary positions are 0 .. t-1: it takes no position_ids (packed rows).")
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if attention_mask.ndim != 2:
+            raise UserError("ModernBERT takes a (b, t) attention mask; packed rows are not supported.")
+        keys = _keys(dropout_key, cfg.num_hidden_layers + 1)
+        x = dropout(self.embedding_norm(word_embeddings), cfg.hidden_dropout_prob, keys[0], deterministic,
+                    cfg.dropout_rng)
+        keep_b1qt = (attention_mask > 0)[:, None, None, :]
+        hidden, attention = [x], [] if collect is not None else None
+        for layer, key in zip(self.layers, keys[1:]):
+            x = layer(x, keep_b1qt, deterministic, key, attention)
+            hidden.append(x)
+        x = self.final_norm(x)
+        if collect is not None:
+            collect["hidden"], collect["attention"] = hidden, attention
+        if output_positions is not None:
+            x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
+        return x
+
+    def mlm_logits(self, hidden_btd):
+        h = self.head(hidden_btd)
+        logits = jnp.dot(h, self.word.embedding[...].astype(h.dtype).T, preferred_element_type=jnp.float32)
+        return logits if self.decoder_bias is None else logits + self.decoder_bias[...]
+
+    def classify_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
+        _check_dropout_key(deterministic, dropout_key)
+        cfg = self.config
+        x = self.head(hidden_btd[:, 0])
+        x = dropout(x, cfg.classifier_dropout or 0.0, dropout_key, deterministic, cfg.dropout_rng)
+        return self.classifier(x).astype(jnp.float32)
+
+    def heads(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
+        if self.task == "base":
+            return hidden_btd
+        if self.task == "masked-lm":
+            return self.mlm_logits(hidden_btd)
+        return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True,
+                 dropout_key=None):
+        k_encode, k_head = _keys(dropout_key, 2)
+        hidden = self.encode(self.embed(input_ids), attention_mask, token_type_ids, deterministic=deterministic,
+                             dropout_key=k_encode)
+        return self.heads(hidden, deterministic=deterministic, dropout_key=k_head)
