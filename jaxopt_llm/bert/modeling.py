@@ -378,7 +378,33 @@ class MaskedLMHead(nnx.Module):
         return dense(h, w_dv, self.bias[...], jnp.dtype(jnp.float32))
 
 
-class Bert(nnx.Module):
+class Encoder(nnx.Module):
+    """What every family's module shares of the encoder protocol: `heads` by task and `__call__` from the
+    stages. A family implements `embed`, `encode`, `classify_logits` and `mlm_logits` (and `nsp_logits` for
+    pretraining), and sets `task`."""
+
+    def heads(self, hidden_btd: jax.Array, *, deterministic: bool = True,
+              dropout_key: jax.Array | None = None) -> Any:
+        if self.task == "base":
+            return hidden_btd
+        if self.task == "masked-lm":
+            return self.mlm_logits(hidden_btd)
+        if self.task == "pretraining":
+            return self.mlm_logits(hidden_btd), self.nsp_logits(hidden_btd)
+        return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 token_type_ids: jax.Array | None = None, *, deterministic: bool = True,
+                 dropout_key: jax.Array | None = None) -> Any:
+        """The task's output for token ids (b, t), with the keywords of Hugging Face models:
+        `model(input_ids, attention_mask=mask, token_type_ids=types)`; see the class docstring."""
+        k_encode, k_head = _keys(dropout_key, 2)
+        hidden = self.encode(self.embed(input_ids), attention_mask, token_type_ids,
+                             deterministic=deterministic, dropout_key=k_encode)
+        return self.heads(hidden, deterministic=deterministic, dropout_key=k_head)
+
+
+class Bert(Encoder):
     """A BERT encoder with the heads of one task.
 
     task: "base" (returns the last hidden state), "masked-lm" (MLM logits), "pretraining"
@@ -529,26 +555,6 @@ class Bert(nnx.Module):
         x = dropout(hidden_btd[:, 0], rate, k_in, deterministic, cfg.dropout_rng)
         x = dropout(activation(self.pooler(x)), rate, k_out, deterministic, cfg.dropout_rng)
         return self.classifier(x).astype(jnp.float32)
-
-    def heads(self, hidden_btd: jax.Array, *, deterministic: bool = True,
-              dropout_key: jax.Array | None = None) -> Any:
-        if self.task == "base":
-            return hidden_btd
-        if self.task == "masked-lm":
-            return self.mlm_logits(hidden_btd)
-        if self.task == "pretraining":
-            return self.mlm_logits(hidden_btd), self.nsp_logits(hidden_btd)
-        return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
-
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 token_type_ids: jax.Array | None = None, *, deterministic: bool = True,
-                 dropout_key: jax.Array | None = None) -> Any:
-        """The task's output for token ids (b, t), with the keywords of Hugging Face models:
-        `model(input_ids, attention_mask=mask, token_type_ids=types)`; see the class docstring."""
-        k_encode, k_head = _keys(dropout_key, 2)
-        hidden = self.encode(self.embed(input_ids), attention_mask, token_type_ids,
-                             deterministic=deterministic, dropout_key=k_encode)
-        return self.heads(hidden, deterministic=deterministic, dropout_key=k_head)
 
 
 def _check_dropout_key(deterministic: bool, key: jax.Array | None) -> None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_llm.bert.modeling import _ACTIVATIONS, BertConfig, _check_dropout_key, _Factory, _keys, dropout
+from jaxopt_llm.bert.modeling import _ACTIVATIONS, BertConfig, Encoder, _check_dropout_key, _Factory, _keys, dropout
 from jaxopt_llm.errors import UserError
 
 TASKS = ("base", "sequence-classification")
@@ -187,7 +187,7 @@ class Embeddings(nnx.Module):
         self.norm = make.norm()
 
 
-class DebertaV2(nnx.Module):
+class DebertaV2(Encoder):
     """A DeBERTa-v2 / v3 encoder with the heads of one task (base or sequence-classification), with the
     encoder protocol of `Bert` (embed, encode, heads, classify_logits)."""
 
@@ -258,15 +258,3 @@ class DebertaV2(nnx.Module):
 
     def mlm_logits(self, hidden_btd):
         raise UserError("DeBERTa-v2's masked-LM head is not supported yet.")
-
-    def heads(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
-        if self.task == "base":
-            return hidden_btd
-        return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
-
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True,
-                 dropout_key=None):
-        k_encode, k_head = _keys(dropout_key, 2)
-        hidden = self.encode(self.embed(input_ids), attention_mask, token_type_ids, deterministic=deterministic,
-                             dropout_key=k_encode)
-        return self.heads(hidden, deterministic=deterministic, dropout_key=k_head)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_llm.bert.modeling import _ACTIVATIONS, BertConfig, _check_dropout_key, _keys, dropout
+from jaxopt_llm.bert.modeling import _ACTIVATIONS, BertConfig, Encoder, _check_dropout_key, _keys, dropout
 from jaxopt_llm.errors import UserError
 
 TASKS = ("base", "masked-lm", "sequence-classification")
@@ -170,7 +170,7 @@ class Head(nnx.Module):
         return self.norm(_ACTIVATIONS[self.act](self.dense(x)))
 
 
-class ModernBert(nnx.Module):
+class ModernBert(Encoder):
     """A ModernBERT encoder with the heads of one task, with the encoder protocol of `Bert`."""
 
     def __init__(self, config: ModernBertConfig, task: str = "base", *, rngs: nnx.Rngs):
@@ -234,17 +234,3 @@ class ModernBert(nnx.Module):
         x = self.head(hidden_btd[:, 0])
         x = dropout(x, cfg.classifier_dropout or 0.0, dropout_key, deterministic, cfg.dropout_rng)
         return self.classifier(x).astype(jnp.float32)
-
-    def heads(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
-        if self.task == "base":
-            return hidden_btd
-        if self.task == "masked-lm":
-            return self.mlm_logits(hidden_btd)
-        return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
-
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True,
-                 dropout_key=None):
-        k_encode, k_head = _keys(dropout_key, 2)
-        hidden = self.encode(self.embed(input_ids), attention_mask, token_type_ids, deterministic=deterministic,
-                             dropout_key=k_encode)
-        return self.heads(hidden, deterministic=deterministic, dropout_key=k_head)
