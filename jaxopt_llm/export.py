@@ -76,14 +76,15 @@ def _model_function(model):
 
     engine = model.engine
     graphdef, params = engine.graphdef, engine.state
+
+    def classify(p, batch):  # (class logits, [CLS] hidden state) of one model
+        m = nnx.merge(graphdef, p)
+        hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+        return m.classify_logits(hidden), hidden[:, 0]
+
     if model.kind == "ensemble":
         def fn(p, batch):
-            def member(q):
-                m = nnx.merge(graphdef, q)
-                hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
-                return m.classify_logits(hidden), hidden[:, 0]
-
-            logits, cls = jax.vmap(member)(p)
+            logits, cls = jax.vmap(lambda q: classify(q, batch))(p)
             return combine(logits, "mean-prob"), cls.mean(0)
 
         return params, fn, {"members": engine.members}
@@ -106,9 +107,8 @@ def _model_function(model):
         raise UserError(f"{model.reference!r} is a regression model; export serves classifiers.")
 
     def fn(p, batch):
-        m = nnx.merge(graphdef, p)
-        hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
-        return jax.nn.softmax(m.classify_logits(hidden), -1), hidden[:, 0]
+        logits, cls = classify(p, batch)
+        return jax.nn.softmax(logits, -1), cls
 
     return params, fn, {}
 

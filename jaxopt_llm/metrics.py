@@ -95,18 +95,24 @@ def calibration_bins(probs: Any, labels: Any, bins: int = BINS) -> np.ndarray:
 
 
 # ---- member axes ---------------------------------------------------------------------------------------------
-def stack(trees: Sequence[Any], names: Sequence[str] | None = None, *, host: bool = False,
-          error: type[Exception] = ValueError) -> Any:
-    """Pytrees of one structure and shapes stacked on a new leading member axis (jax arrays; numpy with
-    `host`, so chunks of the axis slice without a device copy). Trees that differ are one `error` naming the
-    two (by `names`)."""
+def check_same(trees: Sequence[Any], names: Sequence[str] | None = None,
+               error: type[Exception] = ValueError) -> None:
+    """Pytrees of one structure and shapes, else one `error` naming the first two that differ."""
     names = list(names) if names is not None else [f"member {i}" for i in range(len(trees))]
     first = trees[0]
     shapes = jax.tree.map(np.shape, first)
     for tree, name in zip(trees[1:], names[1:]):
         if jax.tree.structure(tree) != jax.tree.structure(first) or jax.tree.map(np.shape, tree) != shapes:
             raise error(f"{name!r} and {names[0]!r} differ in architecture (layers, sizes or heads); members "
-                             "stacked on one axis must share it.")
+                        "stacked on one axis must share it.")
+
+
+def stack(trees: Sequence[Any], names: Sequence[str] | None = None, *, host: bool = False,
+          error: type[Exception] = ValueError) -> Any:
+    """Pytrees of one structure and shapes stacked on a new leading member axis (jax arrays; numpy with
+    `host`, so chunks of the axis slice without a device copy). Trees that differ are one `error` naming the
+    two (by `names`)."""
+    check_same(trees, names, error)
     if host:
         return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)

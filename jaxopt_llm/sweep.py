@@ -93,7 +93,7 @@ def stack(models: Sequence[str], checkpoints: str | None = None) -> Stack:
             raise UserError(f"{model.reference!r} is a {model.kind} model; sweeps evaluate single classifiers (name "
                              "an ensemble's members one by one).")
     first = loaded[0]
-    metrics_lib.stack([m.engine.state for m in loaded], [m.reference for m in loaded], error=UserError)
+    metrics_lib.check_same([m.engine.state for m in loaded], [m.reference for m in loaded], UserError)
     for model in loaded[1:]:
         if model.labels != first.labels:
             raise UserError(f"{model.reference!r} has labels {list(model.labels)} but {first.reference!r} has "
