@@ -430,7 +430,8 @@ def cold_start_row(c: BenchConfig) -> dict:
             "unit": "s", "ratio": seconds[0] / seconds[1], "target": "reference = 1st call, empty compilation cache"}
 
 
-TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "cold-start", "families")
+TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "cold-start", "families",
+         "local-attention")
 # the other families' classification steps against their own transformers classes (HF config class, model class)
 FAMILY_CLASSES = {"roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
                   "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification"),
@@ -481,6 +482,35 @@ def family_rows(c: BenchConfig) -> list[dict]:
     return rows
 
 
+def local_attention_rows(c: BenchConfig, lengths: tuple[int, ...] = (512, 1024)) -> list[dict]:
+    """ModernBERT's classification train step (the bench's sizes, the default pattern: every third layer
+    global, windows of 128) at each length, with local layers computing their band against the full score
+    matrix masked to the band; the same tokens per batch at every length, interleaved."""
+    from flax import nnx
+
+    from jaxopt_llm.models.modernbert import ModernBert, ModernBertConfig
+
+    rows = []
+    for length in lengths:
+        at = dataclasses.replace(c, seq=length, batch=max(1, c.batch * c.seq // length))
+        steps = {}
+        for impl in ("banded", "eager"):
+            config = ModernBertConfig(vocab_size=c.vocab, hidden_size=c.hidden, num_hidden_layers=c.layers,
+                                      num_attention_heads=c.heads, intermediate_size=c.ffn, pad_token_id=0,
+                                      attn_implementation=impl, **{**_run_fields(at),
+                                                                   "max_position_embeddings": 8192})
+
+            def load(ref, head=None, seed=None, config=config):
+                return ModernBert(config, head or "sequence-classification", rngs=nnx.Rngs(seed or 0))
+
+            steps[impl] = _stepper(_recipe(at, "clean", _task(at, "classify"), load=load), at)
+        ours, theirs = _time_pair(steps["banded"], steps["eager"], c.steps, c.warmup)
+        rows.append({"row": f"modernbert local attention, {at.batch}x{length} tokens", "ours": ours * 1e3,
+                     "reference": theirs * 1e3, "unit": "ms", "ratio": theirs / ours,
+                     "target": "> 1 (reference: full matrix, masked)"})
+    return rows
+
+
 def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversarial", "distill"),
         log: Callable[[str], None] = _quiet) -> list[dict]:
     """Every row: ours against PyTorch (train steps in interleaved rounds, prediction), against budgets in our
@@ -518,6 +548,8 @@ def _task_rows(c: BenchConfig, task: str, log: Callable[[str], None]) -> list[di
         return [cold_start_row(c)]
     if task == "families":
         return family_rows(c)
+    if task == "local-attention":
+        return local_attention_rows(c)
     if task == "ensemble":  # its budget: N of our single clean steps (timed in interleaved rounds with it)
         from jaxopt_llm.steps.ensemble import EnsembleOptions
 

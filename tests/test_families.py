@@ -44,8 +44,8 @@ def hf(family: str, task: str, seed: int = 0, **changes):
     fields = {**TINY, "num_labels": 3, **changes}
     if family == "distilbert":  # its own names
         fields = {DISTIL_NAMES.get(k, k): v for k, v in fields.items() if k != "type_vocab_size"}
-    if family == "electra-projected":  # embeddings narrower than the hidden size: projected
-        fields["embedding_size"] = 12
+    if family == "electra-projected":  # embeddings narrower than the hidden size: projected; the generator's
+        fields.update(embedding_size=12, hidden_act="relu")  # head keeps GELU whatever hidden_act says
     if family.startswith("electra"):
         fields["type_vocab_size"] = 2
     config = getattr(transformers, config_cls)(**fields)
@@ -83,6 +83,26 @@ def test_parity_and_round_trip_with_transformers(family, task, bpe, tmp_path):
     assert config["architectures"] == [CLASSES[family][1] + HEADS[task]]
     again = getattr(transformers, CLASSES[family][1] + HEADS[task]).from_pretrained(tmp_path / "ours").eval()
     np.testing.assert_allclose(torch_out(again, task, ids, mask), torch_out(ref, task, ids, mask), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["electra", "electra-projected"])
+def test_electra_discriminator_head_parity_and_round_trip(family, bpe, tmp_path):
+    config_cls, _ = CLASSES[family]
+    fields = {**TINY, "type_vocab_size": 2}
+    if family == "electra-projected":
+        fields.update(embedding_size=12, hidden_act="relu")
+    torch.manual_seed(11)
+    ref = transformers.ElectraForPreTraining(transformers.ElectraConfig(**fields)).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    ids, mask = batch(bpe)
+    ours = models.from_pretrained(tmp_path / "hf", "replaced-token-detection")
+    expected = torch_out(ref, "replaced-token-detection", ids, mask)
+    assert expected.shape == ids.shape
+    np.testing.assert_allclose(np.asarray(ours(ids, attention_mask=mask)), expected, atol=1e-5)
+    models.save_pretrained(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["architectures"] == ["ElectraForPreTraining"]
+    again = transformers.ElectraForPreTraining.from_pretrained(tmp_path / "ours").eval()
+    np.testing.assert_allclose(torch_out(again, "rtd", ids, mask), expected, atol=1e-6)
 
 
 def test_roberta_cuts_texts_at_its_usable_positions_and_predicts_as_transformers(bpe, tmp_path):
@@ -215,16 +235,22 @@ DEBERTA = {  # tiny versions of the two configurations in use
                pos_att_type="c2p|p2c", position_biased_input=True, norm_rel_ebd="none", type_vocab_size=2,
                embedding_size=12),
 }
+DEBERTA["v3-lm_predictions"] = {**DEBERTA["v3"], "legacy": False}  # the masked-LM head's other key names
 
 
 @pytest.mark.parametrize("variant", list(DEBERTA))
-@pytest.mark.parametrize("task", ["base", "sequence-classification"])
+@pytest.mark.parametrize("task", list(HEADS))
 def test_deberta_v2_and_v3_parity_and_round_trip(variant, task, bpe, tmp_path):
+    if variant == "v3-lm_predictions" and task != "masked-lm":
+        pytest.skip("legacy names only the masked-LM head's keys")
     fields = {**TINY, "num_labels": 3, **DEBERTA[variant]}
     config = transformers.DebertaV2Config(**fields)
     torch.manual_seed(5)
-    cls = transformers.DebertaV2Model if task == "base" else transformers.DebertaV2ForSequenceClassification
+    cls = getattr(transformers, "DebertaV2" + HEADS[task])
     ref = cls(config).eval()
+    if task == "masked-lm":  # a bias that is not its zero init, so that its key is checked
+        head = ref.cls.predictions if config.legacy else ref.lm_predictions.lm_head
+        torch.nn.init.normal_(head.bias, std=0.5)
     ref.save_pretrained(tmp_path / "hf")
     bpe.save_pretrained(tmp_path / "hf")
     enc = bpe([" ".join(SENTENCES)[:150]] + SENTENCES[:3], padding=True, truncation=True, max_length=40)
@@ -332,3 +358,25 @@ def test_every_family_trains_alike_on_one_device_sharded_fsdp_and_pmap(family, t
         # which a sharding error moves (dropout masks drawn per shard moved them by 0.1), agree to 1e-6
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [9, 16, 37])
+def test_modernbert_banded_local_attention_equals_the_masked_full_matrix(t):
+    """The band-only computation against the full score matrix masked to |q - k| <= half, at lengths that are
+    and are not multiples of the block, with padding; padded queries excluded (their rows are undefined)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxopt_llm.models.modernbert.modeling import banded_attention
+
+    half, h, k = 4, 2, 5
+    q, kk, v = (jax.random.normal(jax.random.key(i), (3, t, h, k)) for i in range(3))
+    lengths = np.array([t, t - 3, 5])
+    keep = np.arange(t)[None] < lengths[:, None]
+    got = banded_attention(q, kk, v, jnp.asarray(keep), half, 0.0, None, True, "hash")
+    scores = np.einsum("bqhk,bshk->bhqs", q, kk) / np.sqrt(k)
+    band = np.abs(np.arange(t)[:, None] - np.arange(t)[None]) <= half
+    scores = np.where(keep[:, None, None, :] & band[None, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bhqs,bshk->bqhk", probs / probs.sum(-1, keepdims=True), v)
+    np.testing.assert_allclose(np.asarray(got)[keep], want[keep], atol=1e-5)

@@ -364,16 +364,16 @@ class Layer(nnx.Module):
 
 class MaskedLMHead(nnx.Module):
     """transform -> activation -> LayerNorm -> decoder tied to the word embeddings (+ bias); `width`: the word
-    embeddings' (default: the hidden size)."""
+    embeddings' (default: the hidden size); `activation`: the config's hidden_act unless named."""
 
-    def __init__(self, cfg: BertConfig, make: _Factory, width: int | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: BertConfig, make: _Factory, width: int | None = None, activation: str | None = None):
+        self.cfg, self.activation = cfg, activation or cfg.hidden_act
         self.transform = make.linear(cfg.hidden_size, width or cfg.hidden_size)
         self.norm = make.norm(width)
         self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), cfg.param_dtype))
 
     def __call__(self, x_bd, word_embedding_vd):
-        h = self.norm(_ACTIVATIONS[self.cfg.hidden_act](self.transform(x_bd)))
+        h = self.norm(_ACTIVATIONS[self.activation](self.transform(x_bd)))
         w_dv = word_embedding_vd.astype(h.dtype).T
         return dense(h, w_dv, self.bias[...], jnp.dtype(jnp.float32))
 

@@ -66,7 +66,7 @@ def convert(family: Family, tensors: dict[str, np.ndarray], config: Any, task: s
     params = {path: np.zeros(leaf.shape, np.float32) for path, leaf in template.items()}
     filled: set[tuple[str, Any]] = set()
     unused, mismatches = [], []
-    rules = family.rules(task)
+    rules = family.rules(task, config)
     for key, tensor in tensors.items():
         name = family.normalise(key)
         hit = next(((rule, m) for rule in rules if (m := rule[0].match(name))), None)
@@ -95,7 +95,7 @@ def convert(family: Family, tensors: dict[str, np.ndarray], config: Any, task: s
             f"hidden_size={config.hidden_size}, num_labels={config.num_labels}, ...):\n" + "\n".join(mismatches)
             + "\nUse the config.json that belongs to these weights, or pass the num_labels the head was trained with.")
     missing = []
-    fused = [re.compile(ours.replace(".", r"\.").replace("{i}", r"\d+")) for hf, ours, _ in family.rows(task)
+    fused = [re.compile(ours.replace(".", r"\.").replace("{i}", r"\d+")) for hf, ours, _ in family.rows(task, config)
              if "{part}" in hf]  # parameters filled in thirds (a fused qkv)
     for path, leaf in template.items():
         parts = family.parts if any(p.fullmatch(path) for p in fused) else (None,)
@@ -205,7 +205,7 @@ def to_hf_tensors(model: Any) -> dict[str, np.ndarray]:
         flat = unstack_layers(flat, config.num_hidden_layers)
     width = config.hidden_size
     out = {}
-    for hf, ours, transpose in family.rows(task):
+    for hf, ours, transpose in family.rows(task, config):
         for i in range(config.num_hidden_layers) if "{i}" in hf else [None]:
             for part in family.parts if "{part}" in hf else [None]:
                 path = ours.replace("{i}", str(i))

@@ -6,9 +6,11 @@ projections (the content ones with `share_att_key`, as in v3), and d() maps a di
 slots (log buckets with `position_buckets`). Embeddings: words (+ absolute positions when
 `position_biased_input`) (+ token types), projected without bias when narrower, LayerNorm, zeroed at padding.
 The padding mask is the outer product of the input mask with itself (padded queries see nothing and get a
-uniform row), as transformers computes it. Heads: base and sequence classification (ContextPooler: dense ->
-`pooler_hidden_act` on [CLS], then the classifier). Not supported: the convolution layer (conv_kernel_size),
-z_steps, scanned layers, masked LM.
+uniform row), as transformers computes it. Heads: sequence classification (ContextPooler: dense ->
+`pooler_hidden_act` on [CLS], then the classifier) and masked LM (dense to the embedding width -> activation ->
+LayerNorm -> the word embeddings tied as decoder, plus a bias: BERT's head; transformers keeps it under two
+names, `cls.predictions` when `legacy`, else `lm_predictions.lm_head`). Not supported: the convolution layer
+(conv_kernel_size), z_steps, scanned layers.
 """
 
 from __future__ import annotations
@@ -22,10 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_llm.bert.modeling import _ACTIVATIONS, BertConfig, Encoder, _check_dropout_key, _Factory, _keys, dropout
+from jaxopt_llm.bert.modeling import (
+    _ACTIVATIONS,
+    BertConfig,
+    Encoder,
+    MaskedLMHead,
+    _check_dropout_key,
+    _Factory,
+    _keys,
+    dropout,
+)
 from jaxopt_llm.errors import UserError
 
-TASKS = ("base", "sequence-classification")
+TASKS = ("base", "masked-lm", "sequence-classification")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +53,13 @@ class DebertaV2Config(BertConfig):
     norm_rel_ebd: str = "none"
     pooler_hidden_act: str = "gelu"
     pooler_dropout: float = 0.0
+    legacy: bool = True  # transformers' name for the masked-LM head's keys (cls.predictions, else lm_predictions)
 
     MODEL_TYPE: ClassVar[str] = "deberta-v2"
     HF_CONFIG: ClassVar[str] = "DebertaV2Config"
     _EXTRA: ClassVar[tuple[str, ...]] = ("embedding_size", "relative_attention", "position_buckets",
                                          "max_relative_positions", "share_att_key", "position_biased_input",
-                                         "norm_rel_ebd", "pooler_hidden_act", "pooler_dropout")
+                                         "norm_rel_ebd", "pooler_hidden_act", "pooler_dropout", "legacy")
 
     def __post_init__(self):
         super().__post_init__()
@@ -188,8 +200,8 @@ class Embeddings(nnx.Module):
 
 
 class DebertaV2(Encoder):
-    """A DeBERTa-v2 / v3 encoder with the heads of one task (base or sequence-classification), with the
-    encoder protocol of `Bert` (embed, encode, heads, classify_logits)."""
+    """A DeBERTa-v2 / v3 encoder with the heads of one task (base, masked-lm or sequence-classification), with
+    the encoder protocol of `Bert` (embed, encode, heads, classify_logits, mlm_logits)."""
 
     def __init__(self, config: DebertaV2Config, task: str = "base", *, rngs: nnx.Rngs):
         if task not in TASKS:
@@ -200,9 +212,14 @@ class DebertaV2(Encoder):
         self.layers = nnx.List([Layer(config, make) for _ in range(config.num_hidden_layers)])
         self.relative = make.embed(2 * config.span) if config.relative_attention else None
         self.relative_norm = make.norm() if config.relative_attention and "layer_norm" in config.norm_rel_ebd else None
-        self.pooler = make.linear(config.hidden_size, config.hidden_size) if task != "base" else None
-        self.classifier = make.linear(config.hidden_size, config.num_labels) if task != "base" else None
-        self.mlm = None
+        is_classifier = task == "sequence-classification"
+        self.pooler = make.linear(config.hidden_size, config.hidden_size) if is_classifier else None
+        self.classifier = make.linear(config.hidden_size, config.num_labels) if is_classifier else None
+        width = config.embedding_size or config.hidden_size
+        if task == "masked-lm" and not config.legacy and width != config.hidden_size:
+            raise UserError(f"legacy=False with embedding_size={width} != hidden_size={config.hidden_size}: "
+                            "transformers' non-legacy masked-LM head needs equal sizes; set legacy=True.")
+        self.mlm = MaskedLMHead(config, make, width) if task == "masked-lm" else None
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embeddings.word(input_ids)
@@ -257,4 +274,5 @@ class DebertaV2(Encoder):
         return self.classifier(dropout(x, rate, k_out, deterministic, cfg.dropout_rng)).astype(jnp.float32)
 
     def mlm_logits(self, hidden_btd):
-        raise UserError("DeBERTa-v2's masked-LM head is not supported yet.")
+        """Vocabulary logits (..., v) in float32."""
+        return self.mlm(hidden_btd, self.embeddings.word.embedding[...])

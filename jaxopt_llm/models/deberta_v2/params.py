@@ -36,7 +36,22 @@ _TABLE = (
     ("classifier.bias", "classifier.bias", False),
 )
 
+
+def _mlm(head: str) -> tuple[tuple[str, str, bool], ...]:
+    """The masked-LM head's rows under `head` (BERT's layout: transform, LayerNorm, bias)."""
+    dense = "transform.dense" if head == "cls.predictions." else "dense"
+    norm = "transform.LayerNorm" if head == "cls.predictions." else "LayerNorm"
+    return ((f"{head}{dense}.weight", "mlm.transform.kernel", True),
+            (f"{head}{dense}.bias", "mlm.transform.bias", False),
+            (f"{head}{norm}.weight", "mlm.norm.scale", False), (f"{head}{norm}.bias", "mlm.norm.bias", False),
+            (f"{head}bias", "mlm.bias", False))
+
 DEBERTA_V2 = Family(
     model_type="deberta-v2", config=DebertaV2Config, module=DebertaV2, table=_TABLE, prefix="deberta.",
-    head_keys=("pooler.", "classifier."), derived=("embeddings.position_ids",), heads=("pooler", "classifier"),
-    architectures={"base": "DebertaV2Model", "sequence-classification": "DebertaV2ForSequenceClassification"})
+    head_keys=("pooler.", "classifier.", "cls.", "lm_predictions."),
+    derived=("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
+    heads=("pooler", "classifier", "mlm"),
+    architectures={"base": "DebertaV2Model", "masked-lm": "DebertaV2ForMaskedLM",
+                   "sequence-classification": "DebertaV2ForSequenceClassification"},
+    task_tables={"masked-lm/legacy": _mlm("cls.predictions."), "masked-lm/new": _mlm("lm_predictions.lm_head.")},
+    variant=lambda config: "legacy" if config.legacy else "new")

@@ -20,12 +20,17 @@ _TABLE = _ENCODER + (
     ("generator_predictions.LayerNorm.weight", "mlm.norm.scale", False),
     ("generator_predictions.LayerNorm.bias", "mlm.norm.bias", False),
     ("generator_lm_head.bias", "mlm.bias", False),
+    ("discriminator_predictions.dense.weight", "discriminator.dense.kernel", True),
+    ("discriminator_predictions.dense.bias", "discriminator.dense.bias", False),
+    ("discriminator_predictions.dense_prediction.weight", "discriminator.prediction.kernel", True),
+    ("discriminator_predictions.dense_prediction.bias", "discriminator.prediction.bias", False),
 )
 
 ELECTRA = Family(
     model_type="electra", config=ElectraConfig, module=Electra, table=_TABLE, prefix="electra.",
     head_keys=("classifier.", "generator_", "discriminator_"),
     derived=("embeddings.position_ids", "embeddings.token_type_ids", "generator_lm_head.weight"),
-    heads=("pooler", "mlm", "classifier"),
+    heads=("pooler", "mlm", "classifier", "discriminator"),
     architectures={"base": "ElectraModel", "masked-lm": "ElectraForMaskedLM",
-                   "sequence-classification": "ElectraForSequenceClassification"})
+                   "sequence-classification": "ElectraForSequenceClassification",
+                   "replaced-token-detection": "ElectraForPreTraining"})

@@ -3,8 +3,10 @@
 Pre-norm layers (no norm before the first layer's attention), no biases unless the config asks for them,
 rotary position embeddings (theta per layer type), a GeGLU feed-forward (act(x W_in) * (x W_gate)), and
 attention that is global in every `global_attn_every_n_layers`-th layer and local elsewhere: a query sees the
-keys within `local_attention // 2` positions. The local layers here mask the full score matrix (the same
-numbers as transformers' eager path; not yet a banded computation). Heads: the prediction head (dense ->
+keys within `local_attention // 2` positions. Local layers compute only that band (`banded_attention`:
+blocks of half a window, each query block against its own and its two neighbours' keys, 3 * half scores per
+query instead of t); `attn_implementation="eager"` masks the full score matrix instead (the same numbers,
+kept as the reference the benchmark compares against). Heads: the prediction head (dense ->
 activation -> LayerNorm) then the tied decoder for masked LM, or [CLS] pooling -> head -> classifier.
 """
 
@@ -41,6 +43,7 @@ class ModernBertConfig(BertConfig):
     classifier_bias: bool = False
     classifier_activation: str = "gelu"
     classifier_pooling: str = "cls"
+    attn_implementation: str = "banded"  # local layers: "banded" (the band only) | "eager" (full matrix, masked)
 
     MODEL_TYPE: ClassVar[str] = "modernbert"
     HF_CONFIG: ClassVar[str] = "ModernBertConfig"
@@ -53,6 +56,8 @@ class ModernBertConfig(BertConfig):
             raise UserError("ModernBertConfig.scan_layers=True: ModernBERT's layers run unrolled; set it to false.")
         if self.classifier_pooling != "cls":
             raise UserError(f"classifier_pooling={self.classifier_pooling!r}: only 'cls' pooling is supported.")
+        if self.attn_implementation not in ("banded", "eager"):
+            raise UserError(f"attn_implementation={self.attn_implementation!r}: use 'banded' or 'eager'.")
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
             raise UserError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers.")
 
@@ -124,6 +129,35 @@ def rotary(x_bthk: jax.Array, theta: float) -> jax.Array:
     return (x * cos + half * sin).astype(x_bthk.dtype)
 
 
+def banded_attention(q_bthk, k_bthk, v_bthk, keep_bt, half, rate, key, deterministic, rng):
+    """Attention of each query to the keys within `half` positions, computing only that band.
+
+    The sequence is cut into blocks of `half` (padded at both ends with one masked block); the queries of block j
+    score the keys of blocks j - 1, j, j + 1, which hold every key within `half` of them, and the exact distance
+    mask is applied there. Returns (b, t, h, k), equal to the full masked computation."""
+    b, t, h, kd = q_bthk.shape
+    n = -(-t // half)
+    pad = n * half - t
+
+    def blocks(x):  # (b, t, ...) -> (b, n + 2, half, ...) with a masked block on each side
+        x = jnp.pad(x, [(0, 0), (half, pad + half)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, n + 2, half, *x.shape[2:])
+
+    def neighbours(x):  # (b, n + 2, half, ...) -> (b, n, 3 half, ...)
+        return jnp.concatenate([x[:, :-2], x[:, 1:-1], x[:, 2:]], axis=2)
+
+    q = blocks(q_bthk)[:, 1:-1]  # (b, n, half, h, k)
+    kk, v = neighbours(blocks(k_bthk)), neighbours(blocks(v_bthk))  # (b, n, 3 half, h, k)
+    keep = neighbours(blocks(keep_bt))  # (b, n, 3 half)
+    offset = np.arange(3 * half)[None, :] - half - np.arange(half)[:, None]  # key - query position
+    keep = keep[:, :, None, None, :] & jnp.asarray(np.abs(offset) <= half)[None, None, None]  # (b, n, 1, q, s)
+    scores = jnp.einsum("bnqhk,bnshk->bnhqs", q, kk, preferred_element_type=jnp.float32) / math.sqrt(kd)
+    probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), -1).astype(v.dtype)
+    probs = dropout(probs, rate, key, deterministic, rng)
+    out = jnp.einsum("bnhqs,bnshk->bnqhk", probs, v).reshape(b, n * half, h, kd)
+    return out[:, :t]
+
+
 class Layer(nnx.Module):
     def __init__(self, cfg: ModernBertConfig, make: _Make, index: int):
         self.cfg, self.local = cfg, cfg.kinds[index] == "sliding_attention"
@@ -143,16 +177,22 @@ class Layer(nnx.Module):
         qkv = self.wqkv(h).reshape(b, t, 3, n, k)
         theta = cfg.local_rope_theta if self.local else cfg.global_rope_theta
         q, kk, v = rotary(qkv[:, :, 0], theta), rotary(qkv[:, :, 1], theta), qkv[:, :, 2]
-        scores = jnp.einsum("bqhk,bshk->bhqs", q, kk, preferred_element_type=jnp.float32) / math.sqrt(k)
-        keep = keep_b1qt
-        if self.local:
-            distance = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :])
-            keep = keep & jnp.asarray(distance <= cfg.local_attention // 2)[None, None]
-        probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), -1).astype(v.dtype)
-        if collect is not None:
-            collect.append(probs)
-        probs = dropout(probs, cfg.attention_probs_dropout_prob, k_attn, deterministic, cfg.dropout_rng)
-        a = self.out(jnp.einsum("bhqs,bshk->bqhk", probs, v).reshape(b, t, d))
+        half = cfg.local_attention // 2
+        if self.local and collect is None and cfg.attn_implementation == "banded" and t > 2 * half:
+            out = banded_attention(q, kk, v, keep_b1qt[:, 0, 0], half, cfg.attention_probs_dropout_prob, k_attn,
+                                   deterministic, cfg.dropout_rng)
+        else:
+            scores = jnp.einsum("bqhk,bshk->bhqs", q, kk, preferred_element_type=jnp.float32) / math.sqrt(k)
+            keep = keep_b1qt
+            if self.local:
+                distance = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :])
+                keep = keep & jnp.asarray(distance <= half)[None, None]
+            probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), -1).astype(v.dtype)
+            if collect is not None:
+                collect.append(probs)
+            probs = dropout(probs, cfg.attention_probs_dropout_prob, k_attn, deterministic, cfg.dropout_rng)
+            out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+        a = self.out(out.reshape(b, t, d))
         x_btd = x_btd + dropout(a, cfg.attention_probs_dropout_prob, k_out, deterministic, cfg.dropout_rng)
         gate_in, gate = jnp.split(self.wi(self.mlp_norm(x_btd)), 2, axis=-1)
         m = dropout(_ACTIVATIONS[cfg.hidden_act](gate_in) * gate, cfg.hidden_dropout_prob, k_mlp, deterministic,
