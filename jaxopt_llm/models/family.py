@@ -21,7 +21,8 @@ class Family:
     task (e.g. RoBERTa's classification head reuses our pooler), keyed by the task, or by "task/variant" where
     `variant(config)` names which of a task's key layouts a config uses (DeBERTa's two masked-LM names).
     prefix: the base model's key prefix in task checkpoints; head_keys: keys that never carry it; derived: keys
-    without parameters of their own (buffers, tied decoders); heads: our top-level modules a checkpoint may lack; architectures: task -> HF class."""
+    without parameters of their own (buffers, tied decoders); heads: our top-level modules a checkpoint may
+    lack; architectures: task -> HF class."""
 
     model_type: str
     config: type
