@@ -39,6 +39,31 @@ def bpe(tmp_path_factory):
     return transformers.RobertaTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
 
 
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory):
+    """A unigram SentencePiece model trained here on a few hundred sentences, loaded by the two families'
+    SentencePiece tokenizer classes from the file names their hub repositories use: {"xlm-roberta": ...,
+    "deberta-v2": ...}."""
+    import io
+
+    import sentencepiece as spm
+
+    words = " ".join(SENTENCES).replace(",", "").split()
+    lines = [" ".join(words[(i * 7) % len(words):][:5 + i % 9]) + f" {i}" for i in range(400)]
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buffer, vocab_size=80,
+                                   model_type="unigram", unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    out = {}
+    for family, cls, name in (("xlm-roberta", "XLMRobertaTokenizer", "sentencepiece.bpe.model"),
+                              ("deberta-v2", "DebertaV2Tokenizer", "spm.model")):
+        folder = tmp_path_factory.mktemp(family)
+        (folder / name).write_bytes(buffer.getvalue())
+        out[family] = getattr(transformers, cls).from_pretrained(folder)
+        assert out[family].vocab_size > 40  # the pieces were read, not an empty vocabulary
+    return out
+
+
 def hf(family: str, task: str, seed: int = 0, **changes):
     config_cls, prefix = CLASSES[family]
     fields = {**TINY, "num_labels": 3, **changes}
@@ -142,7 +167,7 @@ def finetune_predict_export(cls, bpe, setup, tmp_path, capsys):
         np.testing.assert_allclose(printed, reloaded(**enc).logits.softmax(-1).numpy(), atol=1e-5)
     cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "art")])
     art = Artifact.load(tmp_path / "art")
-    assert art.manifest["max_length"] == 24 and art.manifest["special"]["pad"] == 1
+    assert art.manifest["max_length"] == 24 and art.manifest["special"]["pad"] == bpe.pad_token_id
     np.testing.assert_allclose(art.predict(texts)[0], printed, atol=1e-5)
 
 
@@ -264,12 +289,23 @@ def test_deberta_v2_and_v3_parity_and_round_trip(variant, task, bpe, tmp_path):
     np.testing.assert_allclose(torch_out(again, task, ids, mask), expected, atol=1e-6)
 
 
-def test_a_deberta_v3_finetune_runs_predicts_and_exports(bpe, setup, tmp_path, capsys):
+def test_a_deberta_v3_finetune_runs_predicts_and_exports(sentencepiece, setup, tmp_path, capsys):
+    """With a SentencePiece tokenizer, as DeBERTa-v3 has ([CLS] and [PAD] ids not RoBERTa's)."""
+    tok = sentencepiece["deberta-v2"]
     torch.manual_seed(6)
-    transformers.DebertaV2Model(transformers.DebertaV2Config(**{**TINY, **DEBERTA["v3"]})).save_pretrained(
+    sizes = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id}
+    transformers.DebertaV2Model(transformers.DebertaV2Config(**{**TINY, **DEBERTA["v3"], **sizes})).save_pretrained(
         tmp_path / "hf")
-    bpe.save_pretrained(tmp_path / "hf")
-    finetune_predict_export(transformers.DebertaV2ForSequenceClassification, bpe, setup, tmp_path, capsys)
+    tok.save_pretrained(tmp_path / "hf")
+    finetune_predict_export(transformers.DebertaV2ForSequenceClassification, tok, setup, tmp_path, capsys)
+
+
+def test_an_xlm_roberta_with_a_sentencepiece_tokenizer_finetunes_predicts_and_exports(sentencepiece, setup,
+                                                                                       tmp_path, capsys):
+    tok = sentencepiece["xlm-roberta"]
+    hf("xlm-roberta", "base", seed=12, vocab_size=len(tok)).save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    finetune_predict_export(transformers.XLMRobertaForSequenceClassification, tok, setup, tmp_path, capsys)
 
 
 MODERN = dict(vocab_size=300, hidden_size=24, intermediate_size=40, num_hidden_layers=4, num_attention_heads=3,
