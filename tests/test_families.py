@@ -416,3 +416,32 @@ def test_modernbert_banded_local_attention_equals_the_masked_full_matrix(t):
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     want = np.einsum("bhqs,bshk->bqhk", probs / probs.sum(-1, keepdims=True), v)
     np.testing.assert_allclose(np.asarray(got)[keep], want[keep], atol=1e-5)
+
+
+def test_a_bert_teacher_distils_into_a_distilbert_student_of_its_vocabulary(bpe, setup, tmp_path, capsys):
+    """Cross-family distillation (BERT -> DistilBERT, sharing the teacher's WordPiece vocabulary): the run's
+    model is a DistilBERT that transformers reloads and that predicts as `inference.load` does; a student
+    whose tokenizer is another is refused before any training."""
+    tok = transformers.AutoTokenizer.from_pretrained(setup / "model")
+    student = transformers.DistilBertModel(transformers.DistilBertConfig(
+        vocab_size=tok.vocab_size, dim=24, n_layers=1, n_heads=3, hidden_dim=40, max_position_embeddings=64))
+    student.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    items = overrides(setup, **{"train.steps": 2, "data.max_length": 24})
+    cli.main(["distill", "--workdir", str(tmp_path / "kd"), *items, f"distill.teacher={setup / 'model'}",
+              f"distill.student={tmp_path / 'student'}", "distill.hidden_weight=1.0"])
+    config = json.loads((tmp_path / "kd" / "model" / "config.json").read_text())
+    assert config["model_type"] == "distilbert" and config["n_layers"] == 1
+    reloaded = transformers.DistilBertForSequenceClassification.from_pretrained(tmp_path / "kd" / "model").eval()
+    enc = tok(SENTENCES[:3], truncation=True, max_length=24, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reloaded(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.softmax(-1)
+    np.testing.assert_allclose(inference.load(tmp_path / "kd").probs(SENTENCES[:3]), expected.numpy(), atol=1e-5)
+
+    hf("roberta", "base").save_pretrained(tmp_path / "other")
+    bpe.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["distill", "--workdir", str(tmp_path / "bad"), *items, f"distill.teacher={setup / 'model'}",
+                  f"distill.student={tmp_path / 'other'}"])
+    assert exit_info.value.code == 2 and not (tmp_path / "bad" / "model").exists()
+    assert "another vocabulary than the teacher" in capsys.readouterr().err

@@ -3,8 +3,9 @@ hidden states and attention maps, TinyBERT-style) in one jitted step.
 
 `train_step(state, batch, key, aux) -> (state, metrics)` with aux = {"teachers": {name: params}}: the
 teachers' parameters are an argument (never closed over, so they are not baked into the program, and
-never checkpointed with the student), run in eval mode and wrapped in stop_gradient. Teacher and student may differ in depth and
-width (same vocabulary); widths are bridged by a learned projection of the student's hidden states.
+never checkpointed with the student), run in eval mode and wrapped in stop_gradient. Teacher and student may
+differ in family (`distill.student`, e.g. BERT -> DistilBERT), depth and width, never in vocabulary; widths are
+bridged by a learned projection of the student's hidden states.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Distillation:
     """The distillation method's options (config keys `distill.*`)."""
 
     teacher: str | None = None  # model reference(s) of the teacher(s), comma-separated: run folder, HF folder, ...
-    student_layers: int = 2
+    student: str | None = None  # a model reference that is the student as it is (any family, its own weights)
+    student_layers: int = 2  # students made from the teacher (no distill.student)
     init: str = "teacher-layers"  # teacher-layers (every k-th layer, DistilBERT) | random
     alpha: float = 0.5  # weight of the soft (teacher) term; 0 is plain training on labels
     temperature: float = 2.0
@@ -218,8 +220,12 @@ def build(ctx: Context, kd: Distillation) -> Recipe:
                 for name, ref in zip(_names(kd), kd.teachers)}
     first = next(iter(teachers.values()))
     labels = {"num_labels": len(ctx.labels), "labels": tuple(ctx.labels)} if ctx.labels else {}
-    config = student_config(first.config, kd.student_layers, **labels)
-    bert = init_student(first, config, kd.init, ctx.seed, ctx.task.head)
+    if kd.student:  # its own family, size and weights; the batch's token ids must mean the same to both
+        check_same_vocabulary(kd.student, kd.teachers[0], ctx.tokenizer)
+        bert = ctx.load(kd.student)
+    else:
+        config = student_config(first.config, kd.student_layers, **labels)
+        bert = init_student(first, config, kd.init, ctx.seed, ctx.task.head)
     student = Student(bert, first.config.hidden_size, kd.hidden_weight > 0, rngs=nnx.Rngs(ctx.seed + 1))
     graphdef, params = nnx.split(student)
     split = {name: nnx.split(model) for name, model in teachers.items()}
@@ -229,6 +235,19 @@ def build(ctx: Context, kd: Distillation) -> Recipe:
                   eval_step=clean.make_eval_step(graphdef, ctx.task, select=lambda student: student.bert),
                   export=lambda p: nnx.merge(graphdef, p).bert,
                   aux={"teachers": {n: p for n, (_, p) in split.items()}})
+
+
+def check_same_vocabulary(student: str, teacher: str, tokenizer: Any) -> None:
+    """Refuse a student whose tokenizer maps text to other ids than the teacher's (the run's `tokenizer`)."""
+    from jaxopt_llm.models.hub import load_tokenizer
+
+    theirs = load_tokenizer(student)
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"distill.student={student!r} has another vocabulary than the teacher {teacher!r} "
+                        f"({len(theirs)} vs {len(tokenizer)} tokens): teacher and student read the same token ids, "
+                        "so they need the same tokenizer. Pick a student with the teacher's tokenizer (e.g. "
+                        "DistilBERT for BERT, DistilRoBERTa for RoBERTa), or leave distill.student unset to "
+                        "make one from the teacher's layers.")
 
 
 def _names(kd: Distillation) -> list[str]:
