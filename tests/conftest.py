@@ -26,6 +26,9 @@ os.environ["JAXOPT_LLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxopt-llm-xla-cac
 import csv  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -222,7 +225,7 @@ def records(workdir, split):
 # Longest files first: `-n 2 --dist loadfile` hands whole files to the two workers in collection order, and a
 # long file collected last (alphabetically test_train.py) would run alone at the end while the other worker
 # idles. Order within a file is kept (module fixtures).
-LONGEST_FIRST = ("test_pipeline.py", "test_cloud.py", "test_train.py", "test_steps.py", "test_adversarial.py",
+LONGEST_FIRST = ("test_pipeline.py", "test_cloud.py", "test_family_matrix.py", "test_train.py", "test_steps.py", "test_adversarial.py",
                  "test_prompt.py", "test_ensemble.py", "test_distill.py", "test_reliability.py")
 
 
@@ -232,3 +235,35 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)
+
+
+class Server:
+    """The app of an artifact under uvicorn in a thread, on a free 127.0.0.1 port."""
+
+    def __init__(self, artifact):
+        import uvicorn
+
+        from jaxopt_llm.serving.app import create_app
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(artifact), host="127.0.0.1", port=self.port,
+                                                    log_level="warning", log_config=None))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        self.labels = artifact.labels
+
+    def probs(self, texts: list[str]) -> np.ndarray:
+        body = json.dumps({"inputs": texts, "parameters": {"top_k": None}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/predict", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            rows = json.loads(response.read())
+        return np.asarray([[next(x["score"] for x in row if x["label"] == name) for name in self.labels]
+                           for row in rows])
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

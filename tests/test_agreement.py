@@ -8,16 +8,13 @@ deploys exactly what its calibrated stage predicts."""
 
 import csv
 import json
-import threading
-import time
-import urllib.request
 
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY, free_port, overrides
+from conftest import TINY, Server, overrides
 from flax import nnx
 
 from jaxopt_llm import bert, cli, inference, pipeline
@@ -25,7 +22,6 @@ from jaxopt_llm import config as config_lib
 from jaxopt_llm.assets import minilm_path
 from jaxopt_llm.data.batches import tokenize
 from jaxopt_llm.export import export
-from jaxopt_llm.serving.app import create_app
 from jaxopt_llm.serving.artifact import Artifact
 from jaxopt_llm.steps import prompt as prompt_lib
 from jaxopt_llm.steps.classify import ClassificationTask
@@ -117,36 +113,6 @@ def in_batches(fn, texts, rng):
         out.append(fn(texts[start:start + size]))
         start += size
     return np.concatenate(out)
-
-
-class Server:
-    """The app of an artifact under uvicorn in a thread, on a free 127.0.0.1 port."""
-
-    def __init__(self, artifact):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(artifact), host="127.0.0.1", port=self.port,
-                                                    log_level="warning", log_config=None))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        self.labels = artifact.labels
-
-    def probs(self, texts: list[str]) -> np.ndarray:
-        body = json.dumps({"inputs": texts, "parameters": {"top_k": None}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/predict", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            rows = json.loads(response.read())
-        return np.asarray([[next(x["score"] for x in row if x["label"] == name) for name in self.labels]
-                           for row in rows])
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.mark.parametrize("kind", ["classifier", "ensemble", "prompt"])

@@ -445,3 +445,29 @@ def test_a_bert_teacher_distils_into_a_distilbert_student_of_its_vocabulary(bpe,
                   f"distill.student={tmp_path / 'other'}"])
     assert exit_info.value.code == 2 and not (tmp_path / "bad" / "model").exists()
     assert "another vocabulary than the teacher" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["deberta-v2", "deberta-v3", "modernbert"])
+def test_packed_rows_give_each_block_what_it_gives_alone(family, bpe, tmp_path):
+    """Two texts packed side by side in one row (block-diagonal mask, positions restarting per block, as the
+    prompt task packs its variants) against each text run alone (the path compared with transformers)."""
+    if family == "modernbert":
+        ref = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(**MODERN))
+    else:
+        ref = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**{**TINY, **DEBERTA[family[-2:]]}))
+    ref.save_pretrained(tmp_path / "hf")
+    model = models.from_pretrained(tmp_path / "hf", "base")
+    t = 24
+    texts = [" ".join(SENTENCES)[:90], SENTENCES[1]]  # the first past ModernBERT's local window
+    alone = [np.asarray(bpe(x, truncation=True, max_length=t)["input_ids"], np.int32) for x in texts]
+    ids = np.full((1, 2 * t), bpe.pad_token_id, np.int32)
+    mask = np.zeros((1, 2 * t, 2 * t), np.int32)
+    positions = np.zeros((1, 2 * t), np.int32)
+    for j, a in enumerate(alone):
+        ids[0, j * t:j * t + len(a)] = a
+        mask[0, j * t:j * t + len(a), j * t:j * t + len(a)] = 1
+        positions[0, j * t:(j + 1) * t] = np.arange(t)
+    packed = np.asarray(model.encode(model.embed(ids), mask, None, positions))
+    for j, a in enumerate(alone):
+        single = np.asarray(model.encode(model.embed(a[None]), np.ones((1, len(a)), np.int32)))
+        np.testing.assert_allclose(packed[0, j * t:j * t + len(a)], single[0], atol=1e-5)

@@ -209,7 +209,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, ad
         n_valid = jnp.sum(valid, dtype=jnp.float32)
         share = global_mean(n_valid, n_valid)  # this device's share of the global batch
         params = state.params
-        shape = (*prepared.input_ids.shape, nnx.merge(graphdef, params).config.hidden_size)
+        model = nnx.merge(graphdef, params)
+        shape = jax.eval_shape(model.embed, prepared.input_ids).shape  # the embeddings' width, not the hidden size
 
         if adv.method == "smart":
             clean_ref = task.targets(jax.lax.stop_gradient(forward(params, None, batch, prepared)), batch, extra)

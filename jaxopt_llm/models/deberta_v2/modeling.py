@@ -6,11 +6,12 @@ projections (the content ones with `share_att_key`, as in v3), and d() maps a di
 slots (log buckets with `position_buckets`). Embeddings: words (+ absolute positions when
 `position_biased_input`) (+ token types), projected without bias when narrower, LayerNorm, zeroed at padding.
 The padding mask is the outer product of the input mask with itself (padded queries see nothing and get a
-uniform row), as transformers computes it. Heads: sequence classification (ContextPooler: dense ->
-`pooler_hidden_act` on [CLS], then the classifier) and masked LM (dense to the embedding width -> activation ->
-LayerNorm -> the word embeddings tied as decoder, plus a bias: BERT's head; transformers keeps it under two
-names, `cls.predictions` when `legacy`, else `lm_predictions.lm_head`). Not supported: the convolution layer
-(conv_kernel_size), z_steps, scanned layers.
+uniform row), as transformers computes it. Packed rows (a (b, t, t) mask of contiguous blocks, positions
+restarting per block) give each block what it gives alone: relative distances inside a block are the row's.
+Heads: sequence classification (ContextPooler: dense -> `pooler_hidden_act` on [CLS], then the classifier)
+and masked LM (dense to the embedding width -> activation -> LayerNorm -> the word embeddings tied as decoder,
+plus a bias: BERT's head; transformers keeps it under two names, `cls.predictions` when `legacy`, else
+`lm_predictions.lm_head`). Not supported: the convolution layer (conv_kernel_size), z_steps, scanned layers.
 """
 
 from __future__ import annotations
@@ -234,8 +235,12 @@ class DebertaV2(Encoder):
                              "to at most that many tokens.")
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
-        if attention_mask.ndim != 2:
-            raise UserError("DeBERTa takes a (b, t) attention mask; packed rows (a mask per query) are not supported.")
+        if attention_mask.ndim == 3:  # packed rows: the keys each query sees; a token is real if it sees itself
+            real = jnp.diagonal(attention_mask, axis1=1, axis2=2) > 0
+            keep_b1tt = (attention_mask > 0)[:, None] & real[:, None, :, None]
+        else:
+            real = attention_mask > 0
+            keep_b1tt = real[:, None, :, None] & real[:, None, None, :]
         emb = self.embeddings
         x = word_embeddings
         if emb.position is not None:
@@ -245,10 +250,8 @@ class DebertaV2(Encoder):
         if emb.project is not None:
             x = emb.project(x)
         keys = _keys(dropout_key, cfg.num_hidden_layers + 1)
-        x = emb.norm(x) * attention_mask[..., None].astype(x.dtype)
+        x = emb.norm(x) * real[..., None].astype(x.dtype)
         x = dropout(x, cfg.hidden_dropout_prob, keys[0], deterministic, cfg.dropout_rng)
-        keep = attention_mask > 0
-        keep_b1tt = (keep[:, None, :, None] & keep[:, None, None, :])
         rel = None
         if self.relative is not None:
             rel = self.relative.embedding[...]

@@ -6,8 +6,10 @@ attention that is global in every `global_attn_every_n_layers`-th layer and loca
 keys within `local_attention // 2` positions. Local layers compute only that band (`banded_attention`:
 blocks of half a window, each query block against its own and its two neighbours' keys, 3 * half scores per
 query instead of t); `attn_implementation="eager"` masks the full score matrix instead (the same numbers,
-kept as the reference the benchmark compares against). Heads: the prediction head (dense ->
-activation -> LayerNorm) then the tied decoder for masked LM, or [CLS] pooling -> head -> classifier.
+kept as the reference the benchmark compares against). Packed rows (a (b, t, t) mask of contiguous blocks,
+`position_ids` restarting per block) take the full-matrix path; distances inside a block are the row's.
+Heads: the prediction head (dense -> activation -> LayerNorm) then the tied decoder for masked LM, or [CLS]
+pooling -> head -> classifier.
 """
 
 from __future__ import annotations
@@ -117,13 +119,17 @@ class _Make:
                              rngs=self.rngs)
 
 
-def rotary(x_bthk: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding at positions 0 .. t-1 (rotate_half layout), in float32."""
+def rotary(x_bthk: jax.Array, theta: float, positions_bt: jax.Array | None = None) -> jax.Array:
+    """Rotary position embedding at `positions_bt` (default 0 .. t-1) (rotate_half layout), in float32."""
     t, k = x_bthk.shape[1], x_bthk.shape[-1]
     inv = 1.0 / (theta ** (np.arange(0, k, 2, dtype=np.float32) / k))
-    freqs = np.arange(t, dtype=np.float32)[:, None] * inv[None]
-    emb = np.concatenate([freqs, freqs], -1)
-    cos, sin = jnp.asarray(np.cos(emb))[None, :, None], jnp.asarray(np.sin(emb))[None, :, None]
+    if positions_bt is None:  # a constant of the program
+        emb = np.concatenate([np.arange(t, dtype=np.float32)[:, None] * inv[None]] * 2, -1)
+        cos, sin = jnp.asarray(np.cos(emb))[None, :, None], jnp.asarray(np.sin(emb))[None, :, None]
+    else:
+        freqs = positions_bt.astype(jnp.float32)[..., None] * inv
+        emb = jnp.concatenate([freqs, freqs], -1)[:, :, None]
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
     x = x_bthk.astype(jnp.float32)
     half = jnp.concatenate([-x[..., k // 2:], x[..., :k // 2]], -1)
     return (x * cos + half * sin).astype(x_bthk.dtype)
@@ -168,7 +174,7 @@ class Layer(nnx.Module):
         self.wi = make.linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias)
         self.wo = make.linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
 
-    def __call__(self, x_btd, keep_b1qt, deterministic, key, collect=None):
+    def __call__(self, x_btd, keep_b1qt, deterministic, key, collect=None, positions_bt=None):
         cfg = self.cfg
         b, t, d = x_btd.shape
         n, k = cfg.num_attention_heads, cfg.head_dim
@@ -176,9 +182,10 @@ class Layer(nnx.Module):
         h = x_btd if self.attn_norm is None else self.attn_norm(x_btd)
         qkv = self.wqkv(h).reshape(b, t, 3, n, k)
         theta = cfg.local_rope_theta if self.local else cfg.global_rope_theta
-        q, kk, v = rotary(qkv[:, :, 0], theta), rotary(qkv[:, :, 1], theta), qkv[:, :, 2]
+        q, kk, v = rotary(qkv[:, :, 0], theta, positions_bt), rotary(qkv[:, :, 1], theta, positions_bt), qkv[:, :, 2]
         half = cfg.local_attention // 2
-        if self.local and collect is None and cfg.attn_implementation == "banded" and t > 2 * half:
+        per_key = keep_b1qt.shape[2] == 1  # not packed rows (a mask per query)
+        if self.local and per_key and collect is None and cfg.attn_implementation == "banded" and t > 2 * half:
             out = banded_attention(q, kk, v, keep_b1qt[:, 0, 0], half, cfg.attention_probs_dropout_prob, k_attn,
                                    deterministic, cfg.dropout_rng)
         else:
@@ -242,19 +249,18 @@ class ModernBert(Encoder):
         cfg = self.config
         _check_dropout_key(deterministic, dropout_key)
         b, t, _ = word_embeddings.shape
-        if position_ids is not None:
-            raise UserError("ModernBERT's rotary positions are 0 .. t-1: it takes no position_ids (packed rows).")
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
-        if attention_mask.ndim != 2:
-            raise UserError("ModernBERT takes a (b, t) attention mask; packed rows are not supported.")
         keys = _keys(dropout_key, cfg.num_hidden_layers + 1)
         x = dropout(self.embedding_norm(word_embeddings), cfg.hidden_dropout_prob, keys[0], deterministic,
                     cfg.dropout_rng)
-        keep_b1qt = (attention_mask > 0)[:, None, None, :]
+        if attention_mask.ndim == 3:  # packed rows: the keys each query sees (contiguous blocks)
+            keep_b1qt = (attention_mask > 0)[:, None]
+        else:
+            keep_b1qt = (attention_mask > 0)[:, None, None, :]
         hidden, attention = [x], [] if collect is not None else None
         for layer, key in zip(self.layers, keys[1:]):
-            x = layer(x, keep_b1qt, deterministic, key, attention)
+            x = layer(x, keep_b1qt, deterministic, key, attention, position_ids)
             hidden.append(x)
         x = self.final_norm(x)
         if collect is not None:
