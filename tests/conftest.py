@@ -225,8 +225,8 @@ def records(workdir, split):
 # Longest files first: `-n 2 --dist loadfile` hands whole files to the two workers in collection order, and a
 # long file collected last (alphabetically test_train.py) would run alone at the end while the other worker
 # idles. Order within a file is kept (module fixtures).
-LONGEST_FIRST = ("test_pipeline.py", "test_cloud.py", "test_family_matrix.py", "test_train.py", "test_steps.py", "test_adversarial.py",
-                 "test_prompt.py", "test_ensemble.py", "test_distill.py", "test_reliability.py")
+LONGEST_FIRST = ("test_pipeline.py", "test_cloud.py", "test_family_matrix.py", "test_train.py", "test_steps.py",
+                 "test_adversarial.py", "test_prompt.py", "test_ensemble.py", "test_distill.py", "test_reliability.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -390,10 +390,11 @@ def test_every_family_trains_alike_on_one_device_sharded_fsdp_and_pmap(family, t
         assert compiles[1:] == [0, 0], backend
         np.testing.assert_allclose(losses, ref_losses, atol=1e-6, rtol=0)
         # parameters to float32 rounding of sums split over shards: DeBERTa's relative-position gradients add
-        # t^2 gathered terms per slot (differences up to 5e-6 relative after 3 steps at lr 0.5); the losses,
-        # which a sharding error moves (dropout masks drawn per shard moved them by 0.1), agree to 1e-6
+        # t^2 gathered terms per slot (differences up to 1.2e-5 relative after 3 steps at lr 0.5, where
+        # embeddings reach 50); the losses, which a sharding error moves (dropout masks drawn per shard moved
+        # them by 0.1), agree to 1e-6
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=3e-5)
 
 
 @pytest.mark.parametrize("t", [9, 16, 37])

@@ -335,10 +335,12 @@ def _dense(x, kernel, bias, dtype):
 
 
 class Linear(nnx.Linear):
-    """`nnx.Linear` (same parameters, kernel (in, out)) computed by `dense`."""
+    """`nnx.Linear` (same parameters, kernel (in, out), with or without a bias) computed by `dense`."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _dense(x, self.kernel[...], self.bias[...], self.dtype or jnp.result_type(x, self.kernel[...]))
+        kernel = self.kernel[...]
+        bias = jnp.zeros(kernel.shape[-1], kernel.dtype) if self.bias is None else self.bias[...]
+        return _dense(x, kernel, bias, self.dtype or jnp.result_type(x, kernel))
 
 
 class Layer(nnx.Module):

@@ -179,10 +179,15 @@ class Layer(nnx.Module):
         self.output = make.linear(cfg.intermediate_size, cfg.hidden_size)
         self.output_norm = make.norm()
 
-    def __call__(self, x_btd, keep_b1tt, rel_embeddings, deterministic, key, collect=None):
+    def __call__(self, x_btd, keep_b1tt, rel_embeddings, deterministic, key, collect=None, read_bp=None):
+        """-> (b, t, d), or (b, p, d) at the positions `read_bp` only (the attention output projection and the
+        feed-forward run there alone)."""
         k_attn, k_attn_out, k_out = _keys(key, 3)
         rate, rng = self.cfg.hidden_dropout_prob, self.cfg.dropout_rng
         a = self.attention(x_btd, keep_b1tt, rel_embeddings, deterministic, k_attn, collect)
+        if read_bp is not None:
+            a = jnp.take_along_axis(a, read_bp[..., None], axis=1)
+            x_btd = jnp.take_along_axis(x_btd, read_bp[..., None], axis=1)
         x_btd = self.attention.norm(x_btd + dropout(self.attention.out(a), rate, k_attn_out, deterministic, rng))
         h = _ACTIVATIONS[self.cfg.hidden_act](self.intermediate(x_btd))
         return self.output_norm(x_btd + dropout(self.output(h), rate, k_out, deterministic, rng))
@@ -258,12 +263,14 @@ class DebertaV2(Encoder):
             if self.relative_norm is not None:
                 rel = self.relative_norm(rel)
         hidden, attention = [x], [] if collect is not None else None
-        for layer, key in zip(self.layers, keys[1:]):
-            x = layer(x, keep_b1tt, rel, deterministic, key, attention)
+        last = len(self.layers) - 1
+        read = output_positions if collect is None else None  # the last layer runs at the positions read
+        for i, (layer, key) in enumerate(zip(self.layers, keys[1:])):
+            x = layer(x, keep_b1tt, rel, deterministic, key, attention, read if i == last else None)
             hidden.append(x)
         if collect is not None:
             collect["hidden"], collect["attention"] = hidden, attention
-        if output_positions is not None:
+        if output_positions is not None and read is None:
             x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
         return x
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_llm.bert.modeling import _ACTIVATIONS, BertConfig, Encoder, _check_dropout_key, _keys, dropout
+from jaxopt_llm.bert.modeling import _ACTIVATIONS, BertConfig, Encoder, Linear, _check_dropout_key, _keys, dropout
 from jaxopt_llm.errors import UserError
 
 TASKS = ("base", "masked-lm", "sequence-classification")
@@ -110,7 +110,7 @@ class _Make:
         self.init = nnx.initializers.normal(cfg.initializer_range)
 
     def linear(self, n_in: int, n_out: int, bias: bool) -> nnx.Linear:
-        return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=self.init, dtype=self.cfg.dtype,
+        return Linear(n_in, n_out, use_bias=bias, kernel_init=self.init, dtype=self.cfg.dtype,
                           param_dtype=self.cfg.param_dtype, rngs=self.rngs)
 
     def norm(self) -> nnx.LayerNorm:
@@ -174,7 +174,9 @@ class Layer(nnx.Module):
         self.wi = make.linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias)
         self.wo = make.linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
 
-    def __call__(self, x_btd, keep_b1qt, deterministic, key, collect=None, positions_bt=None):
+    def __call__(self, x_btd, keep_b1qt, deterministic, key, collect=None, positions_bt=None, read_bp=None):
+        """-> (b, t, d), or (b, p, d) at the positions `read_bp` only (the output projection and the MLP run
+        there alone; keys and values come from every token)."""
         cfg = self.cfg
         b, t, d = x_btd.shape
         n, k = cfg.num_attention_heads, cfg.head_dim
@@ -185,21 +187,30 @@ class Layer(nnx.Module):
         q, kk, v = rotary(qkv[:, :, 0], theta, positions_bt), rotary(qkv[:, :, 1], theta, positions_bt), qkv[:, :, 2]
         half = cfg.local_attention // 2
         per_key = keep_b1qt.shape[2] == 1  # not packed rows (a mask per query)
+        out = None
         if self.local and per_key and collect is None and cfg.attn_implementation == "banded" and t > 2 * half:
             out = banded_attention(q, kk, v, keep_b1qt[:, 0, 0], half, cfg.attention_probs_dropout_prob, k_attn,
                                    deterministic, cfg.dropout_rng)
         else:
-            scores = jnp.einsum("bqhk,bshk->bhqs", q, kk, preferred_element_type=jnp.float32) / math.sqrt(k)
             keep = keep_b1qt
             if self.local:
                 distance = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :])
                 keep = keep & jnp.asarray(distance <= half)[None, None]
+        if out is None and collect is None and (deterministic or cfg.attention_probs_dropout_prob == 0.0):
+            bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(q.dtype)  # the fused kernel
+            out = jax.nn.dot_product_attention(q, kk, v, bias=bias, scale=1.0 / math.sqrt(k))
+        elif out is None:
+            scores = jnp.einsum("bqhk,bshk->bhqs", q, kk, preferred_element_type=jnp.float32) / math.sqrt(k)
             probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), -1).astype(v.dtype)
             if collect is not None:
                 collect.append(probs)
             probs = dropout(probs, cfg.attention_probs_dropout_prob, k_attn, deterministic, cfg.dropout_rng)
             out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-        a = self.out(out.reshape(b, t, d))
+        out = out.reshape(b, t, d)
+        if read_bp is not None:
+            out = jnp.take_along_axis(out, read_bp[..., None], axis=1)
+            x_btd = jnp.take_along_axis(x_btd, read_bp[..., None], axis=1)
+        a = self.out(out)
         x_btd = x_btd + dropout(a, cfg.attention_probs_dropout_prob, k_out, deterministic, cfg.dropout_rng)
         gate_in, gate = jnp.split(self.wi(self.mlp_norm(x_btd)), 2, axis=-1)
         m = dropout(_ACTIVATIONS[cfg.hidden_act](gate_in) * gate, cfg.hidden_dropout_prob, k_mlp, deterministic,
@@ -259,13 +270,15 @@ class ModernBert(Encoder):
         else:
             keep_b1qt = (attention_mask > 0)[:, None, None, :]
         hidden, attention = [x], [] if collect is not None else None
-        for layer, key in zip(self.layers, keys[1:]):
-            x = layer(x, keep_b1qt, deterministic, key, attention, position_ids)
+        last = len(self.layers) - 1
+        read = output_positions if collect is None else None  # the last layer runs at the positions read
+        for i, (layer, key) in enumerate(zip(self.layers, keys[1:])):
+            x = layer(x, keep_b1qt, deterministic, key, attention, position_ids, read if i == last else None)
             hidden.append(x)
         x = self.final_norm(x)
         if collect is not None:
             collect["hidden"], collect["attention"] = hidden, attention
-        if output_positions is not None:
+        if output_positions is not None and read is None:
             x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
         return x
 
