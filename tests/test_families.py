@@ -261,6 +261,7 @@ DEBERTA = {  # tiny versions of the two configurations in use
                embedding_size=12),
 }
 DEBERTA["v3-lm_predictions"] = {**DEBERTA["v3"], "legacy": False}  # the masked-LM head's other key names
+DEBERTA["v2-conv"] = {**DEBERTA["v2"], "conv_kernel_size": 3, "conv_groups": 2, "conv_act": "gelu"}  # xlarge's
 
 
 @pytest.mark.parametrize("variant", list(DEBERTA))

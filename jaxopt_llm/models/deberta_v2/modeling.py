@@ -11,7 +11,9 @@ restarting per block) give each block what it gives alone: relative distances in
 Heads: sequence classification (ContextPooler: dense -> `pooler_hidden_act` on [CLS], then the classifier)
 and masked LM (dense to the embedding width -> activation -> LayerNorm -> the word embeddings tied as decoder,
 plus a bias: BERT's head; transformers keeps it under two names, `cls.predictions` when `legacy`, else
-`lm_predictions.lm_head`). Not supported: the convolution layer (conv_kernel_size), z_steps, scanned layers.
+`lm_predictions.lm_head`). The convolution layer of the v2 xlarge models (`conv_kernel_size` > 0): a 1-D
+convolution over the embeddings, zeroed at padding, `conv_act`, added to the first layer's output and
+LayerNorm'd. Not supported: z_steps, scanned layers.
 """
 
 from __future__ import annotations
@@ -54,18 +56,26 @@ class DebertaV2Config(BertConfig):
     norm_rel_ebd: str = "none"
     pooler_hidden_act: str = "gelu"
     pooler_dropout: float = 0.0
+    conv_kernel_size: int = 0  # > 0: the convolution layer after the first layer (DeBERTa-v2 xlarge)
+    conv_groups: int = 1
+    conv_act: str = "tanh"
     legacy: bool = True  # transformers' name for the masked-LM head's keys (cls.predictions, else lm_predictions)
 
     MODEL_TYPE: ClassVar[str] = "deberta-v2"
     HF_CONFIG: ClassVar[str] = "DebertaV2Config"
     _EXTRA: ClassVar[tuple[str, ...]] = ("embedding_size", "relative_attention", "position_buckets",
                                          "max_relative_positions", "share_att_key", "position_biased_input",
-                                         "norm_rel_ebd", "pooler_hidden_act", "pooler_dropout", "legacy")
+                                         "norm_rel_ebd", "pooler_hidden_act", "pooler_dropout", "legacy",
+                                         "conv_kernel_size", "conv_groups", "conv_act")
 
     def __post_init__(self):
         super().__post_init__()
         if self.scan_layers:
             raise UserError("DebertaV2Config.scan_layers=True: DeBERTa's layers run unrolled; set it to false.")
+        if self.conv_kernel_size and self.conv_act not in _ACTIVATIONS:
+            raise UserError(f"DebertaV2Config.conv_act={self.conv_act!r}: use one of {sorted(_ACTIVATIONS)}.")
+        if self.conv_kernel_size and self.conv_kernel_size % 2 == 0:
+            raise UserError(f"DebertaV2Config.conv_kernel_size={self.conv_kernel_size}: an odd size keeps the length.")
         bad = sorted(set(self.pos_att_type) - {"c2p", "p2c"})
         if bad:
             raise UserError(f"DebertaV2Config.pos_att_type has {bad}: use c2p and / or p2c.")
@@ -84,8 +94,6 @@ class DebertaV2Config(BertConfig):
     @classmethod
     def from_hf_config(cls, hf: Any, **changes: Any) -> DebertaV2Config:
         d = dict(hf if isinstance(hf, dict) else hf.to_dict())
-        if d.get("conv_kernel_size"):
-            raise UserError(f"conv_kernel_size={d['conv_kernel_size']}: DeBERTa's convolution layer is not supported.")
         if d.get("z_steps", 0) > 1:
             raise UserError(f"z_steps={d['z_steps']} is not supported.")
         config = super().from_hf_config(d, **changes)
@@ -205,6 +213,24 @@ class Embeddings(nnx.Module):
         self.norm = make.norm()
 
 
+class Conv(nnx.Module):
+    """transformers' ConvLayer: conv1d over the embeddings, zeroed at padding, activation, added to the first
+    layer's output, LayerNorm, zeroed at padding."""
+
+    def __init__(self, cfg: DebertaV2Config, make: _Factory):
+        k, d = cfg.conv_kernel_size, cfg.hidden_size
+        self.act = cfg.conv_act
+        self.conv = nnx.Conv(d, d, kernel_size=(k,), padding=[((k - 1) // 2, (k - 1) // 2)],
+                             feature_group_count=cfg.conv_groups, kernel_init=make.init, dtype=cfg.dtype,
+                             param_dtype=cfg.param_dtype, rngs=make.rngs)
+        self.norm = make.norm()
+
+    def __call__(self, embeddings_btd, layer_btd, real_bt, rate, key, deterministic, rng):
+        keep = real_bt[..., None].astype(layer_btd.dtype)
+        out = dropout(self.conv(embeddings_btd) * keep, rate, key, deterministic, rng)
+        return self.norm(layer_btd + _ACTIVATIONS[self.act](out)) * keep
+
+
 class DebertaV2(Encoder):
     """A DeBERTa-v2 / v3 encoder with the heads of one task (base, masked-lm or sequence-classification), with
     the encoder protocol of `Bert` (embed, encode, heads, classify_logits, mlm_logits)."""
@@ -218,6 +244,7 @@ class DebertaV2(Encoder):
         self.layers = nnx.List([Layer(config, make) for _ in range(config.num_hidden_layers)])
         self.relative = make.embed(2 * config.span) if config.relative_attention else None
         self.relative_norm = make.norm() if config.relative_attention and "layer_norm" in config.norm_rel_ebd else None
+        self.conv = Conv(config, make) if config.conv_kernel_size > 0 else None
         is_classifier = task == "sequence-classification"
         self.pooler = make.linear(config.hidden_size, config.hidden_size) if is_classifier else None
         self.classifier = make.linear(config.hidden_size, config.num_labels) if is_classifier else None
@@ -240,6 +267,9 @@ class DebertaV2(Encoder):
                              "to at most that many tokens.")
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
+        if attention_mask.ndim == 3 and self.conv is not None:
+            raise UserError("DeBERTa's convolution layer (conv_kernel_size) would mix neighbouring blocks of packed "
+                            "rows: run such a model on one text per row (not a cloze prompt).")
         if attention_mask.ndim == 3:  # packed rows: the keys each query sees; a token is real if it sees itself
             real = jnp.diagonal(attention_mask, axis1=1, axis2=2) > 0
             keep_b1tt = (attention_mask > 0)[:, None] & real[:, None, :, None]
@@ -266,7 +296,14 @@ class DebertaV2(Encoder):
         last = len(self.layers) - 1
         read = output_positions if collect is None else None  # the last layer runs at the positions read
         for i, (layer, key) in enumerate(zip(self.layers, keys[1:])):
-            x = layer(x, keep_b1tt, rel, deterministic, key, attention, read if i == last else None)
+            if i == 0 and self.conv is not None:  # the convolution reads the embeddings: layer 0 runs in full
+                k_layer, k_conv = _keys(key, 2)
+                x = self.conv(x, layer(x, keep_b1tt, rel, deterministic, k_layer, attention), real,
+                              cfg.hidden_dropout_prob, k_conv, deterministic, cfg.dropout_rng)
+                if read is not None and i == last:
+                    x = jnp.take_along_axis(x, read[..., None], axis=1)
+            else:
+                x = layer(x, keep_b1tt, rel, deterministic, key, attention, read if i == last else None)
             hidden.append(x)
         if collect is not None:
             collect["hidden"], collect["attention"] = hidden, attention

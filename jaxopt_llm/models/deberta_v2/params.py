@@ -16,6 +16,10 @@ _TABLE = (
     ("encoder.rel_embeddings.weight", "relative.embedding", False),
     ("encoder.LayerNorm.weight", "relative_norm.scale", False),
     ("encoder.LayerNorm.bias", "relative_norm.bias", False),
+    ("encoder.conv.conv.weight", "conv.conv.kernel", True),  # (out, in / groups, k) -> (k, in / groups, out)
+    ("encoder.conv.conv.bias", "conv.conv.bias", False),
+    ("encoder.conv.LayerNorm.weight", "conv.norm.scale", False),
+    ("encoder.conv.LayerNorm.bias", "conv.norm.bias", False),
     *((_L + f"attention.self.{theirs}.{w}", f"layers.{{i}}.attention.{ours}.{p}", w == "weight")
       for theirs, ours in (("query_proj", "query"), ("key_proj", "key"), ("value_proj", "value"),
                            ("pos_key_proj", "pos_key"), ("pos_query_proj", "pos_query"))
