@@ -80,7 +80,7 @@ def _model_function(model):
     def classify(p, batch):  # (class logits, [CLS] hidden state) of one model
         m = nnx.merge(graphdef, p)
         hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
-        return m.classify_logits(hidden), hidden[:, 0]
+        return m.classify_logits(hidden, attention_mask=batch["attention_mask"]), hidden[:, 0]
 
     if model.kind == "ensemble":
         def fn(p, batch):

@@ -33,10 +33,10 @@ def _fill_mask(graphdef, state, ids_bt, mask_bt, types_bt, positions_bp, top_k):
 
 
 def class_logits(graphdef, state, ids_bt, mask_bt, types_bt):
-    """(b, c) class logits; the last layer runs at [CLS] only, the one position read."""
+    """(b, c) class logits; the last layer runs at the positions the head reads only ([CLS])."""
     model = nnx.merge(graphdef, state)
-    cls_b1 = jnp.zeros((ids_bt.shape[0], 1), jnp.int32)
-    return model.classify_logits(model.encode(model.embed(ids_bt), mask_bt, types_bt, output_positions=cls_b1))
+    hidden = model.encode(model.embed(ids_bt), mask_bt, types_bt, output_positions=model.read_positions(len(ids_bt)))
+    return model.classify_logits(hidden, attention_mask=mask_bt)
 
 
 _logits = jax.jit(class_logits, static_argnames=("graphdef",))

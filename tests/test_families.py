@@ -315,11 +315,13 @@ MODERN = dict(vocab_size=300, hidden_size=24, intermediate_size=40, num_hidden_l
 
 
 @pytest.mark.parametrize("biases", [False, True])
-@pytest.mark.parametrize("task", list(HEADS))
+@pytest.mark.parametrize("task", [*HEADS, "sequence-classification-mean"])
 def test_modernbert_parity_past_its_local_window_and_round_trip(task, biases, bpe, tmp_path):
     fields = {**MODERN, "num_labels": 3}
     if biases:
         fields.update(norm_bias=True, attention_bias=True, mlp_bias=True, classifier_bias=True)
+    if task.endswith("-mean"):  # mean pooling over the real tokens, as ModernBERT-base's config says
+        task, fields["classifier_pooling"] = "sequence-classification", "mean"
     config = transformers.ModernBertConfig(**fields)
     cls = getattr(transformers, "ModernBert" + HEADS[task])
     torch.manual_seed(7)
@@ -342,7 +344,8 @@ def test_modernbert_parity_past_its_local_window_and_round_trip(task, biases, bp
 
 def test_a_modernbert_finetune_runs_predicts_and_exports(bpe, setup, tmp_path, capsys):
     torch.manual_seed(8)
-    transformers.ModernBertModel(transformers.ModernBertConfig(**MODERN)).save_pretrained(tmp_path / "hf")
+    config = transformers.ModernBertConfig(**MODERN, classifier_pooling="mean")  # as ModernBERT-base's
+    transformers.ModernBertModel(config).save_pretrained(tmp_path / "hf")
     bpe.save_pretrained(tmp_path / "hf")
     finetune_predict_export(transformers.ModernBertForSequenceClassification, bpe, setup, tmp_path, capsys)
 

@@ -385,15 +385,21 @@ class Encoder(nnx.Module):
     stages. A family implements `embed`, `encode`, `classify_logits` and `mlm_logits` (and `nsp_logits` for
     pretraining), and sets `task`."""
 
+    def read_positions(self, batch_size: int) -> jax.Array | None:
+        """The positions (b, p) that `classify_logits` reads: [CLS], (b, 1) zeros; None: every position (mean
+        pooling). Callers run the last layer there only."""
+        return jnp.zeros((batch_size, 1), jnp.int32)
+
     def heads(self, hidden_btd: jax.Array, *, deterministic: bool = True,
-              dropout_key: jax.Array | None = None) -> Any:
+              dropout_key: jax.Array | None = None, attention_mask: jax.Array | None = None) -> Any:
         if self.task == "base":
             return hidden_btd
         if self.task == "masked-lm":
             return self.mlm_logits(hidden_btd)
         if self.task == "pretraining":
             return self.mlm_logits(hidden_btd), self.nsp_logits(hidden_btd)
-        return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
+        return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key,
+                                    attention_mask=attention_mask)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, *, deterministic: bool = True,
@@ -403,7 +409,7 @@ class Encoder(nnx.Module):
         k_encode, k_head = _keys(dropout_key, 2)
         hidden = self.encode(self.embed(input_ids), attention_mask, token_type_ids,
                              deterministic=deterministic, dropout_key=k_encode)
-        return self.heads(hidden, deterministic=deterministic, dropout_key=k_head)
+        return self.heads(hidden, deterministic=deterministic, dropout_key=k_head, attention_mask=attention_mask)
 
 
 class Bert(Encoder):
@@ -539,7 +545,7 @@ class Bert(Encoder):
         return self.nsp(self.pool(hidden_btd)).astype(jnp.float32)
 
     def classify_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
-                        dropout_key: jax.Array | None = None) -> jax.Array:
+                        dropout_key: jax.Array | None = None, attention_mask: jax.Array | None = None) -> jax.Array:
         _check_dropout_key(deterministic, dropout_key)
         cfg = self.config
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout

@@ -30,13 +30,15 @@ class ClassificationTask:
         return Prepared(batch["input_ids"], None, key)
 
     def forward(self, model, embeddings, batch, extra, *, deterministic=True, dropout_key=None, collect=None):
-        """Class logits (b, c) float32; the last layer runs at [CLS] only (everywhere when collecting)."""
+        """Class logits (b, c) float32; the last layer runs at the positions the head reads only ([CLS]; every
+        token for mean pooling, or when collecting)."""
         k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        cls_b1 = None if collect is not None else jnp.zeros((embeddings.shape[0], 1), jnp.int32)
+        read = None if collect is not None else model.read_positions(embeddings.shape[0])
         hidden = model.encode(embeddings, batch["attention_mask"], batch["token_type_ids"],
-                              deterministic=deterministic, dropout_key=k_encode, output_positions=cls_b1,
+                              deterministic=deterministic, dropout_key=k_encode, output_positions=read,
                               collect=collect)
-        return model.classify_logits(hidden, deterministic=deterministic, dropout_key=k_head)
+        return model.classify_logits(hidden, deterministic=deterministic, dropout_key=k_head,
+                                     attention_mask=batch["attention_mask"])
 
     def targets(self, logits, batch, extra):
         return Targets(logits, batch["labels"], batch["weight"] > 0)

@@ -311,7 +311,7 @@ class DebertaV2(Encoder):
             x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
         return x
 
-    def classify_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
+    def classify_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None, attention_mask=None):
         _check_dropout_key(deterministic, dropout_key)
         cfg = self.config
         k_in, k_out = _keys(dropout_key, 2)

@@ -66,7 +66,7 @@ class DistilBert(Bert):
             self.pooler = None
 
     def classify_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
-                        dropout_key: jax.Array | None = None) -> jax.Array:
+                        dropout_key: jax.Array | None = None, attention_mask: jax.Array | None = None) -> jax.Array:
         _check_dropout_key(deterministic, dropout_key)
         cfg = self.config
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout

@@ -93,15 +93,17 @@ class Electra(Bert):
     def project(self, x_bte: jax.Array) -> jax.Array:
         return x_bte if self.embeddings_project is None else self.embeddings_project(x_bte)
 
-    def heads(self, hidden_btd: jax.Array, *, deterministic: bool = True, dropout_key: jax.Array | None = None):
+    def heads(self, hidden_btd: jax.Array, *, deterministic: bool = True, dropout_key: jax.Array | None = None,
+              attention_mask: jax.Array | None = None):
         if self.task == RTD:
             return self.rtd_logits(hidden_btd)
-        return super().heads(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
+        return super().heads(hidden_btd, deterministic=deterministic, dropout_key=dropout_key,
+                             attention_mask=attention_mask)
 
     def rtd_logits(self, hidden_btd: jax.Array) -> jax.Array:
         """Replaced-token logits (b, t) in float32."""
         return self.discriminator(hidden_btd)
 
     def classify_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
-                        dropout_key: jax.Array | None = None) -> jax.Array:
+                        dropout_key: jax.Array | None = None, attention_mask: jax.Array | None = None) -> jax.Array:
         return self.dense_head_logits(hidden_btd, _erf_gelu, deterministic, dropout_key)

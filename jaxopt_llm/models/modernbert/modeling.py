@@ -56,8 +56,8 @@ class ModernBertConfig(BertConfig):
         super().__post_init__()
         if self.scan_layers:
             raise UserError("ModernBertConfig.scan_layers=True: ModernBERT's layers run unrolled; set it to false.")
-        if self.classifier_pooling != "cls":
-            raise UserError(f"classifier_pooling={self.classifier_pooling!r}: only 'cls' pooling is supported.")
+        if self.classifier_pooling not in ("cls", "mean"):
+            raise UserError(f"classifier_pooling={self.classifier_pooling!r}: use 'cls' or 'mean'.")
         if self.attn_implementation not in ("banded", "eager"):
             raise UserError(f"attn_implementation={self.attn_implementation!r}: use 'banded' or 'eager'.")
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
@@ -287,9 +287,23 @@ class ModernBert(Encoder):
         logits = jnp.dot(h, self.word.embedding[...].astype(h.dtype).T, preferred_element_type=jnp.float32)
         return logits if self.decoder_bias is None else logits + self.decoder_bias[...]
 
-    def classify_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
+    def read_positions(self, batch_size: int):
+        return None if self.config.classifier_pooling == "mean" else super().read_positions(batch_size)
+
+    def classify_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None, attention_mask=None):
+        """[CLS] pooling, or the mean over the real tokens (`attention_mask`, (b, t); all when None)."""
         _check_dropout_key(deterministic, dropout_key)
         cfg = self.config
-        x = self.head(hidden_btd[:, 0])
+        if cfg.classifier_pooling == "mean":
+            if hidden_btd.shape[1] == 1 or attention_mask is None:
+                real = jnp.ones(hidden_btd.shape[:2], jnp.float32)
+            else:
+                real = (attention_mask if attention_mask.ndim == 2 else jnp.diagonal(attention_mask, axis1=1,
+                                                                                    axis2=2)) > 0
+            real = real.astype(jnp.float32)[..., None]
+            pooled = (hidden_btd.astype(jnp.float32) * real).sum(1) / real.sum(1)
+            x = self.head(pooled.astype(hidden_btd.dtype))
+        else:
+            x = self.head(hidden_btd[:, 0])
         x = dropout(x, cfg.classifier_dropout or 0.0, dropout_key, deterministic, cfg.dropout_rng)
         return self.classifier(x).astype(jnp.float32)

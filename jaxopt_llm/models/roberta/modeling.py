@@ -55,7 +55,7 @@ class Roberta(Bert):
         return jnp.cumsum(real, axis=1) * real + pad
 
     def classify_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
-                        dropout_key: jax.Array | None = None) -> jax.Array:
+                        dropout_key: jax.Array | None = None, attention_mask: jax.Array | None = None) -> jax.Array:
         return self.dense_head_logits(hidden_btd, jnp.tanh, deterministic, dropout_key)
 
 
