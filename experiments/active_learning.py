@@ -19,8 +19,8 @@ import numpy as np
 from jaxopt_llm import active
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
-from jaxopt_llm.bert import load_tokenizer
 from jaxopt_llm.cli import compile_cache
+from jaxopt_llm.models.bert import load_tokenizer
 from jaxopt_llm.steps.task import DataNeeds
 
 CONFIG = Path(__file__).parent / "configs" / "tweets_tiny.py"

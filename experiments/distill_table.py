@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxopt_llm import bert
+from jaxopt_llm.models import bert
 from jaxopt_llm.predict import _classify
 
 

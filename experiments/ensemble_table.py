@@ -26,8 +26,8 @@ from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
 from jaxopt_llm import metrics as metrics_lib
 from jaxopt_llm.assets import tweets_csv_path
-from jaxopt_llm.bert import load_tokenizer
 from jaxopt_llm.commands import calibrate_run
+from jaxopt_llm.models.bert import load_tokenizer
 from jaxopt_llm.steps.task import DataNeeds
 
 CONFIG = Path(__file__).parent / "configs" / "tweets_tiny.py"

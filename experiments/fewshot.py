@@ -17,9 +17,9 @@ import numpy as np
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
 from jaxopt_llm import inference
-from jaxopt_llm.bert import load_tokenizer
 from jaxopt_llm.cli import compile_cache
 from jaxopt_llm.metrics import macro_f1
+from jaxopt_llm.models.bert import load_tokenizer
 from jaxopt_llm.steps.prompt import Prompt
 from jaxopt_llm.steps.task import DataNeeds
 from jaxopt_llm.train import train

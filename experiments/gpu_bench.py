@@ -76,7 +76,7 @@ def check(folder: Path, batch: dict) -> float:
     import torch
     import transformers
 
-    from jaxopt_llm.bert.params import from_pretrained
+    from jaxopt_llm.models.bert.params import from_pretrained
 
     device = _torch_device()
     theirs = transformers.BertForSequenceClassification.from_pretrained(folder).to(device).eval()
@@ -102,8 +102,8 @@ def ours_step(folder: Path, batch: dict, dtype: str):
 
     from jaxopt_llm import optim
     from jaxopt_llm import state as state_lib
-    from jaxopt_llm.bert.params import from_pretrained
     from jaxopt_llm.config import TrainConfig
+    from jaxopt_llm.models.bert.params import from_pretrained
     from jaxopt_llm.steps.classify import ClassificationTask
     from jaxopt_llm.steps.clean import make_train_step
 

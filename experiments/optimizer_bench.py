@@ -23,8 +23,8 @@ import transformers
 from flax import nnx
 
 from jaxopt_llm import bench, heap, optim
-from jaxopt_llm.bert import Bert, BertConfig
 from jaxopt_llm.config import TrainConfig
+from jaxopt_llm.models.bert import Bert, BertConfig
 
 
 def jax_update(tx: optax.GradientTransformation, params, grads) -> Callable[[], None]:

@@ -17,7 +17,7 @@ import numpy as np
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
 from jaxopt_llm import sweep
-from jaxopt_llm.bert.params import load_tokenizer
+from jaxopt_llm.models.bert.params import load_tokenizer
 from jaxopt_llm.steps.task import DataNeeds
 
 

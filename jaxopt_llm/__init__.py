@@ -10,8 +10,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Bert": "jaxopt_llm.bert", "BertConfig": "jaxopt_llm.bert", "CheckpointError": "jaxopt_llm.bert",
-    "from_pretrained": "jaxopt_llm.bert", "save_pretrained": "jaxopt_llm.bert",
+    "Bert": "jaxopt_llm.models.bert", "BertConfig": "jaxopt_llm.models.bert", "CheckpointError": "jaxopt_llm.models.bert",
+    "from_pretrained": "jaxopt_llm.models.bert", "save_pretrained": "jaxopt_llm.models.bert",
     "Config": "jaxopt_llm.config", "ConfigError": "jaxopt_llm.config", "load_config": "jaxopt_llm.config:load",
     "train": "jaxopt_llm.train", "fit": "jaxopt_llm.train",
     "load_model": "jaxopt_llm.inference:load", "Inference": "jaxopt_llm.inference",

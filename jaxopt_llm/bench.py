@@ -131,7 +131,7 @@ def _run_fields(c: BenchConfig) -> dict:
 
 
 def _bert_config(c: BenchConfig, layers: int | None = None):
-    from jaxopt_llm.bert import BertConfig
+    from jaxopt_llm.models.bert import BertConfig
 
     return BertConfig(vocab_size=c.vocab, hidden_size=c.hidden, num_hidden_layers=layers or c.layers,
                       num_attention_heads=c.heads, intermediate_size=c.ffn, **_run_fields(c))
@@ -153,8 +153,8 @@ def _recipe(c: BenchConfig, method: str, task, options=None, layers: int | None 
     from flax import nnx
 
     from jaxopt_llm import optim, recipes
-    from jaxopt_llm.bert import Bert
     from jaxopt_llm.config import TrainConfig
+    from jaxopt_llm.models.bert import Bert
 
     entry = recipes.get(method)
     tx = optim.make(TrainConfig(learning_rate=1e-4, warmup_steps=0, steps=1000, weight_decay=0.0))
@@ -187,7 +187,7 @@ def kd_parts(c: BenchConfig) -> dict[str, Callable[[], None]]:
     """The distillation step and its budget's parts: the student's clean step, the teacher's forward."""
     from flax import nnx
 
-    from jaxopt_llm.bert import Bert
+    from jaxopt_llm.models.bert import Bert
     from jaxopt_llm.steps.distill import Distillation
 
     task = _task(c, "classify")
@@ -244,8 +244,8 @@ def _large_step(c: BenchConfig, layers: int, abstract: bool, **changes):
 
     from jaxopt_llm import optim
     from jaxopt_llm import state as state_lib
-    from jaxopt_llm.bert import Bert, BertConfig
     from jaxopt_llm.config import TrainConfig
+    from jaxopt_llm.models.bert import Bert, BertConfig
     from jaxopt_llm.steps.clean import make_train_step
 
     config = BertConfig.large(num_hidden_layers=layers, **_run_fields(c), **changes)

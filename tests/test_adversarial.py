@@ -10,8 +10,9 @@ import pytest
 from conftest import hf_model, make_batch, run_backend, task_for
 from flax import nnx
 
-from jaxopt_llm import bert, robustness
+from jaxopt_llm import robustness
 from jaxopt_llm import state as state_lib
+from jaxopt_llm.models import bert
 from jaxopt_llm.parallel import compile_count
 from jaxopt_llm.steps import adversarial as A
 from jaxopt_llm.steps import clean

@@ -17,11 +17,12 @@ import transformers
 from conftest import TINY, Server, overrides
 from flax import nnx
 
-from jaxopt_llm import bert, cli, inference, pipeline
+from jaxopt_llm import cli, inference, pipeline
 from jaxopt_llm import config as config_lib
 from jaxopt_llm.assets import minilm_path
 from jaxopt_llm.data.batches import tokenize
 from jaxopt_llm.export import export
+from jaxopt_llm.models import bert
 from jaxopt_llm.serving.artifact import Artifact
 from jaxopt_llm.steps import prompt as prompt_lib
 from jaxopt_llm.steps.classify import ClassificationTask

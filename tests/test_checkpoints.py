@@ -11,8 +11,8 @@ from conftest import HF_CLASSES, hf_model, torch_output
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jaxopt_llm import bert
-from jaxopt_llm.bert import CheckpointError, CheckpointWarning
+from jaxopt_llm.models import bert
+from jaxopt_llm.models.bert import CheckpointError, CheckpointWarning
 
 
 def params_of(model):

@@ -7,7 +7,7 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxopt_llm.bert import Bert, BertConfig
+from jaxopt_llm.models.bert import Bert, BertConfig
 
 
 @pytest.mark.parametrize("preset", ["base", "large"])
@@ -76,7 +76,7 @@ def test_dropout_masks_are_bernoulli_at_the_exact_rate_and_vmap_per_key(rng):
     """Closed-form references: the dropped count is Binomial(n, p) with p = round(rate * 2^16) / 2^16, kept
     values are x / (1 - p); neighbouring elements, rows and keys are uncorrelated (|r| < 5 / sqrt(n)); vmapped
     over keys, each key's own mask."""
-    from jaxopt_llm.bert.modeling import dropout
+    from jaxopt_llm.models.bert.modeling import dropout
 
     x = np.ones((64, 4096), np.float32)
     p = round(0.1 * 65536) / 65536
@@ -102,7 +102,7 @@ def test_hash_bits_are_uniform_and_the_threefry_option_keeps_the_old_masks():
     """The 16-bit halves that masks compare against the threshold: chi-square over all 65,536 values within
     six standard deviations of its mean, every one of the 32 bit positions set half the time (5 sigma).
     `dropout_rng="threefry"` reproduces the masks written from `jax.random.bits` as the earlier default did."""
-    from jaxopt_llm.bert.modeling import dropout, hash_bits
+    from jaxopt_llm.models.bert.modeling import dropout, hash_bits
 
     words = np.asarray(hash_bits(jax.random.key(11), (1024, 2048)))
     halves = words.view(np.uint16).ravel()

@@ -10,9 +10,10 @@ import pytest
 from conftest import hf_model, make_batch, run_backend, task_for
 from flax import nnx
 
-from jaxopt_llm import bert, losses
 from jaxopt_llm import config as config_lib
+from jaxopt_llm import losses
 from jaxopt_llm import state as state_lib
+from jaxopt_llm.models import bert
 from jaxopt_llm.steps import clean
 from jaxopt_llm.steps import distill as D
 from jaxopt_llm.steps.common import mean_metrics

@@ -12,10 +12,11 @@ import pytest
 from conftest import hf_model, make_batch, overrides, task_for
 from flax import nnx
 
-from jaxopt_llm import bert, calibration, cli, inference
+from jaxopt_llm import calibration, cli, inference
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import metrics as metrics_lib
 from jaxopt_llm import state as state_lib
+from jaxopt_llm.models import bert
 from jaxopt_llm.recipes import Context
 from jaxopt_llm.steps import clean, ensemble
 from jaxopt_llm.train import train

@@ -195,8 +195,8 @@ def test_a_family_registered_from_outside_trains_predicts_and_exports(setup, tmp
 
     from conftest import TINY as BERT_TINY
 
-    from jaxopt_llm.bert.modeling import Bert, BertConfig
-    from jaxopt_llm.bert.params import FAMILY as BERT
+    from jaxopt_llm.models.bert.modeling import Bert, BertConfig
+    from jaxopt_llm.models.bert.params import FAMILY as BERT
 
     class ToyHF(transformers.BertConfig):
         model_type = "toy-bert"

@@ -57,7 +57,7 @@ def test_schedule_warmup_then_linear_and_cosine():
 def test_decay_mask_excludes_biases_and_norm_scales():
     from flax import nnx
 
-    from jaxopt_llm.bert import Bert, BertConfig
+    from jaxopt_llm.models.bert import Bert, BertConfig
 
     params = nnx.state(Bert(BertConfig.tiny(vocab_size=50, num_hidden_layers=1), rngs=nnx.Rngs(0)), nnx.Param)
     leaves = jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import HF_CLASSES, hf_model, torch_output
 
-from jaxopt_llm import bert
 from jaxopt_llm.assets import minilm_path
+from jaxopt_llm.models import bert
 
 
 @pytest.mark.parametrize("task", list(HF_CLASSES))
@@ -129,7 +129,7 @@ def test_dense_vjp_equals_the_plain_expression(k, n, tied):
     import jax
     import jax.numpy as jnp
 
-    from jaxopt_llm.bert.modeling import dense
+    from jaxopt_llm.models.bert.modeling import dense
 
     rng = np.random.RandomState(0)
     x, w, b, g = rng.randn(2, 3, k), rng.randn(n, k) if tied else rng.randn(k, n), rng.randn(n), rng.randn(2, 3, n)

@@ -11,9 +11,10 @@ import transformers
 from conftest import TINY, overrides
 from flax import nnx
 
-from jaxopt_llm import bert, cli, inference
+from jaxopt_llm import cli, inference
 from jaxopt_llm import config as config_lib
 from jaxopt_llm.assets import minilm_path
+from jaxopt_llm.models import bert
 from jaxopt_llm.parallel import compile_count
 from jaxopt_llm.steps import prompt as P
 from jaxopt_llm.train import train

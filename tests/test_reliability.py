@@ -13,11 +13,12 @@ import optax
 import pytest
 from conftest import overrides, records
 
-from jaxopt_llm import bert, cli, optim, runs
+from jaxopt_llm import cli, optim, runs
 from jaxopt_llm import config as config_lib
 from jaxopt_llm.config import DataConfig, TrainConfig
 from jaxopt_llm.data.sources import read_rows
 from jaxopt_llm.errors import UserError
+from jaxopt_llm.models import bert
 from jaxopt_llm.train import MetricsLog, read_metrics, train
 
 

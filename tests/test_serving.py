@@ -19,8 +19,9 @@ import pytest
 from conftest import free_port, overrides
 from flax import nnx
 
-from jaxopt_llm import bert, cli, inference
+from jaxopt_llm import cli, inference
 from jaxopt_llm import config as config_lib
+from jaxopt_llm.models import bert
 from jaxopt_llm.serving import drift
 from jaxopt_llm.serving.artifact import Artifact, ArtifactError
 from jaxopt_llm.train import train

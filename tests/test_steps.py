@@ -10,9 +10,9 @@ import torch
 from conftest import MASK_ID, VOCAB, B, T, hf_model, make_batch, masking, run_backend, task_for
 from flax import nnx
 
-from jaxopt_llm import bert
 from jaxopt_llm import state as state_lib
 from jaxopt_llm.metrics import macro_f1
+from jaxopt_llm.models import bert
 from jaxopt_llm.steps import clean, mlm
 from jaxopt_llm.steps.classify import ClassificationTask
 from jaxopt_llm.steps.common import mean_metrics

@@ -7,10 +7,11 @@ import pytest
 from conftest import overrides
 from flax import nnx
 
-from jaxopt_llm import bert, cli, sweep
+from jaxopt_llm import cli, sweep
 from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
 from jaxopt_llm import metrics as metrics_lib
+from jaxopt_llm.models import bert
 from jaxopt_llm.parallel import compile_count
 from jaxopt_llm.steps.task import DataNeeds
 from jaxopt_llm.train import train

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import overrides, records
 
-from jaxopt_llm import bert
 from jaxopt_llm import config as config_lib
+from jaxopt_llm.models import bert
 from jaxopt_llm.parallel import compile_count
 from jaxopt_llm.train import train
 

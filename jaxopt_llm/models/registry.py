@@ -10,7 +10,7 @@ from jaxopt_llm.models.family import Family
 from jaxopt_llm.models.hub import CheckpointError
 
 _FAMILIES: dict[str, Any] = {
-    "bert": "jaxopt_llm.bert.params:FAMILY",
+    "bert": "jaxopt_llm.models.bert.params:FAMILY",
     "roberta": "jaxopt_llm.models.roberta.params:ROBERTA",
     "xlm-roberta": "jaxopt_llm.models.roberta.params:XLM_ROBERTA",
     "distilbert": "jaxopt_llm.models.distilbert.params:DISTILBERT",

@@ -22,8 +22,8 @@ import optax
 from flax import nnx
 
 from jaxopt_llm import losses
-from jaxopt_llm.bert.modeling import Bert, BertConfig
 from jaxopt_llm.errors import UserError
+from jaxopt_llm.models.bert.modeling import Bert, BertConfig
 from jaxopt_llm.parallel import global_mean, global_sum
 from jaxopt_llm.recipes import Context, Method, Recipe
 from jaxopt_llm.state import TrainState

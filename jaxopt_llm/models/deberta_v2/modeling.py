@@ -27,17 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_llm.bert.modeling import (
-    _ACTIVATIONS,
-    BertConfig,
-    Encoder,
-    MaskedLMHead,
-    _check_dropout_key,
-    _Factory,
-    _keys,
-    dropout,
-)
 from jaxopt_llm.errors import UserError
+from jaxopt_llm.models.bert.modeling import BertConfig, MaskedLMHead, _Factory
+from jaxopt_llm.models.layers import _ACTIVATIONS, Encoder, _check_dropout_key, _keys, dropout
 
 TASKS = ("base", "masked-lm", "sequence-classification")
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxopt_llm.bert.modeling import Bert, BertConfig, _check_dropout_key, dropout
+from jaxopt_llm.models.bert.modeling import Bert, BertConfig
+from jaxopt_llm.models.layers import _check_dropout_key, dropout
 
 _NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
           "hidden_dim": "intermediate_size", "activation": "hidden_act", "dropout": "hidden_dropout_prob",

@@ -19,17 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxopt_llm.bert.modeling import (
-    _ACTIVATIONS,
-    TASKS,
-    Bert,
-    BertConfig,
-    Embeddings,
-    MaskedLMHead,
-    _erf_gelu,
-    _Factory,
-)
 from jaxopt_llm.errors import UserError
+from jaxopt_llm.models.bert.modeling import TASKS, Bert, BertConfig, Embeddings, MaskedLMHead, _Factory
+from jaxopt_llm.models.layers import _ACTIVATIONS, _erf_gelu
 
 RTD = "replaced-token-detection"
 

@@ -3,7 +3,7 @@ projection and ELECTRA's heads."""
 
 from __future__ import annotations
 
-from jaxopt_llm.bert.params import _TABLE as _BERT_TABLE
+from jaxopt_llm.models.bert.params import _TABLE as _BERT_TABLE
 from jaxopt_llm.models.electra.modeling import Electra, ElectraConfig
 from jaxopt_llm.models.family import Family
 

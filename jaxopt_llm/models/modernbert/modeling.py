@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_llm.bert.modeling import _ACTIVATIONS, BertConfig, Encoder, Linear, _check_dropout_key, _keys, dropout
 from jaxopt_llm.errors import UserError
+from jaxopt_llm.models.bert.modeling import BertConfig
+from jaxopt_llm.models.layers import _ACTIVATIONS, Encoder, Linear, _check_dropout_key, _keys, dropout
 
 TASKS = ("base", "masked-lm", "sequence-classification")
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxopt_llm.bert.modeling import Bert, BertConfig
+from jaxopt_llm.models.bert.modeling import Bert, BertConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@ their own."""
 
 from __future__ import annotations
 
-from jaxopt_llm.bert.params import _TABLE as _BERT_TABLE
+from jaxopt_llm.models.bert.params import _TABLE as _BERT_TABLE
 from jaxopt_llm.models.family import Family
 from jaxopt_llm.models.roberta.modeling import Roberta, RobertaConfig, XLMRoberta, XLMRobertaConfig
 

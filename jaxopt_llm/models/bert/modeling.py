@@ -8,7 +8,6 @@ and returned logits are float32.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, ClassVar
 
@@ -17,28 +16,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxopt_llm.errors import UserError
+from jaxopt_llm.models.layers import (  # noqa: F401 - the shared layers, under the names BERT's code uses
+    _ACTIVATIONS,
+    _RNG_CHOICES,
+    DROPOUT_RNGS,
+    Encoder,
+    Linear,
+    _check_dropout_key,
+    _dense,
+    _erf_gelu,
+    _keys,
+    dense,
+    dropout,
+    hash_bits,
+)
 
 TASKS = ("base", "masked-lm", "pretraining", "sequence-classification")
 
-
-def _erf_gelu(x: jax.Array) -> jax.Array:
-    """HF "gelu", PyTorch's formula x * (1 + erf(x / sqrt 2)) / 2: jax.nn.gelu(approximate=False) goes through
-    erfc and its forward + backward took 2 - 3x as long on XLA:CPU, with the same distance to PyTorch's."""
-    return x * 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
-
-
-_ACTIVATIONS = {
-    "gelu": _erf_gelu,
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
-
-DROPOUT_RNGS = ("hash", "threefry")  # BertConfig.dropout_rng
-_RNG_CHOICES = " or ".join(map(repr, DROPOUT_RNGS))
 
 # HF config keys that we read; everything else in a config.json is ignored.
 _HF_FIELDS = (
@@ -178,56 +172,6 @@ class BertConfig:
         )
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: bool, rng: str = "hash") -> jax.Array:
-    """Inverted dropout with an explicit key; identity when `deterministic` or `rate == 0`.
-
-    The mask takes 16 random bits per element, two from each 32-bit word (a Bernoulli draw spends a whole word
-    on each): an element is dropped when its bits fall below round(rate * 2^16), and the kept ones are scaled by
-    the inverse of the exact keep probability, so the layer stays unbiased. The words come from `rng`:
-    "hash" (`hash_bits`) or "threefry" (`jax.random.bits`, the earlier default).
-    """
-    if rng not in DROPOUT_RNGS:
-        raise UserError(f"dropout rng={rng!r}: use {_RNG_CHOICES}.")
-    if deterministic or rate == 0.0:
-        return x
-    threshold = round(rate * 65536)
-    last = x.shape[-1]
-    shape = (*x.shape[:-1], (last + 1) // 2)
-    words = hash_bits(key, shape) if rng == "hash" else jax.random.bits(key, shape, jnp.uint32)
-    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :last]
-    return jnp.where(halves >= threshold, x / (1.0 - threshold / 65536), 0).astype(x.dtype)
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-    """Wellons' lowbias32: a bijection of uint32 with near-ideal avalanche, in seven elementwise operations."""
-    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
-    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """uint32 words of `shape` for dropout masks: word i = mix(mix(i * 0x9E3779B9 + k0) ^ k1), with (k0, k1)
-    the key's two words. Counter-based like threefry, but 14 integer operations a word instead of threefry's
-    20 rounds, and elementwise, so XLA fuses it into the mask (the words are never written to memory) and it
-    vmaps, scans and shards as any elementwise expression: vmapped over keys it gives each key's words.
-    For one key the words of distinct indices differ (a bijection of the index). Not for cryptography."""
-    n = math.prod(shape)
-    if n >= 2**32:
-        raise UserError(f"hash_bits: {n} words exceed the 32-bit counter; draw masks for at most 2**32 - 1 "
-                         "words at a time.")
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    pairs = data.reshape(-1, 2).astype(jnp.uint32)  # threefry: one pair; wider keys' pairs are folded by xor
-    k0, k1 = jax.lax.reduce(pairs, jnp.uint32(0), jax.lax.bitwise_xor, (0,))
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-    index = sum(jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)  # the row-major flat index,
-                for d, stride in enumerate(strides))  # as elementwise terms: each device makes its own shard's
-    return _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + k0) ^ k1)
-
-
-def _keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
-    return [None] * n if key is None else list(jax.random.split(key, n))
-
-
 class _Factory:
     """Builds layers with BERT's initialisation and the config's dtypes."""
 
@@ -299,50 +243,6 @@ class Attention(nnx.Module):
         return self.out(ctx.reshape(b, ctx.shape[1], d))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def dense(x: jax.Array, w: jax.Array, bias: jax.Array, out_dtype) -> jax.Array:
-    """x (..., k) @ w (k, n) + bias (n), in `out_dtype` (x, w in the compute dtype). Same values and gradients as
-    the plain expression; in the backward pass the weight gradient contracts the tokens with the smaller of x
-    and the output gradient transposed, and the bias gradient is a matrix-vector product. XLA:CPU, left to
-    JAX's rules, transposed the larger operand (an FFN activation gradient; the MLM decoder's 640 x 30522
-    logit gradient) and ran the product outside YNNPACK, and summed bias gradients column-wise: classification
-    step 1.25x, MLM step 1.2x slower on the bench. Reverse mode only: `jax.jvp` is not defined through it."""
-    return jnp.dot(x, w, preferred_element_type=out_dtype) + bias.astype(out_dtype)
-
-
-def _dense_fwd(x, w, bias, out_dtype):
-    return dense(x, w, bias, out_dtype), (x, w, bias)
-
-
-def _dense_bwd(out_dtype, residuals, g):
-    x, w, bias = residuals
-    k, n = w.shape
-    g_c = g.astype(w.dtype)
-    x_nk, g_nn = x.reshape(-1, k), g_c.reshape(-1, n)
-    f32 = jnp.float32
-    dw = (jnp.dot(x_nk.T, g_nn, preferred_element_type=f32) if k <= n
-          else jnp.dot(g_nn.T, x_nk, preferred_element_type=f32).T)
-    dx = jnp.dot(g_c, w.T, preferred_element_type=f32)
-    db = jnp.dot(jnp.ones((g_nn.shape[0],), g.dtype), g.reshape(-1, n), preferred_element_type=f32)
-    return dx.astype(x.dtype), dw.astype(w.dtype), db.astype(bias.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-def _dense(x, kernel, bias, dtype):
-    return dense(x.astype(dtype), kernel.astype(dtype), bias, jnp.dtype(dtype))
-
-
-class Linear(nnx.Linear):
-    """`nnx.Linear` (same parameters, kernel (in, out), with or without a bias) computed by `dense`."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...]
-        bias = jnp.zeros(kernel.shape[-1], kernel.dtype) if self.bias is None else self.bias[...]
-        return _dense(x, kernel, bias, self.dtype or jnp.result_type(x, kernel))
-
-
 class Layer(nnx.Module):
     def __init__(self, cfg: BertConfig, make: _Factory):
         self.cfg = cfg
@@ -378,38 +278,6 @@ class MaskedLMHead(nnx.Module):
         h = self.norm(_ACTIVATIONS[self.activation](self.transform(x_bd)))
         w_dv = word_embedding_vd.astype(h.dtype).T
         return dense(h, w_dv, self.bias[...], jnp.dtype(jnp.float32))
-
-
-class Encoder(nnx.Module):
-    """What every family's module shares of the encoder protocol: `heads` by task and `__call__` from the
-    stages. A family implements `embed`, `encode`, `classify_logits` and `mlm_logits` (and `nsp_logits` for
-    pretraining), and sets `task`."""
-
-    def read_positions(self, batch_size: int) -> jax.Array | None:
-        """The positions (b, p) that `classify_logits` reads: [CLS], (b, 1) zeros; None: every position (mean
-        pooling). Callers run the last layer there only."""
-        return jnp.zeros((batch_size, 1), jnp.int32)
-
-    def heads(self, hidden_btd: jax.Array, *, deterministic: bool = True,
-              dropout_key: jax.Array | None = None, attention_mask: jax.Array | None = None) -> Any:
-        if self.task == "base":
-            return hidden_btd
-        if self.task == "masked-lm":
-            return self.mlm_logits(hidden_btd)
-        if self.task == "pretraining":
-            return self.mlm_logits(hidden_btd), self.nsp_logits(hidden_btd)
-        return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key,
-                                    attention_mask=attention_mask)
-
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 token_type_ids: jax.Array | None = None, *, deterministic: bool = True,
-                 dropout_key: jax.Array | None = None) -> Any:
-        """The task's output for token ids (b, t), with the keywords of Hugging Face models:
-        `model(input_ids, attention_mask=mask, token_type_ids=types)`; see the class docstring."""
-        k_encode, k_head = _keys(dropout_key, 2)
-        hidden = self.encode(self.embed(input_ids), attention_mask, token_type_ids,
-                             deterministic=deterministic, dropout_key=k_encode)
-        return self.heads(hidden, deterministic=deterministic, dropout_key=k_head, attention_mask=attention_mask)
 
 
 class Bert(Encoder):
@@ -563,8 +431,3 @@ class Bert(Encoder):
         x = dropout(hidden_btd[:, 0], rate, k_in, deterministic, cfg.dropout_rng)
         x = dropout(activation(self.pooler(x)), rate, k_out, deterministic, cfg.dropout_rng)
         return self.classifier(x).astype(jnp.float32)
-
-
-def _check_dropout_key(deterministic: bool, key: jax.Array | None) -> None:
-    if not deterministic and key is None:
-        raise UserError("deterministic=False needs dropout_key=jax.random.key(...): dropout keys are explicit.")

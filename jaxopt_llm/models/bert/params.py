@@ -1,13 +1,13 @@
 """The BERT family's Hugging Face key table: every BERT key name lives here and nowhere else.
 
 Reading and writing checkpoints is generic (`jaxopt_llm.models.convert`); this module only declares the table.
-The names below are re-exported for code written against `jaxopt_llm.bert.params`.
+The names below are re-exported for code written against `jaxopt_llm.models.bert.params`.
 """
 
 from __future__ import annotations
 
-from jaxopt_llm.bert.modeling import Bert, BertConfig
 from jaxopt_llm.models import config_of, task_of
+from jaxopt_llm.models.bert.modeling import Bert, BertConfig
 from jaxopt_llm.models.convert import (
                                        convert,
                                        from_pretrained,

@@ -1,7 +1,0 @@
-"""BERT: the model, its config, and Hugging Face checkpoints in and out."""
-
-from jaxopt_llm.bert.modeling import TASKS, Bert, BertConfig
-from jaxopt_llm.bert.params import CheckpointError, CheckpointWarning, from_pretrained, load_tokenizer, save_pretrained
-
-__all__ = ["TASKS", "Bert", "BertConfig", "CheckpointError", "CheckpointWarning", "from_pretrained",
-           "load_tokenizer", "save_pretrained"]
