@@ -116,3 +116,102 @@ def stack(trees: Sequence[Any], names: Sequence[str] | None = None, *, host: boo
     if host:
         return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+# ---- entities (token classification) -----------------------------------------------------------------
+
+SCHEMES = {"IOB2": ("B", "I"), "IOBES": ("B", "I", "E", "S")}  # the prefixes each scheme's tags may carry
+_PREFIX_CODE = {"O": 0, "B": 1, "I": 2, "E": 3, "S": 4}
+
+
+def split_tag(tag: str) -> tuple[str, str]:
+    """"B-PER" -> ("B", "PER"); "O" -> ("O", "")."""
+    if tag == "O":
+        return "O", ""
+    prefix, _, kind = tag.partition("-")
+    return prefix, kind
+
+
+def entities(tags, scheme: str = "IOB2") -> list[tuple[str, int, int]]:
+    """The entities (type, start, end exclusive) of one tag sequence, as seqeval finds them in strict mode:
+    IOB2 -- B-X followed by I-X*, a stray I-X is no entity; IOBES -- S-X, or B-X (I-X)* E-X, a chain that
+    does not end in E-X is no entity."""
+    inside_prefixes = ("I",) if scheme == "IOB2" else ("I", "E")
+    parts = [split_tag(t) for t in tags] + [("O", "")]
+    out, i = [], 0
+    while i < len(tags):
+        prefix, kind = parts[i]
+        if prefix not in ("B", "S"):
+            i += 1
+            continue
+        j = i + 1
+        while (prefix != "S" and parts[j][0] in inside_prefixes and parts[j][1] == kind
+               and parts[j - 1][0] in ("B", "I")):
+            j += 1
+        last = parts[j - 1][0]
+        if scheme == "IOB2" or last in ("E", "S"):
+            out.append((kind, i, j))
+        i = j
+    return out
+
+
+def entity_scores(true_tags, pred_tags, scheme: str = "IOB2") -> dict[str, float]:
+    """Micro precision, recall and F1 over exact (type, span) matches of every sequence (seqeval's
+    `f1_score(..., mode="strict", scheme=...)`), with the counts behind them."""
+    tp = n_pred = n_true = 0
+    for t, p in zip(true_tags, pred_tags):
+        gold, pred = set(entities(t, scheme)), set(entities(p, scheme))
+        tp, n_pred, n_true = tp + len(gold & pred), n_pred + len(pred), n_true + len(gold)
+    return prf(tp, n_pred, n_true)
+
+
+def prf(tp: float, n_pred: float, n_true: float) -> dict[str, float]:
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": float(precision), "recall": float(recall), "f1": float(f1), "tp": float(tp),
+            "predicted": float(n_pred), "true": float(n_true)}
+
+
+def tag_tables(labels, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """(prefix code, type index) of each label id, with one more row for "no tag" (ignored positions):
+    O 0, B 1, I 2, E 3, S 4; type -1 for O."""
+    kinds = sorted({split_tag(t)[1] for t in labels if t != "O"})
+    prefix = np.asarray([_PREFIX_CODE[split_tag(t)[0]] for t in labels] + [0], np.int32)
+    kind = np.asarray([kinds.index(split_tag(t)[1]) if t != "O" else -1 for t in labels] + [-1], np.int32)
+    return prefix, kind
+
+
+def _spans(tags_bt, prefix_c, kind_c, scheme: str):
+    """(is an entity start, type, last index) per position of word-level tag ids (b, t); ids < 0 are O."""
+    n = prefix_c.shape[0] - 1
+    ids = jnp.where(tags_bt < 0, n, tags_bt)
+    pre, kind = jnp.asarray(prefix_c)[ids], jnp.asarray(kind_c)[ids]
+    prev_pre = jnp.pad(pre[:, :-1], ((0, 0), (1, 0)))
+    prev_kind = jnp.pad(kind[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    inside_pre = (pre == 2) if scheme == "IOB2" else ((pre == 2) | (pre == 3))
+    inside = inside_pre & ((prev_pre == 1) | (prev_pre == 2)) & (kind == prev_kind)
+    t = tags_bt.shape[1]
+    breaks = jnp.where(inside, t, jnp.arange(t)[None, :])
+    after = jax.lax.cummin(breaks, axis=1, reverse=True)  # first non-inside position at or after i
+    last = jnp.concatenate([after[:, 1:], jnp.full_like(after[:, :1], t)], 1) - 1  # the chain from i ends here
+    if scheme == "IOB2":
+        start = pre == 1
+    else:
+        last_pre = jnp.take_along_axis(pre, jnp.clip(last, 0, t - 1), axis=1)
+        start = (pre == 4) | ((pre == 1) & (last_pre == 3) & (last > jnp.arange(t)[None, :]))
+        last = jnp.where(pre == 4, jnp.arange(t)[None, :], last)
+    return start, kind, last
+
+
+def entity_sums(true_bt, pred_bt, where_bt, prefix_c, kind_c, scheme: str) -> jax.Array:
+    """(3,) float32 [exact matches, predicted entities, true entities] of the labelled positions (`where_bt`,
+    e.g. each word's first sub-token) read in order as one tag sequence per row: `entities` on device."""
+    order = jnp.argsort(~where_bt, axis=1, stable=True)  # the labelled positions first, in order
+    keep = jnp.take_along_axis(where_bt, order, 1)
+    gold = jnp.where(keep, jnp.take_along_axis(true_bt, order, 1), -1)
+    pred = jnp.where(keep, jnp.take_along_axis(pred_bt, order, 1), -1)
+    gs, gk, gl = _spans(gold, prefix_c, kind_c, scheme)
+    ps, pk, pl = _spans(pred, prefix_c, kind_c, scheme)
+    tp = jnp.sum(gs & ps & (gk == pk) & (gl == pl), dtype=jnp.float32)
+    return jnp.stack([tp, jnp.sum(ps, dtype=jnp.float32), jnp.sum(gs, dtype=jnp.float32)])

@@ -22,6 +22,7 @@ _TASKS: dict[str, Any] = {
     "classification": "jaxopt_llm.steps.classify",
     "masked-lm": "jaxopt_llm.steps.mlm",
     "prompt": "jaxopt_llm.steps.prompt",
+    "token-classification": "jaxopt_llm.steps.tokens",
 }
 _METHODS: dict[str, Any] = {
     "clean": "jaxopt_llm.steps.clean",

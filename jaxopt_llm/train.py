@@ -399,6 +399,8 @@ def train(config: Config, workdir: str | Path) -> dict[str, float]:
             print(f"data: {report}", file=sys.stderr)
         print(f"data: {len(next(iter(data.train.values())))} train / {len(next(iter(data.eval.values())))} "
               f"eval examples", file=sys.stderr)
+    if hasattr(task, "bind"):  # a task that depends on the data's label names (token tags and their scheme)
+        task = task.bind(data.label_names)
     num_labels = (config.model.num_labels or len(data.label_names)) if task.data.labels else None
     ctx = Context(task=task, tx=optim.make(config.train), seed=config.train.seed, model=config.model.name_or_path,
                   load=loader(config, task.head, data.label_names, num_labels), labels=data.label_names,

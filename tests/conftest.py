@@ -49,6 +49,7 @@ HF_CLASSES = {
     "masked-lm": "BertForMaskedLM",
     "pretraining": "BertForPreTraining",
     "sequence-classification": "BertForSequenceClassification",
+    "token-classification": "BertForTokenClassification",
 }
 
 

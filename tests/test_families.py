@@ -24,7 +24,8 @@ CLASSES = {"roberta": ("RobertaConfig", "Roberta"), "xlm-roberta": ("XLMRobertaC
            "electra-projected": ("ElectraConfig", "Electra")}
 DISTIL_NAMES = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
                 "intermediate_size": "hidden_dim"}
-HEADS = {"base": "Model", "masked-lm": "ForMaskedLM", "sequence-classification": "ForSequenceClassification"}
+HEADS = {"base": "Model", "masked-lm": "ForMaskedLM", "sequence-classification": "ForSequenceClassification",
+         "token-classification": "ForTokenClassification"}
 
 
 @pytest.fixture(scope="module")

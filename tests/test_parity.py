@@ -143,7 +143,7 @@ def test_dense_vjp_equals_the_plain_expression(k, n, tied):
         np.testing.assert_allclose(a, r, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("task", ["sequence-classification", "masked-lm"])
+@pytest.mark.parametrize("task", ["sequence-classification", "masked-lm", "token-classification"])
 def test_gradients_equal_pytorch(task, hf_dirs, batch):
     """Every parameter's gradient of the task's loss (dropout off) against PyTorch's autograd."""
     import jax
@@ -156,6 +156,9 @@ def test_gradients_equal_pytorch(task, hf_dirs, batch):
     if task == "masked-lm":  # a few labelled positions, -100 elsewhere (PyTorch's convention)
         labels = np.full(ids.shape, -100)
         labels[:, 1:4] = ids[:, 1:4]
+    elif task == "token-classification":  # a tag per real token but [CLS], -100 at padding
+        labels = np.where(mask > 0, np.random.default_rng(0).integers(0, 3, ids.shape), -100)
+        labels[:, 0] = -100
     else:
         labels = np.array([0, 2, 1])
     ref_model = hf_model(task)

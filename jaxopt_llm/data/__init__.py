@@ -60,6 +60,8 @@ def load(cfg: DataConfig, tokenizer: Any, needs: Any, *, num_labels: int | None 
     thing as before; `num_labels`: model.num_labels (1: regression). `encoders`: more (texts, pairs,
     max_length) -> arrays functions (e.g. a prompt teacher's), their arrays added to the rows.
     """
+    if needs.load is not None:
+        return needs.load(cfg, tokenizer, names=names, seed=seed)
     label_column = cfg.label_column if needs.labels else None
     arrays, reports, label_names = {}, [], names
     for which in ("train", "eval"):

@@ -119,8 +119,8 @@ def combine(logits_nbc: jax.Array, how: str = "mean-prob") -> jax.Array:
 
 
 def uncertainty(logits_nbc: jax.Array) -> dict[str, jax.Array]:
-    """Per example (b,): mutual information H(mean p) - mean H(p_i) (BALD), the fraction of members whose
-    argmax differs from the ensemble's, and the predictive entropy."""
+    """Per example (b,) (per token (b, t) from (n, b, t, c)): mutual information H(mean p) - mean H(p_i)
+    (BALD), the fraction of members whose argmax differs from the ensemble's, and the predictive entropy."""
     p = jax.nn.softmax(logits_nbc.astype(jnp.float32), -1)
     mean = p.mean(0)
 
@@ -169,12 +169,13 @@ def make_eval_step(graphdef: nnx.GraphDef, task, how: str = "mean-prob", per_pas
         logits = over_members(member_logits, (params,), per_pass)  # (N, b, c)
         probs = combine(logits, how)
         metrics = task.eval_metrics(jnp.log(jnp.maximum(probs, 1e-30)), batch, None)
-        valid = batch["weight"] > 0
+        scored = task.targets(logits[0], batch, None)  # what is scored (examples, or tokens), as for one member
         for name, value in uncertainty(logits).items():
-            metrics[name] = losses.masked_sum(value, valid)
-        correct = (jnp.argmax(logits, -1) == batch["labels"][None]).astype(jnp.float32)
-        metrics["member_accuracy"] = (jnp.sum(jnp.where(valid[None], correct, 0.0), -1),
-                                      jnp.broadcast_to(jnp.sum(valid, dtype=jnp.float32), (logits.shape[0],)))
+            metrics[name] = losses.masked_sum(value, scored.where)
+        correct = (jnp.argmax(logits, -1) == scored.labels[None]).astype(jnp.float32)  # (N, b, ...)
+        metrics["member_accuracy"] = (jnp.sum(jnp.where(scored.where[None], correct, 0.0),
+                                              tuple(range(1, correct.ndim))),
+                                      jnp.broadcast_to(jnp.sum(scored.where, dtype=jnp.float32), (logits.shape[0],)))
         return global_sum(metrics)
 
     return eval_step

@@ -44,6 +44,7 @@ class DataNeeds:
     next_sentence: bool = False  # sentence pairs with an is-next label
     label_names: tuple[str, ...] | None = None  # the label order the task fixes (a verbalizer's), else the data's
     encode: Any = None  # (texts, text pairs or None, max_length) -> the task's own arrays, added to the rows
+    load: Any = None  # (data config, tokenizer, names=, seed=) -> Data: the task reads its own files
 
 
 class Task(Protocol):

@@ -31,7 +31,7 @@ from jaxopt_llm.models.layers import (  # noqa: F401 - the shared layers, under 
     hash_bits,
 )
 
-TASKS = ("base", "masked-lm", "pretraining", "sequence-classification")
+TASKS = ("base", "masked-lm", "pretraining", "sequence-classification", "token-classification")
 
 
 # HF config keys that we read; everything else in a config.json is ignored.
@@ -312,7 +312,7 @@ class Bert(Encoder):
         self.mlm = MaskedLMHead(config, make) if task in ("masked-lm", "pretraining") else None
         self.nsp = make.linear(config.hidden_size, 2) if task == "pretraining" else None
         self.classifier = (make.linear(config.hidden_size, config.num_labels)
-                           if task == "sequence-classification" else None)
+                           if task in ("sequence-classification", "token-classification") else None)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Word embeddings (b, t, d) of token ids (b, t): the point where a perturbation is added."""
@@ -411,6 +411,19 @@ class Bert(Encoder):
 
     def nsp_logits(self, hidden_btd: jax.Array) -> jax.Array:
         return self.nsp(self.pool(hidden_btd)).astype(jnp.float32)
+
+    def token_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
+                     dropout_key: jax.Array | None = None) -> jax.Array:
+        """Tag logits (b, t, c) float32: dropout, then the classifier at every position."""
+        _check_dropout_key(deterministic, dropout_key)
+        cfg = self.config
+        rate = self.token_dropout()
+        return self.classifier(dropout(hidden_btd, rate, dropout_key, deterministic, cfg.dropout_rng)).astype(
+            jnp.float32)
+
+    def token_dropout(self) -> float:
+        cfg = self.config
+        return cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
 
     def classify_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
                         dropout_key: jax.Array | None = None, attention_mask: jax.Array | None = None) -> jax.Array:

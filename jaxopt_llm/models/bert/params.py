@@ -56,7 +56,8 @@ FAMILY = Family(
     derived=("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
     heads=("pooler", "mlm", "nsp", "classifier"),
     architectures={"base": "BertModel", "masked-lm": "BertForMaskedLM", "pretraining": "BertForPreTraining",
-                   "sequence-classification": "BertForSequenceClassification"})
+                   "sequence-classification": "BertForSequenceClassification",
+                   "token-classification": "BertForTokenClassification"})
 
 __all__ = ["FAMILY", "CheckpointError", "CheckpointWarning", "config_of", "convert", "from_pretrained",
            "load_tokenizer", "read_config", "read_weights", "resolve", "save_pretrained", "stack_layers", "task_of",

@@ -31,7 +31,7 @@ from jaxopt_llm.errors import UserError
 from jaxopt_llm.models.bert.modeling import BertConfig, MaskedLMHead, _Factory
 from jaxopt_llm.models.layers import _ACTIVATIONS, Encoder, _check_dropout_key, _keys, dropout
 
-TASKS = ("base", "masked-lm", "sequence-classification")
+TASKS = ("base", "masked-lm", "sequence-classification", "token-classification")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +239,8 @@ class DebertaV2(Encoder):
         self.conv = Conv(config, make) if config.conv_kernel_size > 0 else None
         is_classifier = task == "sequence-classification"
         self.pooler = make.linear(config.hidden_size, config.hidden_size) if is_classifier else None
-        self.classifier = make.linear(config.hidden_size, config.num_labels) if is_classifier else None
+        tagger = task == "token-classification"
+        self.classifier = make.linear(config.hidden_size, config.num_labels) if is_classifier or tagger else None
         width = config.embedding_size or config.hidden_size
         if task == "masked-lm" and not config.legacy and width != config.hidden_size:
             raise UserError(f"legacy=False with embedding_size={width} != hidden_size={config.hidden_size}: "
@@ -315,3 +316,10 @@ class DebertaV2(Encoder):
     def mlm_logits(self, hidden_btd):
         """Vocabulary logits (..., v) in float32."""
         return self.mlm(hidden_btd, self.embeddings.word.embedding[...])
+
+    def token_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
+        """Tag logits (b, t, c): dropout, the classifier at every position."""
+        _check_dropout_key(deterministic, dropout_key)
+        cfg = self.config
+        x = dropout(hidden_btd, cfg.hidden_dropout_prob, dropout_key, deterministic, cfg.dropout_rng)
+        return self.classifier(x).astype(jnp.float32)

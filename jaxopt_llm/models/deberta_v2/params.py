@@ -56,6 +56,7 @@ DEBERTA_V2 = Family(
     derived=("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
     heads=("pooler", "classifier", "mlm"),
     architectures={"base": "DebertaV2Model", "masked-lm": "DebertaV2ForMaskedLM",
-                   "sequence-classification": "DebertaV2ForSequenceClassification"},
+                   "sequence-classification": "DebertaV2ForSequenceClassification",
+                   "token-classification": "DebertaV2ForTokenClassification"},
     task_tables={"masked-lm/legacy": _mlm("cls.predictions."), "masked-lm/new": _mlm("lm_predictions.lm_head.")},
     variant=lambda config: "legacy" if config.legacy else "new")

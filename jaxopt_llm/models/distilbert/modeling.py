@@ -66,6 +66,9 @@ class DistilBert(Bert):
         if task == "base":
             self.pooler = None
 
+    def token_dropout(self) -> float:
+        return self.config.hidden_dropout_prob  # DistilBertForTokenClassification drops with config.dropout
+
     def classify_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
                         dropout_key: jax.Array | None = None, attention_mask: jax.Array | None = None) -> jax.Array:
         _check_dropout_key(deterministic, dropout_key)

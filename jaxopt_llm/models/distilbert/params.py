@@ -39,4 +39,5 @@ DISTILBERT = Family(
     head_keys=("pre_classifier.", "classifier.", "vocab_"), parts=("q_lin", "k_lin", "v_lin"),
     derived=("embeddings.position_ids", "vocab_projector.weight"), heads=("pooler", "mlm", "classifier"),
     architectures={"base": "DistilBertModel", "masked-lm": "DistilBertForMaskedLM",
-                   "sequence-classification": "DistilBertForSequenceClassification"})
+                   "sequence-classification": "DistilBertForSequenceClassification",
+                   "token-classification": "DistilBertForTokenClassification"})

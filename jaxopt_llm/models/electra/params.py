@@ -33,4 +33,7 @@ ELECTRA = Family(
     heads=("pooler", "mlm", "classifier", "discriminator"),
     architectures={"base": "ElectraModel", "masked-lm": "ElectraForMaskedLM",
                    "sequence-classification": "ElectraForSequenceClassification",
-                   "replaced-token-detection": "ElectraForPreTraining"})
+                   "replaced-token-detection": "ElectraForPreTraining",
+                   "token-classification": "ElectraForTokenClassification"},
+    task_tables={"token-classification": (("classifier.weight", "classifier.kernel", True),
+                                          ("classifier.bias", "classifier.bias", False))})

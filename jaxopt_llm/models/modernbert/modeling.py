@@ -27,7 +27,7 @@ from jaxopt_llm.errors import UserError
 from jaxopt_llm.models.bert.modeling import BertConfig
 from jaxopt_llm.models.layers import _ACTIVATIONS, Encoder, Linear, _check_dropout_key, _keys, dropout
 
-TASKS = ("base", "masked-lm", "sequence-classification")
+TASKS = ("base", "masked-lm", "sequence-classification", "token-classification")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +245,7 @@ class ModernBert(Encoder):
         self.head = Head(config, make) if task != "base" else None
         self.decoder_bias = (nnx.Param(jnp.zeros((config.vocab_size,), config.param_dtype))
                              if task == "masked-lm" and config.decoder_bias else None)
-        is_classifier = task == "sequence-classification"
+        is_classifier = task in ("sequence-classification", "token-classification")
         self.classifier = make.linear(config.hidden_size, config.num_labels, True) if is_classifier else None
 
     @property
@@ -307,4 +307,11 @@ class ModernBert(Encoder):
         else:
             x = self.head(hidden_btd[:, 0])
         x = dropout(x, cfg.classifier_dropout or 0.0, dropout_key, deterministic, cfg.dropout_rng)
+        return self.classifier(x).astype(jnp.float32)
+
+    def token_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
+        """Tag logits (b, t, c): the prediction head, dropout, the classifier at every position."""
+        _check_dropout_key(deterministic, dropout_key)
+        cfg = self.config
+        x = dropout(self.head(hidden_btd), cfg.classifier_dropout or 0.0, dropout_key, deterministic, cfg.dropout_rng)
         return self.classifier(x).astype(jnp.float32)

@@ -38,4 +38,5 @@ MODERNBERT = Family(
     head_keys=("head.", "decoder.", "classifier."), derived=("decoder.weight",),
     heads=("head", "decoder_bias", "classifier"),
     architectures={"base": "ModernBertModel", "masked-lm": "ModernBertForMaskedLM",
-                   "sequence-classification": "ModernBertForSequenceClassification"})
+                   "sequence-classification": "ModernBertForSequenceClassification",
+                   "token-classification": "ModernBertForTokenClassification"})

@@ -15,6 +15,7 @@ _TABLE = _ENCODER + (
     ("lm_head.layer_norm.bias", "mlm.norm.bias", False),
     ("lm_head.bias", "mlm.bias", False),
 )
+_TAGGER = (("classifier.weight", "classifier.kernel", True), ("classifier.bias", "classifier.bias", False))
 _CLASSIFIER = (  # RobertaClassificationHead: its dense is our pooler, its out_proj our classifier
     ("classifier.dense.weight", "pooler.kernel", True),
     ("classifier.dense.bias", "pooler.bias", False),
@@ -28,8 +29,9 @@ def _family(model_type: str, config: type, module: type, prefix: str, name: str)
     return Family(model_type=model_type, config=config, module=module, table=_TABLE, prefix=prefix,
                   head_keys=("lm_head.", "classifier."), derived=_DERIVED, heads=("pooler", "mlm", "classifier"),
                   architectures={"base": f"{name}Model", "masked-lm": f"{name}ForMaskedLM",
-                                 "sequence-classification": f"{name}ForSequenceClassification"},
-                  task_tables={"sequence-classification": _CLASSIFIER})
+                                 "sequence-classification": f"{name}ForSequenceClassification",
+                                 "token-classification": f"{name}ForTokenClassification"},
+                  task_tables={"sequence-classification": _CLASSIFIER, "token-classification": _TAGGER})
 
 
 ROBERTA = _family("roberta", RobertaConfig, Roberta, "roberta.", "Roberta")

@@ -1,0 +1,188 @@
+"""Token classification: entity metrics against the `seqeval` package (strict mode, IOB2 and IOBES) on random
+tag sequences, on the host and on device; CoNLL / JSON-lines reading with line numbers in errors; sub-token
+alignment; training from the command line (clean, adversarial, distillation, ensemble) on a generated NER set;
+the saved model reloaded by transformers' BertForTokenClassification."""
+
+import json
+
+import numpy as np
+import pytest
+import seqeval.metrics
+import torch
+import transformers
+from conftest import overrides
+from seqeval.scheme import IOB2, IOBES
+
+from jaxopt_llm import cli, metrics
+from jaxopt_llm.data import DataError, tagged
+
+TYPES = ("PER", "LOC", "ORG")
+
+
+def random_tags(rng, scheme, n, length, valid_only=False):
+    """Tag sequences of random prefixes and types: well-formed and malformed chains alike."""
+    prefixes = ["O", "B", "I"] + (["E", "S"] if scheme == "IOBES" else [])
+    out = []
+    for _ in range(n):
+        seq = []
+        for _ in range(rng.integers(1, length)):
+            p = prefixes[rng.integers(len(prefixes))]
+            seq.append("O" if p == "O" else f"{p}-{TYPES[rng.integers(2)]}")
+        out.append(seq)
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["IOB2", "IOBES"])
+def test_entity_scores_equal_seqeval_strict_on_random_sequences(scheme):
+    rng = np.random.default_rng(0)
+    true = random_tags(rng, scheme, 300, 12)
+    pred = [[t if rng.random() < 0.6 else random_tags(rng, scheme, 1, 2)[0][0] for t in seq] for seq in true]
+    ours = metrics.entity_scores(true, pred, scheme)
+    mode = {"mode": "strict", "scheme": IOB2 if scheme == "IOB2" else IOBES}
+    assert ours["true"] > 50 and 0 < ours["tp"] < ours["predicted"]
+    assert ours["precision"] == pytest.approx(seqeval.metrics.precision_score(true, pred, **mode), abs=1e-12)
+    assert ours["recall"] == pytest.approx(seqeval.metrics.recall_score(true, pred, **mode), abs=1e-12)
+    assert ours["f1"] == pytest.approx(seqeval.metrics.f1_score(true, pred, **mode), abs=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ["IOB2", "IOBES"])
+def test_entity_sums_on_device_equal_the_host_count_with_ignored_positions_between_words(scheme):
+    """Word tags spread over sub-token rows (later sub-tokens, specials and padding unlabelled): the device
+    count reads the labelled positions in order, as the host count reads the words."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    names = ["O"] + [f"{p}-{k}" for k in TYPES[:2] for p in ("BIES" if scheme == "IOBES" else "BI")]
+    true = random_tags(rng, scheme, 64, 10)
+    pred = random_tags(rng, scheme, 64, 10)
+    t = 32
+    gold_bt, pred_bt, where_bt = (np.full((64, t), -100, np.int32), np.zeros((64, t), np.int32),
+                                  np.zeros((64, t), bool))
+    for r in range(64):
+        words = min(len(true[r]), len(pred[r]))
+        true[r], pred[r] = true[r][:words], pred[r][:words]
+        cols = np.sort(rng.choice(np.arange(1, t), words, replace=False))  # gaps: later sub-tokens
+        gold_bt[r, cols] = [names.index(x) for x in true[r]]
+        pred_bt[r, cols] = [names.index(x) for x in pred[r]]
+        pred_bt[r, ~np.isin(np.arange(t), cols)] = rng.integers(0, len(names), t - words)  # noise, unread
+        where_bt[r, cols] = True
+    prefix, kind = metrics.tag_tables(names, scheme)
+    sums = np.asarray(metrics.entity_sums(jnp.asarray(gold_bt), jnp.asarray(pred_bt), jnp.asarray(where_bt),
+                                          prefix, kind, scheme))
+    host = metrics.entity_scores(true, pred, scheme)
+    assert host["true"] > 20
+    np.testing.assert_array_equal(sums, [host["tp"], host["predicted"], host["true"]])
+
+
+def test_conll_and_jsonl_reading_checks_schemes_with_line_numbers(tmp_path):
+    conll = tmp_path / "a.conll"
+    conll.write_text("-DOCSTART- -X- O\n\nJohn NNP B-PER\nlives VBZ O\nin IN O\nParis NNP B-LOC\n\n"
+                     "Mary B-PER\nSmith I-PER\n")
+    sentences = tagged.check(tagged.read(conll), "IOB2", str(conll))
+    assert [s.words for s in sentences] == [["John", "lives", "in", "Paris"], ["Mary", "Smith"]]
+    assert sentences[1].lines == [8, 9] and tagged.label_names(sentences) == ("O", "B-LOC", "B-PER", "I-PER")
+    bad = tmp_path / "b.conll"
+    bad.write_text("John B-PER\n\nlives O\nParis I-LOC\n")
+    with pytest.raises(DataError, match=r"b.conll:4: I-LOC follows O.*scheme=IOB1"):
+        tagged.check(tagged.read(bad), "IOB2", str(bad))
+    converted = tagged.check(tagged.read(bad), "IOB1", str(bad))  # IOB1 opens entities with I-
+    assert converted[1].tags == ["O", "B-LOC"]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["S-PER", "O"]}) + "\n\n"
+                     + json.dumps({"tokens": ["a"], "tags": ["O", "O"]}) + "\n")
+    with pytest.raises(DataError, match=r"c.jsonl:3: 1 tokens but 2 tags"):
+        tagged.read(jsonl)
+    with pytest.raises(DataError, match=r"c.jsonl:1: tag 'S-PER' is not a IOB2 tag"):
+        tagged.check(tagged.read(tmp_path / "a.conll"), "IOB2", "x") and tagged.check(
+            [tagged.Sentence(["a", "b"], ["S-PER", "O"], [1, 1])], "IOB2", str(jsonl))
+
+
+def test_alignment_labels_first_sub_tokens_or_all(setup):
+    tok = transformers.AutoTokenizer.from_pretrained(setup / "model")
+    sentence = tagged.Sentence(["Johnathan", "visited", "Zxqvbrtkum"], ["B-PER", "O", "B-LOC"], [1, 2, 3])
+    names = ("O", "B-LOC", "I-LOC", "B-PER", "I-PER")
+    first = tagged.align(tok, [sentence], names, 16)
+    every = tagged.align(tok, [sentence], names, 16, all_subtokens=True)
+    words = tok(sentence.words, is_split_into_words=True).word_ids()
+    assert words.count(2) > 1  # the last word is several sub-tokens
+    for c, w in enumerate(words):
+        expected_first = -100 if w is None or (c and words[c - 1] == w) else names.index(sentence.tags[w])
+        assert first["labels"][0, c] == expected_first
+        assert first["word_starts"][0, c] == (expected_first >= 0)
+        if w == 2 and words[c - 1] == 2:
+            assert every["labels"][0, c] == names.index("I-LOC")
+
+
+PEOPLE = ["John Smith", "Mary", "Ahmed Khan", "Li Wei", "Sofia", "Carlos Diaz", "Anna Berg", "Tom"]
+PLACES = ["Paris", "New York", "Lagos", "Tokyo", "Lima", "Oslo", "Cape Town", "Delhi"]
+FRAMES = ["{p} flew to {l} yesterday", "yesterday {p} said {l} was lovely", "{p} lives in {l}",
+          "the team met {p} near {l}", "{l} welcomed {p}"]
+
+
+def ner_file(path, n, seed):
+    """A CoNLL file of generated sentences with PER and LOC entities (IOB2)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        p, l_ = PEOPLE[rng.integers(len(PEOPLE))], PLACES[rng.integers(len(PLACES))]
+        for piece in FRAMES[rng.integers(len(FRAMES))].split():
+            if piece in ("{p}", "{l}"):
+                words, kind = (p, "PER") if piece == "{p}" else (l_, "LOC")
+                lines += [f"{w} {'B' if i == 0 else 'I'}-{kind}" for i, w in enumerate(words.split())]
+            else:
+                lines.append(f"{piece} O")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ner_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ner")
+    return ner_file(root / "train.conll", 96, 0), ner_file(root / "eval.conll", 24, 1)
+
+
+def token_items(setup, ner_data, **extra):
+    train, eval_ = ner_data
+    return overrides(setup, **{"task": "token-classification", "data.train_file": train, "data.eval_file": eval_,
+                               "data.max_length": 24, "train.steps": 4, "train.eval_every": 4,
+                               "train.checkpoint_every": 4, **extra})
+
+
+@pytest.fixture(scope="module")
+def tagger(setup, ner_data, tmp_path_factory):
+    """A token classifier fine-tuned from the command line (clean method)."""
+    run = tmp_path_factory.mktemp("tagger") / "run"
+    cli.main(["finetune", "--workdir", str(run), *token_items(setup, ner_data, **{"train.steps": 8})])
+    return run
+
+
+def test_a_token_classifier_trains_and_saves_what_transformers_reloads(tagger):
+    run = tagger
+    tagging = json.loads((run / "tagging.json").read_text())
+    assert tagging == {"scheme": "IOB2", "labels": ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]}
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [m for m in evals if m["split"] == "eval"][-1]
+    assert {"f1", "precision", "recall", "accuracy"} <= set(final) and 0 <= final["f1"] <= 1
+    reloaded = transformers.BertForTokenClassification.from_pretrained(run / "model").eval()
+    assert reloaded.config.id2label[3] == "B-PER"
+    from jaxopt_llm import models
+
+    ours = models.from_pretrained(run / "model", "token-classification")
+    tok = transformers.AutoTokenizer.from_pretrained(run / "model")
+    enc = tok(["John Smith flew to Oslo", "Mary"], padding=True, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    with torch.no_grad():
+        theirs = reloaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(ids, attention_mask=mask)), theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["adversarial", "distill", "ensemble"])
+def test_the_methods_train_a_token_classifier(method, setup, ner_data, tagger, tmp_path):
+    """Adversarial (delta per token), distillation (per-token KL from the trained tagger) and a 2-member
+    ensemble (member statistics per token) run on the task and keep its tagging.json."""
+    extra = {"adversarial": ["adversarial.epsilon=0.01"], "ensemble": ["method=ensemble", "ensemble.members=2"],
+             "distill": [f"distill.teacher={tagger}", "distill.student_layers=1"]}[method]
+    command = "finetune" if method == "ensemble" else method
+    cli.main([command, "--workdir", str(tmp_path / "run"), *token_items(setup, ner_data), *extra])
+    assert json.loads((tmp_path / "run" / "tagging.json").read_text())["scheme"] == "IOB2"
