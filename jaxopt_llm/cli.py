@@ -54,11 +54,13 @@ def _predict(args: argparse.Namespace) -> None:
         for text, row in zip(texts, predictor.classify(texts)):
             print(json.dumps({"text": text, **row}, ensure_ascii=False))
         return
-    kind = "masked-lm" if args.kind == "fill-mask" else "classifier"  # a run's ensemble or prompt stays as it is
+    kind = {"fill-mask": "masked-lm", "ner": "tagger"}.get(args.kind, "classifier")  # an ensemble or prompt stays
     model = inference.load(args.model, kind=kind, batch_size=args.batch_size, max_length=args.max_length,
                            allow_untrained_head=args.allow_untrained_head)
     if args.kind == "fill-mask":
         outputs = [{"text": t, "predictions": p} for t, p in zip(texts, model.fill_mask(texts, args.top_k))]
+    elif args.kind == "ner":
+        outputs = [{"text": t, "entities": e} for t, e in zip(texts, model.tag(texts, args.aggregation))]
     else:
         outputs = [{"text": t, **r} for t, r in zip(texts, model.classify(texts))]
     for row in outputs:
@@ -375,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "of an expected error too.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    predict = sub.add_parser("predict", help="fill-mask or classify texts, printing JSON lines")
+    predict = sub.add_parser("predict", help="fill-mask, classify or tag (ner) texts, printing JSON lines")
     kinds = predict.add_subparsers(dest="kind", required=True)
-    for kind in ("fill-mask", "classify"):
+    for kind in ("fill-mask", "classify", "ner"):
         p = kinds.add_parser(kind)
         what = "run folder, HF folder, Hugging Face hub id" + (" or exported artifact" if kind == "classify" else "")
         p.add_argument("--model", required=True, help=what)
@@ -390,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="predict even when the checkpoint lacks the head's weights (they are random)")
         if kind == "fill-mask":
             p.add_argument("--top-k", type=int, default=5)
+        elif kind == "ner":
+            p.add_argument("--aggregation", default="first", choices=("first", "simple", "none"),
+                           help="entities from words (first sub-token's tag), from sub-tokens, or every "
+                                "tagged sub-token (Hugging Face's aggregation strategies)")
         else:
             p.add_argument("--pattern", action="append",
                            help="zero-shot cloze prompt with one [MASK], e.g. '{text} It was [MASK].'; repeat for "

@@ -27,10 +27,11 @@ from jaxopt_llm.calibration import softmax
 from jaxopt_llm.errors import UserError
 from jaxopt_llm.runs import RunFolder
 
-KINDS = ("classifier", "ensemble", "prompt", "masked-lm", "encoder")
+KINDS = ("classifier", "ensemble", "prompt", "masked-lm", "encoder", "tagger")
 _HEAD = {"classifier": "sequence-classification", "prompt": "masked-lm", "masked-lm": "masked-lm",
-         "encoder": "base"}
-_REQUIRED = {"sequence-classification": ("classifier",), "masked-lm": ("mlm",), "pretraining": ("mlm",)}
+         "encoder": "base", "tagger": "token-classification"}
+_REQUIRED = {"sequence-classification": ("classifier",), "masked-lm": ("mlm",), "pretraining": ("mlm",),
+             "token-classification": ("classifier",)}
 
 
 @dataclasses.dataclass
@@ -88,6 +89,14 @@ class Inference:
         probs = self.probs(texts)
         return [{"label": None if len(self.labels) < 2 else self.labels[int(row.argmax())],
                  "scores": [float(s) for s in row]} for row in probs]
+
+    def tag(self, texts: Sequence[str], aggregation: str = "first") -> list[list[dict]]:
+        """Per text, its entities {entity_group, score, word, start, end} (`tagging`; aggregation first,
+        simple or none) -- a token classifier's (kind "tagger")."""
+        if self.kind != "tagger" or self.artifact:
+            raise UserError(f"{self.reference!r} is a {self.kind}{' artifact' if self.artifact else ''}, not a "
+                            "token classifier: tag with a run or folder of task=token-classification.")
+        return self.engine.tag(texts, aggregation)
 
     def member_probs(self, texts: Sequence[str]) -> np.ndarray:
         """(N, n, c) an ensemble's members' probabilities (uncalibrated)."""
@@ -159,6 +168,9 @@ def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: i
     if max_length is None and run is not None:
         max_length = run.max_length()
     options = dict(max_length=max_length, batch_size=batch_size)
+    if held == "ensemble" and run.task() == "token-classification":
+        raise UserError(f"{str(reference)!r} is an ensemble of token classifiers: predict with one member "
+                        f"({run.members()[0]}); ensembles of taggers do not predict as one yet.")
     if held == "ensemble":
         return _ensemble(reference, run.members(), temperature, combine, options)
     return _single(reference, run, held, temperature, prompt, allow_untrained_head, options)
@@ -172,8 +184,8 @@ def _single(reference, run, held, temperature, prompt, allow_untrained_head, opt
     folder = resolve(reference)
     if held is None:  # a bare HF folder: the head it was saved with
         saved = task_of(folder)
-        held = {"sequence-classification": "classifier", "masked-lm": "masked-lm",
-                "pretraining": "masked-lm"}.get(saved, "encoder")
+        held = {"sequence-classification": "classifier", "masked-lm": "masked-lm", "pretraining": "masked-lm",
+                "token-classification": "tagger"}.get(saved, "encoder")
     head = _HEAD[held]
     required = () if allow_untrained_head else _REQUIRED.get(head, ())
     model = from_pretrained(folder, head, required=required)
@@ -196,7 +208,7 @@ def _single(reference, run, held, temperature, prompt, allow_untrained_head, opt
     engine = Predictor(model, tokenizer, max_length=max_length, batch_size=options["batch_size"], prompt=task)
     if task is not None:
         labels = tuple(task.encoded.prompt.labels)
-    elif held == "classifier":
+    elif held in ("classifier", "tagger"):
         labels = tuple(model.config.label_names)
     else:
         labels = ()

@@ -42,6 +42,13 @@ def class_logits(graphdef, state, ids_bt, mask_bt, types_bt):
 _logits = jax.jit(class_logits, static_argnames=("graphdef",))
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _token_probs(graphdef, state, ids_bt, mask_bt, types_bt):
+    """(b, t, c) tag probabilities at every position."""
+    model = nnx.merge(graphdef, state)
+    return jax.nn.softmax(model.token_logits(model.encode(model.embed(ids_bt), mask_bt, types_bt)), -1)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "how"))
 def _ensemble_logits(graphdef, stacked, ids_bt, mask_bt, types_bt, how):
     """(log of the combined probabilities (b, c), members' logits (N, b, c)) in one program."""
@@ -200,6 +207,25 @@ class Predictor:
         """Mean-pooled last hidden states (n, d), L2-normalised by default (sentence-transformers' recipe)."""
         return self.map(texts, lambda a: _embed(self.graphdef, self.state, a["input_ids"], a["attention_mask"],
                                                 a["token_type_ids"], normalize))
+
+    def tag(self, texts: Sequence[str], aggregation: str = "first") -> list[list[dict]]:
+        """Per text, its entities with character offsets (`tagging.decode`); texts cut to `max_length`."""
+        from jaxopt_llm import tagging
+
+        self._need("classifier", "token-classification")
+        if self.model.task != "token-classification":
+            raise UserError(f"this model was loaded with task={self.model.task!r}; tagging needs a token "
+                            "classifier (task=token-classification).")
+        texts = packing.check_texts(texts)
+        encodings = packing.encode(self.backend, texts)
+        labels = self.model.config.label_names
+        out: list = [None] * len(texts)
+        for rows, arrays in self.batches(texts):
+            probs = np.asarray(_token_probs(self.graphdef, self.state, arrays["input_ids"],
+                                            arrays["attention_mask"], arrays["token_type_ids"]))
+            for j, r in enumerate(rows):
+                out[r] = tagging.decode(texts[r], encodings[r], probs[j], labels, aggregation)
+        return out
 
     def _need(self, module: str, task: str) -> None:
         if getattr(self.model, module) is None:

@@ -72,13 +72,16 @@ class RunFolder:
 
     def kind(self) -> str:
         """What the run holds: "ensemble" (members/), "prompt" (prompt.json: a cloze classifier on the MLM
-        head), "masked-lm" (a pretraining run) or "classifier". The one place that decides it."""
+        head), "masked-lm" (a pretraining run), "tagger" (token classification) or "classifier". The one place that
+        decides it."""
         if self.members():
             return "ensemble"
         if (self.path / "prompt.json").is_file():
             return "prompt"
         if self.task() == "masked-lm":
             return "masked-lm"
+        if self.task() == "token-classification":
+            return "tagger"
         return "classifier"
 
     def max_length(self) -> int | None:

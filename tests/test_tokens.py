@@ -186,3 +186,71 @@ def test_the_methods_train_a_token_classifier(method, setup, ner_data, tagger, t
     command = "finetune" if method == "ensemble" else method
     cli.main([command, "--workdir", str(tmp_path / "run"), *token_items(setup, ner_data), *extra])
     assert json.loads((tmp_path / "run" / "tagging.json").read_text())["scheme"] == "IOB2"
+
+
+def reference_entities(model_dir, text, max_length):
+    """Entities by hand from transformers: BertForTokenClassification's probabilities on the fast tokenizer's
+    encoding, each word tagged by its first sub-token, B-/I- of one type joined (aggregation "first")."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.BertForTokenClassification.from_pretrained(model_dir).eval()
+    enc = tok(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    with torch.no_grad():
+        probs = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0].softmax(-1).numpy()
+    words = {}
+    for i, w in enumerate(enc.word_ids()):
+        if w is None:
+            continue
+        if w not in words:
+            words[w] = [model.config.id2label[int(probs[i].argmax())], float(probs[i].max()), *enc["offset_mapping"][i]]
+        words[w][3] = enc["offset_mapping"][i][1]
+    out, current = [], None
+    for tag, score, start, end in (words[w] for w in sorted(words)):
+        prefix, _, kind = tag.partition("-")
+        if current and prefix == "I" and kind == current[0]:
+            current[1].append(score)
+            current[3] = end
+            continue
+        if current:
+            out.append(current)
+        current = [kind, [score], start, end] if prefix != "O" else None
+    if current:
+        out.append(current)
+    return [{"entity_group": k, "score": float(np.mean(s)), "word": text[a:b], "start": a, "end": b}
+            for k, s, a, b in out]
+
+
+def test_predict_ner_prints_entities_with_character_offsets_as_transformers_gives_them(tagger, capsys):
+    """Texts of every length (past the run's 24 tokens: cut there), through `predict ner` and
+    `inference.load(...).tag`, against the entities built by hand from transformers' outputs."""
+    from jaxopt_llm import inference
+
+    rng = np.random.default_rng(3)
+    texts = [" ".join(f"{PEOPLE[rng.integers(8)]} met {PLACES[rng.integers(8)]}," for _ in range(k))
+             for k in (1, 2, 3, 5, 9)] + ["Zxqvbrtkum Oslo", "ok"]
+    capsys.readouterr()
+    cli.main(["predict", "ner", "--model", str(tagger), *texts])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["text"] for p in printed] == texts
+    model = inference.load(tagger)
+    assert model.kind == "tagger" and model.max_length == 24
+    for text, row, tagged_ in zip(texts, printed, model.tag(texts)):
+        expected = reference_entities(tagger / "model", text, 24)
+        assert [(e["entity_group"], e["start"], e["end"], e["word"]) for e in row["entities"]] == [
+            (e["entity_group"], e["start"], e["end"], e["word"]) for e in expected]
+        np.testing.assert_allclose([e["score"] for e in row["entities"]], [e["score"] for e in expected], atol=1e-5)
+        assert tagged_ == row["entities"]
+        for e in row["entities"]:
+            assert text[e["start"]:e["end"]] == e["word"]
+    assert sum(len(p["entities"]) for p in printed) > 0  # the tagger found entities to compare
+
+
+def test_aggregations_follow_the_pipelines_shapes(tagger):
+    from jaxopt_llm import inference
+
+    model = inference.load(tagger)
+    text = "John Smith flew to Cape Town yesterday"
+    none, simple = model.tag([text], "none")[0], model.tag([text], "simple")[0]
+    assert all({"entity", "score", "index", "word", "start", "end"} == set(e) for e in none)
+    assert all({"entity_group", "score", "word", "start", "end"} == set(e) for e in simple)
+    with pytest.raises(Exception, match="aggregation='max'"):
+        model.tag([text], "max")
