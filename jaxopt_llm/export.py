@@ -144,7 +144,12 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
         if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
             raise UserError(f"the {what} texts must be a list of non-empty strings.")
     from jaxopt_llm import inference
+    from jaxopt_llm.runs import RunFolder
 
+    run = RunFolder.of(reference)
+    if run is not None and run.task() == "token-classification":
+        raise UserError(f"{str(reference)!r} is a token classifier: export writes text classifiers, ensembles and "
+                        "prompt runs; serve a tagger from its run folder with `jaxopt-llm predict ner` for now.")
     model = inference.load(reference, kind="classifier", max_length=max_length)
     kind, labels, tokenizer, temperature = model.kind, model.labels, model.tokenizer, model.temperature
     params, fn, extra = _model_function(model)

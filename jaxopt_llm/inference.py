@@ -156,6 +156,9 @@ def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: i
         return _artifact(reference, kind, max_length, verify)
     run = RunFolder.of(reference)
     held = run.kind() if run is not None else None
+    if held == "tagger" and kind not in (None, "tagger", "encoder"):
+        raise UserError(f"{str(reference)!r} is a token classifier (task=token-classification), not a {kind}: "
+                        "tag texts with `jaxopt-llm predict ner` (inference.load(...).tag).")
     if prompt is not None:
         held = "prompt"
     elif kind is not None and not (kind == "classifier" and held in ("ensemble", "prompt")):
@@ -182,8 +185,11 @@ def _single(reference, run, held, temperature, prompt, allow_untrained_head, opt
     from jaxopt_llm.steps import prompt as prompt_lib
 
     folder = resolve(reference)
+    saved = task_of(folder) if held in (None, "classifier") else None
+    if held == "classifier" and saved == "token-classification":
+        raise UserError(f"{str(reference)!r} holds a token classifier ({saved}), not a text classifier: tag texts "
+                        "with `jaxopt-llm predict ner` (inference.load(...).tag).")
     if held is None:  # a bare HF folder: the head it was saved with
-        saved = task_of(folder)
         held = {"sequence-classification": "classifier", "masked-lm": "masked-lm", "pretraining": "masked-lm",
                 "token-classification": "tagger"}.get(saved, "encoder")
     head = _HEAD[held]

@@ -254,3 +254,15 @@ def test_aggregations_follow_the_pipelines_shapes(tagger):
     assert all({"entity_group", "score", "word", "start", "end"} == set(e) for e in simple)
     with pytest.raises(Exception, match="aggregation='max'"):
         model.tag([text], "max")
+
+
+def test_a_tagger_is_never_read_as_a_text_classifier(tagger, tmp_path, capsys):
+    """Its classifier kernel has a text classifier's shape: loading it as one would silently add a random
+    pooler. predict classify and export refuse it, from the run and from its model folder."""
+    for model in (tagger, tagger / "model"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["predict", "classify", "--model", str(model), "John met Mary"])
+        assert exit_info.value.code == 2 and "token classifier" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(tagger), "--out", str(tmp_path / "art")])
+    assert "token classifier" in capsys.readouterr().err and not (tmp_path / "art").exists()
