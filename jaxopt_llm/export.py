@@ -5,7 +5,7 @@ ART/
                            version, and the sha256 of every other file
   functions/predict_<T>.jax one serialised `jax.export` function per sequence-length bucket T, with a
                            symbolic batch dimension: (weights..., input arrays...) -> (probabilities (b, c),
-                           [CLS] embeddings (b, d))
+                           or (b, T, c) per token for a tagger, [CLS] embeddings (b, d))
   weights.safetensors      the parameters, in the functions' argument order
   tokenizer.json           the tokenizer (the `tokenizers` library reads it)
   prompt.json              prompt runs: the pattern as token pieces and the verbalizer as token ids
@@ -100,9 +100,16 @@ def _model_function(model):
             return jax.nn.softmax(scores, -1), hidden[:, 0]
 
         return params, fn, {"prompt": task.encoded.to_json()}
+    if model.kind == "tagger":  # tag probabilities at every position (b, t, c)
+        def fn(p, batch):
+            m = nnx.merge(graphdef, p)
+            hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+            return jax.nn.softmax(m.token_logits(hidden), -1), hidden[:, 0]
+
+        return params, fn, {}
     if model.kind != "classifier":
-        raise UserError(f"{model.reference!r} is a {model.kind} model; export serves classifiers, ensembles and "
-                         "prompt runs.")
+        raise UserError(f"{model.reference!r} is a {model.kind} model; export serves classifiers, ensembles, "
+                         "prompt runs and token classifiers.")
     if len(model.labels) < 2:
         raise UserError(f"{model.reference!r} is a regression model; export serves classifiers.")
 
@@ -144,13 +151,13 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
         if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
             raise UserError(f"the {what} texts must be a list of non-empty strings.")
     from jaxopt_llm import inference
+    from jaxopt_llm.models import task_of
     from jaxopt_llm.runs import RunFolder
 
     run = RunFolder.of(reference)
-    if run is not None and run.task() == "token-classification":
-        raise UserError(f"{str(reference)!r} is a token classifier: export writes text classifiers, ensembles and "
-                        "prompt runs; serve a tagger from its run folder with `jaxopt-llm predict ner` for now.")
-    model = inference.load(reference, kind="classifier", max_length=max_length)
+    tagger = (run.kind() == "tagger" if run is not None
+              else task_of(resolve(reference)) == "token-classification")
+    model = inference.load(reference, kind="tagger" if tagger else "classifier", max_length=max_length)
     kind, labels, tokenizer, temperature = model.kind, model.labels, model.tokenizer, model.temperature
     params, fn, extra = _model_function(model)
     buckets = (model.max_length,) if kind == "prompt" else buckets_for(buckets, model.max_length)
@@ -202,7 +209,7 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
         write_json(tmp / "manifest.json", {**manifest, "files": {}})
         artifact = Artifact.load(tmp, verify=False)  # the loader itself computes what the checks compare against
         texts = list(reference_texts) or list(golden_texts)
-        if texts:
+        if texts and kind != "tagger":  # a tagger has no drift reference (its outputs are per token)
             probs, cls = artifact.predict(texts)
             rng = np.random.default_rng(0)
             sample = cls[rng.permutation(len(cls))[:256]]
@@ -213,7 +220,7 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
             write_json(tmp / "reference.json", {"confidence": [round(float(x), 6) for x in probs.max(-1)],
                                                 "class_distribution": shares.tolist(), "examples": len(probs)})
         golden = list(golden_texts) or texts[:8] or ["golden input"]
-        golden_probs, _ = artifact.predict(golden)
+        golden_probs = artifact.golden_outputs(golden)
         write_json(tmp / "golden.json", {"texts": golden, "probabilities": golden_probs.tolist(), "tolerance": 1e-4})
         manifest["files"] = {str(p.relative_to(tmp)): paths.sha256(p) for p in sorted(tmp.rglob("*"))
                              if p.is_file() and p.name != "manifest.json"}

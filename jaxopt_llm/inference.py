@@ -93,9 +93,9 @@ class Inference:
     def tag(self, texts: Sequence[str], aggregation: str = "first") -> list[list[dict]]:
         """Per text, its entities {entity_group, score, word, start, end} (`tagging`; aggregation first,
         simple or none) -- a token classifier's (kind "tagger")."""
-        if self.kind != "tagger" or self.artifact:
-            raise UserError(f"{self.reference!r} is a {self.kind}{' artifact' if self.artifact else ''}, not a "
-                            "token classifier: tag with a run or folder of task=token-classification.")
+        if self.kind != "tagger":
+            raise UserError(f"{self.reference!r} is a {self.kind}, not a token classifier: tag with a run, folder "
+                            "or artifact of task=token-classification.")
         return self.engine.tag(texts, aggregation)
 
     def member_probs(self, texts: Sequence[str]) -> np.ndarray:
@@ -299,7 +299,7 @@ def _artifact(reference, kind, max_length, verify) -> Inference:
 
     artifact = Artifact.load(reference, verify=verify)
     held = artifact.manifest["kind"]
-    if kind not in (None, "classifier", held):
+    if kind not in (None, "classifier", held) or (held == "tagger" and kind not in (None, held)):
         raise UserError(f"{str(reference)!r} is an exported {held} artifact; it cannot be loaded as a {kind}.")
     if max_length is not None and int(max_length) != artifact.max_length:
         raise UserError(f"max_length={max_length}: the artifact {str(reference)!r} was exported for "

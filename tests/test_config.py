@@ -169,7 +169,7 @@ def test_experiment_pipelines_plan_with_every_stage_config_valid_and_start_with_
     (["adversarial.epsilon=0.1"], r"belong to method=adversarial.*set method=adversarial first"),
     (["method=adversarial", "adversarial.epsilon=-1"], "adversarial.epsilon=-1"),
     (["method=nope"], "method='nope' is not registered"),
-    (["task=token-classification"], "task='token-classification'"),
+    (["task=summarization"], "task='summarization'"),
     (["method=adversarial", "adversarial.stepz=3"], r"unknown config key 'adversarial.stepz'.*adversarial\.epsilon"),
     (["model.scan_unroll=true"], r"model.scan_unroll=True applies to scanned layers only: set model.scan_layers=true"),
     (["model.remat=full"], r"model.remat='full' applies to scanned layers only"),

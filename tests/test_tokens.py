@@ -258,11 +258,69 @@ def test_aggregations_follow_the_pipelines_shapes(tagger):
 
 def test_a_tagger_is_never_read_as_a_text_classifier(tagger, tmp_path, capsys):
     """Its classifier kernel has a text classifier's shape: loading it as one would silently add a random
-    pooler. predict classify and export refuse it, from the run and from its model folder."""
-    for model in (tagger, tagger / "model"):
+    pooler. predict classify refuses it, from the run, its model folder and its artifact."""
+    from jaxopt_llm import inference
+
+    cli.main(["export", str(tagger), "--out", str(tmp_path / "art")])
+    capsys.readouterr()
+    for model in (tagger, tagger / "model", tmp_path / "art"):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["predict", "classify", "--model", str(model), "John met Mary"])
-        assert exit_info.value.code == 2 and "token classifier" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["export", str(tagger), "--out", str(tmp_path / "art")])
-    assert "token classifier" in capsys.readouterr().err and not (tmp_path / "art").exists()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and ("token classifier" in err or "tagger artifact" in err), err
+    with pytest.raises(Exception, match="not a token classifier"):
+        inference.load(tagger, kind="encoder").tag(["x"])
+
+
+def test_a_tagger_exports_and_serves_its_entities(tagger, tmp_path):
+    """Export -> artifact in-process -> the loader -> the server over HTTP (/predict with each aggregation,
+    KServe v2): the entities the run itself gives, on texts past its length."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import Server
+
+    from jaxopt_llm import inference
+    from jaxopt_llm.serving.artifact import Artifact
+
+    cli.main(["export", str(tagger), "--out", str(tmp_path / "art")])
+    art = Artifact.load(tmp_path / "art")
+    assert art.manifest["kind"] == "tagger" and art.manifest["max_length"] == 24
+    texts = ["John Smith flew to Cape Town", " ".join(["Mary met Tom in Lima,"] * 8), "ok"]
+    run = inference.load(tagger)
+
+    def same(a, b):
+        assert [[{k: v for k, v in e.items() if k != "score"} for e in row] for row in a] == [
+            [{k: v for k, v in e.items() if k != "score"} for e in row] for row in b]
+        np.testing.assert_allclose([e["score"] for row in a for e in row], [e["score"] for row in b for e in row],
+                                   atol=1e-5)
+
+    for aggregation in ("first", "simple", "none"):
+        same(art.tag(texts, aggregation), run.tag(texts, aggregation))
+    same(inference.load(tmp_path / "art").tag(texts), run.tag(texts))
+    server = Server(art)
+
+    def post(path, body):
+        request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        for aggregation in ("first", "simple", "none"):
+            status, rows = post("/predict", {"inputs": texts, "parameters": {"aggregation_strategy": aggregation}})
+            assert status == 200
+            same(rows, run.tag(texts, aggregation))
+        status, row = post("/predict", {"inputs": texts[0]})
+        assert status == 200 and row == post("/predict", {"inputs": [texts[0]]})[1][0]
+        status, body = post("/predict", {"inputs": texts, "parameters": {"aggregation_strategy": "max"}})
+        assert status == 422 and "aggregation_strategy" in body["error"]
+        status, body = post(f"/v2/models/{art.name}/infer", {"inputs": [
+            {"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]})
+        assert status == 200 and body["outputs"][0]["name"] == "entities"
+        same([json.loads(x) for x in body["outputs"][0]["data"]], run.tag(texts))
+    finally:
+        server.close()

@@ -32,6 +32,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from jaxopt_llm import tagging
 from jaxopt_llm.serving.batching import MicroBatcher
 from jaxopt_llm.serving.drift import DriftMonitor
 from jaxopt_llm.serving.monitoring import Metrics
@@ -116,16 +117,35 @@ def _texts(value, limits: Limits, what: str = '"inputs"') -> list[str]:
 
 def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wait: float = 0.005,
                window: int = 500, log_file: str | None = None) -> Starlette:
+    tagger = artifact.manifest["kind"] == "tagger"  # entities per text, not class probabilities
     drift = DriftMonitor(artifact.reference, artifact.reference_cls, window=window)
     metrics = Metrics(artifact.labels, drift)
-    batcher = MicroBatcher(artifact.predict_encoded, max_batch, max_wait, on_batch=metrics.observe_batch)
+    batcher = MicroBatcher(artifact.tag_probs_encoded if tagger else artifact.predict_encoded, max_batch, max_wait,
+                           on_batch=metrics.observe_batch)
     log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed at shutdown
 
-    async def run(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    async def encode(texts: list[str]) -> list:
         try:  # each request encoded on its own: a text the tokenizer refuses fails this request only
-            encodings = await asyncio.get_running_loop().run_in_executor(None, artifact.encode, texts)
+            return await asyncio.get_running_loop().run_in_executor(None, artifact.encode, texts)
         except Exception as err:
             raise BadRequest(f"the texts could not be tokenized ({type(err).__name__}: {err}).", 422) from None
+
+    async def entities(texts: list[str], parameters: dict) -> list[list[dict]]:
+        aggregation = parameters.get("aggregation_strategy", "first")
+        if aggregation not in tagging.AGGREGATIONS:
+            raise BadRequest(f'"aggregation_strategy" {aggregation!r}: use one of {", ".join(tagging.AGGREGATIONS)}.',
+                             422)
+        encodings = await encode(texts)
+        (probs,) = await batcher.submit(encodings)
+        rows = [tagging.decode(t, e, p, artifact.labels, aggregation) for t, e, p in zip(texts, encodings, probs)]
+        if log is not None:
+            for t, row in zip(texts, rows):
+                log.write(json.dumps({"time": time.time(), "text": t, "entities": row}) + "\n")
+            log.flush()
+        return rows
+
+    async def run(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = await encode(texts)
         probs, cls = await batcher.submit(encodings)
         metrics.observe_predictions(probs, cls)
         if log is not None:
@@ -162,6 +182,9 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
         parameters = body.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise BadRequest('"parameters" must be an object.', 422)
+        if tagger:  # Hugging Face's token-classification shape: per text, its entities
+            rows = await entities(_texts(body["inputs"], limits), parameters)
+            return JSONResponse(rows[0] if isinstance(body["inputs"], str) else rows)
         top_k = parameters.get("top_k", 1)
         if top_k is None:
             top_k = len(artifact.labels)
@@ -187,8 +210,9 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
         _model_name(request)
         return JSONResponse({"name": artifact.name, "platform": "jax", "versions": [str(artifact.manifest.get(
             "versions", {}).get("jaxopt_llm"))], "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(artifact.labels)]},
-                        {"name": "label", "datatype": "BYTES", "shape": [-1]}]})
+            "outputs": [{"name": "entities", "datatype": "BYTES", "shape": [-1]}] if tagger else [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(artifact.labels)]},
+                {"name": "label", "datatype": "BYTES", "shape": [-1]}]})
 
     async def infer(request: Request) -> Response:
         _model_name(request)
@@ -206,6 +230,12 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
         if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
                 or shape not in ([len(texts)], [len(texts), 1])):
             raise BadRequest(f'input shape {shape!r} does not match its {len(texts)} texts: send [{len(texts)}].', 422)
+        if tagger:  # each text's entities as a JSON string
+            parameters = body.get("parameters") or {}
+            rows = await entities(texts, parameters if isinstance(parameters, dict) else {})
+            return JSONResponse({"model_name": artifact.name, "id": body.get("id"), "outputs": [
+                {"name": "entities", "datatype": "BYTES", "shape": [len(texts)],
+                 "data": [json.dumps(row, ensure_ascii=False) for row in rows]}]})
         probs, _ = await run(texts)
         return JSONResponse({"model_name": artifact.name, "id": body.get("id"), "outputs": [
             {"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape), "data": probs.ravel().tolist()},

@@ -142,9 +142,16 @@ class Artifact:
             artifact.check_golden()
         return artifact
 
+    def golden_outputs(self, texts: Sequence[str]) -> np.ndarray:
+        """What golden.json records: probabilities (n, c), or a tagger's token probabilities, concatenated."""
+        if self.manifest["kind"] == "tagger":
+            (probs,) = self.tag_probs_encoded(self.encode(texts))
+            return np.concatenate(probs)
+        return self.predict(texts)[0]
+
     def check_golden(self) -> None:
         golden = json.loads((self.path / "golden.json").read_text())
-        probs, _ = self.predict(golden["texts"])
+        probs = self.golden_outputs(golden["texts"])
         worst = float(np.max(np.abs(probs - np.asarray(golden["probabilities"]))))
         if not worst <= golden["tolerance"]:
             raise ArtifactError(f"artifact {str(self.path)!r} does not reproduce its golden outputs on this machine "
@@ -206,6 +213,23 @@ class Artifact:
         if not probs:
             return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
         return np.concatenate(probs), np.concatenate(cls)
+
+    def tag_probs_encoded(self, encodings: Sequence, max_batch: int = 64) -> tuple[list]:
+        """A tagger's (per text, its token probabilities (tokens, c)) for encodings made by `encode`, as a
+        1-tuple (the micro-batcher's shape: outputs split by rows)."""
+        out: list = []
+        for rows, arrays in self.batches_of(encodings, max_batch):
+            probs, _ = self.run(arrays)
+            out += [probs[j, :len(encodings[r].ids)] for j, r in enumerate(rows)]
+        return (out,)
+
+    def tag(self, texts: Sequence[str], aggregation: str = "first") -> list[list[dict]]:
+        """A tagger's entities per text with character offsets (`jaxopt_llm.tagging`)."""
+        from jaxopt_llm import tagging
+
+        encodings = self.encode(texts)
+        (probs,) = self.tag_probs_encoded(encodings)
+        return [tagging.decode(t, e, p, self.labels, aggregation) for t, e, p in zip(texts, encodings, probs)]
 
     def classify(self, texts: Sequence[str], top_k: int = 1) -> list[list[dict]]:
         """Per text its top_k {label, score}, highest first (the Hugging Face text-classification shape)."""
