@@ -70,4 +70,4 @@ def build(ctx: Context, options: Clean) -> Recipe:
 
 
 METHOD = Method("clean", Clean, build, help="train on the task's loss",
-                commands={"finetune": "classification", "pretrain": "masked-lm", "prompt": "prompt"})
+                commands={"finetune": None, "pretrain": "masked-lm", "prompt": "prompt"})  # finetune: the config's task
