@@ -50,6 +50,7 @@ HF_CLASSES = {
     "pretraining": "BertForPreTraining",
     "sequence-classification": "BertForSequenceClassification",
     "token-classification": "BertForTokenClassification",
+    "question-answering": "BertForQuestionAnswering",
 }
 
 
@@ -58,7 +59,7 @@ def hf_model(task, seed=0, **changes):
     import torch
     import transformers
 
-    config = transformers.BertConfig(**{**TINY, "num_labels": 3, **changes})
+    config = transformers.BertConfig(**{**TINY, "num_labels": 2 if task == "question-answering" else 3, **changes})
     torch.manual_seed(seed)
     return getattr(transformers, HF_CLASSES[task])(config).eval()
 
@@ -74,6 +75,8 @@ def torch_output(model, task, ids, mask, types):
         return out.last_hidden_state.numpy()
     if task == "pretraining":
         return out.prediction_logits.numpy(), out.seq_relationship_logits.numpy()
+    if task == "question-answering":
+        return out.start_logits.numpy(), out.end_logits.numpy()
     return out.logits.numpy()
 
 

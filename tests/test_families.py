@@ -25,7 +25,7 @@ CLASSES = {"roberta": ("RobertaConfig", "Roberta"), "xlm-roberta": ("XLMRobertaC
 DISTIL_NAMES = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
                 "intermediate_size": "hidden_dim"}
 HEADS = {"base": "Model", "masked-lm": "ForMaskedLM", "sequence-classification": "ForSequenceClassification",
-         "token-classification": "ForTokenClassification"}
+         "token-classification": "ForTokenClassification", "question-answering": "ForQuestionAnswering"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def sentencepiece(tmp_path_factory):
 
 def hf(family: str, task: str, seed: int = 0, **changes):
     config_cls, prefix = CLASSES[family]
-    fields = {**TINY, "num_labels": 3, **changes}
+    fields = {**TINY, "num_labels": 2 if task == "question-answering" else 3, **changes}
     if family == "distilbert":  # its own names
         fields = {DISTIL_NAMES.get(k, k): v for k, v in fields.items() if k != "type_vocab_size"}
     if family == "electra-projected":  # embeddings narrower than the hidden size: projected; the generator's
@@ -82,7 +82,14 @@ def hf(family: str, task: str, seed: int = 0, **changes):
 def torch_out(model, task, ids, mask):
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    if task == "question-answering":  # ours: (start, end), stacked here on the last axis
+        return np.stack([out.start_logits.numpy(), out.end_logits.numpy()], -1)
     return out.last_hidden_state.numpy() if task == "base" else out.logits.numpy()
+
+
+def ours_out(model, ids, mask):
+    out = model(ids, attention_mask=mask)
+    return np.stack([np.asarray(x) for x in out], -1) if isinstance(out, tuple) else np.asarray(out)
 
 
 def batch(tokenizer):
@@ -101,7 +108,7 @@ def test_parity_and_round_trip_with_transformers(family, task, bpe, tmp_path):
     ours = models.from_pretrained(tmp_path / "hf", task)
     assert type(ours).__name__ == CLASSES[family][1]
     assert models.of_model(ours).model_type == family.replace("-projected", "")
-    np.testing.assert_allclose(np.asarray(ours(ids, attention_mask=mask)), torch_out(ref, task, ids, mask),
+    np.testing.assert_allclose(ours_out(ours, ids, mask), torch_out(ref, task, ids, mask),
                                atol=1e-5)
     models.save_pretrained(ours, tmp_path / "ours")  # back to transformers, which reloads it exactly
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
@@ -270,7 +277,7 @@ DEBERTA["v2-conv"] = {**DEBERTA["v2"], "conv_kernel_size": 3, "conv_groups": 2, 
 def test_deberta_v2_and_v3_parity_and_round_trip(variant, task, bpe, tmp_path):
     if variant == "v3-lm_predictions" and task != "masked-lm":
         pytest.skip("legacy names only the masked-LM head's keys")
-    fields = {**TINY, "num_labels": 3, **DEBERTA[variant]}
+    fields = {**TINY, "num_labels": 2 if task == "question-answering" else 3, **DEBERTA[variant]}
     config = transformers.DebertaV2Config(**fields)
     torch.manual_seed(5)
     cls = getattr(transformers, "DebertaV2" + HEADS[task])
@@ -285,7 +292,7 @@ def test_deberta_v2_and_v3_parity_and_round_trip(variant, task, bpe, tmp_path):
     assert ids.shape[1] > 2 * DEBERTA["v3"]["position_buckets"]  # distances past the log buckets' linear part
     ours = models.from_pretrained(tmp_path / "hf", task)
     expected = torch_out(ref, task, ids, mask)
-    np.testing.assert_allclose(np.asarray(ours(ids, attention_mask=mask)), expected, atol=1e-5)
+    np.testing.assert_allclose(ours_out(ours, ids, mask), expected, atol=1e-5)
     models.save_pretrained(ours, tmp_path / "ours")
     again = cls.from_pretrained(tmp_path / "ours").eval()
     np.testing.assert_allclose(torch_out(again, task, ids, mask), expected, atol=1e-6)
@@ -318,7 +325,7 @@ MODERN = dict(vocab_size=300, hidden_size=24, intermediate_size=40, num_hidden_l
 @pytest.mark.parametrize("biases", [False, True])
 @pytest.mark.parametrize("task", [*HEADS, "sequence-classification-mean"])
 def test_modernbert_parity_past_its_local_window_and_round_trip(task, biases, bpe, tmp_path):
-    fields = {**MODERN, "num_labels": 3}
+    fields = {**MODERN, "num_labels": 2 if task == "question-answering" else 3}
     if biases:
         fields.update(norm_bias=True, attention_bias=True, mlp_bias=True, classifier_bias=True)
     if task.endswith("-mean"):  # mean pooling over the real tokens, as ModernBERT-base's config says
@@ -334,7 +341,7 @@ def test_modernbert_parity_past_its_local_window_and_round_trip(task, biases, bp
     assert ids.shape[1] > 2 * MODERN["local_attention"]  # the local layers see only part of the row
     ours = models.from_pretrained(tmp_path / "hf", task)
     expected = torch_out(ref, task, ids, mask)
-    got = np.asarray(ours(ids, attention_mask=mask))
+    got = ours_out(ours, ids, mask)
     if task != "sequence-classification":  # padded positions' outputs are the attention kernel's: real tokens
         got, expected = got[mask > 0], expected[mask > 0]
     np.testing.assert_allclose(got, expected, atol=1e-5)

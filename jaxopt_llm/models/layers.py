@@ -138,8 +138,8 @@ def _check_dropout_key(deterministic: bool, key: jax.Array | None) -> None:
 
 class Encoder(nnx.Module):
     """What every family's module shares of the encoder protocol: `heads` by task and `__call__` from the
-    stages. A family implements `embed`, `encode`, `classify_logits`, `mlm_logits` and `token_logits` (and
-    `nsp_logits` for pretraining), and sets `task`."""
+    stages. A family implements `embed`, `encode`, `classify_logits`, `mlm_logits`, `token_logits` and
+    `span_logits` (and `nsp_logits` for pretraining), and sets `task`."""
 
     def read_positions(self, batch_size: int) -> jax.Array | None:
         """The positions (b, p) that `classify_logits` reads: [CLS], (b, 1) zeros; None: every position (mean
@@ -156,6 +156,8 @@ class Encoder(nnx.Module):
             return self.mlm_logits(hidden_btd), self.nsp_logits(hidden_btd)
         if self.task == "token-classification":
             return self.token_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
+        if self.task == "question-answering":
+            return self.span_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
         return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key,
                                     attention_mask=attention_mask)
 

@@ -31,7 +31,7 @@ from jaxopt_llm.models.layers import (  # noqa: F401 - the shared layers, under 
     hash_bits,
 )
 
-TASKS = ("base", "masked-lm", "pretraining", "sequence-classification", "token-classification")
+TASKS = ("base", "masked-lm", "pretraining", "sequence-classification", "token-classification", "question-answering")
 
 
 # HF config keys that we read; everything else in a config.json is ignored.
@@ -313,6 +313,7 @@ class Bert(Encoder):
         self.nsp = make.linear(config.hidden_size, 2) if task == "pretraining" else None
         self.classifier = (make.linear(config.hidden_size, config.num_labels)
                            if task in ("sequence-classification", "token-classification") else None)
+        self.qa = make.linear(config.hidden_size, 2) if task == "question-answering" else None
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Word embeddings (b, t, d) of token ids (b, t): the point where a perturbation is added."""
@@ -420,6 +421,13 @@ class Bert(Encoder):
         rate = self.token_dropout()
         return self.classifier(dropout(hidden_btd, rate, dropout_key, deterministic, cfg.dropout_rng)).astype(
             jnp.float32)
+
+    def span_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
+                    dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(start, end) answer-span logits, (b, t) float32 each."""
+        _check_dropout_key(deterministic, dropout_key)
+        logits = self.qa(hidden_btd).astype(jnp.float32)
+        return logits[..., 0], logits[..., 1]
 
     def token_dropout(self) -> float:
         cfg = self.config

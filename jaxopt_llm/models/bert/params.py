@@ -49,15 +49,18 @@ _TABLE = [
     ("cls.seq_relationship.bias", "nsp.bias", False),
     ("classifier.weight", "classifier.kernel", True),
     ("classifier.bias", "classifier.bias", False),
+    ("qa_outputs.weight", "qa.kernel", True),
+    ("qa_outputs.bias", "qa.bias", False),
 ]
 FAMILY = Family(
     model_type="bert", config=BertConfig, module=Bert, table=tuple(_TABLE), prefix="bert.",
-    head_keys=("cls.", "classifier."),  # HF keys that never carry the "bert." prefix
+    head_keys=("cls.", "classifier.", "qa_outputs."),  # HF keys that never carry the "bert." prefix
     derived=("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
-    heads=("pooler", "mlm", "nsp", "classifier"),
+    heads=("pooler", "mlm", "nsp", "classifier", "qa"),
     architectures={"base": "BertModel", "masked-lm": "BertForMaskedLM", "pretraining": "BertForPreTraining",
                    "sequence-classification": "BertForSequenceClassification",
-                   "token-classification": "BertForTokenClassification"})
+                   "token-classification": "BertForTokenClassification",
+                   "question-answering": "BertForQuestionAnswering"})
 
 __all__ = ["FAMILY", "CheckpointError", "CheckpointWarning", "config_of", "convert", "from_pretrained",
            "load_tokenizer", "read_config", "read_weights", "resolve", "save_pretrained", "stack_layers", "task_of",

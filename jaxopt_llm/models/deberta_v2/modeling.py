@@ -31,7 +31,7 @@ from jaxopt_llm.errors import UserError
 from jaxopt_llm.models.bert.modeling import BertConfig, MaskedLMHead, _Factory
 from jaxopt_llm.models.layers import _ACTIVATIONS, Encoder, _check_dropout_key, _keys, dropout
 
-TASKS = ("base", "masked-lm", "sequence-classification", "token-classification")
+TASKS = ("base", "masked-lm", "sequence-classification", "token-classification", "question-answering")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +241,7 @@ class DebertaV2(Encoder):
         self.pooler = make.linear(config.hidden_size, config.hidden_size) if is_classifier else None
         tagger = task == "token-classification"
         self.classifier = make.linear(config.hidden_size, config.num_labels) if is_classifier or tagger else None
+        self.qa = make.linear(config.hidden_size, 2) if task == "question-answering" else None
         width = config.embedding_size or config.hidden_size
         if task == "masked-lm" and not config.legacy and width != config.hidden_size:
             raise UserError(f"legacy=False with embedding_size={width} != hidden_size={config.hidden_size}: "
@@ -323,3 +324,9 @@ class DebertaV2(Encoder):
         cfg = self.config
         x = dropout(hidden_btd, cfg.hidden_dropout_prob, dropout_key, deterministic, cfg.dropout_rng)
         return self.classifier(x).astype(jnp.float32)
+
+    def span_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
+        """(start, end) answer-span logits, (b, t) float32 each."""
+        _check_dropout_key(deterministic, dropout_key)
+        logits = self.qa(hidden_btd).astype(jnp.float32)
+        return logits[..., 0], logits[..., 1]

@@ -38,6 +38,8 @@ _TABLE = (
     ("pooler.dense.bias", "pooler.bias", False),
     ("classifier.weight", "classifier.kernel", True),
     ("classifier.bias", "classifier.bias", False),
+    ("qa_outputs.weight", "qa.kernel", True),
+    ("qa_outputs.bias", "qa.bias", False),
 )
 
 
@@ -52,11 +54,12 @@ def _mlm(head: str) -> tuple[tuple[str, str, bool], ...]:
 
 DEBERTA_V2 = Family(
     model_type="deberta-v2", config=DebertaV2Config, module=DebertaV2, table=_TABLE, prefix="deberta.",
-    head_keys=("pooler.", "classifier.", "cls.", "lm_predictions."),
+    head_keys=("pooler.", "classifier.", "cls.", "lm_predictions.", "qa_outputs."),
     derived=("embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
-    heads=("pooler", "classifier", "mlm"),
+    heads=("pooler", "classifier", "mlm", "qa"),
     architectures={"base": "DebertaV2Model", "masked-lm": "DebertaV2ForMaskedLM",
                    "sequence-classification": "DebertaV2ForSequenceClassification",
-                   "token-classification": "DebertaV2ForTokenClassification"},
+                   "token-classification": "DebertaV2ForTokenClassification",
+                   "question-answering": "DebertaV2ForQuestionAnswering"},
     task_tables={"masked-lm/legacy": _mlm("cls.predictions."), "masked-lm/new": _mlm("lm_predictions.lm_head.")},
     variant=lambda config: "legacy" if config.legacy else "new")

@@ -32,12 +32,15 @@ _TABLE = (
     ("vocab_layer_norm.weight", "mlm.norm.scale", False),
     ("vocab_layer_norm.bias", "mlm.norm.bias", False),
     ("vocab_projector.bias", "mlm.bias", False),
+    ("qa_outputs.weight", "qa.kernel", True),
+    ("qa_outputs.bias", "qa.bias", False),
 )
 
 DISTILBERT = Family(
     model_type="distilbert", config=DistilBertConfig, module=DistilBert, table=_TABLE, prefix="distilbert.",
-    head_keys=("pre_classifier.", "classifier.", "vocab_"), parts=("q_lin", "k_lin", "v_lin"),
-    derived=("embeddings.position_ids", "vocab_projector.weight"), heads=("pooler", "mlm", "classifier"),
+    head_keys=("pre_classifier.", "classifier.", "vocab_", "qa_outputs."), parts=("q_lin", "k_lin", "v_lin"),
+    derived=("embeddings.position_ids", "vocab_projector.weight"), heads=("pooler", "mlm", "classifier", "qa"),
     architectures={"base": "DistilBertModel", "masked-lm": "DistilBertForMaskedLM",
                    "sequence-classification": "DistilBertForSequenceClassification",
-                   "token-classification": "DistilBertForTokenClassification"})
+                   "token-classification": "DistilBertForTokenClassification",
+                   "question-answering": "DistilBertForQuestionAnswering"})

@@ -28,12 +28,13 @@ _TABLE = _ENCODER + (
 
 ELECTRA = Family(
     model_type="electra", config=ElectraConfig, module=Electra, table=_TABLE, prefix="electra.",
-    head_keys=("classifier.", "generator_", "discriminator_"),
+    head_keys=("classifier.", "generator_", "discriminator_", "qa_outputs."),
     derived=("embeddings.position_ids", "embeddings.token_type_ids", "generator_lm_head.weight"),
-    heads=("pooler", "mlm", "classifier", "discriminator"),
+    heads=("pooler", "mlm", "classifier", "discriminator", "qa"),
     architectures={"base": "ElectraModel", "masked-lm": "ElectraForMaskedLM",
                    "sequence-classification": "ElectraForSequenceClassification",
                    "replaced-token-detection": "ElectraForPreTraining",
-                   "token-classification": "ElectraForTokenClassification"},
+                   "token-classification": "ElectraForTokenClassification",
+                   "question-answering": "ElectraForQuestionAnswering"},
     task_tables={"token-classification": (("classifier.weight", "classifier.kernel", True),
                                           ("classifier.bias", "classifier.bias", False))})

@@ -27,7 +27,7 @@ from jaxopt_llm.errors import UserError
 from jaxopt_llm.models.bert.modeling import BertConfig
 from jaxopt_llm.models.layers import _ACTIVATIONS, Encoder, Linear, _check_dropout_key, _keys, dropout
 
-TASKS = ("base", "masked-lm", "sequence-classification", "token-classification")
+TASKS = ("base", "masked-lm", "sequence-classification", "token-classification", "question-answering")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,8 +245,9 @@ class ModernBert(Encoder):
         self.head = Head(config, make) if task != "base" else None
         self.decoder_bias = (nnx.Param(jnp.zeros((config.vocab_size,), config.param_dtype))
                              if task == "masked-lm" and config.decoder_bias else None)
-        is_classifier = task in ("sequence-classification", "token-classification")
-        self.classifier = make.linear(config.hidden_size, config.num_labels, True) if is_classifier else None
+        is_classifier = task in ("sequence-classification", "token-classification", "question-answering")
+        outputs = 2 if task == "question-answering" else config.num_labels  # QA: start and end
+        self.classifier = make.linear(config.hidden_size, outputs, True) if is_classifier else None
 
     @property
     def mlm(self):
@@ -315,3 +316,8 @@ class ModernBert(Encoder):
         cfg = self.config
         x = dropout(self.head(hidden_btd), cfg.classifier_dropout or 0.0, dropout_key, deterministic, cfg.dropout_rng)
         return self.classifier(x).astype(jnp.float32)
+
+    def span_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
+        """(start, end) answer-span logits, (b, t) float32 each: the prediction head, dropout, the classifier."""
+        logits = self.token_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
+        return logits[..., 0], logits[..., 1]

@@ -39,4 +39,5 @@ MODERNBERT = Family(
     heads=("head", "decoder_bias", "classifier"),
     architectures={"base": "ModernBertModel", "masked-lm": "ModernBertForMaskedLM",
                    "sequence-classification": "ModernBertForSequenceClassification",
-                   "token-classification": "ModernBertForTokenClassification"})
+                   "token-classification": "ModernBertForTokenClassification",
+                   "question-answering": "ModernBertForQuestionAnswering"})

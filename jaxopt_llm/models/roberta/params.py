@@ -27,10 +27,12 @@ _DERIVED = ("embeddings.position_ids", "embeddings.token_type_ids", "lm_head.dec
 
 def _family(model_type: str, config: type, module: type, prefix: str, name: str) -> Family:
     return Family(model_type=model_type, config=config, module=module, table=_TABLE, prefix=prefix,
-                  head_keys=("lm_head.", "classifier."), derived=_DERIVED, heads=("pooler", "mlm", "classifier"),
+                  head_keys=("lm_head.", "classifier.", "qa_outputs."), derived=_DERIVED,
+                  heads=("pooler", "mlm", "classifier", "qa"),
                   architectures={"base": f"{name}Model", "masked-lm": f"{name}ForMaskedLM",
                                  "sequence-classification": f"{name}ForSequenceClassification",
-                                 "token-classification": f"{name}ForTokenClassification"},
+                                 "token-classification": f"{name}ForTokenClassification",
+                                 "question-answering": f"{name}ForQuestionAnswering"},
                   task_tables={"sequence-classification": _CLASSIFIER, "token-classification": _TAGGER})
 
 
