@@ -41,6 +41,8 @@ def _predict(args: argparse.Namespace) -> None:
     from jaxopt_llm import inference
 
     _check(args, batch_size=(1, None), max_length=(1, None), top_k=(1, None))
+    if args.kind == "qa":
+        return _answer(args)
     texts = _texts(args)
     patterns = getattr(args, "pattern", None) or []
     if patterns:  # zero-shot cloze classification with an MLM model: one pattern, or an ensemble of several
@@ -65,6 +67,34 @@ def _predict(args: argparse.Namespace) -> None:
         outputs = [{"text": t, **r} for t, r in zip(texts, model.classify(texts))]
     for row in outputs:
         print(json.dumps(row, ensure_ascii=False))
+
+
+def _answer(args: argparse.Namespace) -> None:
+    """predict qa: one question and context, or every question of a SQuAD file with EM / F1 at the end."""
+    from jaxopt_llm import inference, metrics
+
+    model = inference.load(args.model, kind="reader", batch_size=args.batch_size, max_length=args.max_length,
+                           allow_untrained_head=args.allow_untrained_head)
+    options = {k: v for k, v in (("stride", args.stride), ("max_answer_length", args.max_answer_length))
+               if v is not None}
+    if args.no_answer:
+        options["no_answer"] = True
+    if args.data:
+        from jaxopt_llm.data import squad
+
+        questions = squad.read(args.data)
+        found = model.answer([q.question for q in questions], [q.context for q in questions], **options)
+        for q, row in zip(questions, found):
+            print(json.dumps({"id": q.id, "question": q.question, **row}, ensure_ascii=False))
+        scores = metrics.squad_scores({q.id: row["answer"] for q, row in zip(questions, found)},
+                                      {q.id: [a for a, _ in q.answers] for q in questions})
+        print(json.dumps({"exact_match": round(scores["exact_match"], 2), "f1": round(scores["f1"], 2),
+                          "questions": len(questions)}), file=sys.stderr)
+        return
+    if not (args.question and args.context):
+        raise UsageError("predict qa needs --question and --context, or --data FILE (SQuAD format).")
+    row = model.answer([args.question], [args.context], **options)[0]
+    print(json.dumps({"question": args.question, **row}, ensure_ascii=False))
 
 
 def _similarity(args: argparse.Namespace) -> None:
@@ -379,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="fill-mask, classify or tag (ner) texts, printing JSON lines")
     kinds = predict.add_subparsers(dest="kind", required=True)
-    for kind in ("fill-mask", "classify", "ner"):
+    for kind in ("fill-mask", "classify", "ner", "qa"):
         p = kinds.add_parser(kind)
         what = "run folder, HF folder, Hugging Face hub id" + (" or exported artifact" if kind == "classify" else "")
         p.add_argument("--model", required=True, help=what)
@@ -392,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="predict even when the checkpoint lacks the head's weights (they are random)")
         if kind == "fill-mask":
             p.add_argument("--top-k", type=int, default=5)
+        elif kind == "qa":
+            p.add_argument("--question")
+            p.add_argument("--context")
+            p.add_argument("--data", help="a SQuAD-format JSON file: every question answered, EM / F1 at the end")
+            p.add_argument("--stride", type=int, help="tokens two windows of a long context share (default: the "
+                                                      "run's, else 32)")
+            p.add_argument("--max-answer-length", type=int, help="tokens (default: the run's, else 30)")
+            p.add_argument("--no-answer", action="store_true", help="allow the empty answer (SQuAD 2.0)")
         elif kind == "ner":
             p.add_argument("--aggregation", default="first", choices=("first", "simple", "none"),
                            help="entities from words (first sub-token's tag), from sub-tokens, or every "

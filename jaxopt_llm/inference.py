@@ -27,11 +27,11 @@ from jaxopt_llm.calibration import softmax
 from jaxopt_llm.errors import UserError
 from jaxopt_llm.runs import RunFolder
 
-KINDS = ("classifier", "ensemble", "prompt", "masked-lm", "encoder", "tagger")
+KINDS = ("classifier", "ensemble", "prompt", "masked-lm", "encoder", "tagger", "reader")
 _HEAD = {"classifier": "sequence-classification", "prompt": "masked-lm", "masked-lm": "masked-lm",
-         "encoder": "base", "tagger": "token-classification"}
+         "encoder": "base", "tagger": "token-classification", "reader": "question-answering"}
 _REQUIRED = {"sequence-classification": ("classifier",), "masked-lm": ("mlm",), "pretraining": ("mlm",),
-             "token-classification": ("classifier",)}
+             "token-classification": ("classifier",), "question-answering": ("qa", "classifier")}
 
 
 @dataclasses.dataclass
@@ -48,6 +48,7 @@ class Inference:
     tokenizer: Any  # a transformers tokenizer (a `tokenizers.Tokenizer` for an artifact)
     artifact: bool = False  # an exported artifact: its functions apply the temperature themselves
     members: tuple = ()  # an ensemble's member folders, in order
+    options: dict = dataclasses.field(default_factory=dict)  # a reader's qa.json (stride, answer length, ...)
 
     # ---- token arrays ------------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]):
@@ -97,6 +98,14 @@ class Inference:
             raise UserError(f"{self.reference!r} is a {self.kind}, not a token classifier: tag with a run, folder "
                             "or artifact of task=token-classification.")
         return self.engine.tag(texts, aggregation)
+
+    def answer(self, questions: Sequence[str], contexts: Sequence[str], **options) -> list[dict]:
+        """Per question its {answer, score, start, end} (`predict.Predictor.answer`) -- a reader's (kind
+        "reader", task=question-answering); options: stride, max_answer_length, no_answer (default: the run's
+        qa.json)."""
+        if self.kind != "reader":
+            raise UserError(f"{self.reference!r} is a {self.kind}, not a question-answering model.")
+        return self.engine.answer(questions, contexts, **{**self.options, **options})
 
     def member_probs(self, texts: Sequence[str]) -> np.ndarray:
         """(N, n, c) an ensemble's members' probabilities (uncalibrated)."""
@@ -159,6 +168,9 @@ def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: i
     if held == "tagger" and kind not in (None, "tagger", "encoder"):
         raise UserError(f"{str(reference)!r} is a token classifier (task=token-classification), not a {kind}: "
                         "tag texts with `jaxopt-llm predict ner` (inference.load(...).tag).")
+    if held == "reader" and kind not in (None, "reader", "encoder"):
+        raise UserError(f"{str(reference)!r} is a question-answering model, not a {kind}: answer questions with "
+                        "`jaxopt-llm predict qa` (inference.load(...).answer).")
     if prompt is not None:
         held = "prompt"
     elif kind is not None and not (kind == "classifier" and held in ("ensemble", "prompt")):
@@ -186,12 +198,15 @@ def _single(reference, run, held, temperature, prompt, allow_untrained_head, opt
 
     folder = resolve(reference)
     saved = task_of(folder) if held in (None, "classifier") else None
+    if held == "classifier" and saved == "question-answering":
+        raise UserError(f"{str(reference)!r} holds a question-answering model, not a text classifier: answer with "
+                        "`jaxopt-llm predict qa` (inference.load(...).answer).")
     if held == "classifier" and saved == "token-classification":
         raise UserError(f"{str(reference)!r} holds a token classifier ({saved}), not a text classifier: tag texts "
                         "with `jaxopt-llm predict ner` (inference.load(...).tag).")
     if held is None:  # a bare HF folder: the head it was saved with
         held = {"sequence-classification": "classifier", "masked-lm": "masked-lm", "pretraining": "masked-lm",
-                "token-classification": "tagger"}.get(saved, "encoder")
+                "token-classification": "tagger", "question-answering": "reader"}.get(saved, "encoder")
     head = _HEAD[held]
     required = () if allow_untrained_head else _REQUIRED.get(head, ())
     model = from_pretrained(folder, head, required=required)
@@ -218,7 +233,10 @@ def _single(reference, run, held, temperature, prompt, allow_untrained_head, opt
         labels = tuple(model.config.label_names)
     else:
         labels = ()
-    return Inference(str(reference), held, labels, temperature, max_length, engine, tokenizer)
+    options = {}
+    if held == "reader" and run is not None and run.read("qa.json"):
+        options = {k: v for k, v in run.read("qa.json").items() if k in ("stride", "max_answer_length", "no_answer")}
+    return Inference(str(reference), held, labels, temperature, max_length, engine, tokenizer, options=options)
 
 
 def _ensemble(reference, members: list, temperature, combine, options) -> Inference:

@@ -215,3 +215,41 @@ def entity_sums(true_bt, pred_bt, where_bt, prefix_c, kind_c, scheme: str) -> ja
     ps, pk, pl = _spans(pred, prefix_c, kind_c, scheme)
     tp = jnp.sum(gs & ps & (gk == pk) & (gl == pl), dtype=jnp.float32)
     return jnp.stack([tp, jnp.sum(ps, dtype=jnp.float32), jnp.sum(gs, dtype=jnp.float32)])
+
+
+# ---- extractive QA (the official SQuAD evaluation) ------------------------------------------------------
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, punctuation and the articles a / an / the removed, spaces collapsed."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def answer_f1(prediction: str, truth: str) -> float:
+    """Token-overlap F1 of two answers after `normalize_answer` (SQuAD v2: two empty answers score 1)."""
+    from collections import Counter
+
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: dict[str, str], answers: dict[str, Sequence[str]]) -> dict[str, float]:
+    """Exact match and F1 in percent, each question's best over its gold answers (no gold answer: the empty
+    answer is the gold one, as SQuAD v2's script has it); every question in `answers` counts."""
+    em = f1 = 0.0
+    for qid, golds in answers.items():
+        golds = [g for g in golds if normalize_answer(g)] or [""]
+        pred = predictions.get(qid, "")
+        em += max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
+        f1 += max(answer_f1(pred, g) for g in golds)
+    n = max(len(answers), 1)
+    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n, "questions": float(len(answers))}

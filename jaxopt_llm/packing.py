@@ -15,8 +15,11 @@ fit; the pattern never is.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from jaxopt_llm.errors import UserError
 
 # Padded lengths: steps of 8 tokens up to 64, then 16, 32, 64: a text gains at most 7 pad tokens up to 64
 # tokens, at most 25 % beyond that.
@@ -128,3 +131,25 @@ def pack(pieces: Sequence, lengths: Sequence[int], special: dict[str, int], max_
             out["mask"][r, l * t:l * t + len(row)] = 1
             out["slots"][r, l, :k] = [l * t + s for s in slots]
     return {f"{prefix}_{k}": v for k, v in out.items()}
+
+
+def qa_windows(tokenizer: Any, questions: Sequence[str], contexts: Sequence[str], max_length: int,
+               stride: int) -> tuple[dict[str, np.ndarray], np.ndarray, list[list]]:
+    """Question + context rows for extractive QA: each context cut into windows of `max_length` tokens
+    (question included) that overlap by `stride` tokens, so an answer near a cut is whole in some window.
+
+    Returns (input_ids, attention_mask, token_type_ids (n_windows, max_length) int32; the example of each
+    window (n_windows,); per window, each token's character span in its context, or None outside it)."""
+    if stride < 0 or stride >= max_length // 2:
+        raise UserError(f"stride={stride}: the windows' overlap must be at least 0 and under half of "
+                        f"max_length={max_length}.")
+    pad_right = getattr(tokenizer, "padding_side", "right") == "right"
+    enc = tokenizer([q.lstrip() for q in questions] if pad_right else list(questions), list(contexts),
+                    truncation="only_second", max_length=max_length, stride=stride, padding="max_length",
+                    return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=True)
+    offsets = []
+    for w in range(len(enc["input_ids"])):
+        sequence = enc.sequence_ids(w)
+        offsets.append([tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][w], sequence)])
+    arrays = {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    return arrays, np.asarray(enc["overflow_to_sample_mapping"], np.int32), offsets

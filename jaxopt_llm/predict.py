@@ -43,6 +43,15 @@ _logits = jax.jit(class_logits, static_argnames=("graphdef",))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
+def _span_logits(graphdef, state, ids_bt, mask_bt, types_bt):
+    """(start, end) logits (b, t) each, padding at the float32 minimum."""
+    model = nnx.merge(graphdef, state)
+    start, end = model.span_logits(model.encode(model.embed(ids_bt), mask_bt, types_bt))
+    low = jnp.finfo(jnp.float32).min
+    return jnp.where(mask_bt > 0, start, low), jnp.where(mask_bt > 0, end, low)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _token_probs(graphdef, state, ids_bt, mask_bt, types_bt):
     """(b, t, c) tag probabilities at every position."""
     model = nnx.merge(graphdef, state)
@@ -226,6 +235,31 @@ class Predictor:
             for j, r in enumerate(rows):
                 out[r] = tagging.decode(texts[r], encodings[r], probs[j], labels, aggregation)
         return out
+
+    def answer(self, questions: Sequence[str], contexts: Sequence[str], *, stride: int = 32,
+               max_answer_length: int = 30, no_answer: bool = False) -> list[dict]:
+        """Per question its {answer, score, start, end} in its context (`answers`): the context cut into
+        windows of `max_length` tokens overlapping by `stride`, the best span over them."""
+        from jaxopt_llm import answers
+
+        if self.model.task != "question-answering":
+            raise UserError(f"this model was loaded with task={self.model.task!r}; answering needs a "
+                            "question-answering model.")
+        questions, contexts = packing.check_texts(questions), packing.check_texts(contexts)
+        if len(questions) != len(contexts):
+            raise UserError(f"{len(questions)} questions but {len(contexts)} contexts: give one context each.")
+        rows, example_of, offsets = packing.qa_windows(self.tokenizer, questions, contexts, self.max_length, stride)
+        windows: list[list] = [[] for _ in questions]
+        for start in range(0, len(example_of), self.batch_size):
+            chunk = {k: v[start:start + self.batch_size] for k, v in rows.items()}
+            n = len(chunk["input_ids"])
+            padded = packing.pad_rows(chunk, packing.power_of_two(n, self.batch_size))
+            s, e = _span_logits(self.graphdef, self.state, padded["input_ids"], padded["attention_mask"],
+                                padded["token_type_ids"])
+            for j in range(n):
+                w = start + j
+                windows[int(example_of[w])].append((np.asarray(s[j]), np.asarray(e[j]), offsets[w]))
+        return [answers.answer(c, ws, max_answer_length, no_answer) for c, ws in zip(contexts, windows)]
 
     def _need(self, module: str, task: str) -> None:
         if getattr(self.model, module) is None:

@@ -23,6 +23,7 @@ _TASKS: dict[str, Any] = {
     "masked-lm": "jaxopt_llm.steps.mlm",
     "prompt": "jaxopt_llm.steps.prompt",
     "token-classification": "jaxopt_llm.steps.tokens",
+    "question-answering": "jaxopt_llm.steps.qa",
 }
 _METHODS: dict[str, Any] = {
     "clean": "jaxopt_llm.steps.clean",

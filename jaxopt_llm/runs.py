@@ -72,8 +72,8 @@ class RunFolder:
 
     def kind(self) -> str:
         """What the run holds: "ensemble" (members/), "prompt" (prompt.json: a cloze classifier on the MLM
-        head), "masked-lm" (a pretraining run), "tagger" (token classification) or "classifier". The one place that
-        decides it."""
+        head), "masked-lm" (a pretraining run), "tagger" (token classification), "reader" (extractive QA) or
+        "classifier". The one place that decides it."""
         if self.members():
             return "ensemble"
         if (self.path / "prompt.json").is_file():
@@ -82,6 +82,8 @@ class RunFolder:
             return "masked-lm"
         if self.task() == "token-classification":
             return "tagger"
+        if self.task() == "question-answering":
+            return "reader"
         return "classifier"
 
     def max_length(self) -> int | None:

@@ -1,0 +1,43 @@
+"""Answer spans from start / end logits: the best span of each window (both ends inside the context, end not
+before start, at most `max_answer_length` tokens), the best over a question's windows, and -- where questions
+may have no answer -- the empty answer when the windows' null score ([CLS] start and end) beats it by more than
+`null_threshold`. Spans are character offsets into the context."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def best_span(start_t: np.ndarray, end_t: np.ndarray, offsets: Sequence, max_answer_length: int,
+              n_best: int = 20) -> tuple[float, int, int] | None:
+    """(score, start char, end char) of a window's best span, or None if no span is valid."""
+    best = None
+    for i in np.argsort(-start_t)[:n_best]:
+        if i >= len(offsets) or offsets[i] is None:
+            continue
+        for j in np.argsort(-end_t)[:n_best]:
+            if j >= len(offsets) or offsets[j] is None or j < i or j - i + 1 > max_answer_length:
+                continue
+            score = float(start_t[i] + end_t[j])
+            if best is None or score > best[0]:
+                best = (score, offsets[i][0], offsets[j][1])
+    return best
+
+
+def answer(context: str, windows: Sequence[tuple[np.ndarray, np.ndarray, Sequence]], max_answer_length: int = 30,
+           no_answer: bool = False, null_threshold: float = 0.0) -> dict:
+    """{answer, score, start, end} of one question from its windows' (start logits, end logits, offsets);
+    answer "" (start = end = 0) when `no_answer` allows it and the null score wins."""
+    best, null = None, None
+    for start_t, end_t, offsets in windows:
+        span = best_span(start_t, end_t, offsets, max_answer_length)
+        if span is not None and (best is None or span[0] > best[0]):
+            best = span
+        score = float(start_t[0] + end_t[0])
+        null = score if null is None else min(null, score)
+    if best is None or (no_answer and null is not None and null - best[0] > null_threshold):
+        return {"answer": "", "score": null if null is not None else 0.0, "start": 0, "end": 0}
+    score, a, b = best
+    return {"answer": context[a:b], "score": score, "start": int(a), "end": int(b)}

@@ -1,0 +1,222 @@
+"""Extractive QA: EM / F1 against the official SQuAD v1.1 script's functions (reproduced below as the
+reference) on hand-made and random answers; windows over long contexts with answers in later windows; spans
+from logits against an exhaustive search; training from the command line, and `predict qa` against answers
+computed from transformers' BertForQuestionAnswering on the tokenizer's own windows."""
+
+import json
+import re
+import string
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import overrides
+
+from jaxopt_llm import answers, cli, metrics, packing
+from jaxopt_llm.data import DataError, squad
+
+
+# ---- the official SQuAD v1.1 evaluation (evaluate-v1.1.py), as the reference ---------------------------
+def ref_normalize_answer(s):
+    def remove_articles(text):
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text):
+        return " ".join(text.split())
+
+    def remove_punc(text):
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    return white_space_fix(remove_articles(remove_punc(s.lower())))
+
+
+def ref_f1_score(prediction, ground_truth):
+    prediction_tokens = ref_normalize_answer(prediction).split()
+    ground_truth_tokens = ref_normalize_answer(ground_truth).split()
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def ref_exact_match_score(prediction, ground_truth):
+    return ref_normalize_answer(prediction) == ref_normalize_answer(ground_truth)
+
+
+def ref_evaluate(predictions, answers_by_id):
+    f1 = exact_match = 0
+    for qid, golds in answers_by_id.items():
+        exact_match += max(ref_exact_match_score(predictions[qid], g) for g in golds)
+        f1 += max(ref_f1_score(predictions[qid], g) for g in golds)
+    return {"exact_match": 100.0 * exact_match / len(answers_by_id), "f1": 100.0 * f1 / len(answers_by_id)}
+
+
+def test_squad_scores_equal_the_official_script():
+    hand = {"1": ("The Eiffel Tower", ["Eiffel Tower"]),  # article and case: EM 1
+            "2": ("in Paris, France", ["Paris"]),  # F1 2 * (1/3 * 1) / (1/3 + 1) = 0.5
+            "3": ("1889", ["1887", "in 1889"]),  # the best gold "in 1889": EM 0, F1 2 * (1 * 1/2) / (1 + 1/2) = 2/3
+            "4": ("", ["somewhere"])}
+    predictions = {k: v[0] for k, v in hand.items()}
+    golds = {k: v[1] for k, v in hand.items()}
+    ours, ref = metrics.squad_scores(predictions, golds), ref_evaluate(predictions, golds)
+    assert ours["exact_match"] == pytest.approx(ref["exact_match"]) == 25.0
+    assert ours["f1"] == pytest.approx(ref["f1"]) == pytest.approx(100 * (1 + 0.5 + 2 / 3 + 0) / 4)
+    rng = np.random.default_rng(0)
+    words = ["the", "a", "Tower", "tower", "Paris,", "1889", "in", "an", "old", "city.", "of", "France"]
+    predictions, golds = {}, {}
+    for i in range(500):
+        predictions[str(i)] = " ".join(rng.choice(words, rng.integers(1, 6)))
+        golds[str(i)] = [" ".join(rng.choice(words, rng.integers(1, 6))) for _ in range(rng.integers(1, 4))]
+        golds[str(i)] = [g for g in golds[str(i)] if ref_normalize_answer(g)] or ["Paris"]  # v1.1: no empty gold
+    ours, ref = metrics.squad_scores(predictions, golds), ref_evaluate(predictions, golds)
+    assert ours["exact_match"] == pytest.approx(ref["exact_match"], abs=1e-9) and 0 < ours["f1"] < 100
+    assert ours["f1"] == pytest.approx(ref["f1"], abs=1e-9)
+
+
+def test_best_span_equals_an_exhaustive_search():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        t = int(rng.integers(8, 40))
+        start, end = rng.normal(size=t), rng.normal(size=t)
+        first = int(rng.integers(1, t // 2))
+        offsets = [None] * first + [(5 * i, 5 * i + 4) for i in range(t - first - 1)] + [None]
+        best = None
+        for i in range(t):
+            for j in range(i, min(t, i + 6)):
+                if offsets[i] is not None and offsets[j] is not None:
+                    score = start[i] + end[j]
+                    if best is None or score > best[0]:
+                        best = (score, offsets[i][0], offsets[j][1])
+        got = answers.best_span(start, end, offsets, max_answer_length=6, n_best=t)
+        assert got[1:] == best[1:] and got[0] == pytest.approx(best[0])
+
+
+FILLER = ["The weather was mild that spring.", "Markets opened late on Monday.", "A new bridge crossed the river.",
+          "Local schools closed for a week.", "The museum added a modern wing.", "Trains ran on a reduced timetable."]
+FACTS = [("Who founded the observatory?", "The observatory was founded by {x}.", ["Ada Lovelace", "Carl Sagan",
+                                                                                     "Vera Rubin", "Tycho Brahe"]),
+         ("Where was the treaty signed?", "The treaty was signed in {x}.", ["Vienna", "Lisbon", "Oslo", "Quito"]),
+         ("When did the festival start?", "The festival started in {x}.", ["1923", "1871", "2004", "1999"])]
+
+
+def squad_file(path, n, seed, long=False):
+    """A SQuAD v1.1 file: each context fillers around one fact; `long` contexts put the fact anywhere in
+    about 60 - 150 tokens, so with short windows it is often in a later one."""
+    rng = np.random.default_rng(seed)
+    paragraphs = []
+    for i in range(n):
+        question, fact, options = FACTS[rng.integers(len(FACTS))]
+        x = options[rng.integers(len(options))]
+        before = [FILLER[k] for k in rng.integers(len(FILLER), size=rng.integers(0, 12 if long else 2))]
+        after = [FILLER[k] for k in rng.integers(len(FILLER), size=rng.integers(0, 3))]
+        prefix = " ".join(before + [fact.split("{x}")[0]]).lstrip()
+        context = prefix + x + fact.split("{x}")[1] + (" " + " ".join(after) if after else "")
+        paragraphs.append({"context": context, "qas": [{"id": f"q{i}", "question": question,
+                                                        "answers": [{"text": x, "answer_start": len(prefix)}]}]})
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "generated", "paragraphs": paragraphs}]}))
+    return path
+
+
+def test_squad_files_are_checked(tmp_path):
+    good = squad_file(tmp_path / "a.json", 3, 0)
+    assert [q.id for q in squad.read(good)] == ["q0", "q1", "q2"]
+    data = json.loads(good.read_text())
+    data["data"][0]["paragraphs"][1]["qas"][0]["answers"][0]["answer_start"] += 1
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"question id q1: answer .* is not the context's text at answer_start"):
+        squad.read(tmp_path / "b.json")
+
+
+def test_long_contexts_are_windowed_and_answers_found_in_later_windows(setup, tmp_path):
+    tok = transformers.AutoTokenizer.from_pretrained(setup / "model")
+    questions = squad.read(squad_file(tmp_path / "long.json", 40, 2, long=True))
+    rows, example_of, offsets = packing.qa_windows(tok, [q.question for q in questions],
+                                                  [q.context for q in questions], 48, 16)
+    starts, ends = squad.positions(questions, example_of, offsets)
+    later = 0
+    for e, q in enumerate(questions):
+        windows = np.flatnonzero(example_of == e)
+        holding = [w for w in windows if starts[w] > 0]
+        assert holding, f"no window holds the answer of {q.id}"
+        for w in holding:  # the labelled tokens' characters are the answer
+            assert q.context[offsets[w][starts[w]][0]:offsets[w][ends[w]][1]] == q.answers[0][0]
+        later += holding[0] != windows[0]
+        assert all(rows["input_ids"][w][starts[w]] != tok.cls_token_id for w in holding)
+    assert later >= 5  # answers that only a later window holds
+
+
+@pytest.fixture(scope="module")
+def reader(setup, tmp_path_factory):
+    root = tmp_path_factory.mktemp("qa")
+    train, dev = squad_file(root / "train.json", 64, 3, long=True), squad_file(root / "dev.json", 16, 4, long=True)
+    items = overrides(setup, **{"task": "question-answering", "data.train_file": train, "data.eval_file": dev,
+                                "data.max_length": 48, "question-answering.stride": 16, "train.steps": 6,
+                                "train.eval_every": 6, "train.checkpoint_every": 6})
+    cli.main(["finetune", "--workdir", str(root / "run"), *items])
+    return root / "run", dev
+
+
+def reference_answers(model_dir, questions, max_length, stride, max_answer_length=30, n_best=20):
+    """transformers' BertForQuestionAnswering on the fast tokenizer's own windows, the best valid span of the
+    top-n starts and ends over each question's windows (the question-answering pipeline's rule)."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.BertForQuestionAnswering.from_pretrained(model_dir).eval()
+    out = []
+    for q in questions:
+        enc = tok(q.question, q.context, truncation="only_second", max_length=max_length, stride=stride,
+                  return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
+        best = None
+        for w in range(len(enc["input_ids"])):
+            with torch.no_grad():
+                o = model(input_ids=torch.tensor([enc["input_ids"][w]]),
+                          attention_mask=torch.tensor([enc["attention_mask"][w]]),
+                          token_type_ids=torch.tensor([enc["token_type_ids"][w]]))
+            s, e = o.start_logits[0].numpy(), o.end_logits[0].numpy()
+            seq = enc.sequence_ids(w)
+            for i in np.argsort(-s)[:n_best]:
+                for j in np.argsort(-e)[:n_best]:
+                    if seq[i] != 1 or seq[j] != 1 or j < i or j - i + 1 > max_answer_length:
+                        continue
+                    if best is None or s[i] + e[j] > best[0]:
+                        best = (s[i] + e[j], enc["offset_mapping"][w][i][0], enc["offset_mapping"][w][j][1])
+        out.append(q.context[best[1]:best[2]])
+    return out
+
+
+def test_predict_qa_answers_as_transformers_and_scores_as_the_official_script(reader, capsys):
+    run, dev = reader
+    assert json.loads((run / "qa.json").read_text())["stride"] == 16
+    capsys.readouterr()
+    cli.main(["predict", "qa", "--model", str(run), "--data", str(dev)])
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    questions = squad.read(dev)
+    assert [r["id"] for r in rows] == [q.id for q in questions]
+    assert [r["answer"] for r in rows] == reference_answers(run / "model", questions, 48, 16)
+    for r, q in zip(rows, questions):
+        assert q.context[r["start"]:r["end"]] == r["answer"]
+    summary = json.loads(out.err.strip().splitlines()[-1])
+    ref = ref_evaluate({r["id"]: r["answer"] for r in rows}, {q.id: [a for a, _ in q.answers] for q in questions})
+    assert summary["exact_match"] == pytest.approx(ref["exact_match"], abs=0.01)
+    assert summary["f1"] == pytest.approx(ref["f1"], abs=0.01)
+    cli.main(["predict", "qa", "--model", str(run), "--question", questions[0].question, "--context",
+              questions[0].context])
+    assert json.loads(capsys.readouterr().out)["answer"] == rows[0]["answer"]
+
+
+@pytest.mark.parametrize("method", ["adversarial", "distill"])
+def test_the_methods_train_a_reader(method, reader, setup, tmp_path):
+    run, dev = reader
+    extra = {"adversarial": ["adversarial.epsilon=0.01"],
+             "distill": [f"distill.teacher={run}", "distill.student_layers=1"]}[method]
+    items = overrides(setup, **{"task": "question-answering", "data.train_file": dev, "data.max_length": 48,
+                                "question-answering.stride": 16, "train.steps": 2, "train.eval_every": 2,
+                                "train.checkpoint_every": 2})
+    cli.main([method, "--workdir", str(tmp_path / "run"), *items, *extra])
+    assert (tmp_path / "run" / "qa.json").is_file()
