@@ -9,6 +9,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxopt_llm.errors import UserError
+
+
+def check_stride(stride: int, max_length: int) -> None:
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride < max_length // 2:
+        raise UserError(f"stride={stride!r}: the windows' overlap must be a whole number of tokens from 0 to under "
+                        f"half of max_length={max_length} (question-answering.stride / --stride).")
+
 
 def best_span(start_t: np.ndarray, end_t: np.ndarray, offsets: Sequence, max_answer_length: int,
               n_best: int = 20) -> tuple[float, int, int] | None:

@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from jaxopt_llm.errors import UserError
-
 # Padded lengths: steps of 8 tokens up to 64, then 16, 32, 64: a text gains at most 7 pad tokens up to 64
 # tokens, at most 25 % beyond that.
 LENGTH_BUCKETS = (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -140,9 +138,8 @@ def qa_windows(tokenizer: Any, questions: Sequence[str], contexts: Sequence[str]
 
     Returns (input_ids, attention_mask, token_type_ids (n_windows, max_length) int32; the example of each
     window (n_windows,); per window, each token's character span in its context, or None outside it)."""
-    if stride < 0 or stride >= max_length // 2:
-        raise UserError(f"stride={stride}: the windows' overlap must be at least 0 and under half of "
-                        f"max_length={max_length}.")
+    if stride < 0 or stride >= max_length // 2:  # callers check it for people (answers.check_stride)
+        raise ValueError(f"stride={stride} must be in [0, max_length // 2).")
     pad_right = getattr(tokenizer, "padding_side", "right") == "right"
     enc = tokenizer([q.lstrip() for q in questions] if pad_right else list(questions), list(contexts),
                     truncation="only_second", max_length=max_length, stride=stride, padding="max_length",

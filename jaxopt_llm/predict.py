@@ -245,6 +245,7 @@ class Predictor:
         if self.model.task != "question-answering":
             raise UserError(f"this model was loaded with task={self.model.task!r}; answering needs a "
                             "question-answering model.")
+        answers.check_stride(stride, self.max_length)
         questions, contexts = packing.check_texts(questions), packing.check_texts(contexts)
         if len(questions) != len(contexts):
             raise UserError(f"{len(questions)} questions but {len(contexts)} contexts: give one context each.")

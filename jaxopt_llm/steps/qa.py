@@ -45,14 +45,15 @@ class QuestionAnsweringTask:
         return DataNeeds(labels=False, load=self.load)
 
     def load(self, cfg, tokenizer, *, names=None, seed: int = 0):
+        from jaxopt_llm import answers, packing
         from jaxopt_llm import data as data_lib
-        from jaxopt_llm import packing
         from jaxopt_llm.data import squad
         from jaxopt_llm.data.batches import split_off, take
 
         if cfg.dataset or not cfg.train_file:
             raise data_lib.DataError("question answering reads data.train_file (and data.eval_file): SQuAD-format "
                                      "JSON files; hub datasets are not read for it.")
+        answers.check_stride(self.options.stride, cfg.max_length)
         arrays, texts, reports = {}, {}, []
         for which, path in (("train", cfg.train_file), ("eval", cfg.eval_file)):
             if not path:
