@@ -100,6 +100,15 @@ def _model_function(model):
             return jax.nn.softmax(scores, -1), hidden[:, 0]
 
         return params, fn, {"prompt": task.encoded.to_json()}
+    if model.kind == "reader":  # start and end logits (b, 2, t), padding at the float32 minimum
+        def fn(p, batch):
+            m = nnx.merge(graphdef, p)
+            hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+            start, end = m.span_logits(hidden)
+            keep = (batch["attention_mask"] > 0)[:, None, :]
+            return jnp.where(keep, jnp.stack([start, end], 1), jnp.finfo(jnp.float32).min), hidden[:, 0]
+
+        return params, fn, {"qa": {"stride": 32, "max_answer_length": 30, "no_answer": False, **model.options}}
     if model.kind == "tagger":  # tag probabilities at every position (b, t, c)
         def fn(p, batch):
             m = nnx.merge(graphdef, p)
@@ -155,18 +164,20 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     from jaxopt_llm.runs import RunFolder
 
     run = RunFolder.of(reference)
-    tagger = (run.kind() == "tagger" if run is not None
-              else task_of(resolve(reference)) == "token-classification")
-    model = inference.load(reference, kind="tagger" if tagger else "classifier", max_length=max_length)
+    held = (run.kind() if run is not None
+            else {"token-classification": "tagger", "question-answering": "reader"}.get(task_of(resolve(reference))))
+    model = inference.load(reference, kind=held if held in ("tagger", "reader") else "classifier",
+                           max_length=max_length)
     kind, labels, tokenizer, temperature = model.kind, model.labels, model.tokenizer, model.temperature
     params, fn, extra = _model_function(model)
-    buckets = (model.max_length,) if kind == "prompt" else buckets_for(buckets, model.max_length)
+    # prompts pack at their own length, a reader's windows are always max_length long
+    buckets = (model.max_length,) if kind in ("prompt", "reader") else buckets_for(buckets, model.max_length)
     flat, treedef = jax.tree.flatten(params)
     inputs = PROMPT_INPUTS if kind == "prompt" else CLASSIFY_INPUTS
 
     def predict(flat_params, *arrays):
         probs, cls = fn(jax.tree.unflatten(treedef, flat_params), dict(zip(inputs, arrays)))
-        if temperature != 1.0:  # calibration: softmax(log p / T)
+        if temperature != 1.0 and kind != "reader":  # calibration: softmax(log p / T)
             probs = jax.nn.softmax(jnp.log(jnp.maximum(probs, 1e-30)) / temperature, -1)
         return probs, cls.astype(jnp.float32)
 
@@ -203,13 +214,14 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
                     "labels": list(labels), "buckets": list(buckets), "max_length": model.max_length,
                     "inputs": list(inputs), "platforms": list(platforms), "temperature": temperature,
                     "members": extra.get("members"), "special": special, "weights": len(flat), "source": str(reference),
+                    "qa": extra.get("qa"),
                     "jax_export_calling_convention": int(first.calling_convention_version),
                     "versions": {"jax": jax.__version__, "jaxlib": _version("jaxlib"),
                                  "jaxopt_llm": _version("jaxopt_llm")}}
         write_json(tmp / "manifest.json", {**manifest, "files": {}})
         artifact = Artifact.load(tmp, verify=False)  # the loader itself computes what the checks compare against
         texts = list(reference_texts) or list(golden_texts)
-        if texts and kind != "tagger":  # a tagger has no drift reference (its outputs are per token)
+        if texts and kind not in ("tagger", "reader"):  # their outputs are per token: no drift reference
             probs, cls = artifact.predict(texts)
             rng = np.random.default_rng(0)
             sample = cls[rng.permutation(len(cls))[:256]]

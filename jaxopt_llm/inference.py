@@ -105,6 +105,8 @@ class Inference:
         qa.json)."""
         if self.kind != "reader":
             raise UserError(f"{self.reference!r} is a {self.kind}, not a question-answering model.")
+        if self.artifact:
+            return self.engine.answer(questions, contexts, **options)
         return self.engine.answer(questions, contexts, **{**self.options, **options})
 
     def member_probs(self, texts: Sequence[str]) -> np.ndarray:
@@ -317,7 +319,7 @@ def _artifact(reference, kind, max_length, verify) -> Inference:
 
     artifact = Artifact.load(reference, verify=verify)
     held = artifact.manifest["kind"]
-    if kind not in (None, "classifier", held) or (held == "tagger" and kind not in (None, held)):
+    if kind not in (None, "classifier", held) or (held in ("tagger", "reader") and kind not in (None, held)):
         raise UserError(f"{str(reference)!r} is an exported {held} artifact; it cannot be loaded as a {kind}.")
     if max_length is not None and int(max_length) != artifact.max_length:
         raise UserError(f"max_length={max_length}: the artifact {str(reference)!r} was exported for "

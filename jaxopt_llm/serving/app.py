@@ -118,10 +118,11 @@ def _texts(value, limits: Limits, what: str = '"inputs"') -> list[str]:
 def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wait: float = 0.005,
                window: int = 500, log_file: str | None = None) -> Starlette:
     tagger = artifact.manifest["kind"] == "tagger"  # entities per text, not class probabilities
+    reader = artifact.manifest["kind"] == "reader"  # an answer per (question, context)
     drift = DriftMonitor(artifact.reference, artifact.reference_cls, window=window)
     metrics = Metrics(artifact.labels, drift)
-    batcher = MicroBatcher(artifact.tag_probs_encoded if tagger else artifact.predict_encoded, max_batch, max_wait,
-                           on_batch=metrics.observe_batch)
+    work = artifact.answer_pairs if reader else artifact.tag_probs_encoded if tagger else artifact.predict_encoded
+    batcher = MicroBatcher(work, max_batch, max_wait, on_batch=metrics.observe_batch)
     log = open(log_file, "a") if log_file else None  # noqa: SIM115 - closed at shutdown
 
     async def encode(texts: list[str]) -> list:
@@ -141,6 +142,22 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
         if log is not None:
             for t, row in zip(texts, rows):
                 log.write(json.dumps({"time": time.time(), "text": t, "entities": row}) + "\n")
+            log.flush()
+        return rows
+
+    def pairs_of(value) -> list[tuple[str, str]]:
+        items = [value] if isinstance(value, dict) else value
+        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+            raise BadRequest('"inputs" must be {"question": ..., "context": ...} or a list of them.', 422)
+        questions = _texts([x.get("question") for x in items] or None, limits, '"question"')
+        contexts = _texts([x.get("context") for x in items], limits, '"context"')
+        return list(zip(questions, contexts))
+
+    async def answer(pairs: list[tuple[str, str]]) -> list[dict]:
+        rows = (await batcher.submit(pairs))[0]
+        if log is not None:
+            for (q, c), row in zip(pairs, rows):
+                log.write(json.dumps({"time": time.time(), "question": q, "context": c, **row}) + "\n")
             log.flush()
         return rows
 
@@ -185,6 +202,9 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
         if tagger:  # Hugging Face's token-classification shape: per text, its entities
             rows = await entities(_texts(body["inputs"], limits), parameters)
             return JSONResponse(rows[0] if isinstance(body["inputs"], str) else rows)
+        if reader:  # Hugging Face's question-answering shape: {score, start, end, answer}
+            rows = await answer(pairs_of(body["inputs"]))
+            return JSONResponse(rows[0] if isinstance(body["inputs"], dict) else rows)
         top_k = parameters.get("top_k", 1)
         if top_k is None:
             top_k = len(artifact.labels)
@@ -209,8 +229,15 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
     async def model(request: Request) -> Response:
         _model_name(request)
         return JSONResponse({"name": artifact.name, "platform": "jax", "versions": [str(artifact.manifest.get(
-            "versions", {}).get("jaxopt_llm"))], "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": "entities", "datatype": "BYTES", "shape": [-1]}] if tagger else [
+            "versions", {}).get("jaxopt_llm"))],
+            "inputs": [{"name": "question", "datatype": "BYTES", "shape": [-1]},
+                       {"name": "context", "datatype": "BYTES", "shape": [-1]}] if reader else [
+                {"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "answer", "datatype": "BYTES", "shape": [-1]},
+                        {"name": "score", "datatype": "FP32", "shape": [-1]},
+                        {"name": "start", "datatype": "INT32", "shape": [-1]},
+                        {"name": "end", "datatype": "INT32", "shape": [-1]}] if reader else
+            [{"name": "entities", "datatype": "BYTES", "shape": [-1]}] if tagger else [
                 {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(artifact.labels)]},
                 {"name": "label", "datatype": "BYTES", "shape": [-1]}]})
 
@@ -218,18 +245,36 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
         _model_name(request)
         body = await _json(request, limits)
         inputs = body.get("inputs") if isinstance(body, dict) else None
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise BadRequest('"inputs" must be a list with one tensor {"name", "shape", "datatype", "data"}.', 422)
-        tensor = inputs[0]
-        if tensor.get("name") != "text":
-            raise BadRequest(f'input name {tensor.get("name")!r}: this model takes one input named "text".', 422)
-        if tensor.get("datatype") != "BYTES":
-            raise BadRequest(f'input datatype {tensor.get("datatype")!r}: send the texts as "BYTES".', 422)
-        texts = _texts(tensor.get("data"), limits, '"data"')
-        shape = tensor.get("shape")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-                or shape not in ([len(texts)], [len(texts), 1])):
-            raise BadRequest(f'input shape {shape!r} does not match its {len(texts)} texts: send [{len(texts)}].', 422)
+        names = ["question", "context"] if reader else ["text"]
+        if (not isinstance(inputs, list) or len(inputs) != len(names)
+                or not all(isinstance(x, dict) for x in inputs)):
+            raise BadRequest(f'"inputs" must be a list of {len(names)} tensor(s) {{"name", "shape", "datatype", '
+                             f'"data"}}: {", ".join(names)}.', 422)
+        by_name = {}
+        for tensor in inputs:
+            if tensor.get("name") not in names:
+                raise BadRequest(f'input name {tensor.get("name")!r}: this model takes inputs named '
+                                 f'{", ".join(repr(n) for n in names)}.', 422)
+            if tensor.get("datatype") != "BYTES":
+                raise BadRequest(f'input datatype {tensor.get("datatype")!r}: send the texts as "BYTES".', 422)
+            texts = _texts(tensor.get("data"), limits, '"data"')
+            shape = tensor.get("shape")
+            if (not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+                    or shape not in ([len(texts)], [len(texts), 1])):
+                raise BadRequest(f'input shape {shape!r} does not match its {len(texts)} texts: send '
+                                 f'[{len(texts)}].', 422)
+            by_name[tensor["name"]] = texts
+        if reader:
+            if set(by_name) != set(names) or len(by_name["question"]) != len(by_name["context"]):
+                raise BadRequest('send one "question" and one "context" tensor of the same length.', 422)
+            rows = await answer(list(zip(by_name["question"], by_name["context"])))
+            n = len(rows)
+            return JSONResponse({"model_name": artifact.name, "id": body.get("id"), "outputs": [
+                {"name": "answer", "datatype": "BYTES", "shape": [n], "data": [r["answer"] for r in rows]},
+                {"name": "score", "datatype": "FP32", "shape": [n], "data": [r["score"] for r in rows]},
+                {"name": "start", "datatype": "INT32", "shape": [n], "data": [r["start"] for r in rows]},
+                {"name": "end", "datatype": "INT32", "shape": [n], "data": [r["end"] for r in rows]}]})
+        texts = by_name["text"]
         if tagger:  # each text's entities as a JSON string
             parameters = body.get("parameters") or {}
             rows = await entities(texts, parameters if isinstance(parameters, dict) else {})

@@ -143,7 +143,11 @@ class Artifact:
         return artifact
 
     def golden_outputs(self, texts: Sequence[str]) -> np.ndarray:
-        """What golden.json records: probabilities (n, c), or a tagger's token probabilities, concatenated."""
+        """What golden.json records: probabilities (n, c), a tagger's token probabilities concatenated, or a
+        reader's span logits of each text asked about itself (padding excluded)."""
+        if self.manifest["kind"] == "reader":
+            logits, masks, _, _ = self.span_logits(list(texts), list(texts))
+            return np.concatenate([x[:, m > 0] for x, m in zip(logits, masks)], 1)
         if self.manifest["kind"] == "tagger":
             (probs,) = self.tag_probs_encoded(self.encode(texts))
             return np.concatenate(probs)
@@ -230,6 +234,48 @@ class Artifact:
         encodings = self.encode(texts)
         (probs,) = self.tag_probs_encoded(encodings)
         return [tagging.decode(t, e, p, self.labels, aggregation) for t, e, p in zip(texts, encodings, probs)]
+
+    # ---- extractive QA (kind "reader") -------------------------------------------------------------------
+    def hf_tokenizer(self):
+        """The transformers tokenizer saved in hf/ (QA windows need its overflow and offsets)."""
+        if getattr(self, "_hf_tokenizer", None) is None:
+            from jaxopt_llm.models import load_tokenizer
+
+            self._hf_tokenizer = load_tokenizer(self.path / "hf")
+        return self._hf_tokenizer
+
+    def span_logits(self, questions: Sequence[str], contexts: Sequence[str], stride: int | None = None,
+                    max_batch: int = 64):
+        """Per window: (start / end logits (2, t), attention mask (t,)), with each window's example and its
+        tokens' character spans: (logits, masks, example_of, offsets)."""
+        from jaxopt_llm import answers, packing
+
+        stride = self.manifest["qa"]["stride"] if stride is None else stride
+        answers.check_stride(stride, self.max_length)
+        rows, example_of, offsets = packing.qa_windows(self.hf_tokenizer(), questions, contexts, self.max_length,
+                                                       stride)
+        logits = []
+        for start in range(0, len(example_of), max_batch):
+            chunk = {k: v[start:start + max_batch] for k, v in rows.items()}
+            out, _ = self.run(chunk)
+            logits += list(out)
+        return logits, list(rows["attention_mask"]), example_of, offsets
+
+    def answer(self, questions: Sequence[str], contexts: Sequence[str], **options) -> list[dict]:
+        """Per question its {answer, score, start, end} (`answers.answer`); options stride, max_answer_length,
+        no_answer (default: the manifest's)."""
+        from jaxopt_llm import answers
+
+        qa = {**self.manifest["qa"], **{k: v for k, v in options.items() if v is not None}}
+        logits, _, example_of, offsets = self.span_logits(list(questions), list(contexts), qa["stride"])
+        windows: list[list] = [[] for _ in questions]
+        for w, e in enumerate(example_of):
+            windows[int(e)].append((logits[w][0], logits[w][1], offsets[w]))
+        return [answers.answer(c, ws, qa["max_answer_length"], qa["no_answer"]) for c, ws in zip(contexts, windows)]
+
+    def answer_pairs(self, pairs: Sequence[tuple[str, str]], **options) -> tuple[list]:
+        """`answer` of (question, context) pairs as a 1-tuple (the micro-batcher's shape)."""
+        return (self.answer([q for q, _ in pairs], [c for _, c in pairs], **options),)
 
     def classify(self, texts: Sequence[str], top_k: int = 1) -> list[list[dict]]:
         """Per text its top_k {label, score}, highest first (the Hugging Face text-classification shape)."""
