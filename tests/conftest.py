@@ -268,6 +268,18 @@ class Server:
         return np.asarray([[next(x["score"] for x in row if x["label"] == name) for name in self.labels]
                            for row in rows])
 
+    def post(self, path: str, body) -> tuple[int, object]:
+        """(status, decoded JSON) of a POST of `body` as JSON, error statuses included."""
+        import urllib.error
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
     def close(self):
         self.server.should_exit = True
         self.thread.join(timeout=30)

@@ -229,9 +229,6 @@ def test_the_methods_train_a_reader(method, reader, setup, tmp_path):
 def test_a_reader_exports_and_serves_answers(reader, tmp_path):
     """Export -> the artifact in-process -> the loader -> the server over HTTP (/predict in the
     question-answering pipeline's shape, KServe v2 with question and context tensors): the run's answers."""
-    import urllib.error
-    import urllib.request
-
     from conftest import Server
 
     from jaxopt_llm import inference
@@ -254,26 +251,16 @@ def test_a_reader_exports_and_serves_answers(reader, tmp_path):
     same(art.answer(qs, cs), expected)
     same(inference.load(tmp_path / "art").answer(qs, cs), expected)
     server = Server(art)
-
-    def post(path, body):
-        request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
     try:
-        status, rows = post("/predict", {"inputs": [{"question": q, "context": c} for q, c in zip(qs, cs)]})
+        status, rows = server.post("/predict", {"inputs": [{"question": q, "context": c} for q, c in zip(qs, cs)]})
         assert status == 200
         same(rows, expected)
-        status, row = post("/predict", {"inputs": {"question": qs[0], "context": cs[0]}})
+        status, row = server.post("/predict", {"inputs": {"question": qs[0], "context": cs[0]}})
         assert status == 200
         same([row], expected[:1])
-        status, body = post("/predict", {"inputs": {"question": qs[0]}})
+        status, body = server.post("/predict", {"inputs": {"question": qs[0]}})
         assert status == 422 and '"context"' in body["error"]
-        status, body = post(f"/v2/models/{art.name}/infer", {"inputs": [
+        status, body = server.post(f"/v2/models/{art.name}/infer", {"inputs": [
             {"name": "question", "shape": [len(qs)], "datatype": "BYTES", "data": qs},
             {"name": "context", "shape": [len(cs)], "datatype": "BYTES", "data": cs}]})
         assert status == 200 and body["outputs"][0]["name"] == "answer"

@@ -275,9 +275,6 @@ def test_a_tagger_is_never_read_as_a_text_classifier(tagger, tmp_path, capsys):
 def test_a_tagger_exports_and_serves_its_entities(tagger, tmp_path):
     """Export -> artifact in-process -> the loader -> the server over HTTP (/predict with each aggregation,
     KServe v2): the entities the run itself gives, on texts past its length."""
-    import urllib.error
-    import urllib.request
-
     from conftest import Server
 
     from jaxopt_llm import inference
@@ -299,26 +296,17 @@ def test_a_tagger_exports_and_serves_its_entities(tagger, tmp_path):
         same(art.tag(texts, aggregation), run.tag(texts, aggregation))
     same(inference.load(tmp_path / "art").tag(texts), run.tag(texts))
     server = Server(art)
-
-    def post(path, body):
-        request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
     try:
         for aggregation in ("first", "simple", "none"):
-            status, rows = post("/predict", {"inputs": texts, "parameters": {"aggregation_strategy": aggregation}})
+            status, rows = server.post("/predict", {"inputs": texts,
+                                                    "parameters": {"aggregation_strategy": aggregation}})
             assert status == 200
             same(rows, run.tag(texts, aggregation))
-        status, row = post("/predict", {"inputs": texts[0]})
-        assert status == 200 and row == post("/predict", {"inputs": [texts[0]]})[1][0]
-        status, body = post("/predict", {"inputs": texts, "parameters": {"aggregation_strategy": "max"}})
+        status, row = server.post("/predict", {"inputs": texts[0]})
+        assert status == 200 and row == server.post("/predict", {"inputs": [texts[0]]})[1][0]
+        status, body = server.post("/predict", {"inputs": texts, "parameters": {"aggregation_strategy": "max"}})
         assert status == 422 and "aggregation_strategy" in body["error"]
-        status, body = post(f"/v2/models/{art.name}/infer", {"inputs": [
+        status, body = server.post(f"/v2/models/{art.name}/infer", {"inputs": [
             {"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]})
         assert status == 200 and body["outputs"][0]["name"] == "entities"
         same([json.loads(x) for x in body["outputs"][0]["data"]], run.tag(texts))

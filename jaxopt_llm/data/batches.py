@@ -97,6 +97,16 @@ def split_off(arrays: dict[str, np.ndarray], fraction: float, seed: int = 1234
     return ({k: v[perm[n_eval:]] for k, v in arrays.items()}, {k: v[perm[:n_eval]] for k, v in arrays.items()})
 
 
+def hold_out(train: list, eval_items: list | None, fraction: float, limit: int | None) -> tuple[list, list]:
+    """(train, eval) items -- sentences, questions -- before they become rows: `eval_items` when given, else
+    `fraction` of `train` held out by `split_off`'s permutation, so one item's rows (a long context's windows)
+    never land on both sides; eval cut to `limit`."""
+    if eval_items is None:
+        rest, held = split_off({"i": np.arange(len(train))}, fraction)
+        train, eval_items = [train[i] for i in rest["i"]], [train[i] for i in held["i"]]
+    return train, eval_items[:limit] if limit else eval_items
+
+
 def take(arrays: dict[str, np.ndarray], limit: int | None) -> dict[str, np.ndarray]:
     return arrays if limit is None else {k: v[:limit] for k, v in arrays.items()}
 

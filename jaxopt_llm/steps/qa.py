@@ -48,33 +48,26 @@ class QuestionAnsweringTask:
         from jaxopt_llm import answers, packing
         from jaxopt_llm import data as data_lib
         from jaxopt_llm.data import squad
-        from jaxopt_llm.data.batches import split_off, take
+        from jaxopt_llm.data.batches import hold_out
 
         if cfg.dataset or not cfg.train_file:
             raise data_lib.DataError("question answering reads data.train_file (and data.eval_file): SQuAD-format "
                                      "JSON files; hub datasets are not read for it.")
         answers.check_stride(self.options.stride, cfg.max_length)
+        read = {w: squad.read(f) for w, f in (("train", cfg.train_file), ("eval", cfg.eval_file)) if f}
+        train = read["train"][:cfg.max_train_examples] if cfg.max_train_examples else read["train"]
+        splits = dict(zip(("train", "eval"), hold_out(train, read.get("eval"), cfg.eval_fraction,
+                                                      cfg.max_eval_examples)))
         arrays, texts, reports = {}, {}, []
-        for which, path in (("train", cfg.train_file), ("eval", cfg.eval_file)):
-            if not path:
-                continue
-            questions = squad.read(path)
-            limit = cfg.max_train_examples if which == "train" else cfg.max_eval_examples
-            questions = questions[:limit] if limit else questions
+        for which, questions in splits.items():
             rows, example_of, offsets = packing.qa_windows(tokenizer, [q.question for q in questions],
                                                            [q.context for q in questions], cfg.max_length,
                                                            self.options.stride)
             rows["start_positions"], rows["end_positions"] = squad.positions(questions, example_of, offsets)
             arrays[which] = rows
             texts[which] = np.asarray([questions[int(e)].question for e in example_of], object)
-            reports.append(data_lib.LoadReport(f"{path}: {len(questions)} questions in {len(example_of)} windows",
+            reports.append(data_lib.LoadReport(f"{which}: {len(questions)} questions in {len(example_of)} windows",
                                                rows=len(questions)))
-        if "eval" not in arrays:
-            arrays["train"]["_row"] = np.arange(len(texts["train"]))
-            arrays["train"], arrays["eval"] = split_off(arrays["train"], cfg.eval_fraction)
-            arrays["eval"] = take(arrays["eval"], cfg.max_eval_examples)
-            rows_of = {w: arrays[w].pop("_row") for w in ("train", "eval")}
-            texts = {w: texts["train"][rows_of[w]] for w in ("train", "eval")}
         return data_lib.Data(arrays["train"], arrays["eval"], None, reports, texts)
 
     def prepare(self, batch, key):

@@ -56,30 +56,23 @@ class TokenClassificationTask:
     def load(self, cfg, tokenizer, *, names=None, seed: int = 0):
         from jaxopt_llm import data as data_lib
         from jaxopt_llm.data import tagged
-        from jaxopt_llm.data.batches import split_off, take
+        from jaxopt_llm.data.batches import hold_out
 
         if cfg.dataset or not cfg.train_file:
             raise data_lib.DataError("token classification reads data.train_file (and data.eval_file): CoNLL-style "
                                      "files or JSON lines of tokens and tags; hub datasets are not read for it.")
-        splits, reports = {}, []
-        for which, path in (("train", cfg.train_file), ("eval", cfg.eval_file)):
-            if path:
-                sentences = tagged.check(tagged.read(path), self.options.scheme, str(path))
-                limit = cfg.max_train_examples if which == "train" else cfg.max_eval_examples
-                splits[which] = sentences[:limit] if limit else sentences
-                reports.append(data_lib.LoadReport(str(path), rows=len(sentences)))
+        read = {w: tagged.check(tagged.read(f), self.options.scheme, str(f))
+                for w, f in (("train", cfg.train_file), ("eval", cfg.eval_file)) if f}
+        reports = [data_lib.LoadReport(str(f), rows=len(read[w]))
+                   for w, f in (("train", cfg.train_file), ("eval", cfg.eval_file)) if f]
+        train = read["train"][:cfg.max_train_examples] if cfg.max_train_examples else read["train"]
+        splits = dict(zip(("train", "eval"), hold_out(train, read.get("eval"), cfg.eval_fraction,
+                                                      cfg.max_eval_examples)))
         found = tagged.label_names(splits["train"])
         names = tuple(names) if names and set(found) <= set(names) else found
-        arrays, texts = {}, {}
-        for which, sentences in splits.items():
-            arrays[which] = tagged.align(tokenizer, sentences, names, cfg.max_length, self.options.label_all_tokens)
-            texts[which] = np.asarray([" ".join(s.words) for s in sentences], object)
-        if "eval" not in arrays:
-            arrays["train"]["_row"] = np.arange(len(splits["train"]))
-            arrays["train"], arrays["eval"] = split_off(arrays["train"], cfg.eval_fraction)
-            arrays["eval"] = take(arrays["eval"], cfg.max_eval_examples)
-            rows = {w: arrays[w].pop("_row") for w in ("train", "eval")}
-            texts = {w: texts["train"][rows[w]] for w in ("train", "eval")}
+        arrays = {w: tagged.align(tokenizer, s, names, cfg.max_length, self.options.label_all_tokens)
+                  for w, s in splits.items()}
+        texts = {w: np.asarray([" ".join(x.words) for x in s], object) for w, s in splits.items()}
         return data_lib.Data(arrays["train"], arrays["eval"], names, reports, texts)
 
     def prepare(self, batch, key):
