@@ -1,4 +1,4 @@
-"""What every step shares: the step key, applying gradients, and (sum, count) metrics."""
+"""What every step shares: the step key, applying gradients, (sum, count) metrics, and encoding every token."""
 
 from __future__ import annotations
 
@@ -29,3 +29,12 @@ def mean_metrics(metrics: Metrics) -> dict[str, float]:
         total, count = float(total.sum()), float(count.sum())
         out[name] = total / count if count else float("nan")
     return out
+
+
+def encode_every_token(model, embeddings, batch, deterministic: bool, dropout_key, collect):
+    """(hidden states (b, t, d) at every position, the head's dropout key): the encoder half of a per-token
+    task's forward pass (tagging, span extraction)."""
+    k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    hidden = model.encode(embeddings, batch["attention_mask"], batch["token_type_ids"], deterministic=deterministic,
+                          dropout_key=k_encode, collect=collect)
+    return hidden, k_head

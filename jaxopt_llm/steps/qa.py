@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_llm import losses
 from jaxopt_llm.parallel import global_mean
-from jaxopt_llm.steps.common import Metrics, mean_metrics
+from jaxopt_llm.steps.common import Metrics, encode_every_token, mean_metrics
 from jaxopt_llm.steps.task import DataNeeds, Prepared, Targets
 
 
@@ -75,9 +74,7 @@ class QuestionAnsweringTask:
 
     def forward(self, model, embeddings, batch, extra, *, deterministic=True, dropout_key=None, collect=None):
         """(b, 2, t) float32: start and end logits over the tokens."""
-        k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        hidden = model.encode(embeddings, batch["attention_mask"], batch["token_type_ids"],
-                              deterministic=deterministic, dropout_key=k_encode, collect=collect)
+        hidden, k_head = encode_every_token(model, embeddings, batch, deterministic, dropout_key, collect)
         start, end = model.span_logits(hidden, deterministic=deterministic, dropout_key=k_head)
         keep = (batch["attention_mask"] > 0)[:, None, :]  # padding is never an answer
         return jnp.where(keep, jnp.stack([start, end], 1), jnp.finfo(jnp.float32).min)

@@ -19,7 +19,7 @@ import numpy as np
 from jaxopt_llm import losses
 from jaxopt_llm import metrics as metrics_lib
 from jaxopt_llm.parallel import global_mean
-from jaxopt_llm.steps.common import Metrics, mean_metrics
+from jaxopt_llm.steps.common import Metrics, encode_every_token, mean_metrics
 from jaxopt_llm.steps.task import DataNeeds, Prepared, Targets
 
 
@@ -80,9 +80,7 @@ class TokenClassificationTask:
 
     def forward(self, model, embeddings, batch, extra, *, deterministic=True, dropout_key=None, collect=None):
         """Tag logits (b, t, c) float32 at every position."""
-        k_encode, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        hidden = model.encode(embeddings, batch["attention_mask"], batch["token_type_ids"],
-                              deterministic=deterministic, dropout_key=k_encode, collect=collect)
+        hidden, k_head = encode_every_token(model, embeddings, batch, deterministic, dropout_key, collect)
         return model.token_logits(hidden, deterministic=deterministic, dropout_key=k_head)
 
     def _where(self, batch):
