@@ -109,6 +109,9 @@ def _model_function(model):
             return jnp.where(keep, jnp.stack([start, end], 1), jnp.finfo(jnp.float32).min), hidden[:, 0]
 
         return params, fn, {"qa": {"stride": 32, "max_answer_length": 30, "no_answer": False, **model.options}}
+    if model.kind == "tagger" and model.members:
+        raise UserError(f"{model.reference!r} is an ensemble of taggers: export one member ({model.members[0]}); "
+                        "ensembles of taggers predict as one in-process (predict ner) but do not export yet.")
     if model.kind == "tagger":  # tag probabilities at every position (b, t, c)
         def fn(p, batch):
             m = nnx.merge(graphdef, p)

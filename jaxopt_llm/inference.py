@@ -185,9 +185,13 @@ def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: i
     if max_length is None and run is not None:
         max_length = run.max_length()
     options = dict(max_length=max_length, batch_size=batch_size)
-    if held == "ensemble" and run.task() == "token-classification":
-        raise UserError(f"{str(reference)!r} is an ensemble of token classifiers: predict with one member "
-                        f"({run.members()[0]}); ensembles of taggers do not predict as one yet.")
+    if held == "ensemble" and run.task() == "token-classification":  # members' mean tag probabilities
+        engine, tokenizer = ensemble_engine(run.members(), head="token-classification", **options)
+        return Inference(str(reference), "tagger", tuple(engine.model.config.label_names), 1.0, engine.max_length,
+                         engine, tokenizer, members=tuple(run.members()))
+    if held == "ensemble" and run.task() == "question-answering":
+        raise UserError(f"{str(reference)!r} is an ensemble of question-answering models: predict with one member "
+                        f"({run.members()[0]}); such ensembles do not answer as one yet.")
     if held == "ensemble":
         return _ensemble(reference, run.members(), temperature, combine, options)
     return _single(reference, run, held, temperature, prompt, allow_untrained_head, options)
@@ -259,9 +263,9 @@ def ensemble(references: Sequence, *, combine: str = "mean-prob", max_length: in
 
 
 def ensemble_engine(references: Sequence, *, combine: str = "mean-prob", max_length: int | None = None,
-                    batch_size: int = 32):
-    """(EnsemblePredictor, tokenizer) of classifiers of one architecture and label set, stacked on one axis;
-    else one error naming the two that differ."""
+                    batch_size: int = 32, head: str = "sequence-classification"):
+    """(EnsemblePredictor, tokenizer) of classifiers (or taggers: `head`) of one architecture and label set,
+    stacked on one axis; else one error naming the two that differ."""
     from flax import nnx
 
     from jaxopt_llm import metrics
@@ -269,7 +273,7 @@ def ensemble_engine(references: Sequence, *, combine: str = "mean-prob", max_len
     from jaxopt_llm.predict import EnsemblePredictor
 
     names = [str(r) for r in references]
-    models = [from_pretrained(resolve(r), "sequence-classification", required=("classifier",)) for r in references]
+    models = [from_pretrained(resolve(r), head, required=("classifier",)) for r in references]
     graphdef = nnx.split(models[0])[0]
     stacked = metrics.stack([nnx.split(m)[1] for m in models], names, error=UserError)
     for name, m in zip(names[1:], models[1:]):

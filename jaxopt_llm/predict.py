@@ -52,6 +52,12 @@ def _span_logits(graphdef, state, ids_bt, mask_bt, types_bt):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
+def _ensemble_token_probs(graphdef, stacked, ids_bt, mask_bt, types_bt):
+    """(b, t, c) mean over the stacked members of their tag probabilities."""
+    return jax.vmap(lambda s: _token_probs(graphdef, s, ids_bt, mask_bt, types_bt))(stacked).mean(0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _token_probs(graphdef, state, ids_bt, mask_bt, types_bt):
     """(b, t, c) tag probabilities at every position."""
     model = nnx.merge(graphdef, state)
@@ -230,8 +236,7 @@ class Predictor:
         labels = self.model.config.label_names
         out: list = [None] * len(texts)
         for rows, arrays in self.batches(texts):
-            probs = np.asarray(_token_probs(self.graphdef, self.state, arrays["input_ids"],
-                                            arrays["attention_mask"], arrays["token_type_ids"]))
+            probs = np.asarray(self.token_probs_of(arrays))
             for j, r in enumerate(rows):
                 out[r] = tagging.decode(texts[r], encodings[r], probs[j], labels, aggregation)
         return out
@@ -261,6 +266,11 @@ class Predictor:
                 w = start + j
                 windows[int(example_of[w])].append((np.asarray(s[j]), np.asarray(e[j]), offsets[w]))
         return [answers.answer(c, ws, max_answer_length, no_answer) for c, ws in zip(contexts, windows)]
+
+    def token_probs_of(self, arrays: dict[str, np.ndarray]) -> jax.Array:
+        """(b, t, c) tag probabilities of token arrays."""
+        return _token_probs(self.graphdef, self.state, arrays["input_ids"], arrays["attention_mask"],
+                            arrays["token_type_ids"])
 
     def _need(self, module: str, task: str) -> None:
         if getattr(self.model, module) is None:
@@ -294,6 +304,11 @@ class EnsemblePredictor(Predictor):
         """(N, n, c) every member's probabilities."""
         out = self.map(texts, lambda a: np.swapaxes(np.asarray(jax.nn.softmax(self._both(a)[1], -1)), 0, 1))
         return np.swapaxes(out, 0, 1)
+
+    def token_probs_of(self, arrays: dict[str, np.ndarray]) -> jax.Array:
+        """(b, t, c) the members' mean tag probabilities (combine is mean-prob for taggers)."""
+        return _ensemble_token_probs(self.graphdef, self.state, arrays["input_ids"], arrays["attention_mask"],
+                                     arrays["token_type_ids"])
 
     def fill_mask(self, texts, top_k=5):
         raise UserError("an ensemble classifies; fill-mask needs one masked-LM model.")

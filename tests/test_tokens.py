@@ -312,3 +312,29 @@ def test_a_tagger_exports_and_serves_its_entities(tagger, tmp_path):
         same([json.loads(x) for x in body["outputs"][0]["data"]], run.tag(texts))
     finally:
         server.close()
+
+
+def test_an_ensemble_of_taggers_tags_with_its_members_mean_probabilities(setup, ner_data, tmp_path):
+    """A 2-member ensemble run: `predict ner` (aggregation none) gives, per tagged sub-token, the tag and
+    score of the members' mean probabilities as transformers computes each member's."""
+    from jaxopt_llm import inference
+
+    cli.main(["finetune", "--workdir", str(tmp_path / "ens"), *token_items(setup, ner_data),
+              "method=ensemble", "ensemble.members=2"])
+    model = inference.load(tmp_path / "ens")
+    assert model.kind == "tagger" and len(model.members) == 2
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ens" / "members" / "0")
+    members = [transformers.BertForTokenClassification.from_pretrained(m).eval() for m in model.members]
+    texts = ["John Smith flew to Cape Town", "Mary met Tom in Lima yesterday"]
+    compared = 0
+    for text, got in zip(texts, model.tag(texts, "none")):
+        enc = tok(text, truncation=True, max_length=24, return_tensors="pt")
+        with torch.no_grad():
+            probs = torch.stack([m(**enc).logits[0].softmax(-1) for m in members]).mean(0).numpy()
+        names = members[0].config.id2label
+        expected = [(i, names[int(p.argmax())], float(p.max())) for i, p in enumerate(probs)
+                    if 0 < i < len(probs) - 1 and names[int(p.argmax())] != "O"]
+        assert [(e["index"], e["entity"]) for e in got] == [(i, tag) for i, tag, _ in expected]
+        np.testing.assert_allclose([e["score"] for e in got], [s for _, _, s in expected], atol=1e-5)
+        compared += len(expected)
+    assert compared > 0
