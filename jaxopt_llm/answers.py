@@ -20,13 +20,19 @@ def check_stride(stride: int, max_length: int) -> None:
 
 def best_span(start_t: np.ndarray, end_t: np.ndarray, offsets: Sequence, max_answer_length: int,
               n_best: int = 20) -> tuple[float, int, int] | None:
-    """(score, start char, end char) of a window's best span, or None if no span is valid."""
+    """(score, start char, end char) of a window's best span, or None if no span is valid: the `n_best`
+    starts and ends are taken among the context's tokens only (question, specials and padding masked first,
+    as transformers' question-answering pipeline does)."""
+    context = np.asarray([i < len(offsets) and offsets[i] is not None for i in range(len(start_t))])
+    if not context.any():
+        return None
+    low = np.finfo(np.float32).min
+    starts = np.argsort(-np.where(context, start_t, low))[:min(n_best, int(context.sum()))]
+    ends = np.argsort(-np.where(context, end_t, low))[:min(n_best, int(context.sum()))]
     best = None
-    for i in np.argsort(-start_t)[:n_best]:
-        if i >= len(offsets) or offsets[i] is None:
-            continue
-        for j in np.argsort(-end_t)[:n_best]:
-            if j >= len(offsets) or offsets[j] is None or j < i or j - i + 1 > max_answer_length:
+    for i in starts:
+        for j in ends:
+            if j < i or j - i + 1 > max_answer_length:
                 continue
             score = float(start_t[i] + end_t[j])
             if best is None or score > best[0]:

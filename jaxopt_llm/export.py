@@ -100,6 +100,9 @@ def _model_function(model):
             return jax.nn.softmax(scores, -1), hidden[:, 0]
 
         return params, fn, {"prompt": task.encoded.to_json()}
+    if model.kind in ("tagger", "reader") and model.members:
+        raise UserError(f"{model.reference!r} is an ensemble of {model.kind}s: export one member "
+                        f"({model.members[0]}); such ensembles predict as one in-process but do not export yet.")
     if model.kind == "reader":  # start and end logits (b, 2, t), padding at the float32 minimum
         def fn(p, batch):
             m = nnx.merge(graphdef, p)
@@ -109,9 +112,6 @@ def _model_function(model):
             return jnp.where(keep, jnp.stack([start, end], 1), jnp.finfo(jnp.float32).min), hidden[:, 0]
 
         return params, fn, {"qa": {"stride": 32, "max_answer_length": 30, "no_answer": False, **model.options}}
-    if model.kind == "tagger" and model.members:
-        raise UserError(f"{model.reference!r} is an ensemble of taggers: export one member ({model.members[0]}); "
-                        "ensembles of taggers predict as one in-process (predict ner) but do not export yet.")
     if model.kind == "tagger":  # tag probabilities at every position (b, t, c)
         def fn(p, batch):
             m = nnx.merge(graphdef, p)

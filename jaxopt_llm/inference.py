@@ -189,9 +189,11 @@ def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: i
         engine, tokenizer = ensemble_engine(run.members(), head="token-classification", **options)
         return Inference(str(reference), "tagger", tuple(engine.model.config.label_names), 1.0, engine.max_length,
                          engine, tokenizer, members=tuple(run.members()))
-    if held == "ensemble" and run.task() == "question-answering":
-        raise UserError(f"{str(reference)!r} is an ensemble of question-answering models: predict with one member "
-                        f"({run.members()[0]}); such ensembles do not answer as one yet.")
+    if held == "ensemble" and run.task() == "question-answering":  # members' mean span logits
+        engine, tokenizer = ensemble_engine(run.members(), head="question-answering", **options)
+        qa = {k: v for k, v in (run.read("qa.json") or {}).items() if k in ("stride", "max_answer_length", "no_answer")}
+        return Inference(str(reference), "reader", (), 1.0, engine.max_length, engine, tokenizer,
+                         members=tuple(run.members()), options=qa)
     if held == "ensemble":
         return _ensemble(reference, run.members(), temperature, combine, options)
     return _single(reference, run, held, temperature, prompt, allow_untrained_head, options)
@@ -273,7 +275,7 @@ def ensemble_engine(references: Sequence, *, combine: str = "mean-prob", max_len
     from jaxopt_llm.predict import EnsemblePredictor
 
     names = [str(r) for r in references]
-    models = [from_pretrained(resolve(r), head, required=("classifier",)) for r in references]
+    models = [from_pretrained(resolve(r), head, required=_REQUIRED[head]) for r in references]
     graphdef = nnx.split(models[0])[0]
     stacked = metrics.stack([nnx.split(m)[1] for m in models], names, error=UserError)
     for name, m in zip(names[1:], models[1:]):

@@ -52,6 +52,13 @@ def _span_logits(graphdef, state, ids_bt, mask_bt, types_bt):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
+def _ensemble_span_logits(graphdef, stacked, ids_bt, mask_bt, types_bt):
+    """(start, end) (b, t): the stacked members' span logits, averaged."""
+    start, end = jax.vmap(lambda s: _span_logits(graphdef, s, ids_bt, mask_bt, types_bt))(stacked)
+    return start.mean(0), end.mean(0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _ensemble_token_probs(graphdef, stacked, ids_bt, mask_bt, types_bt):
     """(b, t, c) mean over the stacked members of their tag probabilities."""
     return jax.vmap(lambda s: _token_probs(graphdef, s, ids_bt, mask_bt, types_bt))(stacked).mean(0)
@@ -260,12 +267,16 @@ class Predictor:
             chunk = {k: v[start:start + self.batch_size] for k, v in rows.items()}
             n = len(chunk["input_ids"])
             padded = packing.pad_rows(chunk, packing.power_of_two(n, self.batch_size))
-            s, e = _span_logits(self.graphdef, self.state, padded["input_ids"], padded["attention_mask"],
-                                padded["token_type_ids"])
+            s, e = self.span_logits_of(padded)
             for j in range(n):
                 w = start + j
                 windows[int(example_of[w])].append((np.asarray(s[j]), np.asarray(e[j]), offsets[w]))
         return [answers.answer(c, ws, max_answer_length, no_answer) for c, ws in zip(contexts, windows)]
+
+    def span_logits_of(self, arrays: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
+        """(start, end) answer-span logits (b, t) of token arrays, padding at the float32 minimum."""
+        return _span_logits(self.graphdef, self.state, arrays["input_ids"], arrays["attention_mask"],
+                            arrays["token_type_ids"])
 
     def token_probs_of(self, arrays: dict[str, np.ndarray]) -> jax.Array:
         """(b, t, c) tag probabilities of token arrays."""
@@ -304,6 +315,11 @@ class EnsemblePredictor(Predictor):
         """(N, n, c) every member's probabilities."""
         out = self.map(texts, lambda a: np.swapaxes(np.asarray(jax.nn.softmax(self._both(a)[1], -1)), 0, 1))
         return np.swapaxes(out, 0, 1)
+
+    def span_logits_of(self, arrays: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
+        """(start, end) the members' mean span logits (b, t)."""
+        return _ensemble_span_logits(self.graphdef, self.state, arrays["input_ids"], arrays["attention_mask"],
+                                     arrays["token_type_ids"])
 
     def token_probs_of(self, arrays: dict[str, np.ndarray]) -> jax.Array:
         """(b, t, c) the members' mean tag probabilities (combine is mean-prob for taggers)."""

@@ -164,9 +164,12 @@ def reader(setup, tmp_path_factory):
 
 def reference_answers(model_dir, questions, max_length, stride, max_answer_length=30, n_best=20):
     """transformers' BertForQuestionAnswering on the fast tokenizer's own windows, the best valid span of the
-    top-n starts and ends over each question's windows (the question-answering pipeline's rule)."""
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.BertForQuestionAnswering.from_pretrained(model_dir).eval()
+    top-n starts and ends among the context's tokens over each question's windows (the question-answering
+    pipeline's rule: other tokens masked before the top-n); several
+    `model_dir`s: their logits averaged."""
+    dirs = model_dir if isinstance(model_dir, list) else [model_dir]
+    tok = transformers.AutoTokenizer.from_pretrained(dirs[0])
+    members = [transformers.BertForQuestionAnswering.from_pretrained(d).eval() for d in dirs]
     out = []
     for q in questions:
         enc = tok(q.question, q.context, truncation="only_second", max_length=max_length, stride=stride,
@@ -174,14 +177,17 @@ def reference_answers(model_dir, questions, max_length, stride, max_answer_lengt
         best = None
         for w in range(len(enc["input_ids"])):
             with torch.no_grad():
-                o = model(input_ids=torch.tensor([enc["input_ids"][w]]),
+                outs = [m(input_ids=torch.tensor([enc["input_ids"][w]]),
                           attention_mask=torch.tensor([enc["attention_mask"][w]]),
-                          token_type_ids=torch.tensor([enc["token_type_ids"][w]]))
-            s, e = o.start_logits[0].numpy(), o.end_logits[0].numpy()
+                          token_type_ids=torch.tensor([enc["token_type_ids"][w]])) for m in members]
+            s = np.mean([o.start_logits[0].numpy() for o in outs], 0)
+            e = np.mean([o.end_logits[0].numpy() for o in outs], 0)
             seq = enc.sequence_ids(w)
+            context = np.asarray([x == 1 for x in seq])
+            s, e = np.where(context, s, -np.inf), np.where(context, e, -np.inf)
             for i in np.argsort(-s)[:n_best]:
                 for j in np.argsort(-e)[:n_best]:
-                    if seq[i] != 1 or seq[j] != 1 or j < i or j - i + 1 > max_answer_length:
+                    if not (context[i] and context[j]) or j < i or j - i + 1 > max_answer_length:
                         continue
                     if best is None or s[i] + e[j] > best[0]:
                         best = (s[i] + e[j], enc["offset_mapping"][w][i][0], enc["offset_mapping"][w][j][1])
@@ -268,3 +274,22 @@ def test_a_reader_exports_and_serves_answers(reader, tmp_path):
             *(o["data"] for o in body["outputs"]))], expected)
     finally:
         server.close()
+
+
+def test_an_ensemble_of_readers_answers_with_its_members_mean_logits(setup, reader, tmp_path):
+    from jaxopt_llm import inference
+
+    _, dev = reader
+    items = overrides(setup, **{"task": "question-answering", "data.train_file": dev, "data.max_length": 48,
+                                "question-answering.stride": 16, "train.steps": 2, "train.eval_every": 2,
+                                "train.checkpoint_every": 2})
+    cli.main(["finetune", "--workdir", str(tmp_path / "ens"), *items, "method=ensemble", "ensemble.members=2"])
+    model = inference.load(tmp_path / "ens")
+    assert model.kind == "reader" and len(model.members) == 2 and model.options["stride"] == 16
+    questions = squad.read(dev)
+    got = model.answer([q.question for q in questions], [q.context for q in questions])
+    reference = reference_answers([str(m) for m in model.members], questions, 48, 16)
+    for r, (text, score) in zip(got, reference):  # the same span, or one of an equal score (near-ties)
+        assert r["score"] == pytest.approx(score, abs=1e-4)
+    assert sum(r["answer"] == text for r, (text, _) in zip(got, reference)) >= len(got) - 2
+
