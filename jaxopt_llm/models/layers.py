@@ -138,8 +138,9 @@ def _check_dropout_key(deterministic: bool, key: jax.Array | None) -> None:
 
 class Encoder(nnx.Module):
     """What every family's module shares of the encoder protocol: `heads` by task and `__call__` from the
-    stages. A family implements `embed`, `encode`, `classify_logits`, `mlm_logits`, `token_logits` and
-    `span_logits` (and `nsp_logits` for pretraining), and sets `task`."""
+    stages, and the token and span heads of families whose heads are one linear layer (`classifier`, `qa`). A
+    family implements `embed`, `encode`, `classify_logits` and `mlm_logits` (and `nsp_logits` for pretraining),
+    overrides `token_logits` / `span_logits` / `token_dropout` where its heads differ, and sets `task`."""
 
     def read_positions(self, batch_size: int) -> jax.Array | None:
         """The positions (b, p) that `classify_logits` reads: [CLS], (b, 1) zeros; None: every position (mean
@@ -160,6 +161,24 @@ class Encoder(nnx.Module):
             return self.span_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key)
         return self.classify_logits(hidden_btd, deterministic=deterministic, dropout_key=dropout_key,
                                     attention_mask=attention_mask)
+
+    def token_dropout(self) -> float:
+        """The dropout rate before the token classifier (a family's own choice of its config's rates)."""
+        return self.config.hidden_dropout_prob
+
+    def token_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
+                     dropout_key: jax.Array | None = None) -> jax.Array:
+        """Tag logits (b, t, c) float32: dropout (`token_dropout`), then `classifier` at every position."""
+        _check_dropout_key(deterministic, dropout_key)
+        x = dropout(hidden_btd, self.token_dropout(), dropout_key, deterministic, self.config.dropout_rng)
+        return self.classifier(x).astype(jnp.float32)
+
+    def span_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
+                    dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(start, end) answer-span logits, (b, t) float32 each, from `qa` (hidden -> 2)."""
+        _check_dropout_key(deterministic, dropout_key)
+        logits = self.qa(hidden_btd).astype(jnp.float32)
+        return logits[..., 0], logits[..., 1]
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, *, deterministic: bool = True,

@@ -413,22 +413,6 @@ class Bert(Encoder):
     def nsp_logits(self, hidden_btd: jax.Array) -> jax.Array:
         return self.nsp(self.pool(hidden_btd)).astype(jnp.float32)
 
-    def token_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
-                     dropout_key: jax.Array | None = None) -> jax.Array:
-        """Tag logits (b, t, c) float32: dropout, then the classifier at every position."""
-        _check_dropout_key(deterministic, dropout_key)
-        cfg = self.config
-        rate = self.token_dropout()
-        return self.classifier(dropout(hidden_btd, rate, dropout_key, deterministic, cfg.dropout_rng)).astype(
-            jnp.float32)
-
-    def span_logits(self, hidden_btd: jax.Array, *, deterministic: bool = True,
-                    dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """(start, end) answer-span logits, (b, t) float32 each."""
-        _check_dropout_key(deterministic, dropout_key)
-        logits = self.qa(hidden_btd).astype(jnp.float32)
-        return logits[..., 0], logits[..., 1]
-
     def token_dropout(self) -> float:
         cfg = self.config
         return cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout

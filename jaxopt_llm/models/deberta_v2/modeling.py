@@ -318,15 +318,5 @@ class DebertaV2(Encoder):
         """Vocabulary logits (..., v) in float32."""
         return self.mlm(hidden_btd, self.embeddings.word.embedding[...])
 
-    def token_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
-        """Tag logits (b, t, c): dropout, the classifier at every position."""
-        _check_dropout_key(deterministic, dropout_key)
-        cfg = self.config
-        x = dropout(hidden_btd, cfg.hidden_dropout_prob, dropout_key, deterministic, cfg.dropout_rng)
-        return self.classifier(x).astype(jnp.float32)
-
-    def span_logits(self, hidden_btd, *, deterministic: bool = True, dropout_key=None):
-        """(start, end) answer-span logits, (b, t) float32 each."""
-        _check_dropout_key(deterministic, dropout_key)
-        logits = self.qa(hidden_btd).astype(jnp.float32)
-        return logits[..., 0], logits[..., 1]
+    def token_dropout(self) -> float:
+        return self.config.hidden_dropout_prob  # DebertaV2ForTokenClassification drops with hidden_dropout_prob
