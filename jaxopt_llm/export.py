@@ -77,9 +77,12 @@ def _model_function(model):
     engine = model.engine
     graphdef, params = engine.graphdef, engine.state
 
-    def classify(p, batch):  # (class logits, [CLS] hidden state) of one model
+    def encoded(p, batch):  # (the model, its last hidden states (b, t, d)) of one member's parameters
         m = nnx.merge(graphdef, p)
-        hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+        return m, m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+
+    def classify(p, batch):  # (class logits, [CLS] hidden state) of one model
+        m, hidden = encoded(p, batch)
         return m.classify_logits(hidden, attention_mask=batch["attention_mask"]), hidden[:, 0]
 
     if model.kind == "ensemble":
@@ -105,8 +108,7 @@ def _model_function(model):
                         f"({model.members[0]}); such ensembles predict as one in-process but do not export yet.")
     if model.kind == "reader":  # start and end logits (b, 2, t), padding at the float32 minimum
         def fn(p, batch):
-            m = nnx.merge(graphdef, p)
-            hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+            m, hidden = encoded(p, batch)
             start, end = m.span_logits(hidden)
             keep = (batch["attention_mask"] > 0)[:, None, :]
             return jnp.where(keep, jnp.stack([start, end], 1), jnp.finfo(jnp.float32).min), hidden[:, 0]
@@ -114,8 +116,7 @@ def _model_function(model):
         return params, fn, {"qa": {"stride": 32, "max_answer_length": 30, "no_answer": False, **model.options}}
     if model.kind == "tagger":  # tag probabilities at every position (b, t, c)
         def fn(p, batch):
-            m = nnx.merge(graphdef, p)
-            hidden = m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+            m, hidden = encoded(p, batch)
             return jax.nn.softmax(m.token_logits(hidden), -1), hidden[:, 0]
 
         return params, fn, {}
@@ -167,8 +168,7 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     from jaxopt_llm.runs import RunFolder
 
     run = RunFolder.of(reference)
-    held = (run.kind() if run is not None
-            else {"token-classification": "tagger", "question-answering": "reader"}.get(task_of(resolve(reference))))
+    held = run.kind() if run is not None else inference.KIND_OF_TASK.get(task_of(resolve(reference)))
     model = inference.load(reference, kind=held if held in ("tagger", "reader") else "classifier",
                            max_length=max_length)
     kind, labels, tokenizer, temperature = model.kind, model.labels, model.tokenizer, model.temperature

@@ -32,6 +32,25 @@ _HEAD = {"classifier": "sequence-classification", "prompt": "masked-lm", "masked
          "encoder": "base", "tagger": "token-classification", "reader": "question-answering"}
 _REQUIRED = {"sequence-classification": ("classifier",), "masked-lm": ("mlm",), "pretraining": ("mlm",),
              "token-classification": ("classifier",), "question-answering": ("qa", "classifier")}
+# the kind of a checkpoint saved for a head (its config.json's architectures); any other head: "encoder"
+KIND_OF_TASK = {"sequence-classification": "classifier", "masked-lm": "masked-lm", "pretraining": "masked-lm",
+                "token-classification": "tagger", "question-answering": "reader"}
+# kinds that only their own command reads: loading them as another kind would graft a random head on
+_OWN_COMMAND = {"tagger": ("token classifier", "tag texts with `jaxopt-llm predict ner` (inference.load(...).tag)"),
+                "reader": ("question-answering model",
+                           "answer questions with `jaxopt-llm predict qa` (inference.load(...).answer)")}
+_QA_OPTIONS = ("stride", "max_answer_length", "no_answer")
+
+
+def _refuse_other_kind(reference, held: str | None, kind: str | None) -> None:
+    if held in _OWN_COMMAND and kind not in (None, held, "encoder"):
+        what, command = _OWN_COMMAND[held]
+        raise UserError(f"{str(reference)!r} holds a {what} (task={_HEAD[held]}), not a {kind}: {command}.")
+
+
+def _reader_options(run) -> dict:
+    """A reader run's windows and answer settings (its qa.json), or {}."""
+    return {k: v for k, v in ((run.read("qa.json") if run is not None else None) or {}).items() if k in _QA_OPTIONS}
 
 
 @dataclasses.dataclass
@@ -167,12 +186,7 @@ def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: i
         return _artifact(reference, kind, max_length, verify)
     run = RunFolder.of(reference)
     held = run.kind() if run is not None else None
-    if held == "tagger" and kind not in (None, "tagger", "encoder"):
-        raise UserError(f"{str(reference)!r} is a token classifier (task=token-classification), not a {kind}: "
-                        "tag texts with `jaxopt-llm predict ner` (inference.load(...).tag).")
-    if held == "reader" and kind not in (None, "reader", "encoder"):
-        raise UserError(f"{str(reference)!r} is a question-answering model, not a {kind}: answer questions with "
-                        "`jaxopt-llm predict qa` (inference.load(...).answer).")
+    _refuse_other_kind(reference, held, kind)
     if prompt is not None:
         held = "prompt"
     elif kind is not None and not (kind == "classifier" and held in ("ensemble", "prompt")):
@@ -185,15 +199,12 @@ def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: i
     if max_length is None and run is not None:
         max_length = run.max_length()
     options = dict(max_length=max_length, batch_size=batch_size)
-    if held == "ensemble" and run.task() == "token-classification":  # members' mean tag probabilities
-        engine, tokenizer = ensemble_engine(run.members(), head="token-classification", **options)
-        return Inference(str(reference), "tagger", tuple(engine.model.config.label_names), 1.0, engine.max_length,
-                         engine, tokenizer, members=tuple(run.members()))
-    if held == "ensemble" and run.task() == "question-answering":  # members' mean span logits
-        engine, tokenizer = ensemble_engine(run.members(), head="question-answering", **options)
-        qa = {k: v for k, v in (run.read("qa.json") or {}).items() if k in ("stride", "max_answer_length", "no_answer")}
-        return Inference(str(reference), "reader", (), 1.0, engine.max_length, engine, tokenizer,
-                         members=tuple(run.members()), options=qa)
+    per_token = KIND_OF_TASK.get(run.task()) if held == "ensemble" else None
+    if per_token in _OWN_COMMAND:  # taggers: the members' mean probabilities; readers: their mean span logits
+        engine, tokenizer = ensemble_engine(run.members(), head=_HEAD[per_token], **options)
+        labels = tuple(engine.model.config.label_names) if per_token == "tagger" else ()
+        return Inference(str(reference), per_token, labels, 1.0, engine.max_length, engine, tokenizer,
+                         members=tuple(run.members()), options=_reader_options(run))
     if held == "ensemble":
         return _ensemble(reference, run.members(), temperature, combine, options)
     return _single(reference, run, held, temperature, prompt, allow_untrained_head, options)
@@ -205,16 +216,10 @@ def _single(reference, run, held, temperature, prompt, allow_untrained_head, opt
     from jaxopt_llm.steps import prompt as prompt_lib
 
     folder = resolve(reference)
-    saved = task_of(folder) if held in (None, "classifier") else None
-    if held == "classifier" and saved == "question-answering":
-        raise UserError(f"{str(reference)!r} holds a question-answering model, not a text classifier: answer with "
-                        "`jaxopt-llm predict qa` (inference.load(...).answer).")
-    if held == "classifier" and saved == "token-classification":
-        raise UserError(f"{str(reference)!r} holds a token classifier ({saved}), not a text classifier: tag texts "
-                        "with `jaxopt-llm predict ner` (inference.load(...).tag).")
-    if held is None:  # a bare HF folder: the head it was saved with
-        held = {"sequence-classification": "classifier", "masked-lm": "masked-lm", "pretraining": "masked-lm",
-                "token-classification": "tagger", "question-answering": "reader"}.get(saved, "encoder")
+    if held in (None, "classifier"):  # a folder's own head decides, or refuses a tagger / reader as classifier
+        saved = KIND_OF_TASK.get(task_of(folder), "encoder")
+        _refuse_other_kind(reference, saved, held)
+        held = held or saved
     head = _HEAD[held]
     required = () if allow_untrained_head else _REQUIRED.get(head, ())
     model = from_pretrained(folder, head, required=required)
@@ -241,10 +246,8 @@ def _single(reference, run, held, temperature, prompt, allow_untrained_head, opt
         labels = tuple(model.config.label_names)
     else:
         labels = ()
-    options = {}
-    if held == "reader" and run is not None and run.read("qa.json"):
-        options = {k: v for k, v in run.read("qa.json").items() if k in ("stride", "max_answer_length", "no_answer")}
-    return Inference(str(reference), held, labels, temperature, max_length, engine, tokenizer, options=options)
+    return Inference(str(reference), held, labels, temperature, max_length, engine, tokenizer,
+                     options=_reader_options(run) if held == "reader" else {})
 
 
 def _ensemble(reference, members: list, temperature, combine, options) -> Inference:
@@ -325,7 +328,8 @@ def _artifact(reference, kind, max_length, verify) -> Inference:
 
     artifact = Artifact.load(reference, verify=verify)
     held = artifact.manifest["kind"]
-    if kind not in (None, "classifier", held) or (held in ("tagger", "reader") and kind not in (None, held)):
+    _refuse_other_kind(reference, held, kind)
+    if kind not in (None, "classifier", held):
         raise UserError(f"{str(reference)!r} is an exported {held} artifact; it cannot be loaded as a {kind}.")
     if max_length is not None and int(max_length) != artifact.max_length:
         raise UserError(f"max_length={max_length}: the artifact {str(reference)!r} was exported for "
