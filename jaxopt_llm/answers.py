@@ -55,3 +55,14 @@ def answer(context: str, windows: Sequence[tuple[np.ndarray, np.ndarray, Sequenc
         return {"answer": "", "score": null if null is not None else 0.0, "start": 0, "end": 0}
     score, a, b = best
     return {"answer": context[a:b], "score": score, "start": int(a), "end": int(b)}
+
+
+def from_windows(contexts: Sequence[str], example_of: np.ndarray, logits: Sequence[np.ndarray],
+                 offsets: Sequence, max_answer_length: int = 30, no_answer: bool = False) -> list[dict]:
+    """`answer` of every question from all windows at once: window w belongs to question example_of[w] and
+    has start / end logits logits[w] (2, t) and token spans offsets[w] (`packing.qa_windows`)."""
+    windows: list[list] = [[] for _ in contexts]
+    for w, e in enumerate(example_of):
+        windows[int(e)].append((logits[w][0], logits[w][1], offsets[w]))
+    return [answer(c, ws, max_answer_length, no_answer) for c, ws in zip(contexts, windows)]
+

@@ -157,7 +157,10 @@ class Predictor:
         """(rows of `texts`, padded arrays) in order of token length: each batch is padded to the smallest
         bucket that holds its longest text and to a power-of-two size, so similar lengths share a batch and
         new texts reuse compiled programs."""
-        encodings = packing.encode(self.backend, texts)
+        return self.batches_of(packing.encode(self.backend, texts))
+
+    def batches_of(self, encodings: Sequence) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """`batches` of encodings already made with `packing.encode(self.backend, ...)`."""
         order = np.argsort([len(e.ids) for e in encodings], kind="stable")
         for start in range(0, len(encodings), self.batch_size):
             rows = order[start:start + self.batch_size]
@@ -234,7 +237,6 @@ class Predictor:
         """Per text, its entities with character offsets (`tagging.decode`); texts cut to `max_length`."""
         from jaxopt_llm import tagging
 
-        self._need("classifier", "token-classification")
         if self.model.task != "token-classification":
             raise UserError(f"this model was loaded with task={self.model.task!r}; tagging needs a token "
                             "classifier (task=token-classification).")
@@ -242,7 +244,7 @@ class Predictor:
         encodings = packing.encode(self.backend, texts)
         labels = self.model.config.label_names
         out: list = [None] * len(texts)
-        for rows, arrays in self.batches(texts):
+        for rows, arrays in self.batches_of(encodings):  # the encodings decode() reads offsets from
             probs = np.asarray(self.token_probs_of(arrays))
             for j, r in enumerate(rows):
                 out[r] = tagging.decode(texts[r], encodings[r], probs[j], labels, aggregation)
@@ -262,16 +264,13 @@ class Predictor:
         if len(questions) != len(contexts):
             raise UserError(f"{len(questions)} questions but {len(contexts)} contexts: give one context each.")
         rows, example_of, offsets = packing.qa_windows(self.tokenizer, questions, contexts, self.max_length, stride)
-        windows: list[list] = [[] for _ in questions]
+        logits = []  # per window (2, t), copied to the host once per batch
         for start in range(0, len(example_of), self.batch_size):
             chunk = {k: v[start:start + self.batch_size] for k, v in rows.items()}
             n = len(chunk["input_ids"])
-            padded = packing.pad_rows(chunk, packing.power_of_two(n, self.batch_size))
-            s, e = self.span_logits_of(padded)
-            for j in range(n):
-                w = start + j
-                windows[int(example_of[w])].append((np.asarray(s[j]), np.asarray(e[j]), offsets[w]))
-        return [answers.answer(c, ws, max_answer_length, no_answer) for c, ws in zip(contexts, windows)]
+            s, e = self.span_logits_of(packing.pad_rows(chunk, packing.power_of_two(n, self.batch_size)))
+            logits += list(np.stack([np.asarray(s), np.asarray(e)], 1)[:n])
+        return answers.from_windows(contexts, example_of, logits, offsets, max_answer_length, no_answer)
 
     def span_logits_of(self, arrays: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
         """(start, end) answer-span logits (b, t) of token arrays, padding at the float32 minimum."""

@@ -268,10 +268,8 @@ class Artifact:
 
         qa = {**self.manifest["qa"], **{k: v for k, v in options.items() if v is not None}}
         logits, _, example_of, offsets = self.span_logits(list(questions), list(contexts), qa["stride"])
-        windows: list[list] = [[] for _ in questions]
-        for w, e in enumerate(example_of):
-            windows[int(e)].append((logits[w][0], logits[w][1], offsets[w]))
-        return [answers.answer(c, ws, qa["max_answer_length"], qa["no_answer"]) for c, ws in zip(contexts, windows)]
+        return answers.from_windows(list(contexts), example_of, logits, offsets, qa["max_answer_length"],
+                                    qa["no_answer"])
 
     def answer_pairs(self, pairs: Sequence[tuple[str, str]], **options) -> tuple[list]:
         """`answer` of (question, context) pairs as a 1-tuple (the micro-batcher's shape)."""
