@@ -142,6 +142,8 @@ class Encoder(nnx.Module):
     family implements `embed`, `encode`, `classify_logits` and `mlm_logits` (and `nsp_logits` for pretraining),
     overrides `token_logits` / `span_logits` / `token_dropout` where its heads differ, and sets `task`."""
 
+    nsp = None  # the next-sentence head; a family with one (BERT) sets it per instance
+
     def read_positions(self, batch_size: int) -> jax.Array | None:
         """The positions (b, p) that `classify_logits` reads: [CLS], (b, 1) zeros; None: every position (mean
         pooling). Callers run the last layer there only."""

@@ -93,7 +93,7 @@ class MaskedLMTask:
         """(MLM logits at the masked positions (b, P, v), NSP logits (b, 2) or None). The last layer and the
         vocabulary projection run only at the positions read (every position when collecting)."""
         positions = extra[0]
-        nsp = getattr(model, "nsp", None) is not None and "next_sentence_label" in batch  # families without NSP
+        nsp = model.nsp is not None and "next_sentence_label" in batch
         read = jnp.concatenate([jnp.zeros_like(positions[:, :1]), positions], 1) if nsp else positions
         hidden = model.encode(embeddings, batch["attention_mask"], batch["token_type_ids"],
                               deterministic=deterministic, dropout_key=dropout_key,
