@@ -175,6 +175,31 @@ class Layer(nnx.Module):
         self.wi = make.linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias)
         self.wo = make.linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
 
+    def attend(self, q_bthk, k_bthk, v_bthk, keep_b1qt, deterministic, key, collect):
+        """(b, t, h, k): the band alone in a local layer (`banded_attention`) where the mask is per key and
+        nothing is collected; else the score matrix, masked to the band in a local layer, through the fused
+        kernel when there is no attention dropout."""
+        cfg, t = self.cfg, q_bthk.shape[1]
+        half, rate = cfg.local_attention // 2, cfg.attention_probs_dropout_prob
+        per_key = keep_b1qt.shape[2] == 1  # not packed rows (a mask per query)
+        if self.local and per_key and collect is None and cfg.attn_implementation == "banded" and t > 2 * half:
+            return banded_attention(q_bthk, k_bthk, v_bthk, keep_b1qt[:, 0, 0], half, rate, key, deterministic,
+                                    cfg.dropout_rng)
+        keep = keep_b1qt
+        if self.local:
+            distance = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :])
+            keep = keep & jnp.asarray(distance <= half)[None, None]
+        scale = 1.0 / math.sqrt(q_bthk.shape[-1])
+        if collect is None and (deterministic or rate == 0.0):
+            bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(q_bthk.dtype)
+            return jax.nn.dot_product_attention(q_bthk, k_bthk, v_bthk, bias=bias, scale=scale)
+        scores = jnp.einsum("bqhk,bshk->bhqs", q_bthk, k_bthk, preferred_element_type=jnp.float32) * scale
+        probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), -1).astype(v_bthk.dtype)
+        if collect is not None:
+            collect.append(probs)
+        probs = dropout(probs, rate, key, deterministic, cfg.dropout_rng)
+        return jnp.einsum("bhqs,bshk->bqhk", probs, v_bthk)
+
     def __call__(self, x_btd, keep_b1qt, deterministic, key, collect=None, positions_bt=None, read_bp=None):
         """-> (b, t, d), or (b, p, d) at the positions `read_bp` only (the output projection and the MLP run
         there alone; keys and values come from every token)."""
@@ -186,28 +211,7 @@ class Layer(nnx.Module):
         qkv = self.wqkv(h).reshape(b, t, 3, n, k)
         theta = cfg.local_rope_theta if self.local else cfg.global_rope_theta
         q, kk, v = rotary(qkv[:, :, 0], theta, positions_bt), rotary(qkv[:, :, 1], theta, positions_bt), qkv[:, :, 2]
-        half = cfg.local_attention // 2
-        per_key = keep_b1qt.shape[2] == 1  # not packed rows (a mask per query)
-        out = None
-        if self.local and per_key and collect is None and cfg.attn_implementation == "banded" and t > 2 * half:
-            out = banded_attention(q, kk, v, keep_b1qt[:, 0, 0], half, cfg.attention_probs_dropout_prob, k_attn,
-                                   deterministic, cfg.dropout_rng)
-        else:
-            keep = keep_b1qt
-            if self.local:
-                distance = np.abs(np.arange(t)[:, None] - np.arange(t)[None, :])
-                keep = keep & jnp.asarray(distance <= half)[None, None]
-        if out is None and collect is None and (deterministic or cfg.attention_probs_dropout_prob == 0.0):
-            bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(q.dtype)  # the fused kernel
-            out = jax.nn.dot_product_attention(q, kk, v, bias=bias, scale=1.0 / math.sqrt(k))
-        elif out is None:
-            scores = jnp.einsum("bqhk,bshk->bhqs", q, kk, preferred_element_type=jnp.float32) / math.sqrt(k)
-            probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), -1).astype(v.dtype)
-            if collect is not None:
-                collect.append(probs)
-            probs = dropout(probs, cfg.attention_probs_dropout_prob, k_attn, deterministic, cfg.dropout_rng)
-            out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-        out = out.reshape(b, t, d)
+        out = self.attend(q, kk, v, keep_b1qt, deterministic, k_attn, collect).reshape(b, t, d)
         if read_bp is not None:
             out = jnp.take_along_axis(out, read_bp[..., None], axis=1)
             x_btd = jnp.take_along_axis(x_btd, read_bp[..., None], axis=1)
