@@ -39,6 +39,7 @@ class ModelConfig:
     remat: str = "none"  # with scan_layers: none | full | dots (recompute activations in the backward pass)
     scan_unroll: bool = False  # with scan_layers: the scan written out by XLA (faster step, compile grows with depth)
     dropout_rng: str = "hash"  # dropout masks' random words: hash | threefry (the masks of `jax.random.bits`, the earlier default)
+    unpad: float = 0.0  # ModernBERT: layers on the real tokens only, in a buffer of this fraction of a batch's slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +386,9 @@ def validate(config: Config) -> None:
     if m.dropout_rng not in ("hash", "threefry"):  # bert.modeling.DROPOUT_RNGS; checked here, at load, without jax
         raise ConfigError(f"model.dropout_rng={m.dropout_rng!r}: use 'hash' or 'threefry' (masks from "
                           "jax.random.bits, the earlier default).")
+    if not 0.0 <= m.unpad <= 1.0:
+        raise ConfigError(f"model.unpad={m.unpad}: a fraction of a batch's token slots, between 0 (off) and 1; "
+                          "0.5 suits batches about a third full.")
     for key, value, off in (("remat", m.remat, "none"), ("scan_unroll", m.scan_unroll, False)):
         if value != off and not m.scan_layers:  # both shape the scan over layers: alone they would do nothing
             raise ConfigError(f"model.{key}={value!r} applies to scanned layers only: set model.scan_layers=true "

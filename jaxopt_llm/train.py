@@ -356,6 +356,8 @@ def loader(config: Config, head: str, labels: tuple[str, ...] | None, num_labels
         changes["attention_probs_dropout_prob"] = m.attention_dropout
     if m.scan_layers:
         changes.update(scan_layers=True, remat=m.remat, scan_unroll=m.scan_unroll)
+    if m.unpad:
+        changes["unpad"] = m.unpad
 
     def load(reference: str, head_: str | None = None, seed: int | None = None):
         seed = config.train.seed if seed is None else seed  # the seed of freshly initialised heads

@@ -12,6 +12,7 @@ import transformers
 from conftest import overrides
 
 from jaxopt_llm import cli, inference, models
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.serving.artifact import Artifact
 
 SENTENCES = ["the quick brown fox jumps over the lazy dog", "a man is eating food", "what a lovely day it is",
@@ -482,3 +483,56 @@ def test_packed_rows_give_each_block_what_it_gives_alone(family, bpe, tmp_path):
     for j, a in enumerate(alone):
         single = np.asarray(model.encode(model.embed(a[None]), np.ones((1, len(a)), np.int32)))
         np.testing.assert_allclose(packed[0, j * t:j * t + len(a)], single[0], atol=1e-5)
+
+
+def test_modernbert_unpadded_execution_equals_transformers_and_the_padded_path(bpe, tmp_path):
+    """Layers on the real tokens only (`unpad`): outputs at real tokens equal transformers'; with dropout on, the
+    loss and gradients equal the padded path's (the same masks); a batch fuller than the buffer takes the padded
+    path inside the same compiled step."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    fields = {**MODERN, "num_labels": 3, "classifier_pooling": "mean"}
+    torch.manual_seed(11)
+    ref = transformers.ModernBertForSequenceClassification(transformers.ModernBertConfig(**fields)).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    enc = bpe([" ".join(SENTENCES)[:120]] + SENTENCES[:3], padding="max_length", truncation=True, max_length=64)
+    ids, mask = np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
+    assert mask.sum() <= 128 and mask[0].all()  # the buffer (half the slots) holds them; one row past the window
+    unpadded = models.from_pretrained(tmp_path / "hf", "sequence-classification", unpad=0.5)
+    assert unpadded.capacity(*ids.shape) == 128
+    np.testing.assert_allclose(ours_out(unpadded, ids, mask), torch_out(ref, "sequence-classification", ids, mask),
+                               atol=1e-5)
+    hidden = np.asarray(unpadded.encode(unpadded.embed(ids), mask))
+    np.testing.assert_allclose(hidden[mask > 0], ref.model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(
+        mask)).last_hidden_state.detach().numpy()[mask > 0], atol=1e-5)
+    assert not hidden[mask == 0].any()  # padding's rows are zeros
+
+    def loss_and_grads(model, ids, mask):
+        graphdef, params = nnx.split(model)
+
+        def loss(params, ids, mask, key):
+            logits = nnx.merge(graphdef, params)(ids, mask, deterministic=False, dropout_key=key)
+            return jnp.sum(logits ** 2)
+
+        fn = jax.jit(jax.value_and_grad(loss))
+        return fn, params
+
+    changes = {"hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.1, "classifier_dropout": 0.0}
+    padded = models.from_pretrained(tmp_path / "hf", "sequence-classification", **changes)
+    unpadded = models.from_pretrained(tmp_path / "hf", "sequence-classification", unpad=0.5, **changes)
+    key = jax.random.key(3)
+    full = np.ones_like(mask)  # 256 real tokens: past the 128-row buffer
+    for use_mask in (mask, full):
+        (want, want_grads), (got, got_grads) = (fn(params, ids, use_mask, key) for fn, params in
+                                                (loss_and_grads(m, ids, use_mask) for m in (padded, unpadded)))
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    fn, params = loss_and_grads(unpadded, ids, mask)
+    fn(params, ids, mask, key), fn(params, ids, full, key)
+    assert fn._cache_size() == 1  # one program holds both paths
+    hf("roberta", "base").save_pretrained(tmp_path / "roberta")
+    with pytest.raises(UserError, match="unpad: not a setting of a roberta"):
+        models.from_pretrained(tmp_path / "roberta", unpad=0.5)

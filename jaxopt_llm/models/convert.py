@@ -5,6 +5,7 @@ Every shape is checked and every mismatch reported at once; heads a checkpoint l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxopt_llm.errors import UserError
 from jaxopt_llm.models import registry
 from jaxopt_llm.models.family import Family
 from jaxopt_llm.models.hub import (
@@ -132,6 +134,10 @@ def from_pretrained(name_or_path: str | os.PathLike, task: str = "base", *, num_
     changes = {"dtype": dtype, "param_dtype": param_dtype, **config_changes}
     if num_labels is not None:
         changes["num_labels"] = num_labels
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(family.config)})
+    if unknown:
+        raise UserError(f"{', '.join(unknown)}: not a setting of a {family.model_type} model (its config is "
+                        f"{family.config.__name__}); drop it for this model.")
     config = family.config.from_hf_config(hf, **changes)
     tensors = read_weights(folder)
 

@@ -74,13 +74,41 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     if n >= 2**32:
         raise UserError(f"hash_bits: {n} words exceed the 32-bit counter; draw masks for at most 2**32 - 1 "
                          "words at a time.")
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    pairs = data.reshape(-1, 2).astype(jnp.uint32)  # threefry: one pair; wider keys' pairs are folded by xor
-    k0, k1 = jax.lax.reduce(pairs, jnp.uint32(0), jax.lax.bitwise_xor, (0,))
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
     index = sum(jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride)  # the row-major flat index,
                 for d, stride in enumerate(strides))  # as elementwise terms: each device makes its own shard's
+    return _hash_words(key, index)
+
+
+def _hash_words(key: jax.Array, index: jax.Array) -> jax.Array:
+    """The words of `hash_bits` at flat indices `index` (uint32)."""
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    pairs = data.reshape(-1, 2).astype(jnp.uint32)  # threefry: one pair; wider keys' pairs are folded by xor
+    k0, k1 = jax.lax.reduce(pairs, jnp.uint32(0), jax.lax.bitwise_xor, (0,))
     return _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + k0) ^ k1)
+
+
+def dropout_rows(x_nd: jax.Array, rows_n: jax.Array, shape: tuple[int, ...], rate: float, key: jax.Array | None,
+                 deterministic: bool, rng: str = "hash") -> jax.Array:
+    """`dropout` of an array of `shape` (..., d), computed at some of its rows only: `x_nd` holds the rows
+    `rows_n` (indices into the array seen as (prod(shape[:-1]), d)) and gets the mask `dropout` draws for the
+    whole array there, so a row's result does not depend on which other rows are computed (unpadded
+    execution). Rows past the array (filler) get some mask."""
+    if rng not in DROPOUT_RNGS:
+        raise UserError(f"dropout rng={rng!r}: use {_RNG_CHOICES}.")
+    if deterministic or rate == 0.0:
+        return x_nd
+    threshold = round(rate * 65536)
+    last = shape[-1]
+    width = (last + 1) // 2
+    if rng == "hash":
+        index = rows_n.astype(jnp.uint32)[:, None] * jnp.uint32(width) + jnp.arange(width, dtype=jnp.uint32)
+        words = _hash_words(key, index)
+    else:
+        words = jax.random.bits(key, (*shape[:-1], width), jnp.uint32).reshape(-1, width)
+        words = words.at[rows_n].get(mode="clip")
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(x_nd.shape[0], -1)[:, :last]
+    return jnp.where(halves >= threshold, x_nd / (1.0 - threshold / 65536), 0).astype(x_nd.dtype)
 
 
 def _keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:

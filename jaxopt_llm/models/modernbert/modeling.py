@@ -8,6 +8,12 @@ blocks of half a window, each query block against its own and its two neighbours
 query instead of t); `attn_implementation="eager"` masks the full score matrix instead (the same numbers,
 kept as the reference the benchmark compares against). Packed rows (a (b, t, t) mask of contiguous blocks,
 `position_ids` restarting per block) take the full-matrix path; distances inside a block are the row's.
+Unpadded execution (`unpad` > 0, as transformers does with its flash-attention path): every layer's
+projections, norms and MLP run on the real tokens alone, gathered into a buffer of `unpad` times the batch's
+token slots; attention scatters them back to (b, t) rows. A batch with more real tokens than the buffer holds
+takes the padded path (`lax.cond`: both are compiled, one runs). The two give the same numbers at real tokens,
+dropout included (`dropout_rows`); positions of padding hold zeros. Under `vmap` over batches (an ensemble's
+members) the condition is batched and both paths run: keep `unpad` off there.
 Heads: the prediction head (dense -> activation -> LayerNorm) then the tied decoder for masked LM, or [CLS]
 pooling -> head -> classifier.
 """
@@ -25,7 +31,7 @@ from flax import nnx
 
 from jaxopt_llm.errors import UserError
 from jaxopt_llm.models.bert.modeling import BertConfig
-from jaxopt_llm.models.layers import _ACTIVATIONS, Encoder, Linear, _check_dropout_key, _keys, dropout
+from jaxopt_llm.models.layers import _ACTIVATIONS, Encoder, Linear, _check_dropout_key, _keys, dropout, dropout_rows
 
 TASKS = ("base", "masked-lm", "sequence-classification", "token-classification", "question-answering")
 
@@ -47,6 +53,7 @@ class ModernBertConfig(BertConfig):
     classifier_activation: str = "gelu"
     classifier_pooling: str = "cls"
     attn_implementation: str = "banded"  # local layers: "banded" (the band only) | "eager" (full matrix, masked)
+    unpad: float = 0.0  # > 0: layers run on the real tokens, in a buffer of this fraction of a batch's b * t slots
 
     MODEL_TYPE: ClassVar[str] = "modernbert"
     HF_CONFIG: ClassVar[str] = "ModernBertConfig"
@@ -61,6 +68,9 @@ class ModernBertConfig(BertConfig):
             raise UserError(f"classifier_pooling={self.classifier_pooling!r}: use 'cls' or 'mean'.")
         if self.attn_implementation not in ("banded", "eager"):
             raise UserError(f"attn_implementation={self.attn_implementation!r}: use 'banded' or 'eager'.")
+        if not 0.0 <= self.unpad <= 1.0:
+            raise UserError(f"unpad={self.unpad}: the unpadded buffer is a fraction of a batch's token slots, "
+                            "between 0 (off) and 1; 0.5 suits batches about a third full.")
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
             raise UserError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers.")
 
@@ -215,12 +225,41 @@ class Layer(nnx.Module):
         if read_bp is not None:
             out = jnp.take_along_axis(out, read_bp[..., None], axis=1)
             x_btd = jnp.take_along_axis(x_btd, read_bp[..., None], axis=1)
-        a = self.out(out)
-        x_btd = x_btd + dropout(a, cfg.attention_probs_dropout_prob, k_out, deterministic, cfg.dropout_rng)
-        gate_in, gate = jnp.split(self.wi(self.mlp_norm(x_btd)), 2, axis=-1)
-        m = dropout(_ACTIVATIONS[cfg.hidden_act](gate_in) * gate, cfg.hidden_dropout_prob, k_mlp, deterministic,
-                    cfg.dropout_rng)
-        return x_btd + self.wo(m)
+
+        def drop(x, rate, key):
+            return dropout(x, rate, key, deterministic, cfg.dropout_rng)
+
+        return self.mlp(x_btd, out, k_out, k_mlp, drop)
+
+    def mlp(self, x, attended, k_out, k_mlp, drop):
+        """The output projection's residual, then the GeGLU MLP's, on x (..., d); `drop(x, rate, key)`."""
+        cfg = self.cfg
+        x = x + drop(self.out(attended), cfg.attention_probs_dropout_prob, k_out)
+        gate_in, gate = jnp.split(self.wi(self.mlp_norm(x)), 2, axis=-1)
+        return x + self.wo(drop(_ACTIVATIONS[cfg.hidden_act](gate_in) * gate, cfg.hidden_dropout_prob, k_mlp))
+
+    def unpadded(self, x_nd, rows_n, b, t, keep_b1qt, deterministic, key, positions_bt=None):
+        """`__call__` on the real tokens: x_nd holds rows `rows_n` of the (b * t, d) hidden states (filler rows
+        index b * t); attention sees them scattered back to (b, t). -> (n, d)."""
+        cfg = self.cfg
+        d = x_nd.shape[-1]
+        n, k = cfg.num_attention_heads, cfg.head_dim
+        k_attn, k_out, k_mlp = _keys(key, 3)
+        h = x_nd if self.attn_norm is None else self.attn_norm(x_nd)
+        qkv = _scatter(self.wqkv(h), rows_n, b * t).reshape(b, t, 3, n, k)
+        theta = cfg.local_rope_theta if self.local else cfg.global_rope_theta
+        q, kk, v = rotary(qkv[:, :, 0], theta, positions_bt), rotary(qkv[:, :, 1], theta, positions_bt), qkv[:, :, 2]
+        out = self.attend(q, kk, v, keep_b1qt, deterministic, k_attn, None).reshape(b * t, d)
+
+        def drop(x, rate, key):
+            return dropout_rows(x, rows_n, (b, t, x.shape[-1]), rate, key, deterministic, cfg.dropout_rng)
+
+        return self.mlp(x_nd, out.at[rows_n].get(mode="fill", fill_value=0), k_out, k_mlp, drop)
+
+
+def _scatter(values_nc, rows_n, size):
+    """(size, c) zeros with `values_nc` at `rows_n` (rows >= size are dropped)."""
+    return jnp.zeros((size, values_nc.shape[-1]), values_nc.dtype).at[rows_n].set(values_nc, mode="drop")
 
 
 class Head(nnx.Module):
@@ -269,6 +308,42 @@ class ModernBert(Encoder):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         keys = _keys(dropout_key, cfg.num_hidden_layers + 1)
+        capacity = self.capacity(b, t) if attention_mask.ndim == 2 and collect is None else None
+        if capacity is not None:
+            def unpadded(x, mask, positions, keys):
+                return self._unpadded(x, mask, positions, deterministic, keys, output_positions, capacity)
+
+            def padded(x, mask, positions, keys):
+                return self._padded(x, mask, positions, deterministic, keys, output_positions, None)
+
+            return jax.lax.cond((attention_mask > 0).sum() <= capacity, unpadded, padded, word_embeddings,
+                                attention_mask, position_ids, keys)
+        return self._padded(word_embeddings, attention_mask, position_ids, deterministic, keys, output_positions,
+                            collect)
+
+    def capacity(self, b: int, t: int) -> int | None:
+        """The unpadded buffer's rows for a (b, t) batch (a multiple of 8), or None: padded execution."""
+        if not self.config.unpad:
+            return None
+        rows = -(-math.ceil(self.config.unpad * b * t) // 8) * 8
+        return rows if rows < b * t else None
+
+    def _unpadded(self, word_embeddings, attention_mask, position_ids, deterministic, keys, output_positions,
+                  capacity):
+        cfg = self.config
+        b, t, d = word_embeddings.shape
+        rows = jnp.nonzero(attention_mask.reshape(-1) > 0, size=capacity, fill_value=b * t)[0]
+        x = word_embeddings.reshape(b * t, d).at[rows].get(mode="fill", fill_value=0)
+        x = dropout_rows(self.embedding_norm(x), rows, (b, t, d), cfg.hidden_dropout_prob, keys[0], deterministic,
+                         cfg.dropout_rng)
+        keep_b1qt = (attention_mask > 0)[:, None, None, :]
+        for layer, key in zip(self.layers, keys[1:]):
+            x = layer.unpadded(x, rows, b, t, keep_b1qt, deterministic, key, position_ids)
+        x = _scatter(self.final_norm(x), rows, b * t).reshape(b, t, d)
+        return x if output_positions is None else jnp.take_along_axis(x, output_positions[..., None], axis=1)
+
+    def _padded(self, word_embeddings, attention_mask, position_ids, deterministic, keys, output_positions, collect):
+        cfg = self.config
         x = dropout(self.embedding_norm(word_embeddings), cfg.hidden_dropout_prob, keys[0], deterministic,
                     cfg.dropout_rng)
         if attention_mask.ndim == 3:  # packed rows: the keys each query sees (contiguous blocks)
