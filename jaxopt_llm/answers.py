@@ -66,3 +66,14 @@ def from_windows(contexts: Sequence[str], example_of: np.ndarray, logits: Sequen
         windows[int(e)].append((logits[w][0], logits[w][1], offsets[w]))
     return [answer(c, ws, max_answer_length, no_answer) for c, ws in zip(contexts, windows)]
 
+
+
+def score(model, questions: Sequence, **options) -> tuple[dict, list[dict]]:
+    """Exact match and F1 (percent, the official SQuAD script's) of a reader (`inference.load`) on `questions`
+    (`data.squad`), and its answer to each."""
+    from jaxopt_llm.metrics import squad_scores
+
+    found = model.answer([q.question for q in questions], [q.context for q in questions], **options)
+    scores = squad_scores({q.id: row["answer"] for q, row in zip(questions, found)},
+                          {q.id: [a for a, _ in q.answers] for q in questions})
+    return {"exact_match": scores["exact_match"], "qa_f1": scores["f1"]}, found

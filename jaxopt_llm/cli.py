@@ -71,7 +71,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _answer(args: argparse.Namespace) -> None:
     """predict qa: one question and context, or every question of a SQuAD file with EM / F1 at the end."""
-    from jaxopt_llm import inference, metrics
+    from jaxopt_llm import answers, inference
 
     model = inference.load(args.model, kind="reader", batch_size=args.batch_size, max_length=args.max_length,
                            allow_untrained_head=args.allow_untrained_head)
@@ -83,12 +83,10 @@ def _answer(args: argparse.Namespace) -> None:
         from jaxopt_llm.data import squad
 
         questions = squad.read(args.data)
-        found = model.answer([q.question for q in questions], [q.context for q in questions], **options)
+        scores, found = answers.score(model, questions, **options)
         for q, row in zip(questions, found):
             print(json.dumps({"id": q.id, "question": q.question, **row}, ensure_ascii=False))
-        scores = metrics.squad_scores({q.id: row["answer"] for q, row in zip(questions, found)},
-                                      {q.id: [a for a, _ in q.answers] for q in questions})
-        print(json.dumps({"exact_match": round(scores["exact_match"], 2), "f1": round(scores["f1"], 2),
+        print(json.dumps({"exact_match": round(scores["exact_match"], 2), "f1": round(scores["qa_f1"], 2),
                           "questions": len(questions)}), file=sys.stderr)
         return
     if not (args.question and args.context):
@@ -157,6 +155,8 @@ def _sweep(args: argparse.Namespace) -> None:
     rows, start = [], time.perf_counter()
     for models in groups:
         stack = sweep.stack(models, getattr(args, "checkpoints", None))
+        if stack.kind != "classifier":
+            return _sweep_per_token(args, stack, temperatures, epsilons)
         data = _eval_data(args, stack.tokenizer, stack.labels, stack.max_length)
         chunk = args.chunk or sweep.auto_chunk(stack, args.batch_size, data.eval["input_ids"].shape[1])
         rows += sweep.evaluate(stack, data.eval, temperatures, epsilons, args.steps, args.norm, args.batch_size, chunk)
@@ -193,6 +193,57 @@ def _sweep(args: argparse.Namespace) -> None:
         sweep.plot(rows, args.plot, "robust_accuracy" if epsilons and len(temperatures) == 1 and
                    not any(s is not None for s in stack.steps) else "accuracy")
     print(json.dumps({"points": len(rows), "seconds": seconds, "out": args.out, "plot": args.plot}))
+
+
+def _sweep_per_token(args: argparse.Namespace, stack, temperatures, epsilons) -> None:
+    """sweep eval of token classifiers (entity F1) or readers (EM / F1): one row per model or checkpoint."""
+    from jaxopt_llm import config as config_lib
+    from jaxopt_llm import sweep
+
+    what = "token classifiers" if stack.kind == "tagger" else "readers"
+    if args.kind != "eval" or list(temperatures) != [1.0] or epsilons:
+        raise UsageError(f"these are {what}: `sweep eval` measures them without a temperature or epsilon grid "
+                         "(drop the grid; `sweep robustness` takes classifiers).")
+    if (args.config is None) == (args.data is None):
+        raise UsageError("pass --config FILE (its eval file) or --data FILE (CoNLL / .jsonl for token classifiers, "
+                         "SQuAD JSON for readers).")
+    task = "token-classification" if stack.kind == "tagger" else "question-answering"
+    config = config_lib.load(args.config, [f"task={task}", *args.overrides] if args.config else [
+        f"task={task}", f"data.train_file={args.data}", f"data.eval_file={args.data}", *args.overrides])
+    source = config.data.eval_file or config.data.train_file
+    start = time.perf_counter()
+    if stack.kind == "tagger":
+        from jaxopt_llm.data import tagged
+        from jaxopt_llm.steps.tokens import TokenClassificationTask, TokenOptions
+
+        options = config.task_options if isinstance(config.task_options, TokenOptions) else TokenOptions()
+        if not any(a.startswith("token-classification.scheme=") for a in args.overrides) and any(
+                t[:2] in ("E-", "S-") for t in stack.labels):  # the models' own scheme, unless told
+            options = dataclasses.replace(options, scheme="IOBES")
+        sentences = tagged.check(tagged.read(source), options.scheme, str(source))
+        arrays = tagged.align(stack.tokenizer, sentences, stack.labels, stack.max_length, options.label_all_tokens)
+        chunk = args.chunk or sweep.auto_chunk(stack, args.batch_size, stack.max_length)
+        rows = sweep.evaluate_tokens(stack, arrays, TokenClassificationTask(options, stack.labels), args.batch_size,
+                                     chunk)
+        n, columns = f"{len(sentences)} sentences", (("loss", "loss", 4), ("accuracy", "token acc.", 4),
+                                                    ("precision", "entity P", 4), ("recall", "entity R", 4),
+                                                    ("f1", "entity F1", 4))
+    else:
+        from jaxopt_llm.data import squad
+
+        questions = squad.read(source)
+        chunk = args.chunk or sweep.auto_chunk(stack, args.batch_size, stack.max_length)
+        rows = sweep.evaluate_answers(stack, questions, args.batch_size, chunk)
+        n, columns = f"{len(questions)} questions", (("exact_match", "EM", 2), ("f1", "F1", 2))
+    seconds = time.perf_counter() - start
+    print(f"{len(stack.names)} {what} on {n} of {source} in {seconds:.1f} s (one compiled program, chunks of {chunk})")
+    print(f"{'model':<32}{'step':>6}" + "".join(f"{label:>11}" for _, label, _ in columns))
+    for r in rows:
+        print(f"{Path(r['model']).name[-32:]:<32}{str(r['step'] if r['step'] is not None else '-'):>6}"
+              + "".join(f"{r[k]:>11.{d}f}" for k, _, d in columns))
+    if args.out:
+        sweep.write(rows, args.out)
+    print(json.dumps({"points": len(rows), "seconds": seconds, "out": args.out, "rows": rows}))
 
 
 def _eval_data(args: argparse.Namespace, tokenizer, names, max_length: int | None = None):
@@ -462,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--model", action="append", required=True,
                        help="run folder, HF folder or hub id; repeat to compare models")
         r.add_argument("--config", help="config file whose eval split is used")
-        r.add_argument("--data", help="csv / json / jsonl file with text and label")
+        r.add_argument("--data", help="csv / json / jsonl file with text and label (token classifiers: CoNLL or "
+                                      ".jsonl of tokens and tags; readers: SQuAD JSON)")
         r.add_argument("--steps", type=int, default=10 if kind == "robustness" else 5, help="PGD steps")
         r.add_argument("--norm", default="linf", choices=("linf", "l2"))
         r.add_argument("--batch-size", type=int, default=32)
@@ -477,8 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
         r.set_defaults(run=lambda a: _sweep(_split_grid(a)), overrides=[])
 
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
-    b.add_argument("--tasks", help="comma-separated rows (default: every row): classify, mlm, adversarial, "
-                                   "distill, ensemble, compile, predict, cold-start, families, local-attention, unpadded")
+    b.add_argument("--tasks", help="comma-separated rows (default: every row): classify, mlm, adversarial, distill, "
+                                   "ensemble, compile, predict, cold-start, families, local-attention, unpadded")
     b.add_argument("--json", action="store_true", help="print the rows as one JSON object only")
     b.add_argument("--members", type=int, default=5, help="members of the ensemble row")
     b.add_argument("--student-layers", type=int, default=2, help="depth of the distillation row's student")

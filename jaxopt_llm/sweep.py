@@ -7,7 +7,9 @@ returns (sum, count) metrics; one pass over the eval data fills the whole table.
 fit, the model axis runs in chunks of one fixed size through the same compiled program.
 
 Metrics per point: accuracy, macro-F1, NLL, ECE (15 bins) and Brier per (model, temperature); robust
-accuracy per (model, epsilon).
+accuracy per (model, epsilon). Token classifiers (`evaluate_tokens`): loss, token accuracy and entity
+precision / recall / F1 per model, counted on device; readers (`evaluate_answers`): exact match and F1 per
+model, from every model's span logits joined over a question's windows on the host.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Stack:
     labels: tuple[str, ...]
     tokenizer: object
     max_length: int  # the models' sequence length: eval data is cut to it
+    kind: str = "classifier"  # classifier | tagger | reader (`inference.KINDS`)
+    options: dict = dataclasses.field(default_factory=dict)  # a reader's qa.json (stride, max_answer_length, ...)
 
 
 def checkpoint_params(run: str, template, every: int | None = None) -> list[tuple[int, object]]:
@@ -88,11 +92,15 @@ def stack(models: Sequence[str], checkpoints: str | None = None) -> Stack:
         if checkpoints != "all" and not every:
             raise UserError(f"--checkpoints {checkpoints!r}: use all or every:N (N >= 1).")
     loaded = [inference.load(ref) for ref in models]
-    for model in loaded:
-        if model.kind != "classifier":
-            raise UserError(f"{model.reference!r} is a {model.kind} model; sweeps evaluate single classifiers (name "
-                             "an ensemble's members one by one).")
     first = loaded[0]
+    for model in loaded:
+        if model.kind not in ("classifier", "tagger", "reader") or model.artifact:
+            raise UserError(f"{model.reference!r} is a {'exported ' if model.artifact else ''}{model.kind} model; "
+                            "sweeps evaluate single classifiers, token classifiers and readers from run or model "
+                            "folders (name an ensemble's members one by one).")
+        if model.kind != first.kind:
+            raise UserError(f"{model.reference!r} is a {model.kind} but {first.reference!r} a {first.kind}: a sweep "
+                            "stacks models of one task.")
     metrics_lib.check_same([m.engine.state for m in loaded], [m.reference for m in loaded], UserError)
     for model in loaded[1:]:
         if model.labels != first.labels:
@@ -110,7 +118,8 @@ def stack(models: Sequence[str], checkpoints: str | None = None) -> Stack:
             steps.append(step)
             params.append(p)
     stacked = metrics_lib.stack(params, names, host=True)  # host: chunks slice freely
-    return Stack(first.engine.graphdef, stacked, names, steps, first.labels, first.tokenizer, first.max_length)
+    return Stack(first.engine.graphdef, stacked, names, steps, first.labels, first.tokenizer, first.max_length,
+                 first.kind, dict(first.options))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "norm"))
@@ -166,19 +175,15 @@ def evaluate(s: Stack, arrays: dict, temperatures: Sequence[float] = (1.0,), eps
     from jaxopt_llm.data import eval_batches
 
     m = len(s.names)
-    chunk = chunk or m
     temps = np.asarray(temperatures, np.float32)
     eps = np.asarray(epsilons, np.float32)
     totals = None
-    for start in range(0, m, chunk):
-        index = np.minimum(np.arange(start, start + chunk), m - 1)
-        params = jax.tree.map(lambda x: np.asarray(x)[index], s.params)
+    for params, keep in _chunks(s, chunk):
         part = None
         for batch in eval_batches(arrays, batch_size):
             sums = jax.device_get(sweep_batch(s.graphdef, params, batch, temps, eps, steps, norm))
             part = sums if part is None else jax.tree.map(np.add, part, sums)
-        keep = slice(0, min(chunk, m - start))
-        part = {k: (v if k == "count" else v[keep]) for k, v in part.items()}
+        part = {k: (v if k == "count" else v[:keep]) for k, v in part.items()}
         totals = part if totals is None else {k: (v if k == "count" else np.concatenate([totals[k], v]))
                                               for k, v in part.items()}
     rows, n = [], float(totals["count"])
@@ -193,6 +198,92 @@ def evaluate(s: Stack, arrays: dict, temperatures: Sequence[float] = (1.0,), eps
         for e, value in enumerate(epsilons):
             rows.append({"model": s.names[i], "step": s.steps[i], "epsilon": float(value),
                          "robust_accuracy": float(totals["robust"][i, e] / n)})
+    return rows
+
+
+def _chunks(s: Stack, chunk: int | None):
+    """(params of `chunk` models, how many of them are real) over the model axis; the last chunk is padded
+    with copies of the last model, so every chunk runs the same compiled program."""
+    m = len(s.names)
+    chunk = chunk or m
+    for start in range(0, m, chunk):
+        index = np.minimum(np.arange(start, start + chunk), m - 1)
+        yield jax.tree.map(lambda x: np.asarray(x)[index], s.params), min(chunk, m - start)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "task"))
+def _token_sums(graphdef, params_m, batch, task):
+    """Every model's (sum, count) metrics of one batch (`TokenClassificationTask.eval_metrics`), (M, ...)."""
+    def one_model(p):
+        model = nnx.merge(graphdef, p)
+        return task.eval_metrics(task.forward(model, model.embed(batch["input_ids"]), batch, None), batch, None)
+
+    return jax.vmap(one_model)(params_m)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _span_logits(graphdef, params_m, batch):
+    """Every model's start and end logits of one batch of windows, (M, b, 2, t)."""
+    from jaxopt_llm.steps.qa import QuestionAnsweringTask
+
+    task = QuestionAnsweringTask()
+
+    def one_model(p):
+        model = nnx.merge(graphdef, p)
+        return task.forward(model, model.embed(batch["input_ids"]), batch, None)
+
+    return jax.vmap(one_model)(params_m)
+
+
+def evaluate_tokens(s: Stack, arrays: dict, task, batch_size: int = 32, chunk: int | None = None) -> list[dict]:
+    """One row per model of a token-classifier stack: loss, token accuracy, entity precision / recall / F1
+    (strict, as seqeval counts them) on `arrays` (`data.tagged.align`); `task` is the bound
+    `TokenClassificationTask` (labels and scheme)."""
+    from jaxopt_llm.data import eval_batches
+
+    rows, at = [], 0
+    for params, keep in _chunks(s, chunk):
+        total = None
+        for batch in eval_batches(arrays, batch_size):
+            sums = jax.device_get(_token_sums(s.graphdef, params, batch, task))
+            total = sums if total is None else jax.tree.map(np.add, total, sums)
+        for i in range(keep):
+            row = task.summarize(jax.tree.map(lambda x: x[i], total))
+            rows.append({"model": s.names[at], "step": s.steps[at], **row})
+            at += 1
+    return rows
+
+
+def evaluate_answers(s: Stack, questions: Sequence, batch_size: int = 32, chunk: int | None = None,
+                     **options) -> list[dict]:
+    """One row per model of a reader stack: exact match and F1 (percent, the SQuAD script's) on `questions`
+    (`data.squad`), each model's windows joined as `predict qa` joins them; `options` (stride,
+    max_answer_length, no_answer) default to the first model's qa.json."""
+    from jaxopt_llm import answers, packing
+    from jaxopt_llm.metrics import squad_scores
+
+    options = {"stride": 32, "max_answer_length": 30, "no_answer": False, **s.options, **options}
+    answers.check_stride(options["stride"], s.max_length)
+    contexts = [q.context for q in questions]
+    rows_, example_of, offsets = packing.qa_windows(s.tokenizer, [q.question for q in questions], contexts,
+                                                    s.max_length, options["stride"])
+    gold = {q.id: [a for a, _ in q.answers] for q in questions}
+    rows, at = [], 0
+    for params, keep in _chunks(s, chunk):
+        logits = []  # per batch (M, b, 2, t)
+        for start in range(0, len(example_of), batch_size):
+            part = {k: v[start:start + batch_size] for k, v in rows_.items()}
+            n = len(part["input_ids"])
+            padded = packing.pad_rows(part, packing.power_of_two(n, batch_size))
+            logits.append(np.asarray(_span_logits(s.graphdef, params, padded))[:, :n])
+        logits_m = np.concatenate(logits, 1)
+        for i in range(keep):
+            found = answers.from_windows(contexts, example_of, list(logits_m[i]), offsets,
+                                         options["max_answer_length"], options["no_answer"])
+            scores = squad_scores({q.id: r["answer"] for q, r in zip(questions, found)}, gold)
+            rows.append({"model": s.names[at], "step": s.steps[at], "exact_match": scores["exact_match"],
+                         "f1": scores["f1"], "questions": len(questions)})
+            at += 1
     return rows
 
 

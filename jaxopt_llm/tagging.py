@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxopt_llm.errors import UserError
-from jaxopt_llm.metrics import split_tag
+from jaxopt_llm.metrics import entity_scores, split_tag
 
 AGGREGATIONS = ("first", "simple", "none")
 
@@ -72,3 +72,29 @@ def _groups(text: str, units: list) -> list[dict]:
             close()
     close()
     return out
+
+
+def word_tags(words: Sequence[str], tokens: Sequence[dict]) -> list[str]:
+    """The tag of each word of `" ".join(words)` from its sub-tokens' tags (aggregation "none"): the tag of
+    the sub-token that starts where the word does (its first), O where that one is O or was cut off."""
+    first, at = {}, 0
+    for w in words:
+        first[at] = len(first)
+        at += len(w) + 1
+    tags = ["O"] * len(words)
+    for token in tokens:
+        if token["start"] in first:
+            tags[first[token["start"]]] = token["entity"]
+    return tags
+
+
+def score(model, sentences: Sequence, scheme: str = "IOB2") -> tuple[dict, list[list[str]]]:
+    """Entity precision / recall / F1 (strict, seqeval's) and word accuracy of a tagger (`inference.load`: run,
+    ensemble or artifact) on word-tagged `sentences` (`data.tagged`), through its `tag` on the words joined by
+    spaces, as every prediction path tags; and the predicted tags per sentence."""
+    found = model.tag([" ".join(s.words) for s in sentences], "none")
+    predicted = [word_tags(s.words, tokens) for s, tokens in zip(sentences, found)]
+    scores = entity_scores([s.tags for s in sentences], predicted, scheme)
+    pairs = [(t, p) for s, row in zip(sentences, predicted) for t, p in zip(s.tags, row)]
+    return {"entity_precision": scores["precision"], "entity_recall": scores["recall"], "entity_f1": scores["f1"],
+            "word_accuracy": float(np.mean([t == p for t, p in pairs])) if pairs else 0.0}, predicted

@@ -189,7 +189,7 @@ class _Cells(html.parser.HTMLParser):
 
 
 def test_the_report_opens_in_headless_chromium_without_errors_and_shows_metrics_json(ran):
-    from jaxopt_llm.pipeline.report import COLUMNS, cell
+    from jaxopt_llm.pipeline.report import cell, columns
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian's chromium is needed (apt-get install -y chromium; `make test` installs it)"
@@ -203,10 +203,12 @@ def test_the_report_opens_in_headless_chromium_without_errors_and_shows_metrics_
     parser.feed(out.stdout)
     stages = [n for n in ran["rows"] if n != "data"]
     assert sorted(parser.cells) == sorted(stages)
+    done = {n: json.loads((ran["rows"][n]["folder"] / "done.json").read_text())["metrics"] for n in stages}
+    shown = columns([{"metrics": m} for m in done.values()])
+    assert "entity_f1" not in [k for k, _, _ in shown]  # a classification pipeline shows its own columns
     for name in stages:
-        metrics = json.loads((ran["rows"][name]["folder"] / "done.json").read_text())["metrics"]
-        for key, _, digits in COLUMNS:
-            assert parser.cells[name][key] == cell(metrics.get(key), digits), (name, key)
+        for key, _, digits in shown:
+            assert parser.cells[name][key] == cell(done[name].get(key), digits), (name, key)
     card = (ran["workdir"] / "model_card.md").read_text()
     final = json.loads((ran["rows"]["deploy"]["folder"] / "metrics.json").read_text())
     assert card.startswith("---\n") and "model-index:" in card and f"value: {final['accuracy']:.4f}" in card

@@ -293,3 +293,43 @@ def test_an_ensemble_of_readers_answers_with_its_members_mean_logits(setup, read
         assert r["score"] == pytest.approx(score, abs=1e-4)
     assert sum(r["answer"] == text for r, (text, _) in zip(got, reference)) >= len(got) - 2
 
+
+
+def test_a_qa_pipeline_measures_exact_match_and_f1_as_the_official_script_and_its_export_agrees(setup, tmp_path):
+    from test_tokens import PIPELINE
+
+    from jaxopt_llm import pipeline
+
+    source = squad_file(tmp_path / "all.json", 64, 6, long=True)
+    items = {k: v for k, v in (i.split("=", 1) for i in overrides(
+        setup, **{"data.max_length": 48, "question-answering.stride": 16, "train.steps": 16,
+                  "train.learning_rate": 5e-3, "train.eval_every": 16, "train.checkpoint_every": 16}))
+             if k not in ("model.name_or_path", "data.train_file", "data.label_column")}
+    file = tmp_path / "qa.py"
+    file.write_text(PIPELINE.format(file=file, name="qa", source=str(source), task="question-answering",
+                                    examples=(), length=48, model=str(setup / "model"), items=items))
+    rows = {r["name"]: r for r in pipeline.run(pipeline.load(file), tmp_path / "work")}
+    lines = [json.loads(x) for x in (rows["tuned"]["folder"] / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 16
+    want = ref_evaluate({x["id"]: x["answer"] for x in lines}, {x["id"]: x["gold"] for x in lines})
+    tuned, deploy = rows["tuned"]["metrics"], rows["deploy"]["metrics"]
+    assert want["f1"] > 0  # answers that overlap the gold ones: the comparison is not of zeros
+    assert tuned["exact_match"] == pytest.approx(want["exact_match"]) and tuned["qa_f1"] == pytest.approx(want["f1"])
+    for key in ("exact_match", "qa_f1"):  # the exported artifact answers as the run does
+        assert deploy[key] == pytest.approx(tuned[key], abs=1e-9)
+    report = (tmp_path / "work" / "report.html").read_text()
+    assert "QA F1" in report and "questions" in report and "accuracy" not in report.split("<table")[1]
+
+
+def test_sweep_eval_scores_readers_as_the_official_script_scores_their_answers(reader, capsys):
+    from jaxopt_llm import inference
+
+    run, dev = reader
+    cli.main(["sweep", "eval", "--model", str(run), "--checkpoints", "all", "--data", str(dev), "--batch-size", "8"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [r["step"] for r in rows] == [6]
+    questions = squad.read(dev)
+    found = inference.load(run).answer([q.question for q in questions], [q.context for q in questions])
+    want = ref_evaluate({q.id: r["answer"] for q, r in zip(questions, found)},
+                        {q.id: [a for a, _ in q.answers] for q in questions})
+    assert rows[0]["exact_match"] == pytest.approx(want["exact_match"]) and rows[0]["f1"] == pytest.approx(want["f1"])

@@ -338,3 +338,70 @@ def test_an_ensemble_of_taggers_tags_with_its_members_mean_probabilities(setup, 
         np.testing.assert_allclose([e["score"] for e in got], [s for _, _, s in expected], atol=1e-5)
         compared += len(expected)
     assert compared > 0
+
+
+PIPELINE = '''"""jaxopt-llm pipeline run {file}"""
+from jaxopt_llm.pipeline import Pipeline, Split, Stage
+
+
+def get_pipeline():
+    return Pipeline(
+        name="{name}", data=Split(source={source!r}, task={task!r}, test_size=16, dev_size=8),
+        examples={examples!r}, max_length={length}, batch_size=8,
+        stages=(Stage("tuned", "finetune", model={model!r}, overrides={items!r}),
+                Stage("deploy", "export", model="@tuned")))
+'''
+
+
+def test_a_tagging_pipeline_measures_entity_f1_as_seqeval_counts_it_and_its_export_agrees(setup, tmp_path):
+    from jaxopt_llm import pipeline
+
+    source = ner_file(tmp_path / "all.conll", 72, 5)
+    items = {k: v for k, v in (i.split("=", 1) for i in overrides(
+        setup, **{"data.max_length": 24, "train.steps": 24, "train.learning_rate": 5e-3, "train.eval_every": 24,
+                  "train.checkpoint_every": 24}))
+             if k not in ("model.name_or_path", "data.train_file", "data.label_column")}
+    file = tmp_path / "ner.py"
+    file.write_text(PIPELINE.format(file=file, name="ner", source=str(source), task="token-classification",
+                                    examples=("Ada Lovelace flew to Oslo",), length=24, model=str(setup / "model"),
+                                    items=items))
+    with pytest.raises(pipeline.PipelineError, match="a calibrate stage works on classification data"):
+        bad = pipeline.load(file)
+        pipeline.plan(bad.__class__(**{**bad.__dict__, "stages": (
+            *bad.stages, pipeline.Stage("cal", "calibrate", model="@tuned"))}), tmp_path / "bad")
+    rows = {r["name"]: r for r in pipeline.run(pipeline.load(file), tmp_path / "work")}
+    lines = [json.loads(x) for x in (rows["tuned"]["folder"] / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 16 and any(t != "O" for x in lines for t in x["predicted"])  # it found entities
+    gold, predicted = [x["tags"] for x in lines], [x["predicted"] for x in lines]
+    tuned, deploy = (rows[n]["metrics"] for n in ("tuned", "deploy"))
+    assert tuned["entity_f1"] == pytest.approx(seqeval.metrics.f1_score(gold, predicted, mode="strict",
+                                                                        scheme=IOB2), abs=1e-9)
+    assert tuned["entity_precision"] == pytest.approx(seqeval.metrics.precision_score(
+        gold, predicted, mode="strict", scheme=IOB2), abs=1e-9)
+    assert tuned["word_accuracy"] == pytest.approx(np.mean([a == b for g, p in zip(gold, predicted)
+                                                            for a, b in zip(g, p)]))
+    for key in ("entity_f1", "word_accuracy"):  # the exported artifact tags as the run does
+        assert deploy[key] == pytest.approx(tuned[key], abs=1e-9)
+    report = (tmp_path / "work" / "report.html").read_text()
+    assert "entity F1" in report and "macro-F1" not in report and "sentences" in report
+    assert "pipeline_tag: token-classification" in (tmp_path / "work" / "model_card.md").read_text()
+
+
+def test_sweep_eval_scores_a_taggers_checkpoints_as_seqeval_scores_its_predictions(tagger, ner_data, capsys):
+    from jaxopt_llm import inference, tagging
+
+    _, eval_file = ner_data
+    cli.main(["sweep", "eval", "--model", str(tagger), "--checkpoints", "all", "--data", str(eval_file),
+              "--batch-size", "8"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [r["step"] for r in rows] == [4, 8]
+    sentences = tagged.read(eval_file)
+    _, predicted = tagging.score(inference.load(tagger), sentences)  # the run's model: the last checkpoint's
+    gold = [s.tags for s in sentences]
+    assert rows[1]["f1"] == pytest.approx(seqeval.metrics.f1_score(gold, predicted, mode="strict", scheme=IOB2))
+    assert rows[1]["recall"] == pytest.approx(seqeval.metrics.recall_score(gold, predicted, mode="strict",
+                                                                           scheme=IOB2))
+    assert rows[0] != rows[1]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sweep", "eval", "--model", str(tagger), "--data", str(eval_file), "temperature=1,2"])
+    assert exit_info.value.code == 2 and "without a temperature or epsilon grid" in capsys.readouterr().err

@@ -31,11 +31,15 @@ def measure(pipeline: Pipeline, kind: str, model: str, data: Path, folder: Path)
     from jaxopt_llm import inference
     from jaxopt_llm import metrics as metrics_lib
 
-    names = json.loads((data / "labels.json").read_text())
-    texts, labels = split_lib.texts(data / "test.csv", names)
     loaded = inference.load(model, batch_size=pipeline.batch_size)
     if loaded.kind == "masked-lm":
         return _measure_mlm(pipeline, loaded, folder)
+    if pipeline.data.task == "token-classification":
+        return _measure_tagger(pipeline, loaded, split_lib.part(data, "test", pipeline.data.task), folder)
+    if pipeline.data.task == "question-answering":
+        return _measure_reader(pipeline, loaded, split_lib.part(data, "test", pipeline.data.task), folder)
+    names = json.loads((data / "labels.json").read_text())
+    texts, labels = split_lib.texts(data / "test.csv", names)
     probs = loaded.probs(texts)  # compiles every batch shape the timed pass meets
     timed = texts[:TIMED_BATCHES * pipeline.batch_size]
     start = time.perf_counter()
@@ -123,5 +127,61 @@ def _measure_mlm(pipeline: Pipeline, model, folder: Path) -> dict:
                             for m, fill in zip(masked, fills)]}
     write_text(folder / "predictions.jsonl", "".join(json.dumps({"text": m, "fill_mask": fill}) + "\n"
                                                      for m, fill in zip(masked, fills)))
+    write_json(folder / "metrics.json", metrics)
+    return metrics
+
+
+def _common(pipeline: Pipeline, model, latency: float, n: int) -> dict:
+    return {"latency_ms": latency, **device(), "parameters": model.parameters(), "test_examples": n,
+            "max_length": model.max_length, "model": model.reference, "note": _note(model)}
+
+
+def _timed(fn, items: list) -> float:
+    """ms per item of `fn(items)` over the first TIMED_BATCHES batches, after compilation."""
+    start = time.perf_counter()
+    fn(items)
+    return (time.perf_counter() - start) / max(len(items), 1) * 1000
+
+
+def _measure_tagger(pipeline: Pipeline, model, test: Path, folder: Path) -> dict:
+    """A token classifier: entity precision / recall / F1 (strict) and word accuracy on the test sentences
+    (`tagging.score`, through the model's `tag`); the examples' entities."""
+    from jaxopt_llm import tagging
+    from jaxopt_llm.data import tagged
+
+    sentences = tagged.read(test)
+    scores, predicted = tagging.score(model, sentences, scheme=_scheme(model))
+    latency = _timed(model.tag, [" ".join(s.words) for s in sentences[:TIMED_BATCHES * pipeline.batch_size]])
+    examples = model.tag(list(pipeline.examples)) if pipeline.examples else []
+    metrics = {**scores, **_common(pipeline, model, latency, len(sentences)),
+               "examples": [{"text": t, "label": "; ".join(f"{e['entity_group']}: {e['word']}" for e in found) or "O",
+                             "score": float(np.mean([e["score"] for e in found])) if found else 1.0}
+                            for t, found in zip(pipeline.examples, examples)]}
+    write_text(folder / "predictions.jsonl", "".join(
+        json.dumps({"tokens": s.words, "tags": s.tags, "predicted": p}, ensure_ascii=False) + "\n"
+        for s, p in zip(sentences, predicted)))
+    write_json(folder / "metrics.json", metrics)
+    return metrics
+
+
+def _scheme(model) -> str:
+    """The tagging scheme of a tagger's tags: IOBES where it has E- or S- tags, else IOB2 (IOB1 files are read
+    as IOB2)."""
+    return "IOBES" if any(t[:2] in ("E-", "S-") for t in model.labels) else "IOB2"
+
+
+def _measure_reader(pipeline: Pipeline, model, test: Path, folder: Path) -> dict:
+    """A question-answering model: exact match and F1 (the SQuAD script's) on the test questions."""
+    from jaxopt_llm import answers
+    from jaxopt_llm.data import squad
+
+    questions = squad.read(test)
+    scores, found = answers.score(model, questions)
+    timed = questions[:TIMED_BATCHES * pipeline.batch_size]
+    latency = _timed(lambda qs: model.answer([q.question for q in qs], [q.context for q in qs]), timed)
+    metrics = {**scores, **_common(pipeline, model, latency, len(questions)), "examples": []}
+    write_text(folder / "predictions.jsonl", "".join(
+        json.dumps({"id": q.id, "question": q.question, "gold": [a for a, _ in q.answers], **row},
+                   ensure_ascii=False) + "\n" for q, row in zip(questions, found)))
     write_json(folder / "metrics.json", metrics)
     return metrics

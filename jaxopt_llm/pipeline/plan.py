@@ -11,13 +11,15 @@ from typing import Sequence
 
 from jaxopt_llm import paths
 from jaxopt_llm.pipeline import stages as stages_lib
-from jaxopt_llm.pipeline.spec import DONE, KEY_VERSION, Pipeline, PipelineError, Stage, parents, read_json
+from jaxopt_llm.pipeline.spec import DONE, KEY_VERSION, SPLIT_TASKS, Pipeline, PipelineError, Stage, parents, read_json
 from jaxopt_llm.pipeline.split import source_file
 
 
 def order(pipeline: Pipeline) -> list[Stage]:
     """Stages in run order (file order where the references allow); every error before anything runs."""
     kinds = stages_lib.kinds()
+    if pipeline.data.task not in SPLIT_TASKS:
+        raise PipelineError(f"Split.task={pipeline.data.task!r}: use one of {', '.join(SPLIT_TASKS)}.")
     if not pipeline.stages:
         raise PipelineError(f"pipeline {pipeline.name!r} has no stages: give stages=(Stage(...), ...).")
     names = [s.name for s in pipeline.stages]
@@ -38,6 +40,9 @@ def order(pipeline: Pipeline) -> list[Stage]:
             if kinds[next(s for s in pipeline.stages if s.name == parent).kind].artifact:
                 raise PipelineError(f"stage {stage.name!r} starts from '@{parent}', an export artifact; start it "
                                     "from the stage the export was made of.")
+        if pipeline.data.task not in kind.split_tasks:
+            raise PipelineError(f"stage {stage.name!r}: a {stage.kind} stage works on {' or '.join(kind.split_tasks)} "
+                                f"data, and this pipeline's split is {pipeline.data.task} (Split.task).")
         if kind.needs_model and not stage.model:
             raise PipelineError(f"stage {stage.name!r} ({stage.kind}) needs model='@<stage>'.")
         if kind.check is not None:
@@ -59,8 +64,10 @@ def order(pipeline: Pipeline) -> list[Stage]:
 
 def specs(pipeline: Pipeline, stages: list[Stage]) -> dict[str, dict]:
     """What each stage's key hashes: its settings, its config file's text, its parents' keys."""
-    out = {"data": {"version": KEY_VERSION, "split": dataclasses.asdict(pipeline.data),
-                    "source_sha256": paths.sha256(source_file(pipeline.data))}}
+    split = dataclasses.asdict(pipeline.data)
+    if split["task"] == "classification":  # the default keeps the keys of pipelines written before it existed
+        split.pop("task")
+    out = {"data": {"version": KEY_VERSION, "split": split, "source_sha256": paths.sha256(source_file(pipeline.data))}}
     measure = {k: getattr(pipeline, k) for k in ("examples", "epsilon", "pgd_steps", "max_length")}
     if pipeline.robust_examples is not None:  # unset keeps the keys of pipelines written before it existed
         measure["robust_examples"] = pipeline.robust_examples
@@ -115,7 +122,7 @@ def plan(pipeline: Pipeline, workdir: Path, *, from_: str | None = None, only: s
         forced |= downstream(name)
     if from_ is not None:
         forced |= set(names[names.index(from_):])
-    _check_configs(stages, {n: workdir / f"{n}-{key(all_specs[n])}" for n in names})
+    _check_configs(stages, {n: workdir / f"{n}-{key(all_specs[n])}" for n in names}, pipeline.data.task)
     previous = read_json(workdir / "pipeline.json") or {}
     rows = []
     for name in names:
@@ -147,7 +154,7 @@ def plan(pipeline: Pipeline, workdir: Path, *, from_: str | None = None, only: s
     return rows
 
 
-def _check_configs(stages: list[Stage], folders: dict[str, Path]) -> None:
+def _check_configs(stages: list[Stage], folders: dict[str, Path], split_task: str) -> None:
     """Every training stage's config loads and validates (parents stand in by their future folders)."""
     from jaxopt_llm import config as config_lib
 
@@ -155,7 +162,7 @@ def _check_configs(stages: list[Stage], folders: dict[str, Path]) -> None:
         if not stages_lib.get(stage.kind).configured:
             continue
         try:
-            stages_lib.config_of(stage, folders, ["negative", "positive"])
+            stages_lib.config_of(stage, folders, ["negative", "positive"], split_task)
         except config_lib.ConfigError as err:
             raise PipelineError(f"stage {stage.name!r}: {err}") from None
 

@@ -10,12 +10,24 @@ from jaxopt_llm.paths import write_text
 from jaxopt_llm.pipeline.measure import TIMED_BATCHES
 
 COLUMNS = (("accuracy", "accuracy", 4), ("f1", "macro-F1", 4), ("nll", "NLL", 4), ("ece", "ECE", 4),
-           ("robust_accuracy", "robust acc.", 4), ("mlm_accuracy", "MLM acc.", 4), ("latency_ms", "ms / text", 2),
-           ("parameters", "parameters", 0), ("stage_seconds", "stage s", 0))
+           ("robust_accuracy", "robust acc.", 4), ("mlm_accuracy", "MLM acc.", 4),
+           ("entity_f1", "entity F1", 4), ("entity_precision", "entity P", 4), ("entity_recall", "entity R", 4),
+           ("word_accuracy", "word acc.", 4), ("exact_match", "EM", 2), ("qa_f1", "QA F1", 2),
+           ("latency_ms", "ms / text", 2), ("parameters", "parameters", 0), ("stage_seconds", "stage s", 0))
+TASK = {"classification": ("text-classification", "Text Classification", "texts"),  # HF pipeline tag, name, unit
+        "token-classification": ("token-classification", "Token Classification", "sentences"),
+        "question-answering": ("question-answering", "Question Answering", "questions")}
 PLOTS = (("accuracy", "Accuracy on the test set (higher is better)"),
+         ("entity_f1", "Entity F1 on the test set (higher is better)"),
+         ("qa_f1", "QA F1 on the test set (higher is better)"),
          ("ece", "Expected calibration error (lower is better)"),
          ("robust_accuracy", "Robust accuracy under PGD (higher is better)"),
          ("latency_ms", "Prediction latency, ms per text (lower is better)"))
+
+
+def columns(stages: list[dict]) -> list[tuple[str, str, int]]:
+    """The COLUMNS some stage has a value for."""
+    return [c for c in COLUMNS if any(cell(r["metrics"].get(c[0]), c[2]) != "-" for r in stages)]
 
 
 def cell(value, digits: int) -> str:
@@ -55,11 +67,13 @@ def bar_chart(rows: list[dict], metric: str, title: str) -> str:
 def write(pipeline, workdir: Path, rows: list[dict]) -> Path:
     stages = [r for r in rows if r["name"] != "data"]
     data = next(r for r in rows if r["name"] == "data")["metrics"]
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in COLUMNS)
+    unit = TASK[pipeline.data.task][2]
+    shown = columns(stages)
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in shown)
     body = []
     for r in stages:
         m = r["metrics"]
-        cells = "".join(f'<td data-metric="{k}">{cell(m.get(k), d)}</td>' for k, _, d in COLUMNS)
+        cells = "".join(f'<td data-metric="{k}">{cell(m.get(k), d)}</td>' for k, _, d in shown)
         body.append(f'<tr data-stage="{html.escape(r["name"])}"><th>{html.escape(r["name"])}</th>'
                     f'<td>{html.escape(r["kind"])}</td>{cells}</tr>')
     examples = []
@@ -80,10 +94,8 @@ def write(pipeline, workdir: Path, rows: list[dict]) -> Path:
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}tbody th,td:nth-child(2){{text-align:left}}
 figure{{display:inline-block;margin:0 1em 1em 0}}</style></head>
 <body><h1>{html.escape(pipeline.name)}</h1>
-<p>Every stage is measured on the same {data['test_examples']} held-out test texts of {html.escape(data['source'])}
-(majority class: {data['majority_class_accuracy']:.4f}); robust accuracy is accuracy under an L-inf PGD attack of
-{pipeline.pgd_steps} steps on the word embeddings at &epsilon; = {pipeline.epsilon:g}{_robust_on(pipeline, data)};
-latency is the mean per text over the first {TIMED_BATCHES * pipeline.batch_size} test texts in batches of
+<p>{_measured(pipeline, data)}
+latency is the mean per {unit[:-1]} over the first {TIMED_BATCHES * pipeline.batch_size} test {unit} in batches of
 {pipeline.batch_size}, after compilation, on the device each stage was measured on:
 {html.escape(_devices(stages))}.</p>
 <table id="stages"><thead><tr><th>stage</th><th>kind</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
@@ -104,6 +116,21 @@ latency is the mean per text over the first {TIMED_BATCHES * pipeline.batch_size
     for name, text in files.items():
         write_text(workdir / name, text)
     return workdir / "report.html"
+
+
+def _measured(pipeline, data: dict) -> str:
+    """What the stages are measured on, and how, for the split's task."""
+    where = f"Every stage is measured on the same {data['test_examples']} held-out test"
+    source = html.escape(data["source"])
+    if pipeline.data.task == "token-classification":
+        return (f"{where} sentences of {source} (all-O word accuracy: {data['all_o_word_accuracy']:.4f}); entity "
+                "precision, recall and F1 count exact (type, span) matches over words, as seqeval's strict mode does;")
+    if pipeline.data.task == "question-answering":
+        return (f"{where} questions of {source} (no-answer share: {data['no_answer_share']:.4f}); exact match and "
+                "F1 in percent, as the official SQuAD script computes them;")
+    return (f"{where} texts of {source} (majority class: {data['majority_class_accuracy']:.4f}); robust accuracy "
+            f"is accuracy under an L-inf PGD attack of {pipeline.pgd_steps} steps on the word embeddings at "
+            f"&epsilon; = {pipeline.epsilon:g}{_robust_on(pipeline, data)};")
 
 
 def _robust_on(pipeline, data: dict | None = None) -> str:
@@ -127,14 +154,21 @@ def _devices(stages: list[dict]) -> str:
 
 def model_card(pipeline, stages: list[dict], data: dict) -> str:
     """A Hugging Face model card: model-index metadata for the last classifying stage, the per-stage table."""
-    final = [r for r in stages if isinstance(r["metrics"].get("accuracy"), float)]
+    tag, task_name, unit = TASK[pipeline.data.task]
+    metrics = {"classification": [("accuracy", "Accuracy", "accuracy", None), ("f1", "Macro F1", "f1", "macro")],
+               "token-classification": [("f1", "Entity F1", "entity_f1", None),
+                                        ("precision", "Entity precision", "entity_precision", None),
+                                        ("recall", "Entity recall", "entity_recall", None)],
+               "question-answering": [("exact_match", "Exact match", "exact_match", None),
+                                      ("f1", "F1", "qa_f1", None)]}[pipeline.data.task]
+    final = [r for r in stages if isinstance(r["metrics"].get(metrics[0][2]), float)]
     final = final[-1] if final else stages[-1]
     m = final["metrics"]
-    metrics = [("accuracy", "Accuracy", m.get("accuracy"), None), ("f1", "Macro F1", m.get("f1"), "macro")]
+    metrics = [(kind, name, m.get(key), average) for kind, name, key, average in metrics]
     lines = ["---", "language: en", "license: apache-2.0", "library_name: jaxopt_llm",
-             "pipeline_tag: text-classification", "tags: [jax, flax, bert, text-classification]", "model-index:",
+             f"pipeline_tag: {tag}", f"tags: [jax, flax, bert, {tag}]", "model-index:",
              f"- name: {pipeline.name}-{final['name']}", "  results:", "  - task:",
-             "      type: text-classification", "      name: Text Classification", "    dataset:",
+             f"      type: {tag}", f"      name: {task_name}", "    dataset:",
              f"      name: {json.dumps(Path(data['source']).name)}", "      type: csv", "      split: test",
              "    metrics:"]
     for kind, name, value, average in metrics:
@@ -142,15 +176,21 @@ def model_card(pipeline, stages: list[dict], data: dict) -> str:
             lines += [f"    - type: {kind}", f"      value: {value:.4f}", f"      name: {name}"]
             if average:
                 lines += ["      args:", f"        average: {average}"]
+    baseline = {"classification": ("majority class", "majority_class_accuracy"),
+                "token-classification": ("all-O word accuracy", "all_o_word_accuracy"),
+                "question-answering": ("no-answer share", "no_answer_share")}[pipeline.data.task]
+    shown = columns(stages)
+    labels = f"Labels: {', '.join(data['labels'])}. " if data["labels"] else ""
     lines += ["---", "", f"# {pipeline.name}: {final['name']}", "",
               f"Built by `jaxopt-llm pipeline run` in {len(stages)} stages; the model is `{m.get('model')}`. "
-              f"Labels: {', '.join(data['labels'])}. Test set: {data['test_examples']} texts held out of "
-              f"`{data['source']}` (majority class {data['majority_class_accuracy']:.4f}).", "",
-              "| stage | kind | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
-              "|---|---|" + "---:|" * len(COLUMNS)]
+              f"{labels}Test set: {data['test_examples']} {unit} held out of "
+              f"`{data['source']}` ({baseline[0]} {data[baseline[1]]:.4f}).", "",
+              "| stage | kind | " + " | ".join(label for _, label, _ in shown) + " |",
+              "|---|---|" + "---:|" * len(shown)]
     for r in stages:
         lines.append(f"| {r['name']} | {r['kind']} | "
-                     + " | ".join(cell(r["metrics"].get(k), d) for k, _, d in COLUMNS) + " |")
-    lines += ["", "Robust accuracy: L-inf PGD on word embeddings, "
-              f"epsilon {pipeline.epsilon:g}, {pipeline.pgd_steps} steps{_robust_on(pipeline)}. Latency measured on {_devices(stages)}.", ""]
+                     + " | ".join(cell(r["metrics"].get(k), d) for k, _, d in shown) + " |")
+    robust = (f"Robust accuracy: L-inf PGD on word embeddings, epsilon {pipeline.epsilon:g}, {pipeline.pgd_steps} "
+              f"steps{_robust_on(pipeline)}. " if pipeline.data.task == "classification" else "")
+    lines += ["", f"{robust}Latency measured on {_devices(stages)}.", ""]
     return "\n".join(lines)

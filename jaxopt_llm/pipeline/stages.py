@@ -18,7 +18,7 @@ from typing import Any
 
 from jaxopt_llm import paths
 from jaxopt_llm.pipeline import split as split_lib
-from jaxopt_llm.pipeline.spec import DONE, Pipeline, PipelineError, Stage, read_json
+from jaxopt_llm.pipeline.spec import DONE, SPLIT_TASKS, Pipeline, PipelineError, Stage, read_json
 from jaxopt_llm.runs import write_json
 
 
@@ -32,6 +32,7 @@ class StageKind:
     artifact: bool = False  # its result is an exported artifact: no later stage can start from it
     one_process: bool = False  # trains inside on one process: refused when the pipeline runs on several
     check: Callable[[Stage], None] | None = None  # more checks of the stage's fields, before anything runs
+    split_tasks: tuple[str, ...] = ("classification",)  # the split tasks (`Split.task`) it works on
 
 
 _KINDS: dict[str, StageKind] = {}
@@ -47,9 +48,10 @@ def kinds() -> dict[str, StageKind]:
     """Every stage kind: the training commands (registered on first use), then the others."""
     from jaxopt_llm import recipes
 
-    for name in recipes.commands():
-        if name not in _KINDS:
-            _KINDS[name] = StageKind(name, _train, trains=True, configured=True)
+    for name, (_, task) in recipes.commands().items():
+        if name not in _KINDS:  # a command that fixes its task (pretrain, prompt) reads classification splits
+            _KINDS[name] = StageKind(name, _train, trains=True, configured=True,
+                                     split_tasks=("classification",) if task else SPLIT_TASKS)
     return dict(_KINDS)
 
 
@@ -73,9 +75,10 @@ def model_of(folder: Path) -> str:
     return str(folder / info["path"]) if info else str(folder)
 
 
-def config_of(stage: Stage, folders: dict[str, Path], names: list[str]):
-    """The training config of a stage: its file, the implied method / task, the split's files, its model and
-    overrides ("@stage" resolved to `folders`)."""
+def config_of(stage: Stage, folders: dict[str, Path], names: list[str], split_task: str = "classification"):
+    """The training config of a stage: its file, the implied method / task, the split's files (the split's
+    task where the command leaves the task to the config), its model and overrides ("@stage" resolved to
+    `folders`)."""
     from jaxopt_llm import config as config_lib
     from jaxopt_llm import recipes
 
@@ -85,6 +88,9 @@ def config_of(stage: Stage, folders: dict[str, Path], names: list[str]):
     method, task = recipes.commands()[command]
     implied = [f"method={method.name}"] + ([f"task={task}"] if task else [])
     data = folders["data"]
+    if split_task != "classification":
+        items = [f"task={split_task}", f"data.train_file={split_lib.part(data, 'train', split_task)}"]
+        return config_lib.load(stage.config, implied + items + base + overrides)
     items = [f"data.train_file={data / 'train.csv'}", "data.text_column=text", "data.label_column=label"]
     if stage.kind != "pretrain":
         items.append("data.labels=" + ",".join(names))
@@ -99,7 +105,7 @@ def _names(folders: dict[str, Path]) -> list[str]:
 def _train(stage: Stage, folder: Path, folders: dict[str, Path], pipeline: Pipeline) -> str:
     from jaxopt_llm.train import train
 
-    train(config_of(stage, folders, _names(folders)), folder)
+    train(config_of(stage, folders, _names(folders), pipeline.data.task), folder)
     return str(folder)
 
 
@@ -121,7 +127,7 @@ def _export(stage: Stage, folder: Path, folders: dict[str, Path], pipeline: Pipe
 
     artifact = folder / "artifact"
     paths.rmtree(artifact)  # an interrupted export is redone whole
-    texts, _ = split_lib.texts(folders["data"] / "dev.csv", _names(folders))
+    texts = split_lib.dev_texts(folders["data"], pipeline.data.task, _names(folders))
     export(resolve(stage.model, folders), artifact, reference_texts=texts[:256], golden_texts=list(pipeline.examples))
     write_json(folder / "model.json", {"path": "artifact"})
     return str(artifact)
@@ -149,5 +155,5 @@ def _check_label(stage: Stage) -> None:
 
 
 register(StageKind("calibrate", _calibrate, needs_model=True))
-register(StageKind("export", _export, needs_model=True, artifact=True))
+register(StageKind("export", _export, needs_model=True, artifact=True, split_tasks=SPLIT_TASKS))
 register(StageKind("label", _label, needs_model=True, configured=True, one_process=True, check=_check_label))
