@@ -249,6 +249,19 @@ def override(config: Config, items: list[str]) -> Config:
         elif len(parts) == 2 and parts[0] in recipes.task_names() and parts[0] != config.task:
             raise ConfigError(f"{key}: {parts[0]}.* options belong to task={parts[0]}, but this run's task is "
                               f"{config.task!r}; set task={parts[0]} first.")
+        elif (len(parts) == 2 and parts[0] in recipes.method_names() and parts[0] != config.method
+              and getattr(config.options, "method", None) == parts[0] and hasattr(config.options, "inner")):
+            # a method that runs another (lora.method=distill) takes that method's keys (distill.teacher=...)
+            inner_cls = recipes.get(parts[0]).options
+            inner = config.options.inner if isinstance(config.options.inner, inner_cls) else inner_cls()
+            fields = _fields(inner_cls)
+            if parts[1] in fields:
+                try:
+                    inner = dataclasses.replace(inner, **{parts[1]: _parse(text, fields[parts[1]], key)})
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+                config = dataclasses.replace(config, options=dataclasses.replace(config.options, inner=inner))
+                continue
         elif len(parts) == 2 and parts[0] in recipes.method_names():
             if parts[0] != config.method:
                 raise ConfigError(f"{key}: {parts[0]}.* options belong to method={parts[0]}, but this run's method "

@@ -30,6 +30,7 @@ _METHODS: dict[str, Any] = {
     "adversarial": "jaxopt_llm.steps.adversarial",
     "distill": "jaxopt_llm.steps.distill",
     "ensemble": "jaxopt_llm.steps.ensemble",
+    "lora": "jaxopt_llm.steps.lora",
 }
 
 
@@ -41,8 +42,9 @@ class Recipe:
     train_step(state, batch, key, aux) -> (state, metrics); eval_step(params, batch, aux) -> metrics, both
     pure, metrics as {name: (sum, count)}. `aux` is passed to every step and never checkpointed (e.g.
     {"teachers": {name: params}}). `export(params)` is the `Bert` written to the run folder's model/;
-    `files` are the method's own files for the run folder ({file name: JSON-able value}). `export` may
-    return a list of models: an ensemble's members, written to members/0, members/1, ...
+    `files` are the method's own files for the run folder ({file name: JSON-able value}); `write(params,
+    run)` writes any others (LoRA's adapter/). `export` may return a list of models: an ensemble's members,
+    written to members/0, members/1, ...
     """
 
     task: Any
@@ -56,6 +58,7 @@ class Recipe:
     files: dict[str, Any] = dataclasses.field(default_factory=dict)
     batches: Callable | None = None  # (arrays, batch_size, seed, **process) -> batches[position]; None: Batches
     members: int | None = None  # a leading member axis on the state and the batches (ensembles)
+    write: Callable[[Any, Any], None] | None = None  # write(params, run folder): the method's other files
 
 
 @dataclasses.dataclass(frozen=True)

@@ -315,6 +315,8 @@ def _fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainCon
                 save_pretrained(model, target, tokenizer=tokenizer)
         for name, value in {**recipe.task.files(), **recipe.files}.items():
             run.write(name, value)
+        if recipe.write is not None:
+            recipe.write(params, run)
         record = run.record()
         record["train_step_compiles"] = step_compiles  # 1 when the step compiled once (0 if nothing ran)
         write_json(run.record_file, record)

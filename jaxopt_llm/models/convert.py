@@ -202,26 +202,34 @@ def _key(part: str) -> str | int:
     return int(part) if part.isdigit() else part
 
 
-def to_hf_tensors(model: Any) -> dict[str, np.ndarray]:
-    """Our parameters under Hugging Face key names, as the class for `model.task` expects them."""
+def hf_slots(model: Any, paths: Any) -> list[tuple[str, str, Any, bool]]:
+    """(Hugging Face key, our parameter path, the slot of it the key holds -- `...` or a column slice of a fused
+    kernel --, transposed) of every key the class for `model.task` has, among our `paths`."""
     config, task = model.config, model.task
     family = registry.of_model(model)
-    flat = _flat(nnx.state(model, nnx.Param))
-    if config.scan_layers:
-        flat = unstack_layers(flat, config.num_hidden_layers)
-    width = config.hidden_size
-    out = {}
+    out = []
     for hf, ours, transpose in family.rows(task, config):
         for i in range(config.num_hidden_layers) if "{i}" in hf else [None]:
             for part in family.parts if "{part}" in hf else [None]:
                 path = ours.replace("{i}", str(i))
-                if path not in flat:
+                if path not in paths:
                     continue
-                value = np.asarray(flat[path][...])[_slot(family, path, part, width)[1]]
                 key = hf.replace("{i}", str(i)).replace("{part}", part or "")
                 if task != "base" and not key.startswith(family.head_keys):
                     key = family.prefix + key
-                out[key] = np.ascontiguousarray(value.T if transpose else value)
+                out.append((key, path, _slot(family, path, part, config.hidden_size)[1], transpose))
+    return out
+
+
+def to_hf_tensors(model: Any) -> dict[str, np.ndarray]:
+    """Our parameters under Hugging Face key names, as the class for `model.task` expects them."""
+    flat = _flat(nnx.state(model, nnx.Param))
+    if model.config.scan_layers:
+        flat = unstack_layers(flat, model.config.num_hidden_layers)
+    out = {}
+    for key, path, slot, transpose in hf_slots(model, flat):
+        value = np.asarray(flat[path][...])[slot]
+        out[key] = np.ascontiguousarray(value.T if transpose else value)
     return out
 
 

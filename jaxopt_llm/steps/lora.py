@@ -1,0 +1,129 @@
+"""The lora method: low-rank adapters (`jaxopt_llm.lora`) trained by another method -- clean, adversarial or
+distill (the student's adapters) -- on a frozen base.
+
+The state holds the adapters and the modules trained whole, and the optimizer sees only them; the frozen base
+rides in `aux` (never checkpointed, never donated, never copied by a step). One step: the adapted parameters
+are written from the trainable ones (`lora.materialize`), the inner method's own step runs on them with an
+optimizer that hands back its gradient instead of applying it, and the gradient is pulled back to the
+trainable parameters (`jax.vjp` of the materialization), where the run's optimizer applies it. Gradients of
+frozen weights have no consumer, so XLA does not compute them. The run folder's model/ is the merged model
+(every later step takes it as any other); adapter/ holds the adapters in peft's format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from jaxopt_llm import lora
+from jaxopt_llm.errors import UserError
+from jaxopt_llm.recipes import Context, Method, Recipe
+from jaxopt_llm.state import TrainState
+from jaxopt_llm.steps.common import apply_gradients
+
+INNER = ("clean", "adversarial", "distill")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraOptions:
+    """Config keys `lora.*`."""
+
+    rank: int = 8  # r
+    alpha: float = 16.0  # the adapter's delta is scaled by alpha / r
+    dropout: float = 0.0  # peft's lora_dropout: only 0 (see jaxopt_llm.lora)
+    targets: str = ""  # linear layers by Hugging Face module name (peft's target_modules); "" = peft's default
+    train: str = ""  # modules trained whole, by Hugging Face name; "" = the task's head (none for masked LM)
+    method: str = "clean"  # what trains the adapters: clean | adversarial | distill
+    inner: Any = None  # that method's options (its dataclass, set in a config file); None: its defaults
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise UserError(f"lora.rank={self.rank}: must be at least 1 (8 or 16 are usual).")
+        if self.alpha <= 0:
+            raise UserError(f"lora.alpha={self.alpha}: must be positive (the delta is scaled by alpha / rank).")
+        if self.dropout != 0.0:
+            raise UserError(f"lora.dropout={self.dropout}: adapters here live in weight space, where dropout on "
+                            "the adapter's input cannot be applied; use 0 (peft's default).")
+        if self.method not in INNER:
+            raise UserError(f"lora.method={self.method!r}: adapters train under {', '.join(INNER)}.")
+
+    @staticmethod
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _stash() -> optax.GradientTransformation:
+    """An optimizer whose state after an update is the gradient it was given, and whose update is zero."""
+    return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                        lambda grads, state, params=None: (jax.tree.map(jax.numpy.zeros_like, grads),
+                                                                           grads))
+
+
+def build(ctx: Context, options: LoraOptions) -> Recipe:
+    from jaxopt_llm import recipes
+
+    method = recipes.get(options.method)
+    inner_options = options.inner if options.inner is not None else method.options()
+    if not isinstance(inner_options, method.options):
+        raise UserError(f"lora.inner is a {type(inner_options).__name__}, but lora.method={options.method!r} "
+                        f"takes {method.options.__name__}.")
+    base = ctx.model  # the checkpoint the adapters are for
+    if options.method == "distill":
+        if not inner_options.student:
+            raise UserError("lora.method=distill trains the adapters of a student checkpoint: set distill.student "
+                            "(e.g. a smaller model of the teacher's vocabulary); a student made from the teacher's "
+                            "layers has no checkpoint of its own for the adapters to apply to.")
+        base = inner_options.student
+    inner = method.build(dataclasses.replace(ctx, tx=_stash()), inner_options)
+    params = nnx.to_pure_dict(inner.params) if isinstance(inner.params, nnx.State) else inner.params
+    model = inner.export(params)
+    p = lora.plan(model, params, options.names(options.targets), options.names(options.train), options.rank,
+                  options.alpha, getattr(ctx.task, "name", ""))
+    trainable, frozen = lora.split(p, params, jax.random.fold_in(jax.random.key(ctx.seed), 0x10A))
+
+    def train_step(state: TrainState, batch: dict, key: jax.Array, aux=None):
+        full, pullback = jax.vjp(lambda t: lora.materialize(p, t, aux["frozen"]), state.params)
+        stepped, metrics = inner.train_step(TrainState(state.step, full, optax.EmptyState()), batch, key,
+                                            aux["inner"])
+        (grads,) = pullback(stepped.opt_state)  # the inner step's gradient, summed over devices already
+        return apply_gradients(state, grads, ctx.tx), metrics
+
+    def eval_step(trainable, batch: dict, aux=None):
+        return inner.eval_step(lora.materialize(p, trainable, aux["frozen"]), batch, aux["inner"])
+
+    def export(trainable):
+        return inner.export(lora.materialize(p, trainable, frozen))
+
+    def write(trainable, run) -> None:
+        merged = export(trainable)
+        lora.write_peft(p, trainable, merged, run.path / "adapter", getattr(ctx.task, "name", ""), str(base))
+
+    files = {"lora.json": {"method": options.method, "rank": options.rank, "alpha": options.alpha,
+                           "targets": list(p.names), "modules_to_save": list(p.modules_to_save),
+                           "adapted_layers": len(p.targets), "trainable_parameters": lora.count(trainable),
+                           "frozen_parameters": lora.count(frozen)}}
+    return Recipe(task=inner.task, tx=ctx.tx, graphdef=inner.graphdef, params=trainable, train_step=train_step,
+                  eval_step=eval_step, export=export, aux={"frozen": frozen, "inner": inner.aux},
+                  files={**inner.files, **files}, batches=inner.batches, write=write)
+
+
+def _base_model(options: LoraOptions):
+    from jaxopt_llm import recipes
+
+    method = recipes.get(options.method)
+    return method.base_model(options.inner if options.inner is not None else method.options())
+
+
+def _encoders(options: LoraOptions, task, tokenizer):
+    from jaxopt_llm import recipes
+
+    method = recipes.get(options.method)
+    return method.encoders(options.inner if options.inner is not None else method.options(), task, tokenizer)
+
+
+METHOD = Method("lora", LoraOptions, build, help="train low-rank adapters (and the task's head) on a frozen model",
+                base_model=_base_model, encoders=_encoders)
