@@ -86,11 +86,16 @@ def _model_function(model):
         return m.classify_logits(hidden, attention_mask=batch["attention_mask"]), hidden[:, 0]
 
     if model.kind == "ensemble":
+        from jaxopt_llm import lora
+
+        adapters = lora.adapter_ensemble(model)  # the base once, each member's adapters and head
+        expand = adapters[1] if adapters is not None else (lambda p: p)
+
         def fn(p, batch):
-            logits, cls = jax.vmap(lambda q: classify(q, batch))(p)
+            logits, cls = jax.vmap(lambda q: classify(q, batch))(expand(p))
             return combine(logits, "mean-prob"), cls.mean(0)
 
-        return params, fn, {"members": engine.members}
+        return (adapters[0] if adapters is not None else params), fn, {"members": engine.members}
     if model.kind == "prompt":
         task = engine.prompt
 
@@ -199,7 +204,7 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
                 specs = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 3
             exported = jax_export.export(jax.jit(predict), platforms=tuple(platforms))(weight_specs, *specs)
             (tmp / "functions" / f"predict_{t}.jax").write_bytes(exported.serialize())
-        save_file({f"w{i:05d}": np.asarray(x) for i, x in enumerate(flat)}, str(tmp / "weights.safetensors"))
+        save_file({f"w{i:05d}": np.ascontiguousarray(x) for i, x in enumerate(flat)}, str(tmp / "weights.safetensors"))
         # the padding / truncation a training run left set are not the artifact's: it cuts at manifest max_length
         packing.truncating(tokenizer.backend_tokenizer, None).save(str(tmp / "tokenizer.json"))
         if kind == "prompt":

@@ -138,7 +138,7 @@ def materialize(p: Plan, trainable: dict, frozen: dict) -> Any:
     for t in p.targets:
         ab = trainable["adapters"][t.module]
         delta = (ab["a"] @ ab["b"]) * p.scale
-        flat[t.path] = flat[t.path].at[t.slot].add(delta.astype(flat[t.path].dtype))
+        flat[t.path] = jnp.asarray(flat[t.path]).at[t.slot].add(delta.astype(flat[t.path].dtype))
     return jax.tree_util.tree_unflatten(p.treedef, [flat[k] for k in p.keys])
 
 
@@ -166,7 +166,53 @@ def write_peft(p: Plan, trainable: dict, merged_model, out: str | Path, task: st
               metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": PEFT_TASKS.get(task), "r": p.rank, "lora_alpha": p.alpha,
               "lora_dropout": 0.0, "target_modules": list(p.names), "modules_to_save": list(p.modules_to_save) or None,
-              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+              "use_rslora": False,
               "base_model_name_or_path": base}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def adapter_ensemble(model) -> tuple[dict, Any] | None:
+    """An `inference.Inference` of an adapter-ensemble run (lora.members > 1) as (weights, expand): weights
+    {"frozen": the base once, "members": each member's adapters and head, stacked}, expand(weights) -> the
+    members' stacked parameters. None for any other model. The base is member 0's merged parameters less its
+    adapters' delta (float32 rounding of the merge, ~1e-7 relative)."""
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from jaxopt_llm.runs import RunFolder
+
+    run = RunFolder.of(model.reference) if not model.artifact else None
+    info = run.read("lora.json") if run is not None else None
+    if not info or info.get("members", 1) < 2:
+        return None
+    engine = model.engine
+    stacked = nnx.to_pure_dict(engine.state) if isinstance(engine.state, nnx.State) else engine.state
+    n = len(jax.tree.leaves(stacked)[0])
+    members = [jax.tree.map(lambda x: np.asarray(x[i]), stacked) for i in range(n)]
+    first = nnx.merge(engine.graphdef, members[0])
+    p = plan(first, members[0], tuple(info["targets"]), tuple(info.get("train", ())), info["rank"], info["alpha"],
+             run.task() or "classification")
+    trainables = []
+    for i, params in enumerate(members):
+        tensors = load_file(run.path / "adapters" / str(i) / "adapter_model.safetensors")
+        flat, _, _ = _flat(params)
+
+        def read(module, x):  # peft's lora_A (r, in) / lora_B (out, r) -> our a (in, r) / b (r, out)
+            return np.ascontiguousarray(tensors[f"base_model.model.{module}.lora_{x}.weight"].T)
+
+        trainables.append({
+            "adapters": {t.module: {"a": read(t.module, "A"), "b": read(t.module, "B")} for t in p.targets},
+            "whole": {k: flat[k] for k in p.trained}})
+    flat, _, _ = _flat(members[0])
+    frozen = {k: np.array(v) for k, v in flat.items() if k not in p.trained}
+    for t in p.targets:  # member 0's delta out: the base
+        ab = trainables[0]["adapters"][t.module]
+        frozen[t.path][t.slot] -= (ab["a"] @ ab["b"]) * p.scale
+    weights = {"frozen": frozen, "members": jax.tree.map(lambda *xs: np.stack(xs), *trainables)}
+
+    def expand(w):
+        return jax.vmap(lambda t: materialize(p, t, w["frozen"]))(w["members"])
+
+    return weights, expand

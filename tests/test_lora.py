@@ -53,7 +53,7 @@ def check_run(run, base_folder, base_cls, prefix, adapted):
             continue
         module = key.rsplit(".", 1)[0]
         if key.endswith(".weight") and module.rsplit(".", 1)[-1] in adapted:
-            a, b = adapter[f"base_model.model.{module}.lora_A.weight"], adapter[f"base_model.model.{module}.lora_B.weight"]
+            a, b = (adapter[f"base_model.model.{module}.lora_{x}.weight"] for x in "AB")
             np.testing.assert_allclose(value, base[name] + scale * b @ a, atol=1e-6)
             changed += bool(np.abs(b).max() > 0)
         else:
@@ -113,3 +113,68 @@ def test_bad_lora_settings_are_one_clear_error_and_write_nothing(setup, tmp_path
         cli.main(["lora", "--workdir", str(tmp_path / "run"), *overrides(setup), item])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_an_adapter_ensemble_step_equals_single_adapter_steps_over_one_base(tmp_path):
+    import jax
+    import optax
+    from conftest import hf_model, make_batch, task_for
+
+    from jaxopt_llm import state as state_lib
+    from jaxopt_llm.models import bert
+    from jaxopt_llm.recipes import Context
+    from jaxopt_llm.steps import ensemble, lora
+
+    hf_model("sequence-classification", hidden_dropout_prob=0.1).save_pretrained(tmp_path)  # dropout on
+    task = task_for("sequence-classification")
+    tx = optax.chain(optax.clip_by_global_norm(0.05), optax.sgd(0.5))
+    ctx = Context(task=task, tx=tx, seed=0, model=str(tmp_path),
+                  load=lambda ref, head=None, seed=0: bert.from_pretrained(ref, "sequence-classification", seed=seed))
+    members = 2
+    recipe = lora.build(ctx, lora.LoraOptions(members=members))
+    single = lora.build(ctx, lora.LoraOptions())
+    base = single.aux["frozen"]
+    assert all(np.array_equal(recipe.aux["frozen"][k], base[k]) for k in base)  # one base, not one per member
+    assert all(x.shape[0] == members for x in jax.tree.leaves(recipe.params))  # the member axis: adapters, heads
+    step, single_step = jax.jit(recipe.train_step), jax.jit(single.train_step)
+    state = state_lib.create(recipe.params, recipe.tx)
+    singles = [state_lib.create(jax.tree.map(lambda x: x[i], recipe.params), tx) for i in range(members)]
+    key = jax.random.key_data(jax.random.key(5))
+    for position in range(2):
+        batches = [make_batch(10 * i + position) for i in range(members)]
+        state, _ = step(state, {k: np.stack([b[k] for b in batches]) for k in batches[0]}, key, recipe.aux)
+        singles = [single_step(s, b, ensemble.member_key(key, i), single.aux)[0]
+                   for i, (s, b) in enumerate(zip(singles, batches))]
+    for i, one in enumerate(singles):
+        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], state.params)), jax.tree.leaves(one.params)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    heads = [np.asarray(s.params["whole"]["classifier.kernel"]) for s in singles]
+    assert not np.allclose(heads[0], heads[1])  # each member its own head
+
+
+def test_an_adapter_ensemble_run_predicts_as_an_ensemble_of_its_merged_members(setup, tmp_path):
+    run = tmp_path / "run"
+    cli.main(["lora", "--workdir", str(run), *overrides(setup, **{"train.learning_rate": 1e-2, "lora.members": 2})])
+    model = inference.load(run)
+    assert model.kind == "ensemble" and len(model.members) == 2
+    members = [inference.load(m) for m in model.members]
+    np.testing.assert_allclose(model.probs(TEXTS), np.mean([m.probs(TEXTS) for m in members], 0), atol=1e-6)
+    labels = json.loads((run / "labels.json").read_text())
+    for i, member in enumerate(members):  # each member's adapter, in peft, gives that member's logits
+        want, _ = peft_logits(transformers.BertForSequenceClassification, setup / "model", run / "adapters" / str(i),
+                              TEXTS, len(labels))
+        np.testing.assert_allclose(member.logits(TEXTS), want, atol=1e-5)
+    assert json.loads((run / "run.json").read_text())["train_step_compiles"] == 1
+
+
+def test_an_adapter_ensemble_exports_one_artifact_holding_the_base_once(setup, tmp_path):
+    from jaxopt_llm.export import export
+
+    run = tmp_path / "run"
+    cli.main(["lora", "--workdir", str(run), *overrides(setup, **{"train.learning_rate": 1e-2, "lora.members": 3})])
+    artifact = export(str(run), tmp_path / "artifact", golden_texts=TEXTS)
+    served = inference.load(artifact)
+    np.testing.assert_allclose(served.probs(TEXTS), inference.load(run).probs(TEXTS), atol=1e-5)
+    one_model = (setup / "model" / "model.safetensors").stat().st_size
+    weights = (artifact / "weights.safetensors").stat().st_size
+    assert weights < 1.2 * one_model  # three members: the base once (a stacked export holds it three times)

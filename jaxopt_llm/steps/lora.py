@@ -23,6 +23,7 @@ from jaxopt_llm import lora
 from jaxopt_llm.errors import UserError
 from jaxopt_llm.recipes import Context, Method, Recipe
 from jaxopt_llm.state import TrainState
+from jaxopt_llm.steps import ensemble
 from jaxopt_llm.steps.common import apply_gradients
 
 INNER = ("clean", "adversarial", "distill")
@@ -39,6 +40,7 @@ class LoraOptions:
     train: str = ""  # modules trained whole, by Hugging Face name; "" = the task's head (none for masked LM)
     method: str = "clean"  # what trains the adapters: clean | adversarial | distill
     inner: Any = None  # that method's options (its dataclass, set in a config file); None: its defaults
+    members: int = 1  # > 1: an adapter ensemble, N adapter sets (and heads) over one base in one vmapped step
 
     def __post_init__(self):
         if self.rank < 1:
@@ -50,6 +52,9 @@ class LoraOptions:
                             "the adapter's input cannot be applied; use 0 (peft's default).")
         if self.method not in INNER:
             raise UserError(f"lora.method={self.method!r}: adapters train under {', '.join(INNER)}.")
+        if self.members < 1 or (self.members > 1 and self.method == "distill"):
+            raise UserError(f"lora.members={self.members}: at least 1; an adapter ensemble (more than 1) trains "
+                            "under clean or adversarial, not distill.")
 
     @staticmethod
     def names(text: str) -> tuple[str, ...]:
@@ -83,32 +88,65 @@ def build(ctx: Context, options: LoraOptions) -> Recipe:
     model = inner.export(params)
     p = lora.plan(model, params, options.names(options.targets), options.names(options.train), options.rank,
                   options.alpha, getattr(ctx.task, "name", ""))
-    trainable, frozen = lora.split(p, params, jax.random.fold_in(jax.random.key(ctx.seed), 0x10A))
+    n = options.members
+    seeds = [ensemble.member_seed(ctx.seed, i) for i in range(n)]  # member 0's is the single run's
+    # each member its own adapters and its own fresh head (from its seed), as the ensemble method's members
+    adapters = [lora.split(p, params if i == 0 else nnx.to_pure_dict(nnx.state(ctx.load(ctx.model, seed=s))),
+                           jax.random.fold_in(jax.random.key(s), 0x10A)) for i, s in enumerate(seeds)]
+    frozen = adapters[0][1]
+    trainable = adapters[0][0] if n == 1 else jax.tree.map(lambda *xs: jax.numpy.stack(xs), *[a for a, _ in adapters])
+
+    def grads_of(trainable, batch, key, step, aux):
+        """The inner step's gradient (summed over devices already) pulled back to `trainable`, and metrics."""
+        full, pullback = jax.vjp(lambda t: lora.materialize(p, t, aux["frozen"]), trainable)
+        stepped, metrics = inner.train_step(TrainState(step, full, optax.EmptyState()), batch, key, aux["inner"])
+        return pullback(stepped.opt_state)[0], metrics
+
+    tx = ctx.tx if n == 1 else ensemble.vmapped(ctx.tx)
 
     def train_step(state: TrainState, batch: dict, key: jax.Array, aux=None):
-        full, pullback = jax.vjp(lambda t: lora.materialize(p, t, aux["frozen"]), state.params)
-        stepped, metrics = inner.train_step(TrainState(state.step, full, optax.EmptyState()), batch, key,
-                                            aux["inner"])
-        (grads,) = pullback(stepped.opt_state)  # the inner step's gradient, summed over devices already
-        return apply_gradients(state, grads, ctx.tx), metrics
+        if n == 1:
+            grads, metrics = grads_of(state.params, batch, key, state.step, aux)
+        else:  # member i: its adapters, its batch, the key fold_in(key, i); the base is shared, not mapped
+            keys = jax.vmap(lambda i: ensemble.member_key(key, i))(jax.numpy.arange(n))
+            grads, metrics = jax.vmap(lambda t, b, k: grads_of(t, b, k, state.step, aux))(state.params, batch, keys)
+        return apply_gradients(state, grads, tx), metrics
+
+    ensemble_eval = ensemble.make_eval_step(inner.graphdef, ctx.task) if n > 1 else None
 
     def eval_step(trainable, batch: dict, aux=None):
-        return inner.eval_step(lora.materialize(p, trainable, aux["frozen"]), batch, aux["inner"])
+        if n == 1:
+            return inner.eval_step(lora.materialize(p, trainable, aux["frozen"]), batch, aux["inner"])
+        return ensemble_eval(jax.vmap(lambda t: lora.materialize(p, t, aux["frozen"]))(trainable), batch)
+
+    def member(trainable, i):
+        return trainable if n == 1 else jax.tree.map(lambda x: x[i], trainable)
 
     def export(trainable):
-        return inner.export(lora.materialize(p, trainable, frozen))
+        models = [inner.export(lora.materialize(p, member(trainable, i), frozen)) for i in range(n)]
+        return models[0] if n == 1 else models
 
     def write(trainable, run) -> None:
-        merged = export(trainable)
-        lora.write_peft(p, trainable, merged, run.path / "adapter", getattr(ctx.task, "name", ""), str(base))
+        models = export(trainable)
+        for i, merged in enumerate(models if n > 1 else [models]):
+            folder = run.path / "adapter" if n == 1 else run.path / "adapters" / str(i)
+            lora.write_peft(p, member(trainable, i), merged, folder, getattr(ctx.task, "name", ""), str(base))
 
     files = {"lora.json": {"method": options.method, "rank": options.rank, "alpha": options.alpha,
-                           "targets": list(p.names), "modules_to_save": list(p.modules_to_save),
+                           "targets": list(p.names), "train": list(options.names(options.train)),
+                           "modules_to_save": list(p.modules_to_save), "members": n, "base": str(base),
                            "adapted_layers": len(p.targets), "trainable_parameters": lora.count(trainable),
                            "frozen_parameters": lora.count(frozen)}}
-    return Recipe(task=inner.task, tx=ctx.tx, graphdef=inner.graphdef, params=trainable, train_step=train_step,
+    task, batches = inner.task, inner.batches
+    if n > 1:
+        task = ensemble.EnsembleTask(ctx.task, n)
+
+        def batches(arrays, batch_size, seed, **process):
+            return ensemble.MemberBatches(arrays, batch_size, seed, n, False, **process)
+
+    return Recipe(task=task, tx=tx, graphdef=inner.graphdef, params=trainable, train_step=train_step,
                   eval_step=eval_step, export=export, aux={"frozen": frozen, "inner": inner.aux},
-                  files={**inner.files, **files}, batches=inner.batches, write=write)
+                  files={**inner.files, **files}, batches=batches, write=write, members=n if n > 1 else None)
 
 
 def _base_model(options: LoraOptions):
