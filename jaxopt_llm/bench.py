@@ -431,7 +431,7 @@ def cold_start_row(c: BenchConfig) -> dict:
 
 
 TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "cold-start", "families",
-         "local-attention", "unpadded")
+         "local-attention", "unpadded", "lora")
 # the other families' classification steps against their own transformers classes (HF config class, model class)
 FAMILY_CLASSES = {"roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
                   "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification"),
@@ -544,6 +544,51 @@ def unpadded_rows(c: BenchConfig, fills: tuple[tuple[int, int], ...] = ((8, 56),
     return rows
 
 
+def _step_bytes(recipe, c: BenchConfig) -> int:
+    """XLA's memory for one train step of `recipe`: its arguments, temporaries and outputs, less what the
+    donated state shares with the new one."""
+    from jaxopt_llm import state as state_lib
+
+    state = state_lib.create(recipe.params, recipe.tx)
+    batch = _batch(c)
+    if recipe.members:
+        batch = {k: np.stack([v] * recipe.members) for k, v in batch.items()}
+    key = jax.random.key_data(jax.random.key(0))
+    m = jax.jit(recipe.train_step, donate_argnums=0).lower(state, batch, key, recipe.aux).compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+
+
+def lora_rows(c: BenchConfig) -> list[dict]:
+    """LoRA (rank 8 on query and value, the classifier trained whole) against full fine-tuning of the same
+    model: step time (interleaved), trainable parameters, optimizer-state bytes and XLA's step memory; and one
+    adapter-ensemble step of `c.members` members against that many single adapter steps."""
+    from jaxopt_llm import lora
+    from jaxopt_llm import state as state_lib
+    from jaxopt_llm.steps.lora import LoraOptions
+
+    task = _task(c, "classify")
+    recipes_ = {"full": _recipe(c, "clean", task), "lora": _recipe(c, "lora", task, LoraOptions()),
+                "ensemble": _recipe(c, "lora", task, LoraOptions(members=c.members))}
+    t = _time_rounds({name: _stepper(r, c) for name, r in recipes_.items()}, c.steps, c.warmup)
+    opt = {name: sum(x.nbytes for x in jax.tree.leaves(state_lib.create(r.params, r.tx).opt_state))
+           for name, r in recipes_.items() if name != "ensemble"}
+    mem = {name: _step_bytes(r, c) for name, r in recipes_.items() if name != "ensemble"}
+    full, lo = lora.count(recipes_["full"].params), lora.count(recipes_["lora"].params)
+    return [
+        {"row": "lora train step (r=8, query/value + classifier) vs full fine-tuning", "ours": t["lora"] * 1e3,
+         "reference": t["full"] * 1e3, "unit": "ms", "ratio": t["full"] / t["lora"], "target": "> 1"},
+        {"row": "lora trainable parameters vs full fine-tuning", "ours": lo, "reference": full, "unit": "params",
+         "ratio": full / lo, "target": "fraction"},
+        {"row": "lora optimizer state (AdamW) vs full fine-tuning", "ours": opt["lora"] / 2**20,
+         "reference": opt["full"] / 2**20, "unit": "MiB", "ratio": opt["full"] / opt["lora"], "target": "fraction"},
+        {"row": "lora step memory (XLA: arguments + temporaries + outputs) vs full", "ours": mem["lora"] / 2**20,
+         "reference": mem["full"] / 2**20, "unit": "MiB", "ratio": mem["full"] / mem["lora"], "target": "> 1"},
+        {"row": f"adapter ensemble: one {c.members}-member step vs {c.members} adapter steps",
+         "ours": t["ensemble"] * 1e3, "reference": c.members * t["lora"] * 1e3, "unit": "ms",
+         "ratio": c.members * t["lora"] / t["ensemble"], "target": ">= 1"},
+    ]
+
+
 def run(c: BenchConfig, tasks: tuple[str, ...] = ("classify", "mlm", "adversarial", "distill"),
         log: Callable[[str], None] = _quiet) -> list[dict]:
     """Every row: ours against PyTorch (train steps in interleaved rounds, prediction), against budgets in our
@@ -585,6 +630,8 @@ def _task_rows(c: BenchConfig, task: str, log: Callable[[str], None]) -> list[di
         return local_attention_rows(c)
     if task == "unpadded":
         return unpadded_rows(c)
+    if task == "lora":
+        return lora_rows(c)
     if task == "ensemble":  # its budget: N of our single clean steps (timed in interleaved rounds with it)
         from jaxopt_llm.steps.ensemble import EnsembleOptions
 

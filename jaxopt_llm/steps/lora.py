@@ -103,16 +103,18 @@ def build(ctx: Context, options: LoraOptions) -> Recipe:
         return pullback(stepped.opt_state)[0], metrics
 
     tx = ctx.tx if n == 1 else ensemble.vmapped(ctx.tx)
+    per_pass = ensemble.EnsembleOptions(members=n).per_pass()  # members vmapped together (the ensemble's rule)
 
     def train_step(state: TrainState, batch: dict, key: jax.Array, aux=None):
         if n == 1:
             grads, metrics = grads_of(state.params, batch, key, state.step, aux)
         else:  # member i: its adapters, its batch, the key fold_in(key, i); the base is shared, not mapped
             keys = jax.vmap(lambda i: ensemble.member_key(key, i))(jax.numpy.arange(n))
-            grads, metrics = jax.vmap(lambda t, b, k: grads_of(t, b, k, state.step, aux))(state.params, batch, keys)
+            grads, metrics = ensemble.over_members(lambda t, b, k: grads_of(t, b, k, state.step, aux),
+                                                   (state.params, batch, keys), per_pass)
         return apply_gradients(state, grads, tx), metrics
 
-    ensemble_eval = ensemble.make_eval_step(inner.graphdef, ctx.task) if n > 1 else None
+    ensemble_eval = ensemble.make_eval_step(inner.graphdef, ctx.task, per_pass=per_pass) if n > 1 else None
 
     def eval_step(trainable, batch: dict, aux=None):
         if n == 1:
