@@ -178,3 +178,22 @@ def test_an_adapter_ensemble_exports_one_artifact_holding_the_base_once(setup, t
     one_model = (setup / "model" / "model.safetensors").stat().st_size
     weights = (artifact / "weights.safetensors").stat().st_size
     assert weights < 1.2 * one_model  # three members: the base once (a stacked export holds it three times)
+
+
+def test_a_token_classifier_trains_adapters_that_peft_loads(setup, tmp_path):
+    from test_tokens import ner_file
+
+    train = ner_file(tmp_path / "train.conll", 48, 0)
+    run = tmp_path / "run"
+    cli.main(["lora", "--workdir", str(run), *overrides(setup, **{
+        "task": "token-classification", "data.train_file": train, "data.max_length": 24,
+        "train.learning_rate": 1e-2})])
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "TOKEN_CLS" and config["modules_to_save"] == ["classifier"]
+    labels = json.loads((run / "labels.json").read_text())
+    want, _ = peft_logits(transformers.BertForTokenClassification, setup / "model", run / "adapter", TEXTS,
+                          len(labels))
+    merged = transformers.BertForTokenClassification.from_pretrained(run / "model").eval()
+    enc = transformers.AutoTokenizer.from_pretrained(run / "model")(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(**enc).logits.numpy(), want, atol=1e-5)
