@@ -613,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--max-batch", type=int, default=32, help="texts per model call")
-    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="under load, how long a batch of several "
+                     "requests waits for more (a lone request never waits)")
     srv.add_argument("--max-texts", type=int, default=64, help="texts per request")
     srv.add_argument("--max-chars", type=int, default=10_000, help="characters per text")
     srv.add_argument("--max-body", type=int, default=1 << 20, help="bytes per request body")

@@ -1,5 +1,9 @@
 """BertConfig presets and validation; full-size shapes through jax.eval_shape (nothing allocated)."""
 
+import dataclasses
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -155,12 +159,23 @@ def test_experiment_pipelines_plan_with_every_stage_config_valid_and_start_with_
 
     from jaxopt_llm import pipeline
 
-    files = sorted((Path(__file__).resolve().parents[1] / "experiments" / "pipelines").glob("*.py"))
-    assert {f.stem for f in files} >= {"tweets", "tweets_base"}
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "experiments" / "pipelines").glob("*.py"))
+    assert {f.stem for f in files} >= {"tweets", "tweets_base", "ner", "qa"}
     for file in files:
         doc = ast.get_docstring(ast.parse(file.read_text()))
         assert f"pipeline run experiments/pipelines/{file.name}" in doc.split("\n\n")[1], file
-        rows = pipeline.plan(pipeline.load(file), tmp_path / file.stem)  # loads and checks each stage's config
+        loaded = pipeline.load(file)
+        if not Path(loaded.data.source).is_file() and loaded.data.source.startswith("runs/"):
+            # a generated source: the docstring's first command makes it (here into tmp_path)
+            command = doc.split("\n\n")[1].strip().splitlines()[0].split()
+            assert command[0] == "python" and command[2] == "--out", command
+            out = tmp_path / "data" / file.stem
+            subprocess.run([sys.executable, str(root / command[1]), "--out", str(out)], check=True,
+                           capture_output=True)
+            loaded = dataclasses.replace(loaded, data=dataclasses.replace(
+                loaded.data, source=str(out / Path(loaded.data.source).name)))
+        rows = pipeline.plan(loaded, tmp_path / file.stem)  # loads and checks each stage's config
         assert [r["action"] for r in rows] == ["run"] * len(rows) and not (tmp_path / file.stem).exists()
 
 

@@ -368,3 +368,33 @@ def test_metrics_are_computed_off_the_request_path(exported):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_lone_request_is_not_delayed_by_max_wait_and_concurrent_ones_share_batches():
+    """The batcher with a 2 s max_wait: one request alone is answered at once; requests queued while a batch
+    runs form the next batch (sizes seen by on_batch), each still answered with its own rows."""
+    import asyncio
+    import time
+
+    from jaxopt_llm.serving.batching import MicroBatcher
+
+    sizes = []
+
+    def predict(texts):
+        time.sleep(0.05)  # the model call
+        return ([len(t) for t in texts],)
+
+    async def main():
+        batcher = MicroBatcher(predict, max_batch=64, max_wait=2.0, on_batch=lambda n, s: sizes.append(n))
+        await batcher.start()
+        start = time.perf_counter()
+        alone = await batcher.submit(["one"])
+        lone = time.perf_counter() - start
+        many = await asyncio.gather(*(batcher.submit(["x" * i]) for i in range(1, 17)))
+        await batcher.stop()
+        return alone, lone, many
+
+    alone, lone, many = asyncio.run(main())
+    assert alone == ([3],) and lone < 0.5  # not the 2 s max_wait
+    assert [m[0] for m in many] == [[i] for i in range(1, 17)]
+    assert max(sizes[1:]) > 1 and sum(sizes[1:]) == 16  # the concurrent ones were batched

@@ -1,5 +1,8 @@
-"""Dynamic micro-batching: concurrent requests are queued and run together, up to `max_batch` items or
-`max_wait` seconds after the first arrives, in one worker thread (the model call releases the GIL).
+"""Adaptive micro-batching: concurrent requests are queued and run together in one worker thread (the model
+call releases the GIL). A batch takes what is queued when the worker is free, up to `max_batch` items; it waits
+(at most `max_wait` seconds after its first request) for more only when it already holds several requests, so
+a lone request never pays a batching delay, and under load the requests that arrive while a batch runs form
+the next one.
 
 Isolation: a batch whose model call fails is run again one request at a time, so only the request that
 fails gets the error; every other request gets the answer it would have had alone."""
@@ -41,8 +44,12 @@ class MicroBatcher:
         while True:
             first = await self.queue.get()
             items, count = [first], len(first[0])
+            while count < self.max_batch and not self.queue.empty():  # what is queued now: no wait
+                item = self.queue.get_nowait()
+                items.append(item)
+                count += len(item[0])
             deadline = loop.time() + self.max_wait
-            while count < self.max_batch:
+            while len(items) > 1 and count < self.max_batch:  # under load: a short wait to fill the batch
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
