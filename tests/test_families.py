@@ -536,3 +536,24 @@ def test_modernbert_unpadded_execution_equals_transformers_and_the_padded_path(b
     hf("roberta", "base").save_pretrained(tmp_path / "roberta")
     with pytest.raises(UserError, match="unpad: not a setting of a roberta"):
         models.from_pretrained(tmp_path / "roberta", unpad=0.5)
+
+
+@pytest.mark.parametrize("t, per_query", [(128, False), (131, True), (40, False)])
+def test_attention_one_head_at_a_time_equals_the_softmax_reference(t, per_query):
+    """`layers.attention` on CPU (from 128 keys a loop over heads, below it the fused call) against numpy, with
+    padded keys and a mask per key or per query (packed rows)."""
+    import jax
+
+    from jaxopt_llm.models.layers import attention
+
+    b, h, k = 3, 4, 8
+    q, kk, v = (np.asarray(jax.random.normal(jax.random.key(i), (b, t, h, k))) for i in range(3))
+    keep = np.arange(t)[None] < np.array([t, t - 9, 40])[:, None]  # (b, s)
+    keep = (keep[:, None, :] & keep[:, :, None]) if per_query else keep[:, None, :]  # (b, q | 1, s)
+    bias = np.where(keep, 0.0, np.finfo(np.float32).min)[:, None].astype(np.float32)
+    got = np.asarray(attention(q, kk, v, bias, 0.3))
+    scores = np.einsum("bqhk,bshk->bhqs", q, kk) * 0.3 + bias
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bhqs,bshk->bqhk", probs / probs.sum(-1, keepdims=True), v)
+    rows = keep.any(-1) if per_query else np.ones((b, t), bool)  # a fully masked query row is undefined
+    np.testing.assert_allclose(got[rows], want[rows], atol=1e-5)

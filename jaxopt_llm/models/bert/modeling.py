@@ -26,6 +26,7 @@ from jaxopt_llm.models.layers import (  # noqa: F401 - the shared layers, under 
     _dense,
     _erf_gelu,
     _keys,
+    attention,
     dense,
     dropout,
     hash_bits,
@@ -230,8 +231,7 @@ class Attention(nnx.Module):
             bias_b1qt = jnp.take_along_axis(bias_b1qt, positions_bp[:, None, :, None], axis=2)
         no_dropout = deterministic or cfg.attention_probs_dropout_prob == 0.0
         if cfg.attention == "auto" and no_dropout and collect is None:  # the fused kernel where one exists
-            ctx = jax.nn.dot_product_attention(q_bqhk, k_bshk, v_bshk, bias=bias_b1qt.astype(q_bqhk.dtype),
-                                               scale=1.0 / math.sqrt(k))
+            ctx = attention(q_bqhk, k_bshk, v_bshk, bias_b1qt, 1.0 / math.sqrt(k))
             return self.out(ctx.reshape(b, ctx.shape[1], d))
         scores = jnp.einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(k) + bias_b1qt

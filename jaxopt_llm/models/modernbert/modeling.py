@@ -31,7 +31,16 @@ from flax import nnx
 
 from jaxopt_llm.errors import UserError
 from jaxopt_llm.models.bert.modeling import BertConfig
-from jaxopt_llm.models.layers import _ACTIVATIONS, Encoder, Linear, _check_dropout_key, _keys, dropout, dropout_rows
+from jaxopt_llm.models.layers import (
+    _ACTIVATIONS,
+    Encoder,
+    Linear,
+    _check_dropout_key,
+    _keys,
+    attention,
+    dropout,
+    dropout_rows,
+)
 
 TASKS = ("base", "masked-lm", "sequence-classification", "token-classification", "question-answering")
 
@@ -201,8 +210,7 @@ class Layer(nnx.Module):
             keep = keep & jnp.asarray(distance <= half)[None, None]
         scale = 1.0 / math.sqrt(q_bthk.shape[-1])
         if collect is None and (deterministic or rate == 0.0):
-            bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(q_bthk.dtype)
-            return jax.nn.dot_product_attention(q_bthk, k_bthk, v_bthk, bias=bias, scale=scale)
+            return attention(q_bthk, k_bthk, v_bthk, jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min), scale)
         scores = jnp.einsum("bqhk,bshk->bhqs", q_bthk, k_bthk, preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), -1).astype(v_bthk.dtype)
         if collect is not None:
