@@ -67,7 +67,6 @@ def from_windows(contexts: Sequence[str], example_of: np.ndarray, logits: Sequen
     return [answer(c, ws, max_answer_length, no_answer) for c, ws in zip(contexts, windows)]
 
 
-
 def score(model, questions: Sequence, **options) -> tuple[dict, list[dict]]:
     """Exact match and F1 (percent, the official SQuAD script's) of a reader (`inference.load`) on `questions`
     (`data.squad`), and its answer to each."""

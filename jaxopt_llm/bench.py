@@ -513,28 +513,31 @@ def family_rows(c: BenchConfig) -> list[dict]:
     return rows
 
 
-def local_attention_rows(c: BenchConfig, lengths: tuple[int, ...] = (512, 1024)) -> list[dict]:
-    """ModernBERT's classification train step (the bench's sizes, the default pattern: every third layer
-    global, windows of 128) at each length, with local layers computing their band against the full score
-    matrix masked to the band; the same tokens per batch at every length, interleaved."""
+def _modernbert_stepper(c: BenchConfig, batch: dict | None = None, **fields) -> Callable[[], None]:
+    """The classification train step of a random ModernBERT of the bench's sizes (ModernBertConfig `fields`)."""
     from flax import nnx
 
     from jaxopt_llm.models.modernbert import ModernBert, ModernBertConfig
 
+    config = ModernBertConfig(vocab_size=c.vocab, hidden_size=c.hidden, num_hidden_layers=c.layers,
+                              num_attention_heads=c.heads, intermediate_size=c.ffn, pad_token_id=0,
+                              **{**_run_fields(c), **fields})
+
+    def load(ref, head=None, seed=None):
+        return ModernBert(config, head or "sequence-classification", rngs=nnx.Rngs(seed or 0))
+
+    return _stepper(_recipe(c, "clean", _task(c, "classify"), load=load), c, batch)
+
+
+def local_attention_rows(c: BenchConfig, lengths: tuple[int, ...] = (512, 1024)) -> list[dict]:
+    """ModernBERT's classification train step (the bench's sizes, the default pattern: every third layer
+    global, windows of 128) at each length, with local layers computing their band against the full score
+    matrix masked to the band; the same tokens per batch at every length, interleaved."""
     rows = []
     for length in lengths:
         at = dataclasses.replace(c, seq=length, batch=max(1, c.batch * c.seq // length))
-        steps = {}
-        for impl in ("banded", "eager"):
-            config = ModernBertConfig(vocab_size=c.vocab, hidden_size=c.hidden, num_hidden_layers=c.layers,
-                                      num_attention_heads=c.heads, intermediate_size=c.ffn, pad_token_id=0,
-                                      attn_implementation=impl, **{**_run_fields(at),
-                                                                   "max_position_embeddings": 8192})
-
-            def load(ref, head=None, seed=None, config=config):
-                return ModernBert(config, head or "sequence-classification", rngs=nnx.Rngs(seed or 0))
-
-            steps[impl] = _stepper(_recipe(at, "clean", _task(at, "classify"), load=load), at)
+        steps = {impl: _modernbert_stepper(at, attn_implementation=impl, max_position_embeddings=8192)
+                 for impl in ("banded", "eager")}
         ours, theirs = _time_pair(steps["banded"], steps["eager"], c.steps, c.warmup)
         rows.append({"row": f"modernbert local attention, {at.batch}x{length} tokens", "ours": ours * 1e3,
                      "reference": theirs * 1e3, "unit": "ms", "ratio": theirs / ours,
@@ -547,26 +550,13 @@ def unpadded_rows(c: BenchConfig, fills: tuple[tuple[int, int], ...] = ((8, 56),
     lengths drawn uniformly from each (low, high) of `fills`: layers on the real tokens in a buffer of half the
     slots (`unpad=0.5`) against padded execution, interleaved. A batch fuller than the buffer takes the padded
     path: its row shows what the unpadded program costs there."""
-    from flax import nnx
-
-    from jaxopt_llm.models.modernbert import ModernBert, ModernBertConfig
-
     rows = []
     for low, high in fills:
         batch = _batch(c, seed=1)
         lengths = np.random.RandomState(2).randint(low, min(high, c.seq) + 1, c.batch)
         batch["attention_mask"] = (np.arange(c.seq)[None] < lengths[:, None]).astype(np.int32)
         batch["input_ids"] = np.where(batch["attention_mask"] > 0, batch["input_ids"], 0)
-        steps = {}
-        for unpad in (0.5, 0.0):
-            config = ModernBertConfig(vocab_size=c.vocab, hidden_size=c.hidden, num_hidden_layers=c.layers,
-                                      num_attention_heads=c.heads, intermediate_size=c.ffn, pad_token_id=0,
-                                      unpad=unpad, **_run_fields(c))
-
-            def load(ref, head=None, seed=None, config=config):
-                return ModernBert(config, head or "sequence-classification", rngs=nnx.Rngs(seed or 0))
-
-            steps[unpad] = _stepper(_recipe(c, "clean", _task(c, "classify"), load=load), c, batch)
+        steps = {unpad: _modernbert_stepper(c, batch, unpad=unpad) for unpad in (0.5, 0.0)}
         ours, theirs = _time_pair(steps[0.5], steps[0.0], c.steps, c.warmup)
         fill = batch["attention_mask"].mean()
         rows.append({"row": f"modernbert unpadded (buffer 0.5), {c.batch}x{c.seq}, {fill:.0%} real tokens",

@@ -213,13 +213,13 @@ def _sweep_per_token(args: argparse.Namespace, stack, temperatures, epsilons) ->
     source = config.data.eval_file or config.data.train_file
     start = time.perf_counter()
     if stack.kind == "tagger":
+        from jaxopt_llm import tagging
         from jaxopt_llm.data import tagged
         from jaxopt_llm.steps.tokens import TokenClassificationTask, TokenOptions
 
         options = config.task_options if isinstance(config.task_options, TokenOptions) else TokenOptions()
-        if not any(a.startswith("token-classification.scheme=") for a in args.overrides) and any(
-                t[:2] in ("E-", "S-") for t in stack.labels):  # the models' own scheme, unless told
-            options = dataclasses.replace(options, scheme="IOBES")
+        if not any(a.startswith("token-classification.scheme=") for a in args.overrides):
+            options = dataclasses.replace(options, scheme=tagging.scheme_of(stack.labels))  # the models', unless told
         sentences = tagged.check(tagged.read(source), options.scheme, str(source))
         arrays = tagged.align(stack.tokenizer, sentences, stack.labels, stack.max_length, options.label_all_tokens)
         chunk = args.chunk or sweep.auto_chunk(stack, args.batch_size, stack.max_length)

@@ -272,15 +272,16 @@ class Predictor:
             logits += list(np.stack([np.asarray(s), np.asarray(e)], 1)[:n])
         return answers.from_windows(contexts, example_of, logits, offsets, max_answer_length, no_answer)
 
+    _span_fn = staticmethod(_span_logits)  # an ensemble's: the members' mean
+    _token_fn = staticmethod(_token_probs)
+
     def span_logits_of(self, arrays: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
         """(start, end) answer-span logits (b, t) of token arrays, padding at the float32 minimum."""
-        return _span_logits(self.graphdef, self.state, arrays["input_ids"], arrays["attention_mask"],
-                            arrays["token_type_ids"])
+        return self._span_fn(self.graphdef, self.state, *(arrays[k] for k in packing.INPUTS))
 
     def token_probs_of(self, arrays: dict[str, np.ndarray]) -> jax.Array:
         """(b, t, c) tag probabilities of token arrays."""
-        return _token_probs(self.graphdef, self.state, arrays["input_ids"], arrays["attention_mask"],
-                            arrays["token_type_ids"])
+        return self._token_fn(self.graphdef, self.state, *(arrays[k] for k in packing.INPUTS))
 
     def _need(self, module: str, task: str) -> None:
         if getattr(self.model, module) is None:
@@ -315,15 +316,8 @@ class EnsemblePredictor(Predictor):
         out = self.map(texts, lambda a: np.swapaxes(np.asarray(jax.nn.softmax(self._both(a)[1], -1)), 0, 1))
         return np.swapaxes(out, 0, 1)
 
-    def span_logits_of(self, arrays: dict[str, np.ndarray]) -> tuple[jax.Array, jax.Array]:
-        """(start, end) the members' mean span logits (b, t)."""
-        return _ensemble_span_logits(self.graphdef, self.state, arrays["input_ids"], arrays["attention_mask"],
-                                     arrays["token_type_ids"])
-
-    def token_probs_of(self, arrays: dict[str, np.ndarray]) -> jax.Array:
-        """(b, t, c) the members' mean tag probabilities (combine is mean-prob for taggers)."""
-        return _ensemble_token_probs(self.graphdef, self.state, arrays["input_ids"], arrays["attention_mask"],
-                                     arrays["token_type_ids"])
+    _span_fn = staticmethod(_ensemble_span_logits)  # the members' mean span logits
+    _token_fn = staticmethod(_ensemble_token_probs)  # their mean tag probabilities (mean-prob for taggers)
 
     def fill_mask(self, texts, top_k=5):
         raise UserError("an ensemble classifies; fill-mask needs one masked-LM model.")

@@ -43,7 +43,7 @@ class Recipe:
     pure, metrics as {name: (sum, count)}. `aux` is passed to every step and never checkpointed (e.g.
     {"teachers": {name: params}}). `export(params)` is the `Bert` written to the run folder's model/;
     `files` are the method's own files for the run folder ({file name: JSON-able value}); `write(params,
-    run)` writes any others (LoRA's adapter/). `export` may return a list of models: an ensemble's members,
+    run, exported)` writes any others (LoRA's adapter/). `export` may return a list of models: an ensemble's members,
     written to members/0, members/1, ...
     """
 
@@ -58,7 +58,7 @@ class Recipe:
     files: dict[str, Any] = dataclasses.field(default_factory=dict)
     batches: Callable | None = None  # (arrays, batch_size, seed, **process) -> batches[position]; None: Batches
     members: int | None = None  # a leading member axis on the state and the batches (ensembles)
-    write: Callable[[Any, Any], None] | None = None  # write(params, run folder): the method's other files
+    write: Callable[[Any, Any, Any], None] | None = None  # write(params, run folder, exported): other files
 
 
 @dataclasses.dataclass(frozen=True)

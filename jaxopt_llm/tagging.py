@@ -74,6 +74,12 @@ def _groups(text: str, units: list) -> list[dict]:
     return out
 
 
+def scheme_of(labels: Sequence[str]) -> str:
+    """The tagging scheme of a tagger's tags: IOBES where it has E- or S- tags, else IOB2 (IOB1 files are read
+    as IOB2)."""
+    return "IOBES" if any(t[:2] in ("E-", "S-") for t in labels) else "IOB2"
+
+
 def word_tags(words: Sequence[str], tokens: Sequence[dict]) -> list[str]:
     """The tag of each word of `" ".join(words)` from its sub-tokens' tags (aggregation "none"): the tag of
     the sub-token that starts where the word does (its first), O where that one is O or was cut off."""

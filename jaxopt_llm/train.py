@@ -316,7 +316,7 @@ def _fit(recipe: Recipe, data: data_lib.Data, workdir: str | Path, cfg: TrainCon
         for name, value in {**recipe.task.files(), **recipe.files}.items():
             run.write(name, value)
         if recipe.write is not None:
-            recipe.write(params, run)
+            recipe.write(params, run, exported)
         record = run.record()
         record["train_step_compiles"] = step_compiles  # 1 when the step compiled once (0 if nothing ran)
         write_json(run.record_file, record)

@@ -45,15 +45,23 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, deterministic: boo
     the inverse of the exact keep probability, so the layer stays unbiased. The words come from `rng`:
     "hash" (`hash_bits`) or "threefry" (`jax.random.bits`, the earlier default).
     """
+    if _no_dropout(rate, deterministic, rng):
+        return x
+    shape = (*x.shape[:-1], (x.shape[-1] + 1) // 2)
+    return _drop(x, hash_bits(key, shape) if rng == "hash" else jax.random.bits(key, shape, jnp.uint32), rate)
+
+
+def _no_dropout(rate: float, deterministic: bool, rng: str) -> bool:
     if rng not in DROPOUT_RNGS:
         raise UserError(f"dropout rng={rng!r}: use {_RNG_CHOICES}.")
-    if deterministic or rate == 0.0:
-        return x
+    return deterministic or rate == 0.0
+
+
+def _drop(x: jax.Array, words: jax.Array, rate: float) -> jax.Array:
+    """x with the elements whose 16 bits (two per word of `words`, (..., ceil(d / 2))) fall below
+    round(rate * 2^16) dropped, the rest scaled by the exact keep probability's inverse."""
     threshold = round(rate * 65536)
-    last = x.shape[-1]
-    shape = (*x.shape[:-1], (last + 1) // 2)
-    words = hash_bits(key, shape) if rng == "hash" else jax.random.bits(key, shape, jnp.uint32)
-    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :last]
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
     return jnp.where(halves >= threshold, x / (1.0 - threshold / 65536), 0).astype(x.dtype)
 
 
@@ -94,21 +102,16 @@ def dropout_rows(x_nd: jax.Array, rows_n: jax.Array, shape: tuple[int, ...], rat
     `rows_n` (indices into the array seen as (prod(shape[:-1]), d)) and gets the mask `dropout` draws for the
     whole array there, so a row's result does not depend on which other rows are computed (unpadded
     execution). Rows past the array (filler) get some mask."""
-    if rng not in DROPOUT_RNGS:
-        raise UserError(f"dropout rng={rng!r}: use {_RNG_CHOICES}.")
-    if deterministic or rate == 0.0:
+    if _no_dropout(rate, deterministic, rng):
         return x_nd
-    threshold = round(rate * 65536)
-    last = shape[-1]
-    width = (last + 1) // 2
+    width = (shape[-1] + 1) // 2
     if rng == "hash":
         index = rows_n.astype(jnp.uint32)[:, None] * jnp.uint32(width) + jnp.arange(width, dtype=jnp.uint32)
         words = _hash_words(key, index)
     else:
         words = jax.random.bits(key, (*shape[:-1], width), jnp.uint32).reshape(-1, width)
         words = words.at[rows_n].get(mode="clip")
-    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(x_nd.shape[0], -1)[:, :last]
-    return jnp.where(halves >= threshold, x_nd / (1.0 - threshold / 65536), 0).astype(x_nd.dtype)
+    return _drop(x_nd, words, rate)
 
 
 HEADS_ONE_BY_ONE_FROM = 128  # keys: on CPU, `attention` loops over heads from this row length on

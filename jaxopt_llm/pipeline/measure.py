@@ -131,7 +131,7 @@ def _measure_mlm(pipeline: Pipeline, model, folder: Path) -> dict:
     return metrics
 
 
-def _common(pipeline: Pipeline, model, latency: float, n: int) -> dict:
+def _common(model, latency: float, n: int) -> dict:
     return {"latency_ms": latency, **device(), "parameters": model.parameters(), "test_examples": n,
             "max_length": model.max_length, "model": model.reference, "note": _note(model)}
 
@@ -150,10 +150,10 @@ def _measure_tagger(pipeline: Pipeline, model, test: Path, folder: Path) -> dict
     from jaxopt_llm.data import tagged
 
     sentences = tagged.read(test)
-    scores, predicted = tagging.score(model, sentences, scheme=_scheme(model))
+    scores, predicted = tagging.score(model, sentences, scheme=tagging.scheme_of(model.labels))
     latency = _timed(model.tag, [" ".join(s.words) for s in sentences[:TIMED_BATCHES * pipeline.batch_size]])
     examples = model.tag(list(pipeline.examples)) if pipeline.examples else []
-    metrics = {**scores, **_common(pipeline, model, latency, len(sentences)),
+    metrics = {**scores, **_common(model, latency, len(sentences)),
                "examples": [{"text": t, "label": "; ".join(f"{e['entity_group']}: {e['word']}" for e in found) or "O",
                              "score": float(np.mean([e["score"] for e in found])) if found else 1.0}
                             for t, found in zip(pipeline.examples, examples)]}
@@ -162,12 +162,6 @@ def _measure_tagger(pipeline: Pipeline, model, test: Path, folder: Path) -> dict
         for s, p in zip(sentences, predicted)))
     write_json(folder / "metrics.json", metrics)
     return metrics
-
-
-def _scheme(model) -> str:
-    """The tagging scheme of a tagger's tags: IOBES where it has E- or S- tags, else IOB2 (IOB1 files are read
-    as IOB2)."""
-    return "IOBES" if any(t[:2] in ("E-", "S-") for t in model.labels) else "IOB2"
 
 
 def _measure_reader(pipeline: Pipeline, model, test: Path, folder: Path) -> dict:
@@ -179,7 +173,7 @@ def _measure_reader(pipeline: Pipeline, model, test: Path, folder: Path) -> dict
     scores, found = answers.score(model, questions)
     timed = questions[:TIMED_BATCHES * pipeline.batch_size]
     latency = _timed(lambda qs: model.answer([q.question for q in qs], [q.context for q in qs]), timed)
-    metrics = {**scores, **_common(pipeline, model, latency, len(questions)), "examples": []}
+    metrics = {**scores, **_common(model, latency, len(questions)), "examples": []}
     write_text(folder / "predictions.jsonl", "".join(
         json.dumps({"id": q.id, "question": q.question, "gold": [a for a, _ in q.answers], **row},
                    ensure_ascii=False) + "\n" for q, row in zip(questions, found)))

@@ -68,11 +68,16 @@ def _stash() -> optax.GradientTransformation:
                                                                            grads))
 
 
-def build(ctx: Context, options: LoraOptions) -> Recipe:
+def _inner(options: LoraOptions):
+    """(the method that trains the adapters, its options)."""
     from jaxopt_llm import recipes
 
     method = recipes.get(options.method)
-    inner_options = options.inner if options.inner is not None else method.options()
+    return method, options.inner if options.inner is not None else method.options()
+
+
+def build(ctx: Context, options: LoraOptions) -> Recipe:
+    method, inner_options = _inner(options)
     if not isinstance(inner_options, method.options):
         raise UserError(f"lora.inner is a {type(inner_options).__name__}, but lora.method={options.method!r} "
                         f"takes {method.options.__name__}.")
@@ -86,8 +91,9 @@ def build(ctx: Context, options: LoraOptions) -> Recipe:
     inner = method.build(dataclasses.replace(ctx, tx=_stash()), inner_options)
     params = nnx.to_pure_dict(inner.params) if isinstance(inner.params, nnx.State) else inner.params
     model = inner.export(params)
+    task_name = getattr(ctx.task, "name", "")
     p = lora.plan(model, params, options.names(options.targets), options.names(options.train), options.rank,
-                  options.alpha, getattr(ctx.task, "name", ""))
+                  options.alpha, task_name)
     n = options.members
     seeds = [ensemble.member_seed(ctx.seed, i) for i in range(n)]  # member 0's is the single run's
     # each member its own adapters and its own fresh head (from its seed), as the ensemble method's members
@@ -128,11 +134,10 @@ def build(ctx: Context, options: LoraOptions) -> Recipe:
         models = [inner.export(lora.materialize(p, member(trainable, i), frozen)) for i in range(n)]
         return models[0] if n == 1 else models
 
-    def write(trainable, run) -> None:
-        models = export(trainable)
-        for i, merged in enumerate(models if n > 1 else [models]):
+    def write(trainable, run, exported) -> None:  # exported: what `export` gave for these params
+        for i, merged in enumerate(exported if n > 1 else [exported]):
             folder = run.path / "adapter" if n == 1 else run.path / "adapters" / str(i)
-            lora.write_peft(p, member(trainable, i), merged, folder, getattr(ctx.task, "name", ""), str(base))
+            lora.write_peft(p, member(trainable, i), merged, folder, task_name, str(base))
 
     files = {"lora.json": {"method": options.method, "rank": options.rank, "alpha": options.alpha,
                            "targets": list(p.names), "train": list(options.names(options.train)),
@@ -152,17 +157,13 @@ def build(ctx: Context, options: LoraOptions) -> Recipe:
 
 
 def _base_model(options: LoraOptions):
-    from jaxopt_llm import recipes
-
-    method = recipes.get(options.method)
-    return method.base_model(options.inner if options.inner is not None else method.options())
+    method, inner = _inner(options)
+    return method.base_model(inner)
 
 
 def _encoders(options: LoraOptions, task, tokenizer):
-    from jaxopt_llm import recipes
-
-    method = recipes.get(options.method)
-    return method.encoders(options.inner if options.inner is not None else method.options(), task, tokenizer)
+    method, inner = _inner(options)
+    return method.encoders(inner, task, tokenizer)
 
 
 METHOD = Method("lora", LoraOptions, build, help="train low-rank adapters (and the task's head) on a frozen model",

@@ -194,6 +194,12 @@ class Layer(nnx.Module):
         self.wi = make.linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias)
         self.wo = make.linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
 
+    def heads(self, qkv_bt3hk, positions_bt=None):
+        """(q, k, v) (b, t, h, k) of the fused projection, queries and keys rotated with the layer's theta."""
+        theta = self.cfg.local_rope_theta if self.local else self.cfg.global_rope_theta
+        return (rotary(qkv_bt3hk[:, :, 0], theta, positions_bt), rotary(qkv_bt3hk[:, :, 1], theta, positions_bt),
+                qkv_bt3hk[:, :, 2])
+
     def attend(self, q_bthk, k_bthk, v_bthk, keep_b1qt, deterministic, key, collect):
         """(b, t, h, k): the band alone in a local layer (`banded_attention`) where the mask is per key and
         nothing is collected; else the score matrix, masked to the band in a local layer, through the fused
@@ -226,9 +232,7 @@ class Layer(nnx.Module):
         n, k = cfg.num_attention_heads, cfg.head_dim
         k_attn, k_out, k_mlp = _keys(key, 3)
         h = x_btd if self.attn_norm is None else self.attn_norm(x_btd)
-        qkv = self.wqkv(h).reshape(b, t, 3, n, k)
-        theta = cfg.local_rope_theta if self.local else cfg.global_rope_theta
-        q, kk, v = rotary(qkv[:, :, 0], theta, positions_bt), rotary(qkv[:, :, 1], theta, positions_bt), qkv[:, :, 2]
+        q, kk, v = self.heads(self.wqkv(h).reshape(b, t, 3, n, k), positions_bt)
         out = self.attend(q, kk, v, keep_b1qt, deterministic, k_attn, collect).reshape(b, t, d)
         if read_bp is not None:
             out = jnp.take_along_axis(out, read_bp[..., None], axis=1)
@@ -254,9 +258,7 @@ class Layer(nnx.Module):
         n, k = cfg.num_attention_heads, cfg.head_dim
         k_attn, k_out, k_mlp = _keys(key, 3)
         h = x_nd if self.attn_norm is None else self.attn_norm(x_nd)
-        qkv = _scatter(self.wqkv(h), rows_n, b * t).reshape(b, t, 3, n, k)
-        theta = cfg.local_rope_theta if self.local else cfg.global_rope_theta
-        q, kk, v = rotary(qkv[:, :, 0], theta, positions_bt), rotary(qkv[:, :, 1], theta, positions_bt), qkv[:, :, 2]
+        q, kk, v = self.heads(_scatter(self.wqkv(h), rows_n, b * t).reshape(b, t, 3, n, k), positions_bt)
         out = self.attend(q, kk, v, keep_b1qt, deterministic, k_attn, None).reshape(b * t, d)
 
         def drop(x, rate, key):
