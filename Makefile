@@ -22,6 +22,8 @@ $(VENV)/.test: $(VENV)/.core
 		|| { sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; }
 	# torch==2.13.0 is the CPU wheel (the PyTorch reference of the tests); a plain `torch` is a CUDA build.
 	$(BIN)/python -m pip install -qq -e ".[test]"
+	# the ONNX converter without its orbax-checkpoint<0.11.37 pin (see the [onnx] extra)
+	$(BIN)/python -m pip install -qq --no-deps jax2onnx==0.17.1
 	touch $@
 
 run: setup

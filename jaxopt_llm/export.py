@@ -12,6 +12,8 @@ ART/
   reference.json / reference.safetensors   drift reference: confidences, class distribution, [CLS] sample
   golden.json              texts and the outputs this export gave for them (checked on every load)
   hf/                      the same model as a Hugging Face folder (an ensemble's members under hf/members)
+  model.onnx               with format="onnx": the same function as one ONNX graph (weights as initializers,
+                           symbolic batch and sequence axes), for ONNX Runtime (`serve --backend onnxruntime`)
 
 Weights are inputs, not constants: one copy serves every bucket (constants would be baked into each
 function), the functions stay small, and the weights are inspectable and replaceable. Temperature and an
@@ -32,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxopt_llm import packing, paths
+from jaxopt_llm import quantize as quantize_lib
 from jaxopt_llm.errors import UserError
 from jaxopt_llm.models import resolve
 from jaxopt_llm.runs import write_json
@@ -69,9 +72,10 @@ def buckets_for(requested: Sequence[int] | None, max_length: int) -> tuple[int, 
     return packing.buckets_for(max_length, requested)
 
 
-def _model_function(model):
+def _model_function(model, unrolled: bool = False):
     """(params, fn(params, batch) -> (probs at temperature 1, [CLS] embedding), extra manifest fields) of an
-    `inference.Inference`."""
+    `inference.Inference`. `unrolled`: an ensemble's members one after another instead of vmapped (the ONNX
+    converter's embedding lookup has no batching rule)."""
     from jaxopt_llm.steps.ensemble import combine
 
     engine = model.engine
@@ -92,7 +96,12 @@ def _model_function(model):
         expand = adapters[1] if adapters is not None else (lambda p: p)
 
         def fn(p, batch):
-            logits, cls = jax.vmap(lambda q: classify(q, batch))(expand(p))
+            p = expand(p)
+            if unrolled:
+                each = [classify(jax.tree.map(lambda x: x[i], p), batch) for i in range(engine.members)]
+                logits, cls = (jnp.stack(xs) for xs in zip(*each))
+            else:
+                logits, cls = jax.vmap(lambda q: classify(q, batch))(p)
             return combine(logits, "mean-prob"), cls.mean(0)
 
         return (adapters[0] if adapters is not None else params), fn, {"members": engine.members}
@@ -138,13 +147,20 @@ def _model_function(model):
     return params, fn, {}
 
 
+FORMATS = ("jax", "onnx")
+ONNX_TOLERANCE = 1e-4  # ONNX Runtime against the jax.export function, on every output
+
+
 def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu",),
            buckets: Sequence[int] | None = None, reference_texts: Sequence[str] = (),
-           golden_texts: Sequence[str] = (), max_length: int | None = None) -> Path:
+           golden_texts: Sequence[str] = (), max_length: int | None = None, format: str = "jax",
+           quantize: str | None = None) -> Path:
     """Write the artifact of a run (single classifier, ensemble or prompt run) to `out`, whole or not at all.
     Texts are cut to the run's max_length (`max_length` for a bare model folder; default its positions);
     `buckets` must reach it (default: 16, 32, 64, 128 below it, then it). `reference_texts` (e.g. the eval
-    split) give the drift reference; `golden_texts` are checked on load."""
+    split) give the drift reference; `golden_texts` are checked on load. format="onnx" adds model.onnx,
+    checked against the jax.export function on random lengths before anything is written. quantize="int8"
+    stores the dense layers' kernels as int8 with a scale per output column (`jaxopt_llm.quantize`)."""
     from jax import export as jax_export
     from safetensors.numpy import save_file
 
@@ -165,6 +181,12 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     if not out.parent.is_dir():
         raise UserError(f"--out {str(out)!r}: its folder {str(out.parent)!r} does not exist.")
     check_platforms(platforms)
+    if format not in FORMATS:
+        raise UserError(f"--format {format!r}: use one of {', '.join(FORMATS)}.")
+    if format == "onnx":
+        converter_version()  # a missing converter fails before any work
+    if quantize is not None and quantize not in quantize_lib.MODES:
+        raise UserError(f"--quantize {quantize!r}: use {', '.join(quantize_lib.MODES)} or leave it out (float32).")
     for what, texts in (("reference", reference_texts), ("golden", golden_texts)):
         if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
             raise UserError(f"the {what} texts must be a list of non-empty strings.")
@@ -177,17 +199,26 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     model = inference.load(reference, kind=held if held in ("tagger", "reader") else "classifier",
                            max_length=max_length)
     kind, labels, tokenizer, temperature = model.kind, model.labels, model.tokenizer, model.temperature
+    if format == "onnx" and kind == "prompt":
+        raise UserError(f"--format onnx: {reference!r} is a prompt run; its pattern is packed into blocks the ONNX "
+                        "graph does not take. Export it with --format jax.")
     params, fn, extra = _model_function(model)
     # prompts pack at their own length, a reader's windows are always max_length long
     buckets = (model.max_length,) if kind in ("prompt", "reader") else buckets_for(buckets, model.max_length)
-    flat, treedef = jax.tree.flatten(params)
+    treedef = jax.tree.structure(params)
+    flat, expand = quantize_lib.int8_kernels(params) if quantize else (jax.tree.leaves(params), lambda w: w)
     inputs = PROMPT_INPUTS if kind == "prompt" else CLASSIFY_INPUTS
 
-    def predict(flat_params, *arrays):
-        probs, cls = fn(jax.tree.unflatten(treedef, flat_params), dict(zip(inputs, arrays)))
-        if temperature != 1.0 and kind != "reader":  # calibration: softmax(log p / T)
-            probs = jax.nn.softmax(jnp.log(jnp.maximum(probs, 1e-30)) / temperature, -1)
-        return probs, cls.astype(jnp.float32)
+    def predictor(fn):
+        def predict(flat_params, *arrays):
+            probs, cls = fn(jax.tree.unflatten(treedef, expand(flat_params)), dict(zip(inputs, arrays)))
+            if temperature != 1.0 and kind != "reader":  # calibration: softmax(log p / T)
+                probs = jax.nn.softmax(jnp.log(jnp.maximum(probs, 1e-30)) / temperature, -1)
+            return probs, cls.astype(jnp.float32)
+
+        return predict
+
+    predict = predictor(fn)
 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -209,6 +240,9 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
         packing.truncating(tokenizer.backend_tokenizer, None).save(str(tmp / "tokenizer.json"))
         if kind == "prompt":
             write_json(tmp / "prompt.json", extra["prompt"])
+        if format == "onnx":
+            unrolled = predictor(_model_function(model, unrolled=True)[1]) if kind == "ensemble" else predict
+            onnx_entry = write_onnx(unrolled, flat, kind, model.max_length, tmp / "model.onnx")
         # the Hugging Face export of the same model, beside it
         if kind == "ensemble":
             for i, member in enumerate(model.members):
@@ -222,12 +256,14 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
                     "labels": list(labels), "buckets": list(buckets), "max_length": model.max_length,
                     "inputs": list(inputs), "platforms": list(platforms), "temperature": temperature,
                     "members": extra.get("members"), "special": special, "weights": len(flat), "source": str(reference),
-                    "qa": extra.get("qa"),
+                    "qa": extra.get("qa"), "onnx": onnx_entry if format == "onnx" else None, "quantize": quantize,
                     "jax_export_calling_convention": int(first.calling_convention_version),
                     "versions": {"jax": jax.__version__, "jaxlib": _version("jaxlib"),
                                  "jaxopt_llm": _version("jaxopt_llm")}}
         write_json(tmp / "manifest.json", {**manifest, "files": {}})
         artifact = Artifact.load(tmp, verify=False)  # the loader itself computes what the checks compare against
+        if format == "onnx":
+            check_onnx(artifact, Artifact.load(tmp, verify=False, backend="onnxruntime"))
         texts = list(reference_texts) or list(golden_texts)
         if texts and kind not in ("tagger", "reader"):  # their outputs are per token: no drift reference
             probs, cls = artifact.predict(texts)
@@ -251,6 +287,71 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def converter_version() -> str:
+    """jax2onnx's version, or one error saying how to install it."""
+    import importlib.util
+
+    missing = [m for m in ("jax2onnx", "onnx", "onnx_ir", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"--format onnx needs {', '.join(missing)}: `pip install 'jaxopt_llm[onnx]'` then "
+                        "`pip install --no-deps jax2onnx==0.17.1` (its metadata pins orbax-checkpoint<0.11.37, "
+                        "which conversion never imports and jaxopt_llm's checkpoints cannot use).")
+    return _version("jax2onnx")
+
+
+def write_onnx(predict, flat: list, kind: str, max_length: int, file: Path) -> dict:
+    """`predict(flat, *token arrays)` as one ONNX graph in `file`: the weights its initializers, inputs
+    input_ids / attention_mask / token_type_ids (batch, sequence) int32 with both axes symbolic (sequence at
+    most `max_length`), outputs `probabilities` and `cls`. Returns the manifest's "onnx" entry."""
+    import logging
+
+    # jax2onnx imports its example plugins (equinox, dm-pix models) on first use and logs each it cannot
+    for name in ("jax2onnx", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from jax import export as jax_export
+    from jax2onnx import to_onnx
+
+    weights = [jnp.asarray(x) for x in flat]
+    b, t = jax_export.symbolic_shape("batch, sequence", constraints=(f"sequence <= {max_length}",))
+    spec = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    try:
+        proto = to_onnx(lambda *arrays: predict(weights, *arrays), [spec] * 3, model_name="jaxopt_llm",
+                        input_names=list(CLASSIFY_INPUTS), output_names=["probabilities", "cls"],
+                        return_mode="proto")
+    except Exception as err:  # the converter's own message names the operation it lacks
+        raise UserError(f"--format onnx: jax2onnx could not convert this {kind} ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:300]}). BERT, RoBERTa, XLM-R, DistilBERT and ELECTRA convert; "
+                        "DeBERTa's relative positions and ModernBERT's local window need a known length. Export it "
+                        "with --format jax.") from None
+    file.write_bytes(proto.SerializeToString())
+    return {"file": file.name, "converter": f"jax2onnx {converter_version()}",
+            "opset": int(proto.opset_import[0].version),
+            "inputs": list(CLASSIFY_INPUTS), "outputs": ["probabilities", "cls"], "tolerance": ONNX_TOLERANCE}
+
+
+def check_onnx(artifact, onnx_artifact, seed: int = 0) -> None:
+    """ONNX Runtime gives the jax.export function's outputs within `ONNX_TOLERANCE` on random token arrays:
+    every bucket, random lengths up to each bucket, batches of 1 to 9 rows."""
+    rng = np.random.default_rng(seed)
+    special, vocab = artifact.manifest["special"], artifact.tokenizer.get_vocab_size()
+    worst = 0.0
+    for t in artifact.buckets:
+        n = int(rng.integers(1, 10))
+        lengths = rng.integers(1, t + 1, n)
+        lengths[0] = t  # one row fills the bucket
+        mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+        ids = np.where(mask > 0, rng.integers(0, vocab, (n, t)), special["pad"]).astype(np.int32)
+        ids[:, 0] = special["cls"] if special["cls"] is not None else ids[:, 0]
+        types = np.zeros_like(ids)
+        arrays = dict(zip(CLASSIFY_INPUTS, (ids, mask, types)))
+        for ours, theirs in zip(artifact.run(arrays), onnx_artifact.run(arrays)):
+            keep = np.abs(ours) < 1e30  # a reader's padding logits are the float32 minimum in both
+            worst = max(worst, float(np.max(np.abs(np.where(keep, ours - theirs, 0.0)))))
+    if not worst <= ONNX_TOLERANCE:
+        raise UserError(f"--format onnx: ONNX Runtime differs from the jax.export function by {worst:.2e} "
+                        f"(> {ONNX_TOLERANCE}) on random token arrays; export with --format jax.")
 
 
 def _version(name: str) -> str | None:

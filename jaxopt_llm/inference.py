@@ -166,7 +166,7 @@ def is_artifact(reference: str | os.PathLike) -> bool:
 
 def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: int | None = None,
          batch_size: int = 32, temperature: float | None = None, prompt: Any = None, combine: str = "mean-prob",
-         allow_untrained_head: bool = False, verify: bool = True) -> Inference:
+         allow_untrained_head: bool = False, verify: bool = True, backend: str = "jax") -> Inference:
     """The inference object of any model reference.
 
     kind: None for what the reference holds (a run folder's kind; an HF folder's saved head: a classifier,
@@ -174,7 +174,8 @@ def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: i
     classifier's folder, "encoder" for embeddings). `max_length`: cut texts to this many tokens instead of
     the reference's own length. `temperature`: None for the run's fitted one (1.0 if none). `prompt` (a
     `steps.prompt.Prompt`): classify zero-shot by cloze prompt with any MLM model. A head the checkpoint
-    lacks is refused unless `allow_untrained_head`.
+    lacks is refused unless `allow_untrained_head`. An exported artifact runs on `backend` ("jax", or
+    "onnxruntime" for one exported with format="onnx").
     """
     if kind is not None and kind not in KINDS:
         raise UserError(f"kind={kind!r}: use one of {', '.join(KINDS)}.")
@@ -183,7 +184,10 @@ def load(reference: str | os.PathLike, *, kind: str | None = None, max_length: i
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size}: must be at least 1.")
     if is_artifact(reference):
-        return _artifact(reference, kind, max_length, verify)
+        return _artifact(reference, kind, max_length, verify, backend)
+    if backend != "jax":
+        raise UserError(f"backend={backend!r} runs exported artifacts; {str(reference)!r} is not one. Export it "
+                        "with `jaxopt-llm export RUN --out ART --format onnx`.")
     run = RunFolder.of(reference)
     held = run.kind() if run is not None else None
     _refuse_other_kind(reference, held, kind)
@@ -323,10 +327,10 @@ def prompt_ensemble(model: str | None = None, prompts: Sequence = (), runs: Sequ
     return PromptEnsemble(graphdef, params, tasks, tokenizer, shared=False, batch_size=batch_size)
 
 
-def _artifact(reference, kind, max_length, verify) -> Inference:
+def _artifact(reference, kind, max_length, verify, backend) -> Inference:
     from jaxopt_llm.serving.artifact import Artifact
 
-    artifact = Artifact.load(reference, verify=verify)
+    artifact = Artifact.load(reference, verify=verify, backend=backend)
     held = artifact.manifest["kind"]
     _refuse_other_kind(reference, held, kind)
     if kind not in (None, "classifier", held):

@@ -207,9 +207,11 @@ def test_an_ensemble_run_exports_with_its_member_axis(runs, tmp_path):
     from jaxopt_llm.serving.artifact import Artifact
 
     texts = ["love it", "hate it", "it is a phone"]
-    export(str(runs / "ens"), tmp_path / "art", golden_texts=texts)
+    export(str(runs / "ens"), tmp_path / "art", golden_texts=texts, format="onnx")
     art = Artifact.load(tmp_path / "art")
     assert art.manifest["kind"] == "ensemble" and art.manifest["members"] == 2
     assert (tmp_path / "art" / "hf" / "members" / "1" / "config.json").is_file()
     expected = [r["scores"] for r in inference.load(runs / "ens").classify(texts)]
     np.testing.assert_allclose(art.predict(texts)[0], expected, atol=1e-5)
+    onnx = Artifact.load(tmp_path / "art", backend="onnxruntime")  # the member axis inside one ONNX graph
+    np.testing.assert_allclose(onnx.predict(texts)[0], expected, atol=1e-5)

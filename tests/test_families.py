@@ -557,3 +557,31 @@ def test_attention_one_head_at_a_time_equals_the_softmax_reference(t, per_query)
     want = np.einsum("bhqs,bshk->bqhk", probs / probs.sum(-1, keepdims=True), v)
     rows = keep.any(-1) if per_query else np.ones((b, t), bool)  # a fully masked query row is undefined
     np.testing.assert_allclose(got[rows], want[rows], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "electra-projected", "deberta-v3", "modernbert"])
+def test_onnx_export_equals_transformers_on_random_lengths_or_is_refused_whole(family, bpe, tmp_path):
+    """ONNX Runtime on the exported model.onnx against the PyTorch classifier, texts past the 32-token cut;
+    DeBERTa's relative positions and ModernBERT's local window are built for a known length, which the
+    converter's symbolic sequence axis is not: one error, nothing written."""
+    from jaxopt_llm.export import export
+
+    folder = family_folder(family, tmp_path)
+    bpe.save_pretrained(folder)
+    if family in ("deberta-v3", "modernbert"):
+        with pytest.raises(UserError, match="jax2onnx could not convert this classifier.*--format jax"):
+            export(str(folder), tmp_path / "art", format="onnx", max_length=32)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [family]
+        return
+    export(str(folder), tmp_path / "art", format="onnx", max_length=32)
+    rng = np.random.default_rng(0)
+    words = " ".join(SENTENCES).replace(",", "").split()
+    texts = [" ".join(rng.choice(words, int(rng.integers(1, 40)))) for _ in range(24)]
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    enc = bpe(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == 32  # some texts were cut
+    with torch.no_grad():
+        expected = torch.softmax(reference(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits,
+                                 -1).numpy()
+    art = Artifact.load(tmp_path / "art", backend="onnxruntime")
+    np.testing.assert_allclose(art.predict(texts, max_batch=5)[0], expected, atol=1e-4)

@@ -126,7 +126,8 @@ def attention(q_bqhk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array, bias: jax
     at 128 tokens, 1.03x at 256, 1.29x at 384, 1.35x at 512; at 64 tokens it lost (0.93x at batch 64), so
     shorter rows keep the fused call. Elsewhere `jax.nn.dot_product_attention` (cuDNN on GPU). Heads are never
     sharded, so the loop does not gather a sharded batch."""
-    if jax.default_backend() != "cpu" or k_bshk.shape[1] < HEADS_ONE_BY_ONE_FROM:
+    if (jax.default_backend() != "cpu" or not jax.core.is_constant_dim(k_bshk.shape[1])
+            or k_bshk.shape[1] < HEADS_ONE_BY_ONE_FROM):
         return jax.nn.dot_product_attention(q_bqhk, k_bshk, v_bshk, bias=bias.astype(q_bqhk.dtype), scale=scale)
     bias_bqs = bias[:, 0].astype(jnp.float32)
 

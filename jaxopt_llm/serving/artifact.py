@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxopt_llm.errors import UserError
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I32": np.int32, "I64": np.int64}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I32": np.int32, "I64": np.int64, "I8": np.int8}
 
 
 class ArtifactError(UserError):
@@ -78,10 +78,14 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
     return out
 
 
+BACKENDS = ("jax", "onnxruntime")
+
+
 class Artifact:
     def __init__(self, path: Path, manifest: dict, functions: dict, weights: list, tokenizer, prompt: dict | None,
-                 reference: dict | None, reference_cls: np.ndarray | None):
+                 reference: dict | None, reference_cls: np.ndarray | None, session=None):
         self.path, self.manifest, self.functions, self.weights = path, manifest, functions, weights
+        self.session = session  # an onnxruntime.InferenceSession of model.onnx, which then runs every batch
         self.tokenizer, self.prompt = tokenizer, prompt
         self.reference, self.reference_cls = reference, reference_cls
         self.labels: list[str] = manifest["labels"]
@@ -94,7 +98,10 @@ class Artifact:
         self.backend = packing.truncating(tokenizer, None if prompt is not None else self.max_length)
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True) -> Artifact:
+    def load(cls, path: str | Path, verify: bool = True, backend: str = "jax") -> Artifact:
+        """The artifact at `path` (local or gs://), its files checked against the manifest and its golden
+        outputs reproduced when `verify`. backend="onnxruntime" runs model.onnx (an export with --format onnx)
+        instead of the jax.export functions; tokenization, buckets and outputs are the same."""
         import jax
         from jax import export
         from tokenizers import Tokenizer
@@ -128,16 +135,22 @@ class Artifact:
             if problems:
                 raise ArtifactError(f"artifact {str(path)!r} is not as exported: {'; '.join(problems[:10])}. "
                                     "Export it again.")
-        functions = {t: export.deserialize((path / "functions" / f"predict_{t}.jax").read_bytes())
-                     for t in manifest["buckets"]}
-        tensors = read_safetensors(path / "weights.safetensors")
-        weights = [jax.device_put(tensors[f"w{i:05d}"]) for i in range(manifest["weights"])]
+        if backend not in BACKENDS:
+            raise ArtifactError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+        session = functions = weights = None
+        if backend == "onnxruntime":
+            session = _onnx_session(path, manifest)
+        else:
+            functions = {t: export.deserialize((path / "functions" / f"predict_{t}.jax").read_bytes())
+                         for t in manifest["buckets"]}
+            tensors = read_safetensors(path / "weights.safetensors")
+            weights = [jax.device_put(tensors[f"w{i:05d}"]) for i in range(manifest["weights"])]
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         prompt = json.loads((path / "prompt.json").read_text()) if (path / "prompt.json").is_file() else None
         reference = json.loads((path / "reference.json").read_text()) if (path / "reference.json").is_file() else None
         ref_cls = (read_safetensors(path / "reference.safetensors")["cls"]
                    if (path / "reference.safetensors").is_file() else None)
-        artifact = cls(path, manifest, functions, weights, tokenizer, prompt, reference, ref_cls)
+        artifact = cls(path, manifest, functions, weights, tokenizer, prompt, reference, ref_cls, session)
         if verify:
             artifact.check_golden()
         return artifact
@@ -185,20 +198,27 @@ class Artifact:
                 p = self.prompt
                 pieces = [x if isinstance(x, str) else tuple(x) for x in p["pieces"]]
                 yield rows, packing.pack(pieces, p["lengths"], p["special"], p["max_length"], [e.ids for e in chunk])
-            else:
-                t = packing.bucket(max(len(e.ids) for e in chunk), self.buckets)
+            else:  # ONNX Runtime takes any length: a batch is padded to its longest text only
+                longest = max(len(e.ids) for e in chunk)
+                t = longest if self.session is not None else packing.bucket(longest, self.buckets)
                 yield rows, packing.rows(chunk, t, self.manifest["special"]["pad"])
 
     def run(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities (b, c), [CLS] embeddings (b, d)) of token arrays whose length is a bucket; the
-        batch is padded to a power of two so new requests reuse compiled programs."""
+        """(probabilities (b, c), [CLS] embeddings (b, d)) of token arrays whose length is a bucket (on ONNX
+        Runtime: any length up to max_length); the jax.export functions' batch is padded to a power of two so
+        new requests reuse compiled programs."""
         from jaxopt_llm import packing
 
         names = self.manifest["inputs"]
         t = self.prompt["max_length"] if self.prompt is not None else arrays[names[0]].shape[1]
-        if t not in self.functions:
-            raise ArtifactError(f"token arrays of length {t}: this artifact runs lengths {sorted(self.functions)}.")
         n = len(arrays[names[0]])
+        if self.session is not None:  # any batch size and length up to max_length: no padding
+            if t > self.max_length:
+                raise ArtifactError(f"token arrays of length {t}: this artifact runs at most {self.max_length}.")
+            p, c = self.session.run(None, {k: np.asarray(arrays[k], np.int32) for k in names})
+            return p, c
+        if t not in self.buckets:
+            raise ArtifactError(f"token arrays of length {t}: this artifact runs lengths {sorted(self.buckets)}.")
         padded = packing.pad_rows({k: np.asarray(arrays[k], np.int32) for k in names}, packing.power_of_two(n))
         p, c = self.functions[t].call(self.weights, *(padded[k] for k in names))
         return np.asarray(p)[:n], np.asarray(c)[:n]
@@ -208,15 +228,15 @@ class Artifact:
         return self.predict_encoded(self.encode(texts), max_batch)
 
     def predict_encoded(self, encodings: Sequence, max_batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities (n, c), [CLS] embeddings (n, d)) for encodings made by `encode`."""
-        probs, cls = [], []
-        for _, arrays in self.batches_of(encodings, max_batch):
-            p, c = self.run(arrays)
-            probs.append(p)
-            cls.append(c)
-        if not probs:
+        """(probabilities (n, c), [CLS] embeddings (n, d)) for encodings made by `encode`, batched in length
+        order (each batch padded to the bucket of its longest text) and returned in the given order."""
+        if not encodings:
             return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
-        return np.concatenate(probs), np.concatenate(cls)
+        order = np.argsort([len(e.ids) for e in encodings], kind="stable")
+        outputs = [self.run(arrays) for _, arrays in self.batches_of([encodings[i] for i in order], max_batch)]
+        probs, cls = (np.empty((len(order), *xs[0].shape[1:]), xs[0].dtype) for xs in zip(*outputs))
+        probs[order], cls[order] = np.concatenate([p for p, _ in outputs]), np.concatenate([c for _, c in outputs])
+        return probs, cls
 
     def tag_probs_encoded(self, encodings: Sequence, max_batch: int = 64) -> tuple[list]:
         """A tagger's (per text, its token probabilities (tokens, c)) for encodings made by `encode`, as a
@@ -280,3 +300,17 @@ class Artifact:
         probs, _ = self.predict(texts)
         order = np.argsort(-probs, -1)[:, :top_k]
         return [[{"label": self.labels[int(j)], "score": float(row[j])} for j in idx] for row, idx in zip(probs, order)]
+
+
+def _onnx_session(path: Path, manifest: dict):
+    """An ONNX Runtime session of the artifact's model.onnx, or one error saying how to get one."""
+    entry = manifest.get("onnx")
+    if not entry:
+        raise ArtifactError(f"artifact {str(path)!r} has no ONNX model; export the run again with --format onnx.")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ArtifactError("--backend onnxruntime needs onnxruntime: `pip install 'jaxopt_llm[onnx]'`.") from None
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    return onnxruntime.InferenceSession(str(path / entry["file"]), options, providers=["CPUExecutionProvider"])

@@ -370,8 +370,9 @@ class Bert(Encoder):
         return x_bte
 
     def positions(self, attention_mask, position_ids, b: int, t: int) -> jax.Array:
-        """Position ids (b, t): 0 .. t-1, or the caller's."""
-        return jnp.broadcast_to(jnp.arange(t), (b, t)) if position_ids is None else position_ids
+        """Position ids (b, t): 0 .. t-1, or the caller's (an iota, not `arange`: ONNX export traces it with
+        symbolic b and t)."""
+        return jax.lax.broadcasted_iota(jnp.int32, (b, t), 1) if position_ids is None else position_ids
 
     def _scan(self, x, bias_b1qt, deterministic, keys, positions_bp, collect):
         """Layers 1 .. L-1 as one lax.scan over the stacked parameters (one layer compiled, whatever the

@@ -273,7 +273,7 @@ class DebertaV2(Encoder):
         emb = self.embeddings
         x = word_embeddings
         if emb.position is not None:
-            x = x + emb.position(jnp.broadcast_to(jnp.arange(t), (b, t)) if position_ids is None else position_ids)
+            x = x + emb.position(jax.lax.broadcasted_iota(jnp.int32, (b, t), 1) if position_ids is None else position_ids)
         if emb.token_type is not None:
             x = x + emb.token_type(jnp.zeros((b, t), jnp.int32) if token_type_ids is None else token_type_ids)
         if emb.project is not None:
