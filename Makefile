@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-test run test
+.PHONY: setup setup-test run test docs
 setup: $(VENV)/.core
 setup-test: $(VENV)/.test
 
@@ -25,6 +25,14 @@ $(VENV)/.test: $(VENV)/.core
 	# the ONNX converter without its orbax-checkpoint<0.11.37 pin (see the [onnx] extra)
 	$(BIN)/python -m pip install -qq --no-deps jax2onnx==0.17.1
 	touch $@
+
+$(VENV)/.docs: $(VENV)/.core
+	$(BIN)/python -m pip install -qq -e ".[docs]"
+	touch $@
+
+# the documentation site (mkdocs, Material theme, API reference from docstrings) into site/; any warning fails
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 run: setup
 	$(BIN)/jaxopt-llm pipeline run experiments/pipelines/tweets.py --workdir runs/tweets

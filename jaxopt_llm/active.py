@@ -358,7 +358,7 @@ class Rounds:
             state = rounds.state()
             if state["pool"] != str(pool) or state["labels"] != list(labels):
                 raise LabelError(f"{path} already holds rounds over {state['pool']} with labels {state['labels']}; "
-                                 "use another --run folder.")
+                                 "use another --state folder.")
             return rounds
         read_pool(pool)
         write_json(rounds.state_file, {"pool": str(pool), "labels": list(labels), "config": config,
@@ -371,7 +371,8 @@ class Rounds:
 
     def state(self) -> dict:
         if not self.state_file.is_file():
-            raise LabelError(f"{self.path} holds no rounds: start with `jaxopt-llm label init --run {self.path} ...`.")
+            raise LabelError(f"{self.path} holds no rounds: start with "
+                             f"`jaxopt-llm label init --state {self.path} ...`.")
         return json.loads(self.state_file.read_text())
 
     def labelled(self) -> list[dict]:

@@ -24,6 +24,75 @@ class UsageError(UserError):
     """A command-line argument is wrong; main prints it as one `error:` line and exits with code 2."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default when it has one; epilogs keep their lines."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS)
+                and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Deprecated(argparse.Action):
+    """An option's old spelling, kept for one release: it sets the new option's value and says so."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated here and will be removed in the next release; use "
+              f"{self.new}.", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+# what each training command trains (the recipe's method help says how)
+TRAINS = {"finetune": "fine-tune on labelled data: a classifier (default), a token classifier or an extractive "
+                      "reader, as the config's task says",
+          "pretrain": "masked-LM pretraining on raw text (data.text_column), optionally with next-sentence "
+                      "prediction; trains the MLM head a checkpoint lacks",
+          "prompt": "PET: fine-tune a masked LM through cloze patterns and a verbalizer (few labels, no new head)"}
+
+EXAMPLES = {
+    "predict fill-mask": 'jaxopt-llm predict fill-mask --model bert-base-uncased --top-k 5 "The [MASK] runs."',
+    "predict classify": "jaxopt-llm predict classify --model runs/tweets_tiny --file texts.txt\n"
+                        'jaxopt-llm predict classify --model artifacts/tweets "great crew"',
+    "predict ner": 'jaxopt-llm predict ner --model runs/ner_tiny "Grace Okafor flew to Lisbon"',
+    "predict qa": 'jaxopt-llm predict qa --model runs/qa --question "Who flew?" --context "Grace flew to Lisbon."\n'
+                  "jaxopt-llm predict qa --model runs/qa --data dev.json",
+    "finetune": "jaxopt-llm finetune --config experiments/configs/tweets_tiny.py --workdir runs/x train.steps=100\n"
+                "jaxopt-llm finetune --workdir runs/mine data.train_file=mine.csv data.label_column=label",
+    "pretrain": "jaxopt-llm pretrain --config experiments/configs/mlm_tiny.py --workdir runs/mlm",
+    "prompt": "jaxopt-llm prompt --config experiments/configs/tweets_prompt_tiny.py --workdir runs/tweets_prompt",
+    "adversarial": "jaxopt-llm adversarial --config experiments/configs/tweets_adversarial_tiny.py --workdir runs/adv",
+    "distill": "jaxopt-llm distill --config experiments/configs/tweets_distill_tiny.py --workdir runs/kd",
+    "ensemble": "jaxopt-llm ensemble --config experiments/configs/tweets_ensemble_tiny.py --workdir runs/ens5",
+    "lora": "jaxopt-llm lora --config experiments/configs/tweets_tiny.py --workdir runs/lora lora.rank=8",
+    "sweep eval": "jaxopt-llm sweep eval --model runs/a --model runs/b --config experiments/configs/tweets_tiny.py "
+                  "t=0.5,1,2",
+    "sweep robustness": "jaxopt-llm sweep robustness --model runs/a --config experiments/configs/tweets_tiny.py "
+                        "--pgd-steps 5 eps=0,0.01,0.02",
+    "bench": "jaxopt-llm bench --tasks classify,predict",
+    "calibrate": "jaxopt-llm calibrate --model runs/tweets_tiny --config experiments/configs/tweets_tiny.py",
+    "stack": "jaxopt-llm stack --out runs/stacked runs/a runs/b runs/c",
+    "label init": "jaxopt-llm label init --state runs/al --pool pool.csv --labels negative,neutral,positive",
+    "label query": "jaxopt-llm label query --state runs/al --n 50 --out round0.csv",
+    "label import": "jaxopt-llm label import --state runs/al round0.csv",
+    "label train": "jaxopt-llm label train --state runs/al",
+    "label status": "jaxopt-llm label status --state runs/al",
+    "label simulate": "jaxopt-llm label simulate --state runs/al --gold-column sentiment --budgets 50,100,200",
+    "export": "jaxopt-llm export runs/tweets_tiny --out artifacts/tweets --config experiments/configs/tweets_tiny.py\n"
+              "jaxopt-llm export runs/tweets_tiny --out artifacts/tweets_onnx --format onnx",
+    "serve": "jaxopt-llm serve artifacts/tweets --port 8000 --log requests.jsonl\n"
+             "jaxopt-llm serve artifacts/tweets_onnx --backend onnxruntime",
+    "monitor": "jaxopt-llm monitor artifacts/tweets --log requests.jsonl --out monitor/",
+    "pipeline run": "jaxopt-llm pipeline run experiments/pipelines/tweets.py --workdir runs/tweets --dry-run",
+    "similarity": 'jaxopt-llm similarity "a man is eating" "a man eats bread"',
+}
+
+
 def _texts(args: argparse.Namespace) -> list[str]:
     texts = list(args.texts)
     if args.file:
@@ -296,6 +365,9 @@ def _label(args: argparse.Namespace) -> None:
     from jaxopt_llm import active
 
     _check(args, n=(1, None), steps=(1, None))
+    if not getattr(args, "state", None):
+        raise UsageError(f"label {args.action}: --state FOLDER is required (the state folder of the labelling "
+                         "rounds).")
     if args.action == "init":
         rounds = active.Rounds.init(args.state, args.pool, [x.strip() for x in args.labels.split(",") if x.strip()],
                                     args.config, args.eval_file, args.strategy, args.seed, args.overrides)
@@ -454,7 +526,7 @@ def _split_grid(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__,
+    parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__, formatter_class=HelpFormatter,
                                      epilog="--debug (anywhere on the line) or JAXOPT_LLM_DEBUG=1: show the traceback "
                                             "of an expected error too.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -466,17 +538,17 @@ def build_parser() -> argparse.ArgumentParser:
         what = "run folder, HF folder, Hugging Face hub id" + (" or exported artifact" if kind == "classify" else "")
         p.add_argument("--model", required=True, help=what)
         p.add_argument("--file", help="text file, one text per line")
-        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--batch-size", type=int, default=32, help="texts per model call")
         p.add_argument("--max-length", type=int,
                        help="tokens per text (default: the run's training length, a model folder's positions; "
                             "128 for --pattern)")
         p.add_argument("--allow-untrained-head", action="store_true",
                        help="predict even when the checkpoint lacks the head's weights (they are random)")
         if kind == "fill-mask":
-            p.add_argument("--top-k", type=int, default=5)
+            p.add_argument("--top-k", type=int, default=5, help="predictions per [MASK]")
         elif kind == "qa":
-            p.add_argument("--question")
-            p.add_argument("--context")
+            p.add_argument("--question", help="one question, answered from --context")
+            p.add_argument("--context", help="the passage --question is answered from")
             p.add_argument("--data", help="a SQuAD-format JSON file: every question answered, EM / F1 at the end")
             p.add_argument("--stride", type=int, help="tokens two windows of a long context share (default: the "
                                                       "run's, else 32)")
@@ -493,13 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--verbalizer", help="label=word|word;label=word, for --pattern")
             p.add_argument("--combine", default="logsumexp", choices=("logsumexp", "mean"),
                            help="how a label's words combine")
-        p.add_argument("texts", nargs="*")
+        p.add_argument("texts", nargs="*", help="texts to predict (or --file)")
         p.set_defaults(run=_predict)
 
     from jaxopt_llm import recipes
 
     for name, (method, task) in recipes.commands().items():
-        p = sub.add_parser(name, help=f"{method.help} ({task or 'the config' + chr(39) + 's task'})")
+        what = TRAINS.get(name) or f"{method.help} ({task or 'the config' + chr(39) + 's task'})"
+        p = sub.add_parser(name, help=what, description=what)
         p.add_argument("--config", help="Python config file defining get_config()")
         p.add_argument("--workdir", required=True, help="run folder; the same folder resumes the run")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
@@ -516,9 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--config", help="config file whose eval split is used")
         r.add_argument("--data", help="csv / json / jsonl file with text and label (token classifiers: CoNLL or "
                                       ".jsonl of tokens and tags; readers: SQuAD JSON)")
-        r.add_argument("--steps", type=int, default=10 if kind == "robustness" else 5, help="PGD steps")
-        r.add_argument("--norm", default="linf", choices=("linf", "l2"))
-        r.add_argument("--batch-size", type=int, default=32)
+        r.add_argument("--pgd-steps", dest="steps", type=int, default=10 if kind == "robustness" else 5,
+                       help="PGD steps of each attack (eps grids)")
+        r.add_argument("--steps", dest="steps", type=int, action=Deprecated, new="--pgd-steps")
+        r.add_argument("--norm", default="linf", choices=("linf", "l2"), help="the PGD ball: L-infinity or L2")
+        r.add_argument("--batch-size", type=int, default=32, help="examples per program call")
         r.add_argument("--chunk", type=int, help="models per program call (default: from the free memory)")
         r.add_argument("--plot", default="robustness.png" if kind == "robustness" else None,
                        help="PNG of the metric against the checkpoint step or the grid value")
@@ -539,10 +614,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--adversarial-steps", type=int, default=1, help="K of the adversarial step")
     b.add_argument("--compile-rounds", type=int, default=3,
                    help="compile rows: the median of this many compiles of each program, interleaved")
-    for name, default in (("layers", 4), ("hidden", 256), ("heads", 4), ("ffn", 1024), ("batch", 32), ("seq", 128),
-                          ("steps", 10), ("warmup", 2)):
-        b.add_argument(f"--{name}", type=int, default=default)
-    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    for name, default, text in (("layers", 4, "encoder layers of the bench model"), ("hidden", 256, "its width"),
+                                ("heads", 4, "its attention heads"), ("ffn", 1024, "its feed-forward width"),
+                                ("batch", 32, "sequences per step"), ("seq", 128, "tokens per sequence"),
+                                ("warmup", 2, "untimed steps of each side first")):
+        b.add_argument(f"--{name}", type=int, default=default, help=text)
+    b.add_argument("--timed-steps", dest="steps", type=int, default=10, help="timed steps of each side (the median)")
+    b.add_argument("--steps", dest="steps", type=int, action=Deprecated, new="--timed-steps")
+    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype of both sides")
     b.set_defaults(run=_bench)
 
     cal = sub.add_parser("calibrate", help="fit a run's temperature on held-out data (temperature.json)")
@@ -561,44 +640,54 @@ def build_parser() -> argparse.ArgumentParser:
     label = sub.add_parser("label", help="active learning: rounds of queries a person labels in a file")
     actions = label.add_subparsers(dest="action", required=True)
     a = actions.add_parser("init", help="start a state folder over a pool of texts")
-    a.add_argument("--run", dest="state", required=True, help="the state folder")
+    a.add_argument("--state", dest="state", help="the state folder of the labelling rounds (required)")
+    a.add_argument("--run", dest="state", action=Deprecated, new="--state")
     a.add_argument("--pool", required=True, help="csv / jsonl with id (optional) and text columns")
     a.add_argument("--labels", required=True, help="label names, comma-separated")
     a.add_argument("--config", help="config file each round trains with (its model, steps, ...)")
     a.add_argument("--eval-file", help="labelled held-out file for the learning curve")
     a.add_argument("--strategy", default="entropy", help="random, least-confidence, entropy, breaking-ties, bald, "
                    "kmeans, coreset, prompt, surprisal")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0, help="seed of the queries' random choices")
     a.add_argument("overrides", nargs="*", help="key=value config overrides for every round")
     a = actions.add_parser("query", help="pick the next texts to label and write them for a person")
-    a.add_argument("--run", dest="state", required=True, help="the state folder")
-    a.add_argument("--n", type=int, default=50)
+    a.add_argument("--state", dest="state", help="the state folder of the labelling rounds (required)")
+    a.add_argument("--run", dest="state", action=Deprecated, new="--state")
+    a.add_argument("--n", type=int, default=50, help="texts to query")
     a.add_argument("--out", required=True, help="file to label (.csv, .jsonl, or .json for Label Studio)")
-    a.add_argument("--format", choices=("csv", "jsonl", "labelstudio"))
-    a.add_argument("--strategy", help="override the run's strategy for this round")
+    a.add_argument("--out-format", dest="format", choices=("csv", "jsonl", "labelstudio"),
+                   help="the file's format (default: from --out's suffix)")
+    a.add_argument("--format", dest="format", action=Deprecated, new="--out-format")
+    a.add_argument("--strategy", help="override the state's strategy for this round")
     a.add_argument("--cold-model", help="an MLM model for the prompt / surprisal cold start")
     a.add_argument("--pattern", help="prompt cold start: pattern")
     a.add_argument("--verbalizer", help="prompt cold start: label=word;...")
     a = actions.add_parser("import", help="take a labelled file back (skipped items stay in the pool)")
-    a.add_argument("file")
-    a.add_argument("--run", dest="state", required=True, help="the state folder")
+    a.add_argument("file", help="the labelled file (.csv, .jsonl, or a Label Studio .json export)")
+    a.add_argument("--state", dest="state", help="the state folder of the labelling rounds (required)")
+    a.add_argument("--run", dest="state", action=Deprecated, new="--state")
     a = actions.add_parser("train", help="train the round's model on every label so far")
-    a.add_argument("--run", dest="state", required=True, help="the state folder")
-    a.add_argument("--steps", type=int)
+    a.add_argument("--state", dest="state", help="the state folder of the labelling rounds (required)")
+    a.add_argument("--run", dest="state", action=Deprecated, new="--state")
+    a.add_argument("--steps", type=int, help="training steps of the round's model (default: the config's "
+                                             "train.steps)")
     a = actions.add_parser("status", help="labels per class, learning curve, stopping signal")
-    a.add_argument("--run", dest="state", required=True, help="the state folder")
+    a.add_argument("--state", dest="state", help="the state folder of the labelling rounds (required)")
+    a.add_argument("--run", dest="state", action=Deprecated, new="--state")
     a = actions.add_parser("simulate", help="gold labels from the pool answer the queries")
-    a.add_argument("--run", dest="state", required=True, help="the state folder")
-    a.add_argument("--gold-column", default="label")
+    a.add_argument("--state", dest="state", help="the state folder of the labelling rounds (required)")
+    a.add_argument("--run", dest="state", action=Deprecated, new="--state")
+    a.add_argument("--gold-column", default="label", help="the pool's column holding the true labels")
     a.add_argument("--budgets", default="50,100,200,400", help="labelled-set sizes after each round")
-    a.add_argument("--strategy")
-    a.add_argument("--steps", type=int)
+    a.add_argument("--strategy", help="override the state's strategy")
+    a.add_argument("--steps", type=int, help="training steps of each round's model (default: the config's "
+                                             "train.steps)")
     label.set_defaults(run=_label)
 
     e = sub.add_parser("export", help="a portable jax.export artifact of a run (with its tokenizer, labels, drift "
                        "reference and golden outputs)")
     e.add_argument("source", metavar="RUN", help="run folder: a classifier, an ensemble or a prompt run")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="the artifact folder to create (must not exist)")
     e.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, tpu")
     e.add_argument("--format", choices=("jax", "onnx"), default="jax", help="onnx: also model.onnx for ONNX "
                    "Runtime, checked equal to the jax.export functions (needs the [onnx] extra and jax2onnx)")
@@ -610,15 +699,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "a run: its training length)")
     e.add_argument("--config", help="config file whose eval split is the drift reference")
     e.add_argument("--data", help="csv / json / jsonl whose texts are the drift reference")
-    e.add_argument("--file", help="golden texts, one per line (default: the first reference texts)")
+    e.add_argument("--golden", dest="file", help="text file of golden texts, one per line, whose outputs every load "
+                                                 "checks (default: the first reference texts)")
+    e.add_argument("--file", dest="file", action=Deprecated, new="--golden")
     e.add_argument("overrides", nargs="*", help="key=value overrides of the --config / --data reading")
     e.set_defaults(run=_export, texts=[])
     srv = sub.add_parser("serve", help="serve an artifact over HTTP (HF text-classification and KServe v2 routes)")
-    srv.add_argument("artifact")
+    srv.add_argument("artifact", help="an exported artifact folder (local or gs://)")
     srv.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
                      help="onnxruntime: run the artifact's model.onnx (exported with --format onnx)")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, default=8080, help="TCP port")
     srv.add_argument("--max-batch", type=int, default=32, help="texts per model call")
     srv.add_argument("--max-wait-ms", type=float, default=5.0, help="under load, how long a batch of several "
                      "requests waits for more (a lone request never waits)")
@@ -627,14 +718,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body", type=int, default=1 << 20, help="bytes per request body")
     srv.add_argument("--body-seconds", type=float, default=10.0,
                      help="a request body must arrive whole within this many seconds (408 otherwise)")
-    srv.add_argument("--window", type=int, default=500, help="predictions in the drift window")
+    srv.add_argument("--window", type=int, default=500, help="predictions per drift window")
     srv.add_argument("--log", help="append every prediction to this JSON-lines file (for `monitor`)")
     srv.set_defaults(run=_serve)
     mon = sub.add_parser("monitor", help="drift report of a request log against an artifact's reference")
-    mon.add_argument("artifact")
+    mon.add_argument("artifact", help="the artifact the log's predictions came from")
     mon.add_argument("--log", required=True, help="the JSON-lines log written by serve --log")
     mon.add_argument("--out", default="monitor", help="folder for report.md and drift.png")
-    mon.add_argument("--window", type=int, default=200)
+    mon.add_argument("--window", type=int, default=200, help="predictions per drift window")
     mon.set_defaults(run=_monitor)
 
     pipe = sub.add_parser("pipeline", help="multi-step pipelines: pretrain -> fine-tune -> optimise -> deploy")
@@ -651,9 +742,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("similarity", help="cosine similarity of sentence embeddings (default: MiniLM)")
     sim.add_argument("--model", help="run folder, HF folder or hub id (default: the packaged all-MiniLM-L6-v2)")
-    sim.add_argument("texts", nargs="*")
+    sim.add_argument("texts", nargs="*", help="sentences to compare (default: five example sentences)")
     sim.set_defaults(run=_similarity, file=None)
+    for name, p in subcommands(parser).items():
+        p.formatter_class = HelpFormatter
+        examples = [text for key, text in EXAMPLES.items() if key == name or key.startswith(name + " ")]
+        if examples and not p.epilog:
+            p.epilog = "examples:\n  " + "\n  ".join("\n".join(examples).splitlines())
     return parser
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every (sub)command's parser by its name ("label query"), the top-level one as ""."""
+    out = {prefix.strip(): parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                out.update(subcommands(child, f"{prefix} {name}"))
+    return out
 
 
 def compile_cache() -> str | None:

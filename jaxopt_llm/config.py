@@ -31,10 +31,10 @@ TASK_ALIASES = {"finetune": "classification", "pretrain": "masked-lm"}
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = PACKAGED_MINILM  # run folder, HF folder, hub id, or the packaged MiniLM
-    num_labels: int | None = None  # None: from the data's labels
+    num_labels: int | None = None  # classes of the head; None: from the data's labels
     dtype: str = "float32"  # compute dtype; params stay float32, softmax and losses float32
-    hidden_dropout: float | None = None  # None: the checkpoint's value
-    attention_dropout: float | None = None
+    hidden_dropout: float | None = None  # dropout on hidden states; None: the checkpoint's value
+    attention_dropout: float | None = None  # dropout on attention probabilities; None: the checkpoint's value
     scan_layers: bool = False  # encoder layers as one lax.scan (compile time flat in depth); checkpoints unchanged
     remat: str = "none"  # with scan_layers: none | full | dots (recompute activations in the backward pass)
     scan_unroll: bool = False  # with scan_layers: the scan written out by XLA (faster step, compile grows with depth)
@@ -46,46 +46,46 @@ class ModelConfig:
 class DataConfig:
     dataset: str | None = None  # hub name ("imdb", "glue/sst2") or PACKAGED_TWEETS
     train_file: str | None = None  # csv, json, jsonl, parquet, or txt (MLM)
-    eval_file: str | None = None
-    train_split: str = "train"
+    eval_file: str | None = None  # labelled eval file (same format as train_file); None: see eval_split
+    train_split: str = "train"  # the hub dataset's split to train on
     eval_split: str | None = None  # None: hold out eval_fraction of the training rows
-    eval_fraction: float = 0.1
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
+    eval_fraction: float = 0.1  # share of the training rows held out for eval when no eval file or split is given
+    text_column: str = "text"  # the column holding the text
+    text_pair_column: str | None = None  # a second text column, encoded as the pair's second segment (NLI)
+    label_column: str = "label"  # the column holding the label (names, or ids 0..n-1)
     labels_as_names: bool = False  # integer labels are names (sorted by value), not ids 0..n-1
     labels: str | None = None  # label names in id order, comma-separated; None: the data's, sorted
-    max_length: int = 128
-    max_train_examples: int | None = None
+    max_length: int = 128  # tokens per text; longer texts are cut here in training and in every prediction path
+    max_train_examples: int | None = None  # keep the first N training rows; None: all
     per_class: int | None = None  # few-shot: keep this many training examples of each label (seeded by train.seed)
-    max_eval_examples: int | None = None
+    max_eval_examples: int | None = None  # keep the first N eval rows; None: all
     encoding: str = "utf-8"  # bytes that do not decode are replaced and the rows counted
-    mlm_probability: float = 0.15
-    max_predictions_per_seq: int = 20
-    whole_word_masking: bool = False
+    mlm_probability: float = 0.15  # masked-LM: share of tokens predicted (80 % [MASK], 10 % random, 10 % kept)
+    max_predictions_per_seq: int = 20  # masked-LM: at most this many predicted positions per sequence
+    whole_word_masking: bool = False  # masked-LM: mask every piece of a chosen word together
     next_sentence: bool = False  # masked-LM pretraining with next-sentence prediction
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 32  # global, across devices and hosts
-    steps: int = 1000
-    learning_rate: float = 5e-5
-    warmup_steps: int = 0
+    steps: int = 1000  # optimizer updates; raising it on a finished run extends it
+    learning_rate: float = 5e-5  # AdamW's peak rate, after warmup
+    warmup_steps: int = 0  # linear warmup from 0 to learning_rate
     decay: str = "linear"  # linear | cosine | constant
-    weight_decay: float = 0.01
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 100
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases and norms)
+    grad_accum: int = 1  # micro-batches per update (batch_size is split into this many)
+    max_grad_norm: float = 1.0  # global gradient-norm clipping
+    adam_b1: float = 0.9  # AdamW beta1
+    adam_b2: float = 0.999  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    seed: int = 0  # every random choice of the run: head init, shuffling, dropout, masking
+    log_every: int = 10  # steps between metrics.jsonl lines
+    eval_every: int = 100  # steps between evaluations (and at the end)
     eval_batches: int | None = None  # None: the whole eval set
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    progress: bool = True
+    checkpoint_every: int = 100  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    progress: bool = True  # a progress bar on stderr
 
 
 @dataclasses.dataclass(frozen=True)

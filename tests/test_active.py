@@ -148,7 +148,7 @@ def test_bad_label_files_are_one_clear_error_and_import_nothing(pool, tmp_path, 
     file.write_text(content)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        cli.main(["label", "import", str(file), "--run", str(tmp_path / "al")])
+        cli.main(["label", "import", str(file), "--state", str(tmp_path / "al")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err and __import__("re").search(message, err), err
     assert not (tmp_path / "al" / "labelled.jsonl").exists()
@@ -158,12 +158,12 @@ def test_two_rounds_through_the_cli(pool, setup, tmp_path, capsys):
     run = str(tmp_path / "al")
     items = overrides(setup, **{"train.steps": 2, "train.batch_size": 8})
     items = [i for i in items if not i.startswith(("data.train_file", "data.label_column"))]
-    cli.main(["label", "init", "--run", run, "--pool", str(pool), "--labels", "negative,neutral,positive",
+    cli.main(["label", "init", "--state", run, "--pool", str(pool), "--labels", "negative,neutral,positive",
               "--strategy", "entropy", *items])
     gold = {json.loads(line)["id"]: json.loads(line)["gold"] for line in pool.read_text().splitlines()}
     for round_ in range(2):
         out = tmp_path / f"round{round_}.csv"
-        cli.main(["label", "query", "--run", run, "--n", "24", "--out", str(out)])
+        cli.main(["label", "query", "--state", run, "--n", "24", "--out", str(out)])
         rows = list(csv.DictReader(out.read_text().splitlines()))
         assert len(rows) == 24 and (round_ == 0) == (rows[0]["prediction"] == "")  # a model pre-annotates round 1
         for r in rows:
@@ -172,10 +172,10 @@ def test_two_rounds_through_the_cli(pool, setup, tmp_path, capsys):
             writer = csv.DictWriter(f, rows[0].keys())
             writer.writeheader()
             writer.writerows(rows)
-        cli.main(["label", "import", str(out), "--run", run])
-        cli.main(["label", "train", "--run", run])
+        cli.main(["label", "import", str(out), "--state", run])
+        cli.main(["label", "train", "--state", run])
     capsys.readouterr()
-    cli.main(["label", "status", "--run", run])
+    cli.main(["label", "status", "--state", run])
     status = json.loads(capsys.readouterr().out)
     assert status["labelled"] == 48 and sum(status["per_class"].values()) == 48
     assert [c["labelled"] for c in status["curve"]] == [24, 48] and len(status["agreement"]) == 1

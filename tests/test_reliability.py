@@ -211,7 +211,7 @@ ERRORS = [  # (what, the input made in tmp_path, argv, message)
     ("serve bad host", None, ["serve", "{tmp}/none", "--host", "no such host..x"], r"--host 'no such host..x'"),
     ("monitor negative window", None, ["monitor", "{tmp}/none", "--log", "{tmp}/log.jsonl", "--window", "-5"],
      r"--window -5: must be"),
-    ("label query n 0", None, ["label", "query", "--run", "{tmp}/al", "--n", "0", "--out", "{tmp}/q.csv"],
+    ("label query n 0", None, ["label", "query", "--state", "{tmp}/al", "--n", "0", "--out", "{tmp}/q.csv"],
      r"--n 0: must be"),
     ("pipeline workdir is a file", "pipe.py:from jaxopt_llm.pipeline import Pipeline, Stage\n\ndef get_pipeline():\n"
      "    return Pipeline(stages=(Stage('f', 'finetune', model='x'),))\n",

@@ -38,7 +38,7 @@ def exported(setup, tmp_path_factory):
     golden = root / "golden.txt"
     golden.write_text("\n".join(TEXTS))
     cli.main(["export", str(root / "run"), "--out", str(root / "art"), "--platforms", "cpu,cuda,tpu",
-              "--buckets", "16,32", "--data", str(setup / "tweets.csv"), "--file", str(golden),
+              "--buckets", "16,32", "--data", str(setup / "tweets.csv"), "--golden", str(golden),
               "data.label_column=sentiment", "data.max_length=32"])
     return root
 

@@ -106,7 +106,7 @@ def test_adversarial_run_compiles_once_then_sweep_cli(setup, tmp_path, capsys):
     assert logged["delta_norm"] == pytest.approx(0.5, rel=1e-3)
     plot = tmp_path / "robustness.png"
     cli.main(["sweep", "robustness", "--model", str(tmp_path / "run"), "--data", str(setup / "tweets.csv"),
-              "--steps", "2", "--plot", str(plot), "eps=0,0.5,5", "data.label_column=sentiment",
+              "--pgd-steps", "2", "--plot", str(plot), "eps=0,0.5,5", "data.label_column=sentiment",
               "data.max_length=32", "data.max_eval_examples=24"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = result["tables"][str(tmp_path / "run")]

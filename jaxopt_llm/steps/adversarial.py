@@ -41,14 +41,14 @@ NORMS = ("l2", "linf")
 class Adversary:
     """The inner problem: the ball (norm, epsilon), K steps of `inner_lr`, the start, and the outer mix."""
 
-    method: str = "pgd"
-    norm: str = "linf"
-    epsilon: float = 0.01
-    inner_steps: int = 2
+    method: str = "pgd"  # pgd (min-max, Madry et al.) | freelb (ascent gradients averaged) | smart (KL smoothness)
+    norm: str = "linf"  # the ball around the word embeddings: linf | l2
+    epsilon: float = 0.01  # the ball's radius, in embedding units
+    inner_steps: int = 2  # ascent steps K per training step
     inner_lr: float | None = None  # None: 2.5 * epsilon / inner_steps (Madry et al.)
     init: str = "zero"  # zero | uniform (uniform in the ball)
-    clean_weight: float = 0.0
-    smart_weight: float = 1.0
+    clean_weight: float = 0.0  # pgd / freelb: weight of the clean loss beside the adversarial one
+    smart_weight: float = 1.0  # smart: weight of the smoothness (KL) term
     inner_tx: optax.GradientTransformation | None = None  # replaces the default ascent transform
 
     def __post_init__(self):

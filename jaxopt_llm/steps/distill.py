@@ -40,7 +40,7 @@ class Distillation:
     student_layers: int = 2  # students made from the teacher (no distill.student)
     init: str = "teacher-layers"  # teacher-layers (every k-th layer, DistilBERT) | random
     alpha: float = 0.5  # weight of the soft (teacher) term; 0 is plain training on labels
-    temperature: float = 2.0
+    temperature: float = 2.0  # softmax temperature of both sides in the soft term (its gradient scaled by T^2)
     hidden_weight: float = 0.0  # MSE between (projected) student and teacher hidden states
     attention_weight: float = 0.0  # MSE between attention probabilities
 

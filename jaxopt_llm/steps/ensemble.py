@@ -41,7 +41,7 @@ COMBINE = ("mean-prob", "mean-logit", "vote")
 class EnsembleOptions:
     """Config keys ensemble.*."""
 
-    members: int = 5
+    members: int = 5  # models trained together, differing by seed (and bootstrap sample)
     bootstrap: bool = False  # each member trains on its own resample (with replacement) of the training set
     # members vmapped together in one pass of the step, the passes one after the other. 0: one member
     # per pass on CPU (XLA:CPU runs vmapped products as batched dots off its fast GEMM path: a 5-member step

@@ -281,10 +281,10 @@ class PromptOptions:
     """Config keys prompt.*: the pattern, the verbalizer ("label=word|word;label=word"), how a label's words
     combine, and the weight of PET's auxiliary MLM loss."""
 
-    pattern: str = "{text} It was [MASK]."
-    verbalizer: str = "negative=bad;neutral=okay;positive=great"
-    combine: str = "logsumexp"
-    mlm_weight: float = 0.0
+    pattern: str = "{text} It was [MASK]."  # cloze pattern: {text} (and optionally {text_pair}) and one [MASK]
+    verbalizer: str = "negative=bad;neutral=okay;positive=great"  # label=word|word;label=word
+    combine: str = "logsumexp"  # how a label's words combine: logsumexp | mean
+    mlm_weight: float = 0.0  # weight of PET's auxiliary MLM loss on the training texts
 
     def __post_init__(self):
         Prompt.parse(self.pattern, self.verbalizer, self.combine)  # every pattern error, before anything runs
