@@ -434,13 +434,11 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _artifact(reference: str, verify: bool = True, backend: str = "jax"):
-    """The exported artifact `reference` names, through the one loader; anything else is one error."""
-    from jaxopt_llm import inference
+    """The exported artifact `reference` names (the loader `inference.load` uses for artifacts, without the
+    prediction modules that import jax); anything else is one error."""
+    from jaxopt_llm.serving.artifact import Artifact
 
-    if not inference.is_artifact(reference):
-        raise UsageError(f"{reference!r} is not an exported artifact (no manifest.json); export a run first with "
-                         "`jaxopt-llm export RUN --out ART`.")
-    return inference.load(reference, verify=verify, backend=backend).engine
+    return Artifact.load(reference, verify=verify, backend=backend)
 
 
 def _check(args: argparse.Namespace, **rules: tuple[float, float | None]) -> None:
@@ -525,7 +523,12 @@ def _split_grid(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def build_parser() -> argparse.ArgumentParser:
+SERVING = ("serve", "monitor")  # commands that never train: their parser is built without the training ones
+
+
+def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
+    """The command line. `serving_only`: without the training commands, whose registry imports jax and flax
+    (a server on ONNX Runtime starts without either)."""
     parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__, formatter_class=HelpFormatter,
                                      epilog="--debug (anywhere on the line) or JAXOPT_LLM_DEBUG=1: show the traceback "
                                             "of an expected error too.")
@@ -570,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jaxopt_llm import recipes
 
-    for name, (method, task) in recipes.commands().items():
+    for name, (method, task) in ({} if serving_only else recipes.commands()).items():
         what = TRAINS.get(name) or f"{method.help} ({task or 'the config' + chr(39) + 's task'})"
         p = sub.add_parser(name, help=what, description=what)
         p.add_argument("--config", help="Python config file defining get_config()")
@@ -790,16 +793,17 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("JAXOPT_LLM_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
+    parser = build_parser(serving_only=bool(argv) and argv[0] in SERVING)
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after options (argparse keeps positionals in one run)
         if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command != "bench":  # bench times compilation: it must compile, not read an earlier run's program
+    # bench times compilation: it must compile, not read an earlier run's program; ONNX Runtime compiles nothing
+    if args.command != "bench" and getattr(args, "backend", "jax") == "jax":
         compile_cache()
-    from jaxopt_llm.train import PREEMPTED_EXIT_CODE, Preempted
+    from jaxopt_llm.errors import PREEMPTED_EXIT_CODE, Preempted
 
     try:
         args.run(args)

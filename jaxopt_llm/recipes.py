@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
-from typing import Any
-
-import optax
+from typing import TYPE_CHECKING, Any
 
 from jaxopt_llm.errors import UserError
+
+if TYPE_CHECKING:
+    import optax
 
 _TASKS: dict[str, Any] = {
     "classification": "jaxopt_llm.steps.classify",

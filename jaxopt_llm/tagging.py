@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxopt_llm.errors import UserError
-from jaxopt_llm.metrics import entity_scores, split_tag
 
 AGGREGATIONS = ("first", "simple", "none")
 
@@ -57,6 +56,8 @@ def _groups(text: str, units: list) -> list[dict]:
             out.append({"entity_group": kind, "score": float(np.mean(scores)), "word": text[start:end],
                         "start": start, "end": end})
         current = None
+
+    from jaxopt_llm.metrics import split_tag  # here: the metrics module imports jax, a server need not
 
     for tag, score, start, end, _, _ in units:
         prefix, kind = split_tag(tag)
@@ -98,6 +99,8 @@ def score(model, sentences: Sequence, scheme: str = "IOB2") -> tuple[dict, list[
     """Entity precision / recall / F1 (strict, seqeval's) and word accuracy of a tagger (`inference.load`: run,
     ensemble or artifact) on word-tagged `sentences` (`data.tagged`), through its `tag` on the words joined by
     spaces, as every prediction path tags; and the predicted tags per sentence."""
+    from jaxopt_llm.metrics import entity_scores
+
     found = model.tag([" ".join(s.words) for s in sentences], "none")
     predicted = [word_tags(s.words, tokens) for s, tokens in zip(sentences, found)]
     scores = entity_scores([s.tags for s in sentences], predicted, scheme)

@@ -31,7 +31,7 @@ from jaxopt_llm import config as config_lib
 from jaxopt_llm import data as data_lib
 from jaxopt_llm import state as state_lib
 from jaxopt_llm.config import Config, TrainConfig
-from jaxopt_llm.errors import UserError
+from jaxopt_llm.errors import Preempted, UserError
 from jaxopt_llm.models import config_of, from_pretrained, load_tokenizer, resolve, save_pretrained
 from jaxopt_llm.parallel import Parallel, compile_count, initialize_distributed
 from jaxopt_llm.recipes import Context, Recipe
@@ -42,17 +42,6 @@ class TrainingError(UserError):
     """A run cannot go on as configured; the message says why and what to change."""
 
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on SIGTERM with a checkpoint; run the same command again
-
-
-class Preempted(Exception):
-    """SIGTERM (a preempted TPU VM): the step in flight finished, a checkpoint of it was saved, the run
-    stopped. Running the same command again resumes exactly."""
-
-    def __init__(self, step: int, workdir):
-        super().__init__(f"preempted: checkpoint saved at step {step} in {workdir}; run the same command again to "
-                         "resume")
-        self.step = step
 
 
 class _Preemption:

@@ -20,7 +20,7 @@ from jaxopt_llm.runs import write_json
 
 
 def run(pipeline: Pipeline, workdir: str | Path, *, from_: str | None = None, only: str | None = None,
-        force: Sequence[str] = (), dry_run: bool = False, out=sys.stderr) -> list[dict]:
+        force: Sequence[str] = (), dry_run: bool = False, out=None) -> list[dict]:
     """Run the stages that need it (see `plan`); returns the plan rows with each stage's metrics.
 
     Launched on several processes (jax.distributed: a TPU pod slice), every process runs the same plan:
@@ -28,6 +28,7 @@ def run(pipeline: Pipeline, workdir: str | Path, *, from_: str | None = None, on
     pipeline file are done and written by process 0 alone, the others waiting at a barrier and reading the
     result back from the (shared) pipeline folder.
     """
+    out = sys.stderr if out is None else out  # the stream of the moment, not the one at import
     workdir = paths.Path(workdir)
     rows = plan(pipeline, workdir, from_=from_, only=only, force=force)
     width = max(len(r["name"]) for r in rows)

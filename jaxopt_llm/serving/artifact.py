@@ -102,8 +102,6 @@ class Artifact:
         """The artifact at `path` (local or gs://), its files checked against the manifest and its golden
         outputs reproduced when `verify`. backend="onnxruntime" runs model.onnx (an export with --format onnx)
         instead of the jax.export functions; tokenization, buckets and outputs are the same."""
-        import jax
-        from jax import export
         from tokenizers import Tokenizer
 
         from jaxopt_llm import paths
@@ -140,7 +138,10 @@ class Artifact:
         session = functions = weights = None
         if backend == "onnxruntime":
             session = _onnx_session(path, manifest)
-        else:
+        else:  # jax only here: an ONNX Runtime server starts without importing it
+            import jax
+            from jax import export
+
             functions = {t: export.deserialize((path / "functions" / f"predict_{t}.jax").read_bytes())
                          for t in manifest["buckets"]}
             tensors = read_safetensors(path / "weights.safetensors")
