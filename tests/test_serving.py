@@ -475,6 +475,25 @@ def test_serve_with_the_onnxruntime_backend_answers_as_pytorch(onnx_exported):
     assert "onnxruntime" in process.stderr.read()
 
 
+def test_the_onnxruntime_server_path_imports_neither_jax_nor_flax(onnx_exported):
+    """What `serve ART --backend onnxruntime` runs before its first answer: the serving parser, the artifact on
+    ONNX Runtime (golden outputs checked), the app; in a fresh process, with no jax, flax or transformers."""
+    code = ("import sys, json; from jaxopt_llm import cli; args = cli.build_parser(serving_only=True).parse_args("
+            "['serve', sys.argv[1], '--backend', 'onnxruntime']); a = cli._artifact(args.artifact, "
+            "backend=args.backend); from jaxopt_llm.serving.app import create_app; import uvicorn; "
+            "out = a.classify(['love this airline'], top_k=3); "
+            "bad = [m for m in ('jax', 'flax', 'transformers', 'torch', 'optax') if m in sys.modules]; "
+            "print(json.dumps({'out': out, 'bad': bad}))")
+    done = subprocess.run([sys.executable, "-c", code, str(onnx_exported)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bad"] == [] and len(result["out"][0]) == 3
+    expected = Artifact.load(onnx_exported).classify(["love this airline"], top_k=3)
+    assert [r["label"] for r in result["out"][0]] == [r["label"] for r in expected[0]]
+    assert [r["score"] for r in result["out"][0]] == pytest.approx([r["score"] for r in expected[0]], abs=1e-4)
+
+
 def test_onnx_backend_and_format_refusals_name_the_fix(exported, tmp_path):
     with pytest.raises(ArtifactError, match="no ONNX model; export the run again with --format onnx"):
         Artifact.load(exported / "art", backend="onnxruntime")
