@@ -610,7 +610,7 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
     b.add_argument("--tasks", help="comma-separated rows (default: every row): classify, mlm, adversarial, distill, "
                                    "ensemble, compile, predict, predict-long, cold-start, families, local-attention, "
-                                   "unpadded, lora")
+                                   "unpadded, lora, onnx")
     b.add_argument("--json", action="store_true", help="print the rows as one JSON object only")
     b.add_argument("--members", type=int, default=5, help="members of the ensemble row")
     b.add_argument("--student-layers", type=int, default=2, help="depth of the distillation row's student")
@@ -660,7 +660,8 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="file to label (.csv, .jsonl, or .json for Label Studio)")
     a.add_argument("--out-format", dest="format", choices=("csv", "jsonl", "labelstudio"),
                    help="the file's format (default: from --out's suffix)")
-    a.add_argument("--format", dest="format", action=Deprecated, new="--out-format")
+    a.add_argument("--format", dest="format", choices=("csv", "jsonl", "labelstudio"), action=Deprecated,
+                   new="--out-format")
     a.add_argument("--strategy", help="override the state's strategy for this round")
     a.add_argument("--cold-model", help="an MLM model for the prompt / surprisal cold start")
     a.add_argument("--pattern", help="prompt cold start: pattern")

@@ -101,7 +101,8 @@ class Artifact:
     def load(cls, path: str | Path, verify: bool = True, backend: str = "jax") -> Artifact:
         """The artifact at `path` (local or gs://), its files checked against the manifest and its golden
         outputs reproduced when `verify`. backend="onnxruntime" runs model.onnx (an export with --format onnx)
-        instead of the jax.export functions; tokenization, buckets and outputs are the same."""
+        instead of the jax.export functions: the same tokenization and outputs, each batch padded to its longest
+        text instead of a bucket."""
         from tokenizers import Tokenizer
 
         from jaxopt_llm import paths
@@ -235,9 +236,9 @@ class Artifact:
             return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
         order = np.argsort([len(e.ids) for e in encodings], kind="stable")
         outputs = [self.run(arrays) for _, arrays in self.batches_of([encodings[i] for i in order], max_batch)]
-        probs, cls = (np.empty((len(order), *xs[0].shape[1:]), xs[0].dtype) for xs in zip(*outputs))
-        probs[order], cls[order] = np.concatenate([p for p, _ in outputs]), np.concatenate([c for _, c in outputs])
-        return probs, cls
+        probs, cls = (np.concatenate(xs) for xs in zip(*outputs))
+        given = np.argsort(order)  # row i of the sorted batches is text order[i]
+        return probs[given], cls[given]
 
     def tag_probs_encoded(self, encodings: Sequence, max_batch: int = 64) -> tuple[list]:
         """A tagger's (per text, its token probabilities (tokens, c)) for encodings made by `encode`, as a
