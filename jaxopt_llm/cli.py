@@ -534,10 +534,14 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
                                             "of an expected error too.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    predict = sub.add_parser("predict", help="fill-mask, classify or tag (ner) texts, printing JSON lines")
+    predict = sub.add_parser("predict", help="fill-mask, classify, tag (ner) or answer (qa), printing JSON lines")
     kinds = predict.add_subparsers(dest="kind", required=True)
-    for kind in ("fill-mask", "classify", "ner", "qa"):
-        p = kinds.add_parser(kind)
+    for kind, text in (("fill-mask", "the likeliest tokens at each [MASK] of a masked LM"),
+                       ("classify", "class probabilities from a classifier, an ensemble, an artifact, or zero-shot "
+                                    "from a masked LM with --pattern"),
+                       ("ner", "entities with character offsets from a token classifier"),
+                       ("qa", "answer spans from an extractive reader, with EM / F1 for a SQuAD file")):
+        p = kinds.add_parser(kind, help=text, description=text)
         what = "run folder, HF folder, Hugging Face hub id" + (" or exported artifact" if kind == "classify" else "")
         p.add_argument("--model", required=True, help=what)
         p.add_argument("--file", help="text file, one text per line")

@@ -35,6 +35,11 @@ def test_every_option_has_help_its_default_and_every_command_an_example_that_par
     parser = cli.build_parser()
     missing = [f"{name or 'jaxopt-llm'} {'/'.join(a.option_strings) or a.dest}" for name, a in options(parser)
                if not (a.help or "").strip()]
+    for name, p in cli.subcommands(parser).items():  # and every subcommand has its line in its parent's help
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{name} {c.dest}" for c in action._choices_actions if not (c.help or "").strip()]
+                assert len(action._choices_actions) == len(action.choices), name
     assert missing == []
     for name, p in cli.subcommands(parser).items():
         leaf = not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)
