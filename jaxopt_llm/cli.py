@@ -614,7 +614,7 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time our train steps against transformers' PyTorch BERT")
     b.add_argument("--tasks", help="comma-separated rows (default: every row): classify, mlm, adversarial, distill, "
                                    "ensemble, compile, predict, predict-long, cold-start, families, local-attention, "
-                                   "unpadded, lora, onnx")
+                                   "unpadded, lora, onnx, onnx-long")
     b.add_argument("--json", action="store_true", help="print the rows as one JSON object only")
     b.add_argument("--members", type=int, default=5, help="members of the ensemble row")
     b.add_argument("--student-layers", type=int, default=2, help="depth of the distillation row's student")

@@ -85,8 +85,11 @@ def _model_function(model, unrolled: bool = False):
         m = nnx.merge(graphdef, p)
         return m, m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
 
-    def classify(p, batch):  # (class logits, [CLS] hidden state) of one model
-        m, hidden = encoded(p, batch)
+    def classify(p, batch):  # (class logits, [CLS] hidden state) of one model; the last layer runs only where
+        m = nnx.merge(graphdef, p)  # the head reads ([CLS], or every position for mean pooling), as in predict
+        ids = batch["input_ids"]
+        hidden = m.encode(m.embed(ids), batch["attention_mask"], batch["token_type_ids"],
+                          output_positions=m.read_positions(ids.shape[0]))
         return m.classify_logits(hidden, attention_mask=batch["attention_mask"]), hidden[:, 0]
 
     if model.kind == "ensemble":
