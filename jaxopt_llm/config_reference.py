@@ -41,13 +41,11 @@ def _default(field) -> str:
         value = field.default_factory()
     else:
         return "required"
-    if dataclasses.is_dataclass(value):
-        return "(a section)"
     return repr(value) if not isinstance(value, str) or len(value) < 60 else "(see meaning)"
 
 
 def section_rows(prefix: str, cls) -> list[dict]:
-    hints = typing.get_type_hints(cls) if not inspect.isabstract(cls) else {}
+    hints = typing.get_type_hints(cls)
     notes = comments(cls)
     for base in cls.__mro__[1:]:  # fields a subclass inherits keep their comment
         if dataclasses.is_dataclass(base):

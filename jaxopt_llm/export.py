@@ -81,15 +81,14 @@ def _model_function(model, unrolled: bool = False):
     engine = model.engine
     graphdef, params = engine.graphdef, engine.state
 
-    def encoded(p, batch):  # (the model, its last hidden states (b, t, d)) of one member's parameters
-        m = nnx.merge(graphdef, p)
-        return m, m.encode(m.embed(batch["input_ids"]), batch["attention_mask"], batch["token_type_ids"])
+    def encoded(p, batch, head_only: bool = False):  # (the model, its last hidden states) of one member's
+        m = nnx.merge(graphdef, p)  # parameters; head_only: the last layer only where the class head reads
+        ids = batch["input_ids"]  # ([CLS], or every position for mean pooling), as in-process prediction
+        where = m.read_positions(ids.shape[0]) if head_only else None
+        return m, m.encode(m.embed(ids), batch["attention_mask"], batch["token_type_ids"], output_positions=where)
 
-    def classify(p, batch):  # (class logits, [CLS] hidden state) of one model; the last layer runs only where
-        m = nnx.merge(graphdef, p)  # the head reads ([CLS], or every position for mean pooling), as in predict
-        ids = batch["input_ids"]
-        hidden = m.encode(m.embed(ids), batch["attention_mask"], batch["token_type_ids"],
-                          output_positions=m.read_positions(ids.shape[0]))
+    def classify(p, batch):  # (class logits, [CLS] hidden state) of one model
+        m, hidden = encoded(p, batch, head_only=True)
         return m.classify_logits(hidden, attention_mask=batch["attention_mask"]), hidden[:, 0]
 
     if model.kind == "ensemble":
