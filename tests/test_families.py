@@ -196,7 +196,7 @@ def test_a_roberta_teacher_distils_into_a_roberta_student(bpe, setup, tmp_path):
         np.testing.assert_allclose(ours.probs(SENTENCES[:3]), student(**enc).logits.softmax(-1).numpy(), atol=1e-5)
 
 
-def test_a_family_registered_from_outside_trains_predicts_and_exports(setup, tmp_path, capsys):
+def test_a_family_registered_from_outside_trains_predicts_and_exports(setup, tmp_path, capsys, monkeypatch):
     """A toy variant of BERT (its own model_type, config and module classes) registered by this test: the
     package is not changed, and fine-tune, predict, save and export all take it."""
     import dataclasses
@@ -220,6 +220,10 @@ def test_a_family_registered_from_outside_trains_predicts_and_exports(setup, tmp
     class ToyBert(Bert):
         pass
 
+    from jaxopt_llm.models import registry
+
+    # the registry is process-wide: the toy family leaves with this test
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
     models.register(dataclasses.replace(BERT, model_type="toy-bert", config=ToyConfig, module=ToyBert))
     tok = transformers.AutoTokenizer.from_pretrained(setup / "model")
     ref = transformers.BertForSequenceClassification(transformers.BertConfig(

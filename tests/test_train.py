@@ -175,10 +175,12 @@ def label_smoothing_build(ctx, options):
                   eval_step=make_eval_step(graphdef, task), export=lambda p: nnx.merge(graphdef, p))
 
 
-def test_a_toy_method_registered_in_a_test_trains_through_loop_and_cli(setup, tmp_path, capsys):
+def test_a_toy_method_registered_in_a_test_trains_through_loop_and_cli(setup, tmp_path, capsys, monkeypatch):
     import jaxopt_llm as jl
-    from jaxopt_llm import cli
+    from jaxopt_llm import cli, recipes
 
+    # the registry is process-wide: the toy method leaves with this test, so later tests see the package's own
+    monkeypatch.setattr(recipes, "_METHODS", dict(recipes._METHODS))
     jl.register(jl.Method("label-smoothing", LabelSmoothing, label_smoothing_build, help="label smoothing"))
     # smoothing 0 is plain cross-entropy: the logged losses must be the clean fine-tune's
     items = overrides(setup, **{"train.log_every": 1, "train.steps": 4})
