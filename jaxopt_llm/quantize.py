@@ -1,21 +1,28 @@
-"""Weight-only int8 for an export's dense layers.
+"""int8 for an export's dense layers, two ways.
 
-Every `kernel` leaf (..., k, n) is stored as int8 with one float32 scale per output column (and per layer
-or member along any leading axes): scale = max |w| over the k inputs / 127, q = round(w / scale), so each
-weight is within scale / 2 of its float value. The exported function multiplies them back to float32 before
-use: activations, matrix products, embeddings, norms and biases stay float32. It makes the artifact's dense
-weights 4x smaller; on CPUs without fast int8 products it does not make prediction faster.
+"int8" (weight-only, either format): every `kernel` leaf (..., k, n) is stored as int8 with one float32 scale
+per output column (and per layer or member along any leading axes): scale = max |w| over the k inputs / 127, q
+= round(w / scale), so each weight is within scale / 2 of its float value. The exported function multiplies
+them back to float32 before use: activations, matrix products, embeddings, norms and biases stay float32. It
+makes the artifact's dense weights 4x smaller; on CPUs without fast int8 products it does not make prediction
+faster.
+
+"int8-dynamic" (ONNX only): model.onnx's matrix products with a constant weight run on ONNX Runtime's integer
+kernels: weights int8 with one scale per output column, activations quantized to uint8 per call from their
+own range (DynamicQuantizeLinear), products accumulated in int32. The jax.export functions stay float32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("int8",)
+MODES = ("int8", "int8-dynamic")
+ONNX_ONLY = ("int8-dynamic",)
 
 
 def is_kernel(path) -> bool:
@@ -44,3 +51,24 @@ def int8_kernels(params) -> tuple[list[np.ndarray], Callable[[list], list]]:
                 for i, quantized, dtype in plan]
 
     return stored, rebuild
+
+
+def onnx_dynamic_int8(source: Path, target: Path) -> None:
+    """`source` (an ONNX graph whose dense layers are MatMul against an initializer) written to `target` with
+    those products on ONNX Runtime's integer kernels (`onnxruntime.quantization.quantize_dynamic`, int8
+    weights per output column)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    quiet = logging.NullHandler()  # its advice to pre-process goes to the root logger; it would add a handler
+    root.addHandler(quiet)
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"])
+    finally:
+        root.setLevel(level)
+        root.removeHandler(quiet)

@@ -329,6 +329,14 @@ def test_every_kind_of_pipeline_stage_runs_in_a_bucket_is_measured_and_a_rerun_s
     for key in ("accuracy", "nll", "ece"):
         assert metrics["deploy"][key] == pytest.approx(metrics["calibrated"][key], abs=1e-4), key
     assert metrics["calibrated"]["temperature"] != 1.0
+    # an export into the bucket keeps its format and quantization
+    from jaxopt_llm.export import export
+    from jaxopt_llm.serving.artifact import Artifact
+
+    export(str(rows["calibrated"]["folder"]), f"gs://{BUCKET}/onnx", format="onnx", quantize="int8-dynamic",
+           golden_texts=["I love this airline"])
+    onnx_art = Artifact.load(f"gs://{BUCKET}/onnx", backend="onnxruntime")  # its own golden outputs, checked
+    assert onnx_art.manifest["quantize"] == "int8-dynamic" and "onnx/model.onnx" in objects("onnx/")
     again = pipeline.run(spec, f"gs://{BUCKET}/pipe")
     assert {r["action"] for r in again} == {"skip"}
     assert [r["metrics"] for r in again] == [metrics[r["name"]] for r in again]

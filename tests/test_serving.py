@@ -506,6 +506,62 @@ def test_onnx_backend_and_format_refusals_name_the_fix(exported, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_int8_dynamic_onnx_runs_every_dense_layer_on_integer_kernels_close_to_float(exported, onnx_exported,
+                                                                                     tmp_path):
+    """--quantize int8-dynamic: every dense layer of model.onnx (q/k/v, out, intermediate, output per layer; pooler,
+    head) is a MatMulInteger whose int8 weight times its column's scale is within half a scale of the float
+    kernel; on 400 texts of random lengths the outputs stay close to the float32 artifact's; the manifest's
+    figures are those of the texts it was given; it loads against its own golden outputs; and it is refused
+    without --format onnx, leaving nothing behind."""
+    import onnx
+    from onnx import numpy_helper
+
+    from jaxopt_llm.serving.artifact import read_safetensors
+
+    texts = random_texts(6, 400)
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": "neutral"}) + "\n" for t in texts))
+    from jaxopt_llm.export import export
+
+    with pytest.raises(UserError, match="int8-dynamic: it runs on ONNX Runtime's integer kernels; add --format onnx"):
+        export(str(exported / "run"), tmp_path / "q", quantize="int8-dynamic")
+    assert not (tmp_path / "q").exists()
+    cli.main(["export", str(exported / "run"), "--out", str(tmp_path / "q"), "--buckets", "16,32", "--format", "onnx",
+              "--quantize", "int8-dynamic", "--data", str(data)])
+    graph = onnx.load(tmp_path / "q" / "model.onnx").graph
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    integer = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    # 4 per layer, pooler and head; the last layer's q/k/v kernel is cut in two (its queries are [CLS] only)
+    assert len(integer) == 4 * 2 + 2 + 1 and not [n for n in graph.node if n.op_type in ("MatMul", "Einsum")
+                                              and n.input[1] in weights]
+    kernels = [w for w in read_safetensors(onnx_exported / "weights.safetensors").values() if w.ndim == 2]
+
+    def rounds_to(q, w):  # symmetric, one scale per output column (max |w| / 127), from some block of w's columns
+        scale = np.abs(w).max(0) / 127
+        return q.shape[0] == w.shape[0] and any(
+            np.all(np.abs(q * scale[o:o + q.shape[1]] - w[:, o:o + q.shape[1]]) <= scale[o:o + q.shape[1]] / 2 + 1e-6)
+            for o in range(w.shape[1] - q.shape[1] + 1))
+
+    for node in integer:
+        q = weights[node.input[1]]
+        assert q.dtype == np.int8 and not weights[node.input[3]].any()  # zero point 0
+        assert sum(rounds_to(q, w) for w in kernels) == 1
+    float_probs = Artifact.load(onnx_exported).predict(texts)[0]
+    art = Artifact.load(tmp_path / "q", backend="onnxruntime")  # its own golden outputs, checked on load
+    probs = art.predict(texts)[0]
+    difference = np.abs(probs - float_probs).max()
+    changed = np.mean(probs.argmax(-1) != float_probs.argmax(-1))
+    assert difference <= 0.02
+    # a class can change only where float32's top two are within 2 x the difference (this model is barely trained)
+    top2 = np.sort(float_probs, -1)[:, -2:]
+    assert np.all((probs.argmax(-1) == float_probs.argmax(-1)) | (top2[:, 1] - top2[:, 0] <= 2 * difference))
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["quantize"] == "int8-dynamic"
+    assert manifest["onnx"]["against_float32"] == {"texts": 400, "max_difference": pytest.approx(difference, abs=1e-5),
+                                                   "changed_predictions": pytest.approx(changed)}
+    assert manifest["files"]["model.onnx"] and "float.onnx" not in manifest["files"]
+
+
 def test_int8_export_is_within_half_a_scale_per_weight_and_agrees_with_float(exported, onnx_exported, tmp_path):
     """Weight-only int8: every dense kernel in the weights file is int8 whose value times its column's scale is
     within half a scale of the float kernel (round to nearest), everything else is the float file's bytes;

@@ -170,7 +170,10 @@ class Artifact:
 
     def check_golden(self) -> None:
         golden = json.loads((self.path / "golden.json").read_text())
-        probs = self.golden_outputs(golden["texts"])
+        texts = golden["texts"]
+        if self.session is not None and "onnx" in golden:  # an int8-dynamic graph has its own golden outputs
+            golden = golden["onnx"]
+        probs = self.golden_outputs(texts)
         worst = float(np.max(np.abs(probs - np.asarray(golden["probabilities"]))))
         if not worst <= golden["tolerance"]:
             raise ArtifactError(f"artifact {str(self.path)!r} does not reproduce its golden outputs on this machine "
