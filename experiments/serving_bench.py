@@ -109,15 +109,11 @@ def load(call, texts: list[str], clients: int) -> dict:
             "p99_ms": float(np.percentile(ms, 99)), "failed": failed[0]}
 
 
-def torch_app(artifact: Path):
-    """The PyTorch reference served: `POST /predict` {"inputs": text or [texts]} -> the pipeline's answer, on the
-    artifact's HF export cut at the artifact's max_length."""
+def torch_classifier(artifact: Path):
+    """answer(text or texts): `transformers.pipeline` on the artifact's HF export cut at the artifact's
+    max_length, one call at a time (a pipeline object is not thread-safe), on 2 threads."""
     import torch
     import transformers
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
 
     torch.set_num_threads(2)
     pipe = transformers.pipeline("text-classification", model=str(artifact / "hf"), device="cpu")
@@ -127,6 +123,18 @@ def torch_app(artifact: Path):
     def answer(inputs):
         with lock:
             return pipe(inputs, truncation=True, max_length=max_length)
+
+    return answer
+
+
+def torch_app(artifact: Path):
+    """The PyTorch reference served: `POST /predict` {"inputs": text or [texts]} -> the pipeline's answer."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    answer = torch_classifier(artifact)
 
     async def predict(request: Request):
         from starlette.concurrency import run_in_threadpool
@@ -214,18 +222,7 @@ def main() -> None:
         finally:
             stop(server)
     else:
-        import torch
-        import transformers
-
-        torch.set_num_threads(2)
-        pipe = transformers.pipeline("text-classification", model=str(artifact / "hf"), device="cpu")
-        max_length = json.loads((artifact / "manifest.json").read_text())["max_length"]
-        lock = threading.Lock()
-
-        def torch_call(text):
-            with lock:
-                pipe(text, truncation=True, max_length=max_length)
-
+        torch_call = torch_classifier(artifact)
         load(torch_call, texts[:32], 1)
         theirs = [load(torch_call, texts, int(c)) for c in args.clients.split(",")]
     print(f"artifact {size / 1e6:.1f} MB without the HF copy; server cold start {cold:.1f} s (process start to "
