@@ -14,7 +14,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -539,9 +539,10 @@ FAMILY_FIELDS = {"deberta-v3": {"relative_attention": True, "position_buckets": 
                                 "sep_token_id": 2}}  # special ids inside any vocabulary
 
 
-def family_rows(c: BenchConfig) -> list[dict]:
+def family_rows(c: BenchConfig, families: Sequence[str] | None = None) -> list[dict]:
     """A classification train step per family (the bench's sizes, random weights): ours, loaded through the
-    family registry from the checkpoint transformers saved, against that transformers class, interleaved."""
+    family registry from the checkpoint transformers saved, against that transformers class, interleaved.
+    `families`: a subset of FAMILY_CLASSES (default: all)."""
     import atexit
     import shutil
     import tempfile
@@ -552,7 +553,8 @@ def family_rows(c: BenchConfig) -> list[dict]:
     from jaxopt_llm import models
 
     rows = []
-    for family, (config_name, class_name) in FAMILY_CLASSES.items():
+    for family in families or FAMILY_CLASSES:
+        config_name, class_name = FAMILY_CLASSES[family]
         sizes = {"vocab_size": c.vocab, "hidden_size": c.hidden, "num_hidden_layers": c.layers,
                  "num_attention_heads": c.heads, "intermediate_size": c.ffn, "num_labels": 2,
                  "max_position_embeddings": max(512, c.seq) + 2}
