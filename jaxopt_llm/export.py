@@ -297,8 +297,7 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
         golden_file = {"texts": golden, "probabilities": golden_probs.tolist(), "tolerance": 1e-4}
         if quantize == "int8-dynamic":  # ONNX Runtime's own golden outputs, and how far they are from float32
             checked = texts or golden
-            theirs = onnx_artifact.golden_outputs(checked)
-            ours = golden_probs if checked is golden else artifact.golden_outputs(checked)
+            theirs, ours = onnx_artifact.golden_outputs(checked), artifact.golden_outputs(checked)
             manifest["onnx"]["against_float32"] = {
                 "texts": len(checked), "max_difference": round(float(np.max(np.abs(theirs - ours))), 6),
                 "changed_predictions": (round(float(np.mean(theirs.argmax(-1) != ours.argmax(-1))), 6)
