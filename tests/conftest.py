@@ -175,7 +175,8 @@ def run_backend(make_step, params, backend, n_devices, steps, fsdp=False, aux=No
 
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory):
-    """A tiny random BERT with the MiniLM vocabulary, and 96 real tweets as clean UTF-8 CSV."""
+    """A tiny random BERT (seed 0) with the MiniLM vocabulary, and 96 real tweets as clean UTF-8 CSV."""
+    import torch
     import transformers
 
     from jaxopt_llm.assets import minilm_path, tweets_csv_path
@@ -183,6 +184,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
     config = transformers.BertConfig(**{**TINY, "vocab_size": tok.vocab_size, "max_position_embeddings": 64})
+    torch.manual_seed(0)  # every run of the suite trains from the same weights
     transformers.BertModel(config).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     rows = list(csv.DictReader(tweets_csv_path().read_text(encoding="utf-8", errors="replace").splitlines()))
