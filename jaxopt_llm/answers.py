@@ -13,6 +13,8 @@ from jaxopt_llm.errors import UserError
 
 
 def check_stride(stride: int, max_length: int) -> None:
+    """Raise a UserError unless `stride` (the tokens two windows of a long context share) is a whole number
+    from 0 to under half of `max_length`."""
     if isinstance(stride, bool) or not isinstance(stride, int) or not 0 <= stride < max_length // 2:
         raise UserError(f"stride={stride!r}: the windows' overlap must be a whole number of tokens from 0 to under "
                         f"half of max_length={max_length} (question-answering.stride / --stride).")

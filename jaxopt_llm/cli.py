@@ -11,6 +11,11 @@ from pathlib import Path
 
 from jaxopt_llm.errors import UserError
 
+DESCRIPTION = ("BERT-style encoders in JAX: pretrain, fine-tune, optimise (adversarial training, distillation, LoRA, "
+               "ensembles, cloze prompts, active learning), predict, export and serve. Every training command "
+               "writes a run folder that any later command takes as its model. `jaxopt-llm COMMAND --help`: the "
+               "command's options, their defaults and an example.")
+
 DEFAULT_SENTENCES = (
     "A man is eating food.",
     "A man is eating a piece of bread.",
@@ -529,7 +534,7 @@ SERVING = ("serve", "monitor")  # commands that never train: their parser is bui
 def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
     """The command line. `serving_only`: without the training commands, whose registry imports jax and flax
     (a server on ONNX Runtime starts without either)."""
-    parser = argparse.ArgumentParser(prog="jaxopt-llm", description=__doc__, formatter_class=HelpFormatter,
+    parser = argparse.ArgumentParser(prog="jaxopt-llm", description=DESCRIPTION, formatter_class=HelpFormatter,
                                      epilog="--debug (anywhere on the line) or JAXOPT_LLM_DEBUG=1: show the traceback "
                                             "of an expected error too.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -692,9 +697,10 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
                                              "train.steps)")
     label.set_defaults(run=_label)
 
-    e = sub.add_parser("export", help="a portable jax.export artifact of a run (with its tokenizer, labels, drift "
-                       "reference and golden outputs)")
-    e.add_argument("source", metavar="RUN", help="run folder: a classifier, an ensemble or a prompt run")
+    e = sub.add_parser("export", help="a portable artifact of a run: jax.export functions, optionally ONNX (with "
+                       "its tokenizer, labels, drift reference and golden outputs)")
+    e.add_argument("source", metavar="RUN", help="run folder (a classifier, tagger, reader, ensemble or prompt run) "
+                   "or a Hugging Face folder")
     e.add_argument("--out", required=True, help="the artifact folder to create (must not exist)")
     e.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, tpu")
     e.add_argument("--format", choices=("jax", "onnx"), default="jax", help="onnx: also model.onnx for ONNX "
@@ -756,6 +762,10 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
     sim.set_defaults(run=_similarity, file=None)
     for name, p in subcommands(parser).items():
         p.formatter_class = HelpFormatter
+        for action in p._actions:  # a command's --help opens with its line in the parent's list
+            if isinstance(action, argparse._SubParsersAction):
+                for line in action._choices_actions:
+                    action.choices[line.dest].description = action.choices[line.dest].description or line.help
         examples = [text for key, text in EXAMPLES.items() if key == name or key.startswith(name + " ")]
         if examples and not p.epilog:
             p.epilog = "examples:\n  " + "\n  ".join("\n".join(examples).splitlines())
@@ -789,6 +799,25 @@ def compile_cache() -> str | None:
     return folder
 
 
+def one_line_warnings() -> None:
+    """The package's own warnings print as one `warning: ...` line (not the file, line and source of the call
+    that raised them); every other warning keeps Python's format."""
+    import os
+    import warnings
+
+    default = warnings.formatwarning
+    if getattr(default, "one_line", False):
+        return
+
+    def format(message, category, filename, lineno, line=None):
+        if f"{os.sep}jaxopt_llm{os.sep}" in str(filename):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    format.one_line = True
+    warnings.formatwarning = format
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one command. Expected bad input (`UserError`) is one `error:` line and exit code 2; any other
     exception keeps its traceback. `--debug` (anywhere) or JAXOPT_LLM_DEBUG=1 shows user errors' tracebacks."""
@@ -800,6 +829,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("JAXOPT_LLM_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    if not debug:
+        one_line_warnings()
     parser = build_parser(serving_only=bool(argv) and argv[0] in SERVING)
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after options (argparse keeps positionals in one run)

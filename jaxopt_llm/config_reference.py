@@ -64,6 +64,10 @@ def rows() -> list[dict]:
     from jaxopt_llm import config, recipes
 
     out = section_rows("", config.Config)
+    registered = {"task": recipes.task_names(), "method": recipes.method_names()}
+    for r in out:
+        if r["key"] in registered:
+            r["meaning"] += ": " + " | ".join(registered[r["key"]])
     for section in config._SECTIONS:
         out += section_rows(section, type(getattr(config.Config(), section)))
     for name in recipes.method_names():

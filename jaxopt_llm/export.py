@@ -160,14 +160,15 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
            buckets: Sequence[int] | None = None, reference_texts: Sequence[str] = (),
            golden_texts: Sequence[str] = (), max_length: int | None = None, format: str = "jax",
            quantize: str | None = None) -> Path:
-    """Write the artifact of a run (single classifier, ensemble or prompt run) to `out`, whole or not at all.
-    Texts are cut to the run's max_length (`max_length` for a bare model folder; default its positions);
-    `buckets` must reach it (default: 16, 32, 64, 128 below it, then it). `reference_texts` (e.g. the eval
-    split) give the drift reference; `golden_texts` are checked on load. format="onnx" adds model.onnx,
-    checked against the jax.export function on random lengths before anything is written. quantize="int8"
-    stores the dense layers' kernels as int8 with a scale per output column (`jaxopt_llm.quantize`);
-    quantize="int8-dynamic" (format="onnx") puts model.onnx's dense layers on ONNX Runtime's integer kernels after
-    the float graph passed its check, and records how far its outputs are from float32 on the given texts."""
+    """Write the artifact of a run (classifier, tagger, reader, ensemble or prompt run) or model folder to `out`,
+    whole or not at all. Texts are cut to the run's max_length (`max_length` for a bare model folder; default
+    its positions); `buckets` must reach it (default: 16, 32, 64, 128 below it, then it). `reference_texts`
+    (e.g. the eval split) give the drift reference; `golden_texts` are checked on load. format="onnx" adds
+    model.onnx, checked against the jax.export function on random lengths before anything is written.
+    quantize="int8" stores the dense layers' kernels as int8 with a scale per output column
+    (`jaxopt_llm.quantize`); quantize="int8-dynamic" (format="onnx") puts model.onnx's dense layers on ONNX
+    Runtime's integer kernels after the float graph passed its check, and records how far its outputs are
+    from float32 on the given texts."""
     from jax import export as jax_export
     from safetensors.numpy import save_file
 

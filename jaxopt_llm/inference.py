@@ -158,6 +158,8 @@ class Inference:
 
 
 def is_artifact(reference: str | os.PathLike) -> bool:
+    """Whether `reference` (a local path or a bucket URL) is an exported artifact: a manifest.json and no
+    config.json (a Hugging Face folder or a run's model/ has one)."""
     from jaxopt_llm import paths
 
     path = paths.Path(reference if paths.is_remote(reference) else os.path.expanduser(str(reference)))

@@ -143,6 +143,7 @@ def materialize(p: Plan, trainable: dict, frozen: dict) -> Any:
 
 
 def count(tree) -> int:
+    """The number of values in a pytree's leaves."""
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 

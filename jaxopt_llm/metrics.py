@@ -166,6 +166,8 @@ def entity_scores(true_tags, pred_tags, scheme: str = "IOB2") -> dict[str, float
 
 
 def prf(tp: float, n_pred: float, n_true: float) -> dict[str, float]:
+    """Precision, recall and F1 from true positives and the predicted and true counts (0 where a count is
+    0), with the counts."""
     precision = tp / n_pred if n_pred else 0.0
     recall = tp / n_true if n_true else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0

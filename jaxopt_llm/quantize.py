@@ -26,6 +26,7 @@ ONNX_ONLY = ("int8-dynamic",)
 
 
 def is_kernel(path) -> bool:
+    """Whether a `jax.tree_util` key path ends in a dense layer's `kernel` (what int8 quantizes)."""
     return any(getattr(k, "key", None) == "kernel" for k in path)
 
 

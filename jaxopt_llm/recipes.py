@@ -130,14 +130,18 @@ def task_options(name: str) -> type | None:
 
 
 def method_names() -> list[str]:
+    """The registered methods' names (`method=` values), in registration order."""
     return list(_METHODS)
 
 
 def task_names() -> list[str]:
+    """The registered tasks' names (`task=` values), in registration order."""
     return list(_TASKS)
 
 
 def get(name: str) -> Method:
+    """The registered Method `name` (its module is imported on first use); a UserError lists the names if
+    it is not registered."""
     entry = _METHODS.get(name)
     if entry is None:
         raise UserError(f"method={name!r} is not registered; methods: {', '.join(_METHODS)}.")

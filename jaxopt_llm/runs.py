@@ -10,7 +10,7 @@
     RUN/<method files>  e.g. prompt.json, temperature.json: what a method adds, read back by prediction
 
 Wherever a model is named (model.name_or_path, distillation teachers, predict, similarity, sweeps, the
-Python API) a run folder, an HF folder, a hub id or the packaged MiniLM may be given; `bert.params.resolve`
+Python API) a run folder, an HF folder, a hub id or the packaged MiniLM may be given; `models.resolve`
 turns any of them into the HF folder and `RunFolder.of` into the run's record.
 """
 
@@ -31,6 +31,9 @@ def write_json(file, value: Any, indent: int | None = 2) -> None:
 
 
 class RunFolder:
+    """A run folder (local or in a bucket): its files' paths, and its record, labels, task, kind and
+    members read back. `RunFolder.of(reference)` is the run a model reference names, if it names one."""
+
     def __init__(self, path: str | os.PathLike):
         self.path = paths.Path(path)
 
@@ -62,12 +65,15 @@ class RunFolder:
                 if p.name.isdigit() and (p / "config.json").is_file()]
 
     def record(self) -> dict:
+        """run.json's contents ({} before the run has written it)."""
         return json.loads(self.record_file.read_text()) if self.record_file.is_file() else {}
 
     def labels(self) -> tuple[str, ...] | None:
+        """Label names in id order, or None (a run without labels)."""
         return tuple(json.loads(self.labels_file.read_text())) if self.labels_file.is_file() else None
 
     def task(self) -> str | None:
+        """The task the run's config trained (None before run.json exists)."""
         return self.record().get("config", {}).get("task")
 
     def kind(self) -> str:

@@ -46,6 +46,7 @@ def test_every_option_has_help_its_default_and_every_command_an_example_that_par
         if not name or not leaf:
             continue
         assert p.epilog and f"jaxopt-llm {name}" in p.epilog, name
+        assert (p.description or "").strip(), name  # its --help says what it does
         text = p.format_help()
         for a in p._actions:  # every default is shown
             if a.option_strings and a.help != argparse.SUPPRESS and a.default not in (None, False, [],
@@ -125,12 +126,19 @@ def doc_commands():
                     for command in "\n".join(block).replace("\\\n", " ").splitlines():
                         command = command.strip().removeprefix("$ ")
                         if command.startswith("jaxopt-llm "):
-                            yield file.name, re.sub(r"\s+#.*$", "", command)
+                            yield file.name, shell_words(command)
                 fence = None
             elif fence is not None:
                 block.append(line)
+            elif re.match(r"    (\$ )?jaxopt-llm ", line):  # an indented code block
+                yield file.name, shell_words(line.strip().removeprefix("$ "))
         for inline in re.findall(r"`(jaxopt-llm [^`]+)`", text):
             yield file.name, inline
+
+
+def shell_words(command: str) -> str:
+    """The command without its comment and anything after a redirect or pipe (`> out.jsonl`, `| head`)."""
+    return re.split(r"\s+(?:#|>|\||&&|;)", command)[0]
 
 
 def test_every_jaxopt_llm_command_in_the_docs_parses():
@@ -196,3 +204,48 @@ def test_the_readme_is_a_short_user_guide(page):
     assert not re.search(r"\b[0-9a-f]{7,40}\b", text)  # no commit hashes
     for heading in ("Install", "Quickstart", "your own CSV", "Python API", "Serve", "TPU", "Methods"):
         assert heading.lower() in text.lower(), heading
+
+
+def test_the_readme_python_api_names_exist():
+    import functools
+
+    import jaxopt_llm
+    from jaxopt_llm.inference import Inference
+
+    text = (ROOT / "README.md").read_text()
+    names = set(re.findall(r"`jl\.([\w.]+)\(", text))
+    assert {"from_pretrained", "load_model", "train.train"} <= names
+    for name in names:
+        assert callable(functools.reduce(getattr, name.split("."), jaxopt_llm)), name
+    row = next(line for line in text.splitlines() if line.startswith("| `jl.load_model("))
+    for method in re.findall(r"`\.(\w+)\(", row):
+        assert callable(getattr(Inference, method)), method
+
+
+def documented_objects():
+    """(module, name, object) of everything docs/api.md asks mkdocstrings to render: a `::: module` block's
+    `members` list, or the public functions and classes the module defines."""
+    import importlib
+    import inspect
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    for module, members in re.findall(r"^::: ([\w.]+)(?:\n    options:\n      members: \[([^\]]*)\])?", text, re.M):
+        m = importlib.import_module(module)
+        names = [n.strip() for n in members.split(",")] if members else [
+            n for n, v in vars(m).items() if not n.startswith("_") and (inspect.isfunction(v) or inspect.isclass(v))
+            and v.__module__ == module]
+        for name in names:
+            yield module, name, getattr(m, name)
+
+
+def test_the_api_reference_covers_the_top_level_names_and_each_has_a_docstring():
+    import jaxopt_llm
+
+    documented = list(documented_objects())
+    assert len(documented) > 40
+    assert [f"{m}.{n}" for m, n, obj in documented if not (obj.__doc__ or "").strip()] == []
+    ids = {id(obj) for _, _, obj in documented}
+    assert [n for n in jaxopt_llm.__all__ if id(getattr(jaxopt_llm, n)) not in ids] == []
+    # a top-level name is the same object on every access (a name that is also a submodule would not be)
+    assert all(getattr(jaxopt_llm, n) is getattr(jaxopt_llm, n) for n in jaxopt_llm.__all__)
+    assert callable(jaxopt_llm.train.train) and jaxopt_llm.train is jaxopt_llm.train

@@ -144,3 +144,20 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys
     monkeypatch.setattr(inference, "load", bug)
     with pytest.raises(KeyError, match="a bug"):  # not turned into `error:` and exit code 2
         cli.main(["predict", "classify", "--model", missing, "hello"])
+
+
+def test_the_command_prints_the_package_warnings_as_one_line(monkeypatch):
+    import warnings
+
+    import jaxopt_llm.models.convert as convert
+    from jaxopt_llm import cli
+    from jaxopt_llm.models import CheckpointWarning
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    cli.one_line_warnings()
+    cli.one_line_warnings()  # idempotent: not wrapped twice
+    ours = warnings.formatwarning("'m' has no weights for ['x']", CheckpointWarning, convert.__file__, 160,
+                                  "warnings.warn(...)")
+    assert ours == "warning: 'm' has no weights for ['x']\n"
+    theirs = warnings.formatwarning("deprecated", DeprecationWarning, "/elsewhere/lib.py", 3, "f()")
+    assert "lib.py:3: DeprecationWarning: deprecated" in theirs

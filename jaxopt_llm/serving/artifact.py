@@ -82,6 +82,11 @@ BACKENDS = ("jax", "onnxruntime")
 
 
 class Artifact:
+    """An exported artifact, loaded: `Artifact.load(path, backend="jax" | "onnxruntime")` checks its sums
+    and golden outputs, and `classify`, `tag`, `answer` (by the exported kind) predict as the run did, texts
+    batched in length order. Needs numpy, `tokenizers` and jax or onnxruntime, not flax,
+    transformers or the package's model code."""
+
     def __init__(self, path: Path, manifest: dict, functions: dict, weights: list, tokenizer, prompt: dict | None,
                  reference: dict | None, reference_cls: np.ndarray | None, session=None):
         self.path, self.manifest, self.functions, self.weights = path, manifest, functions, weights
