@@ -32,7 +32,7 @@ $(VENV)/.docs: $(VENV)/.core
 
 # the documentation site (mkdocs, Material theme, API reference from docstrings) into site/; any warning fails
 docs: $(VENV)/.docs
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 run: setup
 	$(BIN)/jaxopt-llm pipeline run experiments/pipelines/tweets.py --workdir runs/tweets

@@ -249,3 +249,26 @@ def test_the_api_reference_covers_the_top_level_names_and_each_has_a_docstring()
     # a top-level name is the same object on every access (a name that is also a submodule would not be)
     assert all(getattr(jaxopt_llm, n) is getattr(jaxopt_llm, n) for n in jaxopt_llm.__all__)
     assert callable(jaxopt_llm.train.train) and jaxopt_llm.train is jaxopt_llm.train
+
+
+def test_the_docs_build_fails_on_a_broken_link_as_ci_runs_it(tmp_path):
+    """`make docs` (what .ci/run calls) must fail on any warning: a planted link to a missing heading."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    recipe = (ROOT / "Makefile").read_text().split("\ndocs:")[1].split("\n\n")[0]
+    command = next(line.strip() for line in recipe.splitlines() if "mkdocs build" in line)
+    assert "--strict" in command and "--quiet" not in command  # --quiet hides the warnings strict counts
+    for name in ("docs", "jaxopt_llm"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    page = tmp_path / "docs" / "lora.md"
+    page.write_text(page.read_text() + "\nSee [a heading that is not there](results.md#no-such-heading).\n")
+    mkdocs = [sys.executable, "-m", "mkdocs", *command.split("mkdocs", 1)[1].split()]
+    run = subprocess.run(mkdocs, cwd=tmp_path, capture_output=True, text=True, env={**os.environ,
+                                                                                      "NO_MKDOCS_2_WARNING": "1"})
+    assert run.returncode != 0 and "no-such-heading" in run.stderr, run.stderr[-2000:]
