@@ -204,6 +204,8 @@ def test_the_readme_is_a_short_user_guide(page):
     assert not re.search(r"\b[0-9a-f]{7,40}\b", text)  # no commit hashes
     for heading in ("Install", "Quickstart", "your own CSV", "Python API", "Serve", "TPU", "Methods"):
         assert heading.lower() in text.lower(), heading
+    links = [link.split("#")[0] for link in re.findall(r"\]\(([^)]+)\)", text) if not link.startswith("http")]
+    assert len(links) > 10 and [link for link in links if not (ROOT / link).exists()] == []
 
 
 def test_the_readme_python_api_names_exist():
