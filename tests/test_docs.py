@@ -274,3 +274,16 @@ def test_the_docs_build_fails_on_a_broken_link_as_ci_runs_it(tmp_path):
     run = subprocess.run(mkdocs, cwd=tmp_path, capture_output=True, text=True, env={**os.environ,
                                                                                       "NO_MKDOCS_2_WARNING": "1"})
     assert run.returncode != 0 and "no-such-heading" in run.stderr, run.stderr[-2000:]
+
+
+def test_every_config_key_the_docs_name_exists():
+    from jaxopt_llm import config_reference
+
+    keys = {r["key"] for r in config_reference.rows()}
+    sections = sorted({k.split(".")[0] for k in keys if "." in k}, key=len, reverse=True)
+    pattern = re.compile(r"`((?:%s)\.[a-z_0-9]+)(?:=[^`]*)?`" % "|".join(map(re.escape, sections)))
+    named = [(f.name, key) for f in DOCS if f.is_file() and f.name not in ("results.md", "speed_log.md", "ci_log.md")
+             for key in pattern.findall(f.read_text())
+             if not key.endswith((".py", ".json", ".jsonl", ".onnx", ".safetensors", ".csv", ".md"))]
+    assert len(named) > 50
+    assert [(f, key) for f, key in named if key not in keys] == []
