@@ -163,7 +163,8 @@ def test_concurrent_clients_get_in_process_answers(server, exported):
     assert status == 200 and outputs["probabilities"]["shape"] == [2, 3]
     np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], (2, 3)), art.predict(TEXTS[:2])[0],
                                atol=1e-5)
-    assert call(port, "/v2/health/live")[0] == 200 and call(port, f"/v2/models/{art.name}")[0] == 200
+    status, body = call(port, f"/v2/models/{art.name}")
+    assert call(port, "/v2/health/live")[0] == 200 and status == 200 and json.loads(body)["platform"] == "jax"
 
 
 BAD = [
@@ -465,10 +466,11 @@ def test_serve_with_the_onnxruntime_backend_answers_as_pytorch(onnx_exported):
     process, port = start_server(onnx_exported, "--backend", "onnxruntime")
     try:
         status, body = call(port, "/predict", {"inputs": texts, "parameters": {"top_k": 3}})
+        metadata = json.loads(call(port, f"/v2/models/{onnx_exported.name}")[1])
     finally:
         process.terminate()
         process.wait(timeout=60)
-    assert status == 200
+    assert status == 200 and metadata["platform"] == "onnxruntime_onnx"
     for rows, probs in zip(json.loads(body), expected):
         got = {r["label"]: r["score"] for r in rows}
         assert got == pytest.approx(dict(zip(["negative", "neutral", "positive"], probs)), abs=1e-4)

@@ -226,9 +226,11 @@ def create_app(artifact, limits: Limits = Limits(), max_batch: int = 32, max_wai
         if request.path_params["name"] != artifact.name:
             raise BadRequest(f"no model {request.path_params['name']!r}; this server has {artifact.name!r}.", 404)
 
+    platform = "onnxruntime_onnx" if artifact.session is not None else "jax"  # what runs the model (KServe v2)
+
     async def model(request: Request) -> Response:
         _model_name(request)
-        return JSONResponse({"name": artifact.name, "platform": "jax", "versions": [str(artifact.manifest.get(
+        return JSONResponse({"name": artifact.name, "platform": platform, "versions": [str(artifact.manifest.get(
             "versions", {}).get("jaxopt_llm"))],
             "inputs": [{"name": "question", "datatype": "BYTES", "shape": [-1]},
                        {"name": "context", "datatype": "BYTES", "shape": [-1]}] if reader else [
