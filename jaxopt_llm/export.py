@@ -197,8 +197,10 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     out = Path(out)
     if out.exists():
         raise UserError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {str(out)!r}: its folder {str(out.parent)!r} does not exist.")
+    missing = [p for p in out.parents if not p.exists()][::-1]  # folders to create, outermost first
+    nearest = next(p for p in out.parents if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"--out {str(out)!r}: {str(nearest)!r} is a file, not a folder; pass another path.")
     for what, texts in (("reference", reference_texts), ("golden", golden_texts)):
         if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
             raise UserError(f"the {what} texts must be a list of non-empty strings.")
@@ -235,7 +237,9 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:  # whole or not at all: a failure leaves no .tmp folder behind
+    try:  # whole or not at all: a failure leaves no .tmp folder behind, nor the folders made for it
+        for folder in missing:
+            folder.mkdir()
         (tmp / "functions").mkdir(parents=True)
         weight_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat]
         (b,) = jax_export.symbolic_shape("b")
@@ -313,6 +317,9 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(missing):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     return out
 

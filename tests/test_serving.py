@@ -337,6 +337,16 @@ def test_export_options_are_checked_before_anything_is_written_and_a_failure_lea
     with pytest.raises(OSError, match="disk full"):
         export_lib.export(str(exported / "run"), tmp_path / "art")
     assert list(tmp_path.iterdir()) == []  # no artifact and no .tmp folder
+    with pytest.raises(OSError, match="disk full"):  # nor the folders made to hold it
+        export_lib.export(str(exported / "run"), tmp_path / "artifacts" / "new" / "art")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        export_lib.export(str(exported / "run"), tmp_path / "file" / "art")
+    monkeypatch.undo()  # and an export into folders that do not exist yet makes them
+    art = export_lib.export(str(exported / "run"), tmp_path / "artifacts" / "new" / "art", buckets=(32,))
+    assert art == tmp_path / "artifacts" / "new" / "art" and Artifact.load(art).labels == ["negative", "neutral",
+                                                                                             "positive"]
 
 
 def test_metrics_are_computed_off_the_request_path(exported):
