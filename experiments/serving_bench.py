@@ -212,19 +212,19 @@ def main() -> None:
         print(json.dumps({"artifact_bytes": size, "cold_start_s": cold, "ours": ours, "hostile": args.hostile,
                           "hostile_codes": {str(c): codes.count(c) for c in sorted(set(codes))}}))
         return
-    torch_cold = None
+    torch_server, torch_cold = None, None
     if args.torch == "http":
-        server, torch_url, torch_cold = start_server(
+        torch_server, torch_url, torch_cold = start_server(
             [sys.executable, __file__, str(artifact), "--texts", args.texts, "--serve-torch"], texts[0])
-        try:
-            load(lambda t: post(torch_url, t), texts[:32], 1)
-            theirs = [load(lambda t: post(torch_url, t), texts, int(c)) for c in args.clients.split(",")]
-        finally:
-            stop(server)
+        torch_call = lambda t: post(torch_url, t)  # noqa: E731
     else:
         torch_call = torch_classifier(artifact)
+    try:
         load(torch_call, texts[:32], 1)
         theirs = [load(torch_call, texts, int(c)) for c in args.clients.split(",")]
+    finally:
+        if torch_server is not None:
+            stop(torch_server)
     print(f"artifact {size / 1e6:.1f} MB without the HF copy; server cold start {cold:.1f} s (process start to "
           f"first answer; PyTorch's server: {'-' if torch_cold is None else f'{torch_cold:.1f} s'}); {len(texts)} "
           f"texts, one per request; PyTorch {args.torch}")
