@@ -701,7 +701,8 @@ def build_parser(serving_only: bool = False) -> argparse.ArgumentParser:
                        "its tokenizer, labels, drift reference and golden outputs)")
     e.add_argument("source", metavar="RUN", help="run folder (a classifier, tagger, reader, ensemble or prompt run) "
                    "or a Hugging Face folder")
-    e.add_argument("--out", required=True, help="the artifact folder to create (must not exist; missing parent folders are made)")
+    e.add_argument("--out", required=True, help="the artifact folder to create (must not exist; missing parent "
+                   "folders are made)")
     e.add_argument("--platforms", default="cpu", help="comma-separated: cpu, cuda, tpu")
     e.add_argument("--format", choices=("jax", "onnx"), default="jax", help="onnx: also model.onnx for ONNX "
                    "Runtime, checked equal to the jax.export functions (needs the [onnx] extra and jax2onnx)")

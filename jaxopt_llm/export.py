@@ -184,9 +184,9 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
     if quantize in quantize_lib.ONNX_ONLY and format != "onnx":
         raise UserError(f"--quantize {quantize}: it runs on ONNX Runtime's integer kernels; add --format onnx (or use "
                         "--quantize int8, weight-only, for the jax.export functions).")
+    if paths.Path(out).exists():
+        raise UserError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
     if paths.is_remote(out):  # written locally, then uploaded with manifest.json last: no manifest, no artifact
-        if paths.Path(out).exists():
-            raise UserError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
         with tempfile.TemporaryDirectory() as local:
             written = export(reference, Path(local) / "artifact", platforms=platforms, buckets=buckets,
                              reference_texts=reference_texts, golden_texts=golden_texts, max_length=max_length,
@@ -195,8 +195,6 @@ def export(reference: str, out: str | Path, *, platforms: Sequence[str] = ("cpu"
                 paths.copy(item, paths.Path(out) / item.name)
         return paths.Path(out)
     out = Path(out)
-    if out.exists():
-        raise UserError(f"--out {str(out)!r} exists; pass a new folder (an artifact is written whole).")
     missing = [p for p in out.parents if not p.exists()][::-1]  # folders to create, outermost first
     nearest = next(p for p in out.parents if p.exists())
     if not nearest.is_dir():

@@ -347,6 +347,8 @@ def test_export_options_are_checked_before_anything_is_written_and_a_failure_lea
     art = export_lib.export(str(exported / "run"), tmp_path / "artifacts" / "new" / "art", buckets=(32,))
     assert art == tmp_path / "artifacts" / "new" / "art" and Artifact.load(art).labels == ["negative", "neutral",
                                                                                              "positive"]
+    with pytest.raises(UserError, match="exists; pass a new folder"):  # and never into one that exists
+        export_lib.export(str(exported / "run"), art)
 
 
 def test_metrics_are_computed_off_the_request_path(exported):
